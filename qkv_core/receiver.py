@@ -1,0 +1,90 @@
+"""The receiver's work: take cards in, keep them, and answer queries on top of them.
+
+The receiver's prompt holds the query (and, when asked, the card's fact summary), never
+the context: the context reaches the model only as the card's keys and values.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .card import CardError, CardReader, ErrorKind
+from .kv import KVCache, generate, stream_text
+from .models import LoadedModel
+from .prompt import PromptFormat, encode
+from .store import CardStore, StoredCard
+from .wire import pb
+
+
+@dataclass
+class Intake:
+    """One card arriving: validated frame by frame, each layer dequantized once complete."""
+
+    reader: CardReader
+    device: torch.device
+    dtype: torch.dtype
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    dequantize_s: float = 0.0
+
+    def feed(self, frame: pb.CardFrame) -> int | None:
+        """Validate one frame; returns a layer index that is ready for `decode`."""
+        return self.reader.feed(frame)
+
+    def decode(self, index: int) -> None:
+        start = time.perf_counter()
+        k, v = self.reader.decode_layer(index, self.device, self.dtype)
+        receiver_layer = self.reader.layers[index].spec.receiver_layer
+        self.keys[receiver_layer], self.values[receiver_layer] = k, v
+        self.dequantize_s += time.perf_counter() - start
+
+    def finish(self, num_layers: int) -> StoredCard:
+        header = self.reader.finish()
+        missing = sorted(set(range(num_layers)) - set(self.keys))
+        if missing:
+            raise CardError(ErrorKind.PRECONDITION, f"card lacks layers {missing}; this receiver needs all layers")
+        order = range(num_layers)
+        return StoredCard(header, KVCache([self.keys[i] for i in order], [self.values[i] for i in order]))
+
+
+@dataclass
+class Generation:
+    card_id: str
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    tokens: int = 0
+
+
+class ReceiverEngine:
+    def __init__(self, lm: LoadedModel, store_bytes: int, max_card_bytes: int):
+        self.lm = lm
+        self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
+        self.store = CardStore(store_bytes)
+        self.max_card_bytes = max_card_bytes
+
+    def intake(self) -> Intake:
+        return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes), self.lm.device, self.lm.dtype)
+
+    def card(self, card_id: str) -> StoredCard:
+        card = self.store.get(card_id)
+        if card is None:
+            raise CardError(ErrorKind.NOT_FOUND, f"no card {card_id!r} here; push it first")
+        return card
+
+    def generate(self, card_id: str, query: str, max_new_tokens: int, facts: bool, stats: Generation) -> Iterator[str]:
+        """Stream the answer to `query` over the card's cache; fills `stats` as it goes."""
+        if not query.strip():
+            raise ValueError("the query is empty")
+        card = self.card(card_id)
+        summary = card.header.fact_summary if facts else ""
+        ids = encode(self.lm.tokenizer, self.prompt.query_part(query, summary))
+        start = time.perf_counter()
+        for piece in stream_text(self.lm, generate(self.lm, card.kv, ids, max_new_tokens)):
+            stats.tokens += 1
+            if stats.tokens == 1:
+                stats.ttft_s = time.perf_counter() - start
+            yield piece
+        stats.total_s = time.perf_counter() - start

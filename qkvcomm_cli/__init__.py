@@ -1,0 +1,1 @@
+"""The `qkvcomm` command line: serve either service, ask, and run a local demo."""

@@ -1,0 +1,3 @@
+from qkvcomm_cli.main import main
+
+raise SystemExit(main())

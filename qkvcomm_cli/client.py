@@ -1,0 +1,51 @@
+"""A Python client of the Sender service."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from qkv_core.wire import pb
+from qkvcomm.v1 import services_pb2_grpc
+from service_common.server import GRPC_OPTIONS
+
+
+@dataclass
+class Answer:
+    text: str
+    stats: pb.HandoffStats
+
+    def to_json(self) -> str:
+        stats = MessageToDict(self.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        for key in ("wire_bytes", "kv_fp16_bytes", "kv_fp32_bytes"):  # proto3 JSON spells uint64 as strings
+            stats[key] = int(stats[key])
+        return json.dumps({"answer": self.text.strip(), **stats})
+
+
+def ask(
+    sender: str,
+    context: str,
+    question: str,
+    codec: str = "",
+    facts: bool = False,
+    max_new_tokens: int = 0,
+    on_text: Callable[[str], None] | None = None,
+    timeout_s: float = 600.0,
+) -> Answer:
+    """Call Sender.Ask; `on_text` sees each piece of the answer as it streams in."""
+    request = pb.AskRequest(
+        context=context, question=question, codec=codec, facts=facts, max_new_tokens=max_new_tokens
+    )
+    text, stats = [], pb.HandoffStats()
+    with grpc.insecure_channel(sender, options=GRPC_OPTIONS) as channel:
+        for reply in services_pb2_grpc.SenderStub(channel).Ask(request, timeout=timeout_s):
+            if reply.HasField("stats"):
+                stats = reply.stats
+            else:
+                text.append(reply.text)
+                if on_text:
+                    on_text(reply.text)
+    return Answer("".join(text), stats)

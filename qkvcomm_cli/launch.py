@@ -1,0 +1,55 @@
+"""Start the services as child processes on free loopback ports (demo and tests)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from service_common.server import READY
+
+
+@dataclass
+class Child:
+    role: str
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (graceful shutdown), then SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def spawn(role: str, *args: str, timeout_s: float = 300.0) -> Child:
+    """Run `qkvcomm serve-ROLE --host 127.0.0.1 --port 0 --metrics-port 0 ARGS` and wait for its ready line."""
+    cmd = [sys.executable, "-m", "qkvcomm_cli", f"serve-{role}", "--host", "127.0.0.1", "--port", "0",
+           "--metrics-port", "0", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert proc.stdout is not None
+    timer = threading.Timer(timeout_s, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith(f"{READY} {role} "):
+                fields = dict(item.split("=", 1) for item in line.split()[2:])
+                port = int(fields["grpc"].rsplit(":", 1)[1])
+                # Keep draining stdout so the child never blocks on a full pipe.
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
+                return Child(role, proc, port, int(fields["metrics"]))
+    finally:
+        timer.cancel()
+    raise RuntimeError(f"{role} exited (code {proc.wait()}) before it was ready; see its log above")

@@ -1,0 +1,148 @@
+"""qkvcomm: serve-receiver, serve-sender, ask, demo."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from qkv_core.config import DEFAULT_CODEC, ServiceConfig
+
+DEMO_CONTEXT = (
+    "Release notes for the Atlas API, version 4.2. The rate limit is 600 requests per minute per key. "
+    "Bulk exports moved to the /v4/exports endpoint. The maintenance window is every Sunday at 02:00 UTC."
+)
+DEMO_QUESTION = "What is the rate limit?"
+
+
+def _runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="smollm2-135m (default), gemma3-270m, a Hugging Face directory or a .gguf file")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", help="auto (default: bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+
+
+def _service_flags(p: argparse.ArgumentParser, port: int, metrics_port: int) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, help=f"gRPC port (default {port}; 0 picks a free one)")
+    p.add_argument("--metrics-port", type=int, help=f"/metrics port (default {metrics_port}; 0 free, -1 off)")
+    p.add_argument("--max-new-tokens", type=int, help="default answer length limit")
+    _runtime_flags(p)
+    p.set_defaults(default_port=port, default_metrics_port=metrics_port)
+
+
+def _config(args: argparse.Namespace, **extra: object) -> ServiceConfig:
+    flags = {k: getattr(args, k, None) for k in ("host", "port", "metrics_port", "max_new_tokens", "model", "device", "dtype")}
+    cfg = ServiceConfig.from_env(**flags, **extra)
+    # Per-service default ports, unless set by flag or environment.
+    if args.port is None and "QKVCOMM_PORT" not in __import__("os").environ:
+        cfg = __import__("dataclasses").replace(cfg, port=args.default_port)
+    if args.metrics_port is None and "QKVCOMM_METRICS_PORT" not in __import__("os").environ:
+        cfg = __import__("dataclasses").replace(cfg, metrics_port=args.default_metrics_port)
+    return cfg
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qkvcomm", description="Hand compressed KV caches between LLM agents over gRPC.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve-receiver", help="run the Receiver service")
+    _service_flags(p, 50061, 9461)
+    p.add_argument("--store-bytes", type=int, help="memory budget of the card store")
+    p.add_argument("--max-card-bytes", type=int, help="largest card accepted")
+
+    p = sub.add_parser("serve-sender", help="run the Sender service")
+    _service_flags(p, 50062, 9462)
+    p.add_argument("--receiver", help="HOST:PORT of the receiver (or QKVCOMM_RECEIVER)")
+    p.add_argument("--codec", help=f"default codec (default {DEFAULT_CODEC})")
+
+    p = sub.add_parser("ask", help="ask a question about a context through a sender")
+    p.add_argument("--sender", required=True, help="HOST:PORT of the sender")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--context", help="the context text")
+    src.add_argument("--context-file", type=Path, help="a file holding the context")
+    p.add_argument("--question", required=True)
+    p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B or a spec (default: the sender's)")
+    p.add_argument("--facts", action="store_true", help="send the fact summary along")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    p = sub.add_parser("demo", help="start both services on loopback, hand off one context, stop them")
+    p.add_argument("--context", default=DEMO_CONTEXT)
+    p.add_argument("--question", default=DEMO_QUESTION)
+    p.add_argument("--codec", default=DEFAULT_CODEC)
+    _runtime_flags(p)
+    return ap
+
+
+def _print_stats(answer: "object") -> None:
+    s = answer.stats  # type: ignore[attr-defined]
+    print(
+        f"\n--\ncard {s.card_id[:12]}  codec {s.codec}  context {s.context_tokens} tokens\n"
+        f"wire {s.wire_bytes:,} B  vs fp16 KV {s.kv_fp16_bytes:,} B  -> {s.compression_ratio:.2f}x "
+        f"(vs fp32: {s.compression_ratio_fp32:.2f}x){'  [card reused]' if s.card_reused else ''}\n"
+        f"prefill {s.prefill_s * 1e3:.0f} ms  quantize {s.quantize_s * 1e3:.0f} ms  transfer {s.transfer_s * 1e3:.0f} ms  "
+        f"dequantize {s.dequantize_s * 1e3:.0f} ms  ttft {s.ttft_s * 1e3:.0f} ms  total {s.total_s * 1e3:.0f} ms",
+        file=sys.stderr,
+    )
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from qkvcomm_cli.client import ask  # noqa: PLC0415 - keep `qkvcomm --help` fast
+
+    context = args.context if args.context is not None else args.context_file.read_text()
+    on_text = None if args.json else (lambda t: print(t, end="", flush=True))
+    answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text)
+    if args.json:
+        print(answer.to_json())
+    else:
+        print()
+        _print_stats(answer)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from qkvcomm_cli.client import ask  # noqa: PLC0415
+    from qkvcomm_cli.launch import spawn  # noqa: PLC0415
+
+    runtime = [f"--{k}={v}" for k in ("model", "device", "dtype") if (v := getattr(args, k))]
+    print("starting receiver and sender on loopback (loading the model)...", file=sys.stderr)
+    receiver = spawn("receiver", *runtime)
+    try:
+        sender = spawn("sender", "--receiver", receiver.address, *runtime)
+        try:
+            print(f"receiver {receiver.address} (metrics :{receiver.metrics_port}), "
+                  f"sender {sender.address} (metrics :{sender.metrics_port})", file=sys.stderr)
+            print(f"context: {args.context}\nquestion: {args.question}\nanswer: ", end="", flush=True)
+            answer = ask(sender.address, args.context, args.question, args.codec,
+                         on_text=lambda t: print(t, end="", flush=True))
+            print()
+            _print_stats(answer)
+        finally:
+            sender.stop()
+    finally:
+        receiver.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+    )
+    if args.command == "ask":
+        return _ask(args)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "serve-receiver":
+        from receiver_service.server import main as serve  # noqa: PLC0415
+
+        cfg = _config(args, store_bytes=args.store_bytes, max_card_bytes=args.max_card_bytes)
+    else:
+        from sender_service.server import main as serve  # noqa: PLC0415
+
+        cfg = _config(args, receiver=args.receiver, codec=args.codec)
+    asyncio.run(serve(cfg))
+    return 0

@@ -1,0 +1,1 @@
+"""gRPC Receiver service: accepts cards, keeps them, generates answers over them."""

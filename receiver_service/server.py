@@ -1,0 +1,86 @@
+"""The Receiver gRPC service, a thin shell over qkv_core.receiver."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from qkv_core.config import ServiceConfig
+from qkv_core.metrics import Metrics
+from qkv_core.models import LoadedModel, load_model
+from qkv_core.receiver import Generation, ReceiverEngine
+from qkv_core.wire import pb
+from qkvcomm.v1 import services_pb2, services_pb2_grpc
+from service_common.errors import guarded
+from service_common.server import Running, iterate_in_thread, serve_forever, start
+
+log = logging.getLogger(__name__)
+SERVICE = services_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
+
+
+class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
+    def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig):
+        self.engine = engine
+        self.metrics = metrics
+        self.cfg = cfg
+
+    @guarded
+    async def PushCard(self, request_iterator: AsyncIterator[pb.CardFrame], context: grpc.aio.ServicerContext) -> pb.PushCardReply:
+        intake = self.engine.intake()
+        try:
+            async for frame in request_iterator:
+                ready = intake.feed(frame)
+                if ready is not None:  # dequantize this layer while the next one is on the wire
+                    await asyncio.to_thread(intake.decode, ready)
+        finally:
+            self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
+        card = intake.finish(self.engine.lm.num_layers)
+        evicted = self.engine.store.put(card)
+        if evicted:
+            log.info("evicted %d cards to make room", len(evicted))
+        m = self.metrics
+        m.cards_received.inc()
+        m.observe("dequantize", intake.dequantize_s)
+        m.cards_held.set(len(self.engine.store))
+        m.store_bytes.set(self.engine.store.nbytes)
+        return pb.PushCardReply(
+            card_id=card.header.card_id, wire_bytes=intake.reader.wire_bytes, dequantize_s=intake.dequantize_s
+        )
+
+    @guarded
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateReply]:
+        stats = Generation(request.card_id)
+        max_new = request.max_new_tokens or self.cfg.max_new_tokens
+        pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats)
+        async for piece in iterate_in_thread(pieces):
+            yield pb.GenerateReply(text=piece)
+        self.metrics.observe("ttft", stats.ttft_s)
+        self.metrics.observe("generate", stats.total_s)
+        yield pb.GenerateReply(stats=pb.GenerateStats(
+            ttft_s=stats.ttft_s, total_s=stats.total_s, generated_tokens=stats.tokens
+        ))
+
+    @guarded
+    async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardReply:
+        card = self.engine.store.get(request.card_id)
+        if card is None:
+            return pb.HasCardReply(present=False)
+        return pb.HasCardReply(present=True, context_tokens=card.header.context_tokens)
+
+
+async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
+    metrics = Metrics("receiver")
+    engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes)
+    servicer = ReceiverServicer(engine, metrics, cfg)
+    return await start(
+        "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics
+    )
+
+
+async def main(cfg: ServiceConfig) -> None:
+    lm = load_model(cfg.runtime)
+    running = await start_receiver(cfg, lm)
+    await serve_forever("receiver", running, cfg)

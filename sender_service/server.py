@@ -1,0 +1,110 @@
+"""The Sender gRPC service, a thin shell over qkv_core.sender."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+
+from qkv_core.card import frames
+from qkv_core.config import ServiceConfig
+from qkv_core.metrics import Metrics
+from qkv_core.models import LoadedModel, load_model
+from qkv_core.sender import SenderEngine
+from qkv_core.wire import pb
+from qkvcomm.v1 import services_pb2, services_pb2_grpc
+from service_common.errors import guarded
+from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
+
+SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
+
+
+class SenderServicer(services_pb2_grpc.SenderServicer):
+    def __init__(self, engine: SenderEngine, receiver: services_pb2_grpc.ReceiverStub, metrics: Metrics, cfg: ServiceConfig):
+        self.engine = engine
+        self.receiver = receiver
+        self.metrics = metrics
+        self.cfg = cfg
+
+    async def _share(self, context: str, codec: str) -> pb.HandoffStats:
+        start = time.perf_counter()
+        card = await asyncio.to_thread(self.engine.prepare, context, codec or self.cfg.codec)
+        header = card.header
+        stats = pb.HandoffStats(
+            card_id=header.card_id, codec=header.codec, context_tokens=header.context_tokens,
+            kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
+            prefill_s=card.prefill_s, quantize_s=card.quantize_s,
+        )
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id))
+        stats.card_reused = held.present
+        if not held.present:
+            sent = 0
+
+            def counted() -> Iterator[pb.CardFrame]:
+                nonlocal sent
+                for frame in frames(header, card.blobs):
+                    sent += frame.ByteSize()
+                    yield frame
+
+            t0 = time.perf_counter()
+            reply = await self.receiver.PushCard(counted())
+            stats.transfer_s = time.perf_counter() - t0
+            stats.dequantize_s = reply.dequantize_s
+            stats.wire_bytes = sent
+            stats.compression_ratio = card.kv_fp16_bytes / sent
+            stats.compression_ratio_fp32 = card.kv_fp32_bytes / sent
+            m = self.metrics
+            m.wire_bytes_sent.inc(sent)
+            m.cards_sent.inc()
+            m.kv_fp16_bytes.inc(card.kv_fp16_bytes)
+            m.compression_ratio.observe(stats.compression_ratio)
+            m.observe("transfer", stats.transfer_s)
+        self.metrics.observe("prefill", card.prefill_s)
+        self.metrics.observe("quantize", card.quantize_s)
+        stats.total_s = time.perf_counter() - start
+        return stats
+
+    @guarded
+    async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
+        return pb.ShareReply(stats=await self._share(request.context, request.codec))
+
+    @guarded
+    async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskReply]:
+        if not request.question.strip():
+            raise ValueError("the question is empty")
+        start = time.perf_counter()
+        stats = await self._share(request.context, request.codec)
+        query = pb.GenerateRequest(
+            card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=request.facts
+        )
+        async for reply in self.receiver.Generate(query):
+            if reply.HasField("stats"):
+                stats.ttft_s = reply.stats.ttft_s
+                stats.generated_tokens = reply.stats.generated_tokens
+            else:
+                yield pb.AskReply(text=reply.text)
+        stats.total_s = time.perf_counter() - start
+        self.metrics.observe("ttft", stats.ttft_s)
+        yield pb.AskReply(stats=stats)
+
+
+async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:
+    if not cfg.receiver:
+        raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
+    metrics = Metrics("sender")
+    channel = grpc.aio.insecure_channel(cfg.receiver, options=GRPC_OPTIONS)
+    servicer = SenderServicer(SenderEngine(lm), services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
+    running = await start(
+        "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics
+    )
+    return running, channel
+
+
+async def main(cfg: ServiceConfig) -> None:
+    lm = load_model(cfg.runtime)
+    running, channel = await start_sender(cfg, lm)
+    try:
+        await serve_forever("sender", running, cfg)
+    finally:
+        await channel.close()

@@ -1,0 +1,1 @@
+"""What both gRPC services share: server lifecycle, health, reflection, error mapping."""

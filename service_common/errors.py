@@ -1,0 +1,72 @@
+"""Map library errors to gRPC status codes, so bad input gets a clear status and the server lives on."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from qkv_core.card import CardError, ErrorKind
+from qkv_core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+}
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
+    """(code, message, metric reason) for an exception raised while serving a call."""
+    if isinstance(error, CardError):
+        return _CODES[error.kind], str(error), error.kind.name.lower()
+    if isinstance(error, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error), "invalid"
+    if isinstance(error, grpc.aio.AioRpcError):  # a peer's status, passed on
+        return error.code(), f"receiver: {error.details()}", f"upstream_{error.code().name.lower()}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", "internal"
+
+
+async def abort(context: grpc.aio.ServicerContext, error: Exception, metrics: Metrics) -> None:
+    code, message, reason = status_of(error)
+    metrics.errors.labels(reason=reason).inc()
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=error)
+    await context.abort(code, message)
+
+
+def guarded(method: Callable) -> Callable:
+    """Servicer method decorator: any exception becomes a clear status, counted by reason.
+    The servicer holds its Metrics as `self.metrics`."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (grpc.aio.AbortError, GeneratorExit, asyncio.CancelledError):
+                raise
+            except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
+                await abort(context, e, self.metrics)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            await abort(context, e, self.metrics)
+
+    return unary

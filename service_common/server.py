@@ -1,0 +1,88 @@
+"""Run a grpc.aio server with health, reflection, /metrics and graceful shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
+from qkv_core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A chunk carries up to 1 MiB of data; leave room for its framing fields.
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + (64 << 10)
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+READY = "ready"  # first word of the line a service prints once it listens
+
+
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int
+    metrics_port: int
+    stop_metrics: Callable[[], None]
+
+    async def stop(self, grace_s: float) -> None:
+        """Report NOT_SERVING, let in-flight calls finish for up to grace_s, then close."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self.stop_metrics()
+
+
+async def start(
+    name: str,
+    full_service_name: str,
+    add_servicer: Callable[[grpc.aio.Server], None],
+    cfg: ServiceConfig,
+    metrics: Metrics,
+) -> Running:
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    add_servicer(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (full_service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    if port == 0:
+        raise OSError(f"{name}: cannot listen on {cfg.host}:{cfg.port}")
+    await server.start()
+    for service in ("", full_service_name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if cfg.metrics_port < 0:  # disabled
+        return Running(server, health_servicer, port, -1, lambda: None)
+    http = metrics.serve(cfg.metrics_port, cfg.host)
+    return Running(server, health_servicer, port, http.server_port, http.shutdown)
+
+
+async def serve_forever(name: str, running: Running, cfg: ServiceConfig) -> None:
+    """Print the ready line, then wait for SIGTERM/SIGINT and shut down gracefully."""
+    print(f"{READY} {name} grpc={cfg.host}:{running.port} metrics={running.metrics_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s: shutting down (grace %.1fs)", name, cfg.grace_s)
+    await running.stop(cfg.grace_s)
+
+
+async def iterate_in_thread(items: Iterator[T]) -> AsyncIterator[T]:
+    """Drive a blocking iterator (model decoding) from the event loop, one item per thread hop."""
+    done = object()
+    while (item := await asyncio.to_thread(next, items, done)) is not done:
+        yield item  # type: ignore[misc]
