@@ -159,8 +159,10 @@ def dequantize(
     def take_float(count: int, bits: int = FP16_BITS) -> torch.Tensor:
         nonlocal blob
         size = count * bits // 8
-        out, blob = blob[:size], blob[size:]
-        return out.contiguous().view(_FLOAT[bits])
+        out, blob = blob[:size].contiguous(), blob[size:]
+        if out.storage_offset() % (bits // 8):  # packed codes of odd length: realign before viewing
+            out = out.clone()
+        return out.view(_FLOAT[bits])
 
     if codec.is_float:
         return take_float(heads * tokens * dim, codec.bits).reshape(shape).to(dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,14 +33,13 @@ def _service_flags(p: argparse.ArgumentParser, port: int, metrics_port: int) -> 
 
 
 def _config(args: argparse.Namespace, **extra: object) -> ServiceConfig:
-    flags = {k: getattr(args, k, None) for k in ("host", "port", "metrics_port", "max_new_tokens", "model", "device", "dtype")}
-    cfg = ServiceConfig.from_env(**flags, **extra)
-    # Per-service default ports, unless set by flag or environment.
-    if args.port is None and "QKVCOMM_PORT" not in __import__("os").environ:
-        cfg = __import__("dataclasses").replace(cfg, port=args.default_port)
-    if args.metrics_port is None and "QKVCOMM_METRICS_PORT" not in __import__("os").environ:
-        cfg = __import__("dataclasses").replace(cfg, metrics_port=args.default_metrics_port)
-    return cfg
+    """Flags over QKVCOMM_* environment variables over defaults; each service has its own default ports."""
+    flags = {k: getattr(args, k) for k in ("host", "port", "metrics_port", "max_new_tokens", "model", "device", "dtype")}
+    if "QKVCOMM_PORT" not in os.environ:
+        flags["port"] = args.port if args.port is not None else args.default_port
+    if "QKVCOMM_METRICS_PORT" not in os.environ:
+        flags["metrics_port"] = args.metrics_port if args.metrics_port is not None else args.default_metrics_port
+    return ServiceConfig.from_env(**flags, **extra)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,7 +27,9 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         self.metrics = metrics
         self.cfg = cfg
 
-    async def _share(self, context: str, codec: str) -> pb.HandoffStats:
+    async def _share(self, context: str, codec: str, facts: bool) -> pb.HandoffStats:
+        if facts:  # refuse rather than silently send a card without the summary that was asked for
+            raise ValueError("fact extraction is not available in this version; send the request without facts")
         start = time.perf_counter()
         card = await asyncio.to_thread(self.engine.prepare, context, codec or self.cfg.codec)
         header = card.header
@@ -67,14 +69,14 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
 
     @guarded
     async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
-        return pb.ShareReply(stats=await self._share(request.context, request.codec))
+        return pb.ShareReply(stats=await self._share(request.context, request.codec, request.facts))
 
     @guarded
     async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskReply]:
         if not request.question.strip():
             raise ValueError("the question is empty")
         start = time.perf_counter()
-        stats = await self._share(request.context, request.codec)
+        stats = await self._share(request.context, request.codec, request.facts)
         query = pb.GenerateRequest(
             card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=request.facts
         )

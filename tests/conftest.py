@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random Llama (unit tests), the embedded model and live gRPC services."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from qkv_core.config import RuntimeConfig, ServiceConfig
+from qkv_core.models import LoadedModel, load_model, wrap
+
+QA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa"
+CORPUS = [
+    "The rate limit is 600 requests per minute. The city of Lyon hosts the summit on 4 May 2025.",
+    "Context: a quick brown fox jumps over the lazy dog. Question: what jumps? Answer: the fox.",
+    "Bulk exports moved to the /v4/exports endpoint; maintenance is every Sunday at 02:00 UTC.",
+]
+
+
+def qa_rows(name: str, limit: int) -> list[dict]:
+    with open(QA_DIR / name) as f:
+        return [json.loads(line) for _, line in zip(range(limit), f)]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def tiny_model(seed: int = 0, layers: int = 3) -> LoadedModel:
+    """A randomly initialised 3-layer Llama (2 KV heads x 16) that runs in milliseconds."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return wrap(f"tiny-llama-{seed}", LlamaForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LoadedModel:
+    return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def embedded() -> LoadedModel:
+    """The embedded SmolLM2-135M-Instruct, loaded once per test session, fp32 on CPU."""
+    return load_model(RuntimeConfig(device="cpu", dtype="float32"))
+
+
+@dataclasses.dataclass
+class Services:
+    receiver: str
+    sender: str
+    receiver_metrics: int
+    sender_metrics: int
+
+
+@pytest.fixture(scope="session")
+def services(embedded: LoadedModel) -> Iterator[Services]:
+    """A real Receiver and Sender on loopback gRPC, served from a background event loop."""
+    from receiver_service.server import start_receiver
+    from sender_service.server import start_sender
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro):  # noqa: ANN001, ANN202
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+
+    cfg = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, max_new_tokens=24)
+    receiver = run(start_receiver(cfg, embedded))
+    sender, channel = run(start_sender(dataclasses.replace(cfg, receiver=f"127.0.0.1:{receiver.port}"), embedded))
+    yield Services(f"127.0.0.1:{receiver.port}", f"127.0.0.1:{sender.port}", receiver.metrics_port, sender.metrics_port)
+    run(sender.stop(1))
+    run(channel.close())
+    run(receiver.stop(1))
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)

@@ -1,0 +1,117 @@
+"""CacheCard encode/decode on a tiny random model: round trip and every kind of bad input."""
+import dataclasses
+
+import pytest
+import torch
+
+from qkv_core import codec as codecs
+from qkv_core.card import FORMAT_VERSION, CardError, CardReader, ErrorKind, build_header, encode_layers, frames
+from qkv_core.config import MAX_CHUNK_BYTES
+from qkv_core.kv import prefill
+from qkv_core.prompt import PromptFormat, encode
+from qkv_core.wire import pb
+
+CONTEXT = "The rate limit is 600 requests per minute. " * 12
+
+
+@pytest.fixture(scope="module")
+def made(tiny):
+    ids = encode(tiny.tokenizer, PromptFormat.for_tokenizer(tiny.tokenizer).context_part(CONTEXT))
+    kv, _ = prefill(tiny, ids)
+    layer_codecs = codecs.resolve("int8", tiny.num_layers)
+    header = build_header(tiny.fingerprint, ids, kv, "int8", layer_codecs)
+    return ids, kv, header, encode_layers(kv, layer_codecs)
+
+
+def read(tiny, stream, max_card_bytes=1 << 30):
+    reader = CardReader(tiny.fingerprint, max_card_bytes)
+    decoded = {}
+    for frame in stream:
+        ready = reader.feed(frame)
+        if ready is not None:
+            decoded[ready] = reader.decode_layer(ready, torch.device("cpu"), torch.float32)
+    return reader.finish(), decoded
+
+
+def test_round_trip_small_chunks(tiny, made):
+    ids, kv, header, blobs = made
+    stream = list(frames(header, blobs, chunk_bytes=1000))
+    chunks = [f.chunk for f in stream if f.HasField("chunk")]
+    assert len(chunks) > tiny.num_layers  # layers really were split
+    assert all(len(c.data) <= 1000 for c in chunks)
+    got, decoded = read(tiny, stream)
+    assert got.card_id == header.card_id and got.context_tokens == len(ids)
+    for i in range(tiny.num_layers):
+        k, v = decoded[i]
+        assert k.shape == kv.keys[i].shape
+        # 8-bit per token: error bounded by half a step of each token's range
+        step = (kv.keys[i].amax(-1, keepdim=True) - kv.keys[i].amin(-1, keepdim=True)) / 255
+        assert ((k - kv.keys[i]).abs() <= step / 2 + 1e-3).all()
+
+
+def test_card_id_is_a_content_hash(tiny, made):
+    ids, kv, header, _ = made
+    again = build_header(tiny.fingerprint, ids, kv, "int8", codecs.resolve("int8", tiny.num_layers))
+    other = build_header(tiny.fingerprint, ids, kv, "fp16", codecs.resolve("fp16", tiny.num_layers))
+    assert again.card_id == header.card_id != other.card_id
+
+
+def _expect(tiny, stream, kind, match, **kw):
+    with pytest.raises(CardError, match=match) as err:
+        read(tiny, stream, **kw)
+    assert err.value.kind == kind
+
+
+def test_truncated_stream(tiny, made):
+    stream = list(frames(*made[2:]))
+    _expect(tiny, stream[:-2], ErrorKind.DATA_LOSS, "truncated")
+    _expect(tiny, [], ErrorKind.DATA_LOSS, "before the header")
+
+
+def test_wrong_checksum(tiny, made):
+    stream = list(frames(*made[2:]))
+    stream[2].chunk.data = bytes([stream[2].chunk.data[0] ^ 1]) + stream[2].chunk.data[1:]
+    _expect(tiny, stream, ErrorKind.DATA_LOSS, "CRC32C")
+
+
+def test_digest_mismatch(tiny, made):
+    stream = list(frames(*made[2:]))
+    stream[-1].trailer.sha256 = bytes(32)
+    _expect(tiny, stream, ErrorKind.DATA_LOSS, "digest")
+
+
+def test_unknown_version(tiny, made):
+    stream = list(frames(*made[2:]))
+    stream[0].header.format_version = FORMAT_VERSION + 1
+    _expect(tiny, stream, ErrorKind.PRECONDITION, "version 2 is not supported")
+
+
+def test_wrong_model(tiny, made):
+    from conftest import tiny_model
+
+    other = tiny_model(seed=1)  # same shapes, other weights
+    assert dataclasses.astuple(other.fingerprint)[1:7] == dataclasses.astuple(tiny.fingerprint)[1:7]
+    _expect(other, frames(*made[2:]), ErrorKind.PRECONDITION, "differ in weights_sha256")
+
+
+def test_oversized_chunk(tiny, made):
+    stream = list(frames(*made[2:]))
+    stream[1].chunk.data = bytes(MAX_CHUNK_BYTES + 1)
+    _expect(tiny, stream, ErrorKind.INVALID, "limit")
+
+
+def test_card_over_the_receiver_limit(tiny, made):
+    _expect(tiny, frames(*made[2:]), ErrorKind.TOO_LARGE, "exceeds", max_card_bytes=100)
+
+
+def test_frames_out_of_order_or_malformed(tiny, made):
+    stream = list(frames(*made[2:]))
+    _expect(tiny, [stream[1]], ErrorKind.INVALID, "must start with its header")
+    _expect(tiny, [stream[0], stream[2]], ErrorKind.DATA_LOSS, "expected")
+    _expect(tiny, [stream[0], stream[0]], ErrorKind.INVALID, "second card header")
+    _expect(tiny, [*stream, stream[1]], ErrorKind.INVALID, "after the card trailer")
+    bad = pb.CardFrame()
+    bad.CopyFrom(stream[0])
+    bad.header.layers[0].key_bytes += 1
+    _expect(tiny, [bad], ErrorKind.INVALID, "sizes do not match")
+    _expect(tiny, [stream[0], pb.CardFrame()], ErrorKind.INVALID, "empty frame")

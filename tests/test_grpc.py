@@ -1,0 +1,165 @@
+"""End to end over real gRPC on loopback: answers, bad input, health, reflection, metrics."""
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from qkv_core.card import FORMAT_VERSION, frames
+from qkv_core.config import MAX_CHUNK_BYTES
+from qkv_core.sender import SenderEngine
+from qkv_core.wire import pb
+from qkvcomm.v1 import services_pb2_grpc
+from qkvcomm_cli.client import ask
+from service_common.server import GRPC_OPTIONS
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+FACTS = [
+    ("The Atlas API allows 600 requests per minute per key. Exports use the /v4/exports endpoint.",
+     "How many requests per minute does the Atlas API allow?", "600"),
+    ("The Harbor Festival was held on 14 March 2023 at the old pier, with music and food stalls.",
+     "On what date was the Harbor Festival held?", "14 March 2023"),
+    ("Mara Lindqvist moved from Oslo to Lisbon in 2019 to open a bakery near the river.",
+     "Which city did Mara Lindqvist move to?", "Lisbon"),
+    ("The lighthouse keeper at Cape Verdell is a man named Tobias Reyne; he has kept the light since 2001.",
+     "What is the name of the lighthouse keeper?", "Tobias Reyne"),
+    ("The warehouse in Dayton stores 4,200 pallets of rice and ships to twelve stores.",
+     "How many pallets of rice does the warehouse store?", "4,200"),
+]
+
+
+def test_ask_answers_short_factual_contexts_over_int8_cards(services):
+    correct = []
+    for context, question, gold in FACTS:
+        answer = ask(services.sender, context, question, codec="int8")
+        s = answer.stats
+        assert s.codec == "int8" and s.context_tokens > 10 and s.wire_bytes > 0
+        assert s.kv_fp16_bytes == s.context_tokens * 30 * 2 * 3 * 64 * 2  # 23,040 B/token, all layers
+        assert s.compression_ratio == pytest.approx(s.kv_fp16_bytes / s.wire_bytes)
+        assert s.ttft_s > 0 and s.generated_tokens > 0
+        correct.append(gold.lower() in answer.text.lower())
+    assert sum(correct) >= 4, correct
+
+
+def test_same_card_is_not_sent_twice(services):
+    context, question, _ = FACTS[0]
+    first = ask(services.sender, context + " Extra.", question, codec="fp16")
+    second = ask(services.sender, context + " Extra.", question, codec="fp16")
+    assert not first.stats.card_reused and second.stats.card_reused and second.stats.wire_bytes == 0
+    assert second.text == first.text
+
+
+@pytest.fixture(scope="module")
+def receiver_stub(services):
+    with grpc.insecure_channel(services.receiver, options=GRPC_OPTIONS) as channel:
+        yield services_pb2_grpc.ReceiverStub(channel)
+
+
+@pytest.fixture(scope="module")
+def card_frames(embedded):
+    engine = SenderEngine(embedded)
+    card = engine.prepare("The vault code is 7731. The vault is in Geneva.", "int8")
+    return list(frames(card.header, card.blobs, chunk_bytes=64 << 10))
+
+
+def _push_fails(stub, stream, code, match):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushCard(iter(stream), timeout=60)
+    assert err.value.code() == code, err.value.details()
+    assert match in err.value.details()
+
+
+def _still_serving(stub, card_frames):
+    reply = stub.PushCard(iter(card_frames), timeout=60)
+    assert stub.HasCard(pb.HasCardRequest(card_id=reply.card_id)).present
+
+
+def test_bad_cards_get_clear_statuses_and_the_server_keeps_serving(services, receiver_stub, card_frames, embedded):
+    stub = receiver_stub
+    _push_fails(stub, card_frames[:3], grpc.StatusCode.DATA_LOSS, "truncated")
+    _still_serving(stub, card_frames)
+
+    bad_crc = [pb.CardFrame() for _ in card_frames]
+    for dst, src in zip(bad_crc, card_frames):
+        dst.CopyFrom(src)
+    bad_crc[1].chunk.crc32c ^= 1
+    _push_fails(stub, bad_crc, grpc.StatusCode.DATA_LOSS, "CRC32C")
+    _still_serving(stub, card_frames)
+
+    future = pb.CardFrame()
+    future.CopyFrom(card_frames[0])
+    future.header.format_version = FORMAT_VERSION + 7
+    _push_fails(stub, [future, *card_frames[1:]], grpc.StatusCode.FAILED_PRECONDITION, "version")
+    _still_serving(stub, card_frames)
+
+    foreign = pb.CardFrame()
+    foreign.CopyFrom(card_frames[0])
+    foreign.header.model.weights_sha256 = "0" * 64
+    foreign.header.model.name = "someone-else"
+    _push_fails(stub, [foreign, *card_frames[1:]], grpc.StatusCode.FAILED_PRECONDITION, "someone-else")
+    _still_serving(stub, card_frames)
+
+    big = pb.CardFrame()
+    big.CopyFrom(card_frames[1])
+    big.chunk.data = bytes(MAX_CHUNK_BYTES + 1)
+    _push_fails(stub, [card_frames[0], big], grpc.StatusCode.INVALID_ARGUMENT, "limit")
+    _still_serving(stub, card_frames)
+
+    huge = pb.CardFrame(chunk=pb.LayerChunk(data=bytes(4 << 20)))  # beyond the gRPC message ceiling
+    _push_fails(stub, [card_frames[0], huge], grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+    _still_serving(stub, card_frames)
+
+
+def test_generate_for_an_unknown_card(receiver_stub):
+    with pytest.raises(grpc.RpcError) as err:
+        list(receiver_stub.Generate(pb.GenerateRequest(card_id="f" * 64, query="Who?"), timeout=30))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "push it first" in err.value.details()
+    assert not receiver_stub.HasCard(pb.HasCardRequest(card_id="f" * 64)).present
+
+
+def test_empty_context_and_unknown_codec_are_invalid(services):
+    for context, question, codec, match in [
+        ("   ", "Who?", "", "context is empty"),
+        ("Some text.", "", "", "question is empty"),
+        ("Some text.", "Who?", "int3", "unknown codec"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            ask(services.sender, context, question, codec=codec)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in err.value.details()
+    with pytest.raises(grpc.RpcError, match="fact extraction is not available"):
+        ask(services.sender, "Some text.", "Who?", facts=True)  # refused, not silently dropped
+    assert "600" in ask(services.sender, *FACTS[0][:2]).text  # and it still answers
+
+
+def test_health_and_reflection(services):
+    for address, name in [(services.receiver, "qkvcomm.v1.Receiver"), (services.sender, "qkvcomm.v1.Sender")]:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", name):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                assert status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+            reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            names = {s.name for s in reply.list_services_response.service}
+            assert {name, "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoints(services):
+    ask(services.sender, FACTS[2][0], FACTS[2][1], codec="int8")
+    sender = urllib.request.urlopen(f"http://127.0.0.1:{services.sender_metrics}/metrics").read().decode()
+    receiver = urllib.request.urlopen(f"http://127.0.0.1:{services.receiver_metrics}/metrics").read().decode()
+
+    def value(text, name):
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    assert value(sender, "qkvcomm_wire_bytes_sent_total") > 0
+    assert value(sender, "qkvcomm_wire_bytes_sent_total") <= value(receiver, "qkvcomm_wire_bytes_received_total")
+    assert value(sender, "qkvcomm_cards_sent_total") >= 1
+    assert value(sender, "qkvcomm_compression_ratio_count") >= 1
+    for stage in ("prefill", "quantize", "transfer", "ttft"):
+        assert f'qkvcomm_stage_seconds_count{{stage="{stage}"}}' in sender
+    for stage in ("dequantize", "ttft"):
+        assert f'qkvcomm_stage_seconds_count{{stage="{stage}"}}' in receiver
+    assert value(receiver, "qkvcomm_cards_held") >= 1

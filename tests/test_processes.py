@@ -1,0 +1,32 @@
+"""The services as real processes: the CLI's ask --json against them, then graceful shutdown."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qkvcomm_cli.launch import spawn
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+
+def test_cli_ask_json_against_service_processes():
+    receiver = spawn("receiver")
+    try:
+        sender = spawn("sender", "--receiver", receiver.address)
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "qkvcomm_cli", "ask", "--sender", sender.address, "--json",
+                 "--context", "The museum opens at 9:30 and closes at 17:00. Entry costs 12 euros.",
+                 "--question", "How much does entry cost?", "--codec", "int8"],
+                capture_output=True, text=True, timeout=120, check=True,
+            )
+            result = json.loads(out.stdout)
+            assert "12" in result["answer"]
+            for key in ("wire_bytes", "kv_fp16_bytes", "compression_ratio", "context_tokens", "ttft_s"):
+                assert result[key] > 0, key
+            assert result["compression_ratio"] == pytest.approx(result["kv_fp16_bytes"] / result["wire_bytes"])
+        finally:
+            assert sender.stop() == 0  # SIGTERM: graceful shutdown, clean exit
+    finally:
+        assert receiver.stop() == 0

@@ -1,0 +1,92 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkv_core.quant import Granularity, TensorCodec, _as_rows, dequantize, encoded_size, quantize
+
+
+def _scales(blob: torch.Tensor, codec: TensorCodec, shape) -> torch.Tensor:
+    """Read the stored fp16 scales back out of a blob (layout: codes, scales, zeros, windows)."""
+    from qkv_core.packing import packed_size
+    from qkv_core.quant import _rows, _windows
+
+    heads, tokens, dim = shape
+    sink, recent = _windows(codec, tokens)
+    rows, width = _rows(codec, heads, tokens - sink - recent, dim)
+    start = packed_size(rows * width, codec.bits)
+    return blob[start : start + 2 * rows].clone().view(torch.float16).float()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    bits=st.sampled_from([1, 2, 3, 4, 5, 6, 8]),
+    granularity=st.sampled_from(list(Granularity)),
+    heads=st.integers(1, 3),
+    tokens=st.integers(1, 12),
+    sink=st.integers(0, 3),
+    recent=st.integers(0, 3),
+    scale=st.floats(1e-3, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_error_within_half_a_step(bits, granularity, heads, tokens, sink, recent, scale, seed):
+    dim = 8
+    codec = TensorCodec(bits, granularity, group_size=4, sink_tokens=sink, recent_tokens=recent)
+    x = torch.randn(heads, tokens, dim, generator=torch.Generator().manual_seed(seed)) * scale
+    blob = quantize(x, codec)
+    assert blob.numel() == encoded_size(codec, heads, tokens, dim)
+    y = dequantize(blob, codec, x.shape, torch.float32)
+    assert torch.isfinite(y).all()
+    s, r = min(sink, tokens), min(recent, tokens - min(sink, tokens))
+    # fp16 windows are exact up to fp16 rounding
+    window = torch.cat([x[:, :s], x[:, tokens - r :]], dim=1)
+    window_hat = torch.cat([y[:, :s], y[:, tokens - r :]], dim=1)
+    assert torch.allclose(window_hat, window.half().float())
+    middle, middle_hat = x[:, s : tokens - r], y[:, s : tokens - r]
+    if middle.shape[1] == 0:
+        return
+    rows = _as_rows(middle, codec)
+    err = (_as_rows(middle_hat, codec) - rows).abs()
+    step = _scales(blob, codec, x.shape).unsqueeze(1)
+    assert (err <= step / 2 + 1e-5 * rows.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("granularity", list(Granularity))
+def test_constant_rows_are_exact_not_nan(granularity):
+    x = torch.full((2, 5, 8), 0.3125)  # representable in fp16
+    if granularity != Granularity.PER_TENSOR:
+        x[1] = -2.0  # constant within every row, different across rows
+    codec = TensorCodec(4, granularity, group_size=4)
+    y = dequantize(quantize(x, codec), codec, x.shape, torch.float32)
+    assert torch.equal(y, x)
+
+
+def test_golden_blob_layout():
+    # One head, two tokens, two channels, per-token 2-bit: row 0 = [0, 3], row 1 = [1, 1].
+    x = torch.tensor([[[0.0, 3.0], [1.0, 1.0]]])
+    blob = quantize(x, TensorCodec(2, Granularity.PER_TOKEN))
+    codes = [0b11_00 | 0b00_00 << 4]  # row 0 -> codes 0, 3; row 1 -> codes 0, 0 (constant row)
+    scales = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8).tolist()
+    zeros = torch.tensor([0.0, 1.0], dtype=torch.float16).view(torch.uint8).tolist()
+    assert blob.tolist() == codes + scales + zeros
+
+
+def test_float_passthrough_sizes_and_exactness():
+    x = torch.randn(2, 7, 16)
+    assert quantize(x, TensorCodec(bits=32)).numel() == 4 * x.numel()
+    assert torch.equal(dequantize(quantize(x, TensorCodec(bits=32)), TensorCodec(bits=32), x.shape, torch.float32), x)
+    y = dequantize(quantize(x, TensorCodec(bits=16)), TensorCodec(bits=16), x.shape, torch.float32)
+    assert torch.equal(y, x.half().float())
+
+
+def test_bad_values_and_specs_are_refused():
+    with pytest.raises(ValueError, match="not finite"):
+        quantize(torch.tensor([[[float("nan"), 1.0]]]), TensorCodec(4, Granularity.PER_TOKEN))
+    with pytest.raises(ValueError, match="not finite"):
+        quantize(torch.tensor([[[1e6, 1.0]]]), TensorCodec(16))
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(torch.zeros(1, 2, 6), TensorCodec(4, Granularity.PER_GROUP, group_size=4))
+    with pytest.raises(ValueError, match="bits"):
+        TensorCodec(bits=12)
+    with pytest.raises(ValueError, match="does not match"):
+        dequantize(torch.zeros(3, dtype=torch.uint8), TensorCodec(4, Granularity.PER_TOKEN), (1, 2, 8), torch.float32)
