@@ -9,8 +9,8 @@ quantized part is viewed as rows of a 2-D matrix whose rows share one (scale, ze
     per-channel  H*D rows (head, chan)  of T values
     per-group    H*T*D/G rows           of G consecutive channels of one token
 
-Encoded blob, all little-endian: packed codes (row-major in that view), fp16 scales,
-fp16 zero points, then the fp16 sink window and the fp16 recent window. With bits=16 the
+Encoded blob, all little-endian: packed codes in the tensor's own [heads, tokens, dim]
+order, fp16 scales and fp16 zero points (row-major in the order of the rows above), then the fp16 sink window and the fp16 recent window. With bits=16 the
 blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless). Zero points are rounded down and scales up to fp16 before
 the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
@@ -78,19 +78,17 @@ def _rows(codec: TensorCodec, heads: int, tokens: int, dim: int) -> tuple[int, i
     return heads * tokens * dim // codec.group_size, codec.group_size
 
 
-def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
-    heads, tokens, dim = x.shape
-    rows, width = _rows(codec, heads, tokens, dim)
-    if codec.granularity == Granularity.PER_CHANNEL:
-        x = x.transpose(1, 2)
-    return x.reshape(rows, width)
+def _group_shapes(codec: TensorCodec, heads: int, tokens: int, dim: int) -> tuple[tuple[int, ...], int]:
+    """(a view of the tensor in which each (scale, zero) group spans one dim, that dim).
 
-
-def _from_rows(r: torch.Tensor, codec: TensorCodec, shape: tuple[int, int, int]) -> torch.Tensor:
-    heads, tokens, dim = shape
+    A view, never a copy: codes keep the tensor's own order and the stats broadcast."""
+    if codec.granularity == Granularity.PER_TENSOR:
+        return (1, heads * tokens * dim), 1
+    if codec.granularity == Granularity.PER_TOKEN:
+        return (heads, tokens, dim), 2
     if codec.granularity == Granularity.PER_CHANNEL:
-        return r.reshape(heads, dim, tokens).transpose(1, 2)
-    return r.reshape(shape)
+        return (heads, tokens, dim), 1
+    return (heads, tokens, dim // codec.group_size, codec.group_size), 3
 
 
 def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int) -> int:
@@ -126,20 +124,24 @@ def quantize(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
         return _float_bytes(x, codec.bits)
     tokens = x.shape[1]
     sink, recent = _windows(codec, tokens)
-    middle = x[:, sink : tokens - recent].float()
+    middle = x[:, sink : tokens - recent]
     parts: list[torch.Tensor] = []
     if middle.shape[1]:
-        rows = _as_rows(middle, codec)
-        if not torch.isfinite(rows).all():
+        _rows(codec, *middle.shape)  # validates the group size
+        view, dim = _group_shapes(codec, *middle.shape)
+        groups = middle.reshape(view)
+        # min/max are exact on the input dtype; NaN or inf in a group shows up in them.
+        lo, hi = groups.amin(dim=dim, keepdim=True).float(), groups.amax(dim=dim, keepdim=True).float()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise ValueError("KV values are not finite")
         qmax = (1 << codec.bits) - 1
-        zero = _round_fp16(rows.amin(dim=1), up=False)
-        scale = _round_fp16((rows.amax(dim=1) - zero.float()) / qmax, up=True)
+        zero = _round_fp16(lo, up=False)
+        scale = _round_fp16((hi - zero.float()) / qmax, up=True)
         if not torch.isfinite(scale).all():
             raise ValueError("KV value range exceeds fp16; use a finer granularity or fp16")
-        s = scale.float().unsqueeze(1)
-        codes = ((rows - zero.float().unsqueeze(1)) / torch.where(s > 0, s, 1.0)).round_()
-        codes = codes.clamp_(0, qmax).to(torch.uint8)
+        s = scale.float()
+        codes = (groups.float() - zero.float()).div_(torch.where(s > 0, s, 1.0))  # a new tensor: x stays intact
+        codes = codes.round_().clamp_(0, qmax).to(torch.uint8)
         parts += [pack_bits(codes, codec.bits), _float_bytes(scale), _float_bytes(zero)]
     parts += [_float_bytes(x[:, :sink]), _float_bytes(x[:, tokens - recent :])]
     return torch.cat(parts)
@@ -174,8 +176,10 @@ def dequantize(
         nbytes = packed_size(rows * width, codec.bits)
         codes, blob = unpack_bits(blob[:nbytes], rows * width, codec.bits), blob[nbytes:]
         scale, zero = take_float(rows).float(), take_float(rows).float()
-        r = codes.view(rows, width).float() * scale.unsqueeze(1) + zero.unsqueeze(1)
-        pieces.append(_from_rows(r, codec, (heads, middle, dim)))
+        view, reduced = _group_shapes(codec, heads, middle, dim)
+        stats = [1 if i == reduced else n for i, n in enumerate(view)]
+        values = codes.view(view).float().mul_(scale.view(stats)).add_(zero.view(stats))
+        pieces.append(values.reshape(heads, middle, dim))
     head_window = take_float(heads * sink * dim).reshape(heads, sink, dim)
     tail_window = take_float(heads * recent * dim).reshape(heads, recent, dim)
     return torch.cat([head_window.float(), *pieces, tail_window.float()], dim=1).to(dtype)

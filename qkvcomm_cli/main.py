@@ -68,6 +68,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
+    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`")
+    p.add_argument("what", choices=["codec"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/qa/squad.jsonl")
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--codecs", default=",".join(["fp16", "int8", "seed-8", "seed-6", "seed-4", "kivi-4", "kivi-3", "kivi-2"]))
+    p.add_argument("--repeats", type=int, default=3)
+
     p = sub.add_parser("demo", help="start both services on loopback, hand off one context, stop them")
     p.add_argument("--context", default=DEMO_CONTEXT)
     p.add_argument("--question", default=DEMO_QUESTION)
@@ -136,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         return _ask(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "bench":
+        from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415
+
+        rows = run_codec_bench(args.model, args.data, args.tokens, args.codecs.split(","), args.repeats)
+        print(table(rows, args.tokens, args.model))
+        return 0
     if args.command == "serve-receiver":
         from receiver_service.server import main as serve  # noqa: PLC0415
 

@@ -3,7 +3,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.quant import Granularity, TensorCodec, _as_rows, dequantize, encoded_size, quantize
+from qkv_core.quant import Granularity, TensorCodec, _rows, dequantize, encoded_size, quantize
+
+
+def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    """x as one row per (scale, zero), rows in the order the scales are stored."""
+    shape = _rows(codec, *x.shape)
+    if codec.granularity == Granularity.PER_CHANNEL:
+        x = x.transpose(1, 2)
+    return x.reshape(shape)
 
 
 def _scales(blob: torch.Tensor, codec: TensorCodec, shape) -> torch.Tensor:
@@ -33,7 +41,9 @@ def test_error_within_half_a_step(bits, granularity, heads, tokens, sink, recent
     dim = 8
     codec = TensorCodec(bits, granularity, group_size=4, sink_tokens=sink, recent_tokens=recent)
     x = torch.randn(heads, tokens, dim, generator=torch.Generator().manual_seed(seed)) * scale
+    original = x.clone()
     blob = quantize(x, codec)
+    assert torch.equal(x, original)  # the input is never modified
     assert blob.numel() == encoded_size(codec, heads, tokens, dim)
     y = dequantize(blob, codec, x.shape, torch.float32)
     assert torch.isfinite(y).all()
