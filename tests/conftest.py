@@ -13,7 +13,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from qkv_core import codec as codecs
+from qkv_core.card import CardReader, build_header, encode_layers, frames
 from qkv_core.config import RuntimeConfig, ServiceConfig
+from qkv_core.kv import KVCache
 from qkv_core.models import LoadedModel, load_model, wrap
 
 QA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa"
@@ -22,6 +25,19 @@ CORPUS = [
     "Context: a quick brown fox jumps over the lazy dog. Question: what jumps? Answer: the fox.",
     "Bulk exports moved to the /v4/exports endpoint; maintenance is every Sunday at 02:00 UTC.",
 ]
+
+
+def card_round_trip(lm: LoadedModel, kv: KVCache, ids: list[int], codec_name: str) -> KVCache:
+    """Encode `kv` as a card, stream it through a CardReader and decode it: the receiver's path."""
+    layer_codecs = codecs.resolve(codec_name, lm.num_layers)
+    reader = CardReader(lm.fingerprint, 1 << 30)
+    layers = {}
+    header = build_header(lm.fingerprint, ids, kv, codec_name, layer_codecs)
+    for frame in frames(header, encode_layers(kv, layer_codecs)):
+        if (i := reader.feed(frame)) is not None:
+            layers[i] = reader.decode_layer(i, lm.device, lm.dtype)
+    reader.finish()
+    return KVCache([layers[i][0] for i in range(lm.num_layers)], [layers[i][1] for i in range(lm.num_layers)])
 
 
 def qa_rows(name: str, limit: int) -> list[dict]:

@@ -1,24 +1,11 @@
 """The real embedded model (SmolLM2-135M-Instruct): the card carries the context, and only the card."""
 import pytest
-from conftest import qa_rows
+from conftest import card_round_trip, qa_rows
 
-from qkv_core import codec as codecs
-from qkv_core.card import CardReader, build_header, encode_layers, frames
-from qkv_core.kv import KVCache, generate, next_logits, prefill, stream_text
+from qkv_core.kv import generate, next_logits, prefill, stream_text
 from qkv_core.prompt import PromptFormat, encode
 
 pytestmark = pytest.mark.integration
-
-
-def _card_round_trip(lm, kv, ids, name):
-    layer_codecs = codecs.resolve(name, lm.num_layers)
-    reader = CardReader(lm.fingerprint, 1 << 30)
-    layers = {}
-    for frame in frames(build_header(lm.fingerprint, ids, kv, name, layer_codecs), encode_layers(kv, layer_codecs)):
-        if (i := reader.feed(frame)) is not None:
-            layers[i] = reader.decode_layer(i, lm.device, lm.dtype)
-    reader.finish()
-    return KVCache([layers[i][0] for i in range(lm.num_layers)], [layers[i][1] for i in range(lm.num_layers)])
 
 
 @pytest.mark.parametrize("dataset", ["squad.jsonl", "hotpotqa.jsonl", "narrativeqa.jsonl", "coqa.jsonl"])
@@ -42,7 +29,7 @@ def squad_case(embedded):
 
 def test_fp32_card_logits_match_the_full_prompt(embedded, squad_case):
     row, c, q, kv, full = squad_case
-    got = next_logits(embedded, _card_round_trip(embedded, kv, c, "fp32"), q)
+    got = next_logits(embedded, card_round_trip(embedded, kv, c, "fp32"), q)
     assert (got - full).abs().max() < 1e-3
 
 
@@ -50,7 +37,7 @@ def test_fp16_card_logits_match_to_fp16_precision(embedded, squad_case):
     # fp16 rounding of K/V alone moves these logits (magnitude ~20) by ~5e-3: that is the
     # precision of fp16 itself, measured here; the prediction must not change.
     row, c, q, kv, full = squad_case
-    got = next_logits(embedded, _card_round_trip(embedded, kv, c, "fp16"), q)
+    got = next_logits(embedded, card_round_trip(embedded, kv, c, "fp16"), q)
     assert (got - full).abs().max() < 2e-2
     assert got.argmax() == full.argmax()
 
@@ -63,7 +50,7 @@ def test_card_answers_real_questions_and_withholding_it_does_not(embedded):
     for row in rows:
         c, q = encode(tok, fmt.context_part(row["context"])), encode(tok, fmt.query_part(row["question"]))
         kv, _ = prefill(embedded, c)
-        card = "".join(stream_text(embedded, generate(embedded, _card_round_trip(embedded, kv, c, "fp16"), q, 24)))
+        card = "".join(stream_text(embedded, generate(embedded, card_round_trip(embedded, kv, c, "fp16"), q, 24)))
         skyline = "".join(stream_text(embedded, generate(embedded, None, c + q, 24)))
         baseline = "".join(stream_text(embedded, generate(embedded, None, encode(tok, fmt.baseline(row["question"])), 24)))
         hits_card += any(a.lower() in card.lower() for a in row["answers"])

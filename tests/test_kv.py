@@ -1,9 +1,8 @@
 """Injection through the Cache API on the tiny model: the cache really carries the context."""
 import torch
+from conftest import card_round_trip
 
-from qkv_core import codec as codecs
-from qkv_core.card import CardReader, build_header, encode_layers, frames
-from qkv_core.kv import KVCache, generate, next_logits, prefill
+from qkv_core.kv import generate, next_logits, prefill
 from qkv_core.prompt import PromptFormat, encode
 
 CONTEXT = "Bulk exports moved to the /v4/exports endpoint."
@@ -17,23 +16,12 @@ def _split(lm):
     return c, q
 
 
-def _through_card(lm, kv, ids, name):
-    layer_codecs = codecs.resolve(name, lm.num_layers)
-    reader = CardReader(lm.fingerprint, 1 << 30)
-    layers = {}
-    for frame in frames(build_header(lm.fingerprint, ids, kv, name, layer_codecs), encode_layers(kv, layer_codecs)):
-        if (i := reader.feed(frame)) is not None:
-            layers[i] = reader.decode_layer(i, lm.device, lm.dtype)
-    reader.finish()
-    return KVCache([layers[i][0] for i in range(lm.num_layers)], [layers[i][1] for i in range(lm.num_layers)])
-
-
 def test_injected_cache_reproduces_full_prompt(tiny):
     c, q = _split(tiny)
     full = next_logits(tiny, None, c + q)
     kv, _ = prefill(tiny, c)
     assert torch.allclose(next_logits(tiny, kv, q), full, atol=1e-5)
-    assert torch.allclose(next_logits(tiny, _through_card(tiny, kv, c, "fp32"), q), full, atol=1e-5)
+    assert torch.allclose(next_logits(tiny, card_round_trip(tiny, kv, c, "fp32"), q), full, atol=1e-5)
     # Withheld: the query alone gives other logits, so the cache is what carried the context.
     assert (next_logits(tiny, None, q) - full).abs().max() > 1e-2
     # A cache of a different context gives other logits too.
