@@ -81,10 +81,20 @@ class ReceiverEngine:
         card = self.card(card_id)
         summary = card.header.fact_summary if facts else ""
         ids = encode(self.lm.tokenizer, self.prompt.query_part(query, summary))
-        start = time.perf_counter()
-        for piece in stream_text(self.lm, generate(self.lm, card.kv, ids, max_new_tokens)):
+        yield from timed_answer(self.lm, card.kv, ids, max_new_tokens, stats)
+
+
+def timed_answer(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int, stats: Generation) -> Iterator[str]:
+    """Greedy answer text after `ids` (on top of `kv`), recording TTFT, total time and tokens in `stats`."""
+    start = time.perf_counter()
+
+    def counted(tokens: Iterator[int]) -> Iterator[int]:
+        for token in tokens:
             stats.tokens += 1
-            if stats.tokens == 1:
-                stats.ttft_s = time.perf_counter() - start
-            yield piece
-        stats.total_s = time.perf_counter() - start
+            yield token
+
+    for piece in stream_text(lm, counted(generate(lm, kv, ids, max_new_tokens))):
+        if not stats.ttft_s:
+            stats.ttft_s = time.perf_counter() - start
+        yield piece
+    stats.total_s = time.perf_counter() - start

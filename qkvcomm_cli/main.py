@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -76,6 +77,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--codecs", default=",".join(["fp16", "int8", "seed-8", "seed-6", "seed-4", "kivi-4", "kivi-3", "kivi-2"]))
     p.add_argument("--repeats", type=int, default=3)
 
+    p = sub.add_parser("eval", help="answer quality of a mode on a QA JSONL file")
+    p.add_argument("--data", type=Path, required=True, help="JSONL rows with question, answers (or answer), context")
+    p.add_argument("--mode", default="kv", help="baseline, skyline or kv")
+    p.add_argument("--codec", default="fp16")
+    p.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
+    p.add_argument("--context-field", default="context", help="e.g. context_gold for HotpotQA's gold paragraphs")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--json", type=Path, help="write every example and the summary here")
+    _runtime_flags(p)
+
+    p = sub.add_parser("report", help="a markdown table of `eval --json` results")
+    p.add_argument("results", nargs="+", type=Path)
+
     p = sub.add_parser("demo", help="start both services on loopback, hand off one context, stop them")
     p.add_argument("--context", default=DEMO_CONTEXT)
     p.add_argument("--question", default=DEMO_QUESTION)
@@ -107,6 +121,38 @@ def _ask(args: argparse.Namespace) -> int:
     else:
         print()
         _print_stats(answer)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qkv_core.config import RuntimeConfig  # noqa: PLC0415
+    from qkv_core.evaluate import EvalConfig, run  # noqa: PLC0415
+    from qkv_core.models import load_model  # noqa: PLC0415
+
+    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field)
+    lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
+    report = run(lm, cfg)
+    if args.json:
+        args.json.write_text(report.to_json())
+    s = report.summary()
+    ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "-"
+    print(f"{args.data.name} {cfg.mode}{'/' + cfg.codec if cfg.mode == 'kv' else ''}: {s['rows']} rows  "
+          f"EM {s['em']:.1f}  F1 {s['f1']:.1f}  contains {s['contains']:.1f}  ratio vs fp16 {ratio}  "
+          f"TTFT {s['ttft_s_mean'] * 1e3:.0f} ms")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    print("| data | context | mode | codec | rows | EM | F1 | contains | wire KB/row | ratio vs fp16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for path in args.results:
+        r = json.loads(path.read_text())
+        c, s = r["config"], r["summary"]
+        kv = c["mode"] == "kv"
+        codec = c["codec"] if kv else "-"
+        ratio = f"{s['compression_ratio']:.2f}" if kv else "-"
+        print(f"| {Path(c['data']).name} | {c['context_field']} | {c['mode']} | {codec} | {s['rows']} | "
+              f"{s['em']:.1f} | {s['f1']:.1f} | {s['contains']:.1f} | {s['wire_bytes_mean'] / 1e3:.0f} | {ratio} |")
     return 0
 
 
@@ -144,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         return _ask(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "report":
+        return _report(args)
     if args.command == "bench":
         from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415
 

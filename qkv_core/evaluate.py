@@ -1,0 +1,140 @@
+"""Evaluate handoff modes on any QA JSONL file: the receiver's answers against gold answers.
+
+A row needs `question` and `answers` (a list) or `answer` (a string); `context` is optional
+(GSM8K has none); `history` (a list of [question, answer] turns, as in CoQA) goes into the
+receiver's query; `--context-field` picks another context column (e.g. HotpotQA `context_gold`).
+
+Modes, all through the real engines in one process (the gRPC path adds only transport):
+    baseline  the receiver gets the question only
+    skyline   context and question as text in the receiver's prompt
+    kv        the sender's card (any codec) is pushed through the CardReader into the receiver,
+              whose prompt holds the query only
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .card import frames
+from .models import LoadedModel
+from .prompt import encode
+from .qa_metrics import contains, exact_match, f1
+from .receiver import Generation, ReceiverEngine, timed_answer
+from .sender import SenderEngine
+
+MODES = ("baseline", "skyline", "kv")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: Path
+    mode: str = "kv"
+    codec: str = "fp16"
+    limit: int = 0  # 0: all rows
+    max_new_tokens: int = 32
+    context_field: str = "context"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+
+
+@dataclass
+class Example:
+    id: str
+    question: str
+    answers: list[str]
+    prediction: str
+    em: float
+    f1: float
+    contains: float
+    context_tokens: int = 0
+    wire_bytes: int = 0
+    kv_fp16_bytes: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class Report:
+    config: dict
+    model: str
+    examples: list[Example] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        n = len(self.examples)
+        mean = lambda key: sum(getattr(e, key) for e in self.examples) / n if n else 0.0  # noqa: E731
+        wire = sum(e.wire_bytes for e in self.examples)
+        fp16 = sum(e.kv_fp16_bytes for e in self.examples)
+        return {
+            "rows": n, "em": 100 * mean("em"), "f1": 100 * mean("f1"), "contains": 100 * mean("contains"),
+            "wire_bytes_mean": wire / n if n else 0, "compression_ratio": fp16 / wire if wire else None,
+            "prefill_s_mean": mean("prefill_s"), "ttft_s_mean": mean("ttft_s"), "total_s_mean": mean("total_s"),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps({"config": self.config, "model": self.model, "summary": self.summary(),
+                           "examples": [asdict(e) for e in self.examples]}, indent=1, default=str)
+
+
+def load_rows(path: Path, limit: int = 0) -> Iterator[dict]:
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if limit and i >= limit:
+                return
+            row = json.loads(line)
+            answers = row.get("answers") or [row.get("answer", "")]
+            if "question" not in row or not any(answers):
+                raise ValueError(f"{path}:{i + 1}: a row needs `question` and `answers` (or `answer`)")
+            yield row
+
+
+def query_of(row: dict) -> str:
+    """The receiver's question, with earlier conversation turns when the row has them."""
+    turns = "".join(f"Q: {q}\nA: {a}\n" for q, a in row.get("history") or [])
+    return f"{turns}Q: {row['question']}" if turns else row["question"]
+
+
+def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
+    sender, receiver = SenderEngine(lm), ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 40)
+    report = Report(config={k: str(v) for k, v in asdict(cfg).items()}, model=lm.fingerprint.name)
+    report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
+                         device=str(lm.device), dtype=str(lm.dtype))
+    rows = list(load_rows(cfg.data, cfg.limit))
+    for row in tqdm(rows, desc=f"{cfg.mode}{'/' + cfg.codec if cfg.mode == 'kv' else ''}", disable=not progress):
+        context, question = row.get(cfg.context_field, ""), query_of(row)
+        answers = row.get("answers") or [row["answer"]]
+        stats, extra = Generation(""), {}
+        if cfg.mode == "baseline" or (cfg.mode == "skyline" and not context):
+            ids = encode(lm.tokenizer, sender.prompt.baseline(question))
+            text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
+        elif cfg.mode == "skyline":
+            ids = encode(lm.tokenizer, sender.prompt.full(context, question))
+            text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
+            extra = {"context_tokens": len(sender.context_ids(context))}
+        else:
+            card = sender.prepare(context, cfg.codec)
+            intake = receiver.intake()
+            wire = 0
+            for frame in frames(card.header, card.blobs):
+                wire += frame.ByteSize()
+                if (ready := intake.feed(frame)) is not None:
+                    intake.decode(ready)
+            receiver.store.put(intake.finish(lm.num_layers))
+            text = "".join(receiver.generate(card.header.card_id, question, cfg.max_new_tokens, False, stats))
+            extra = {"context_tokens": card.header.context_tokens, "wire_bytes": wire,
+                     "kv_fp16_bytes": card.kv_fp16_bytes, "prefill_s": card.prefill_s}
+        report.examples.append(Example(
+            id=str(row.get("id", len(report.examples))), question=question, answers=answers, prediction=text.strip(),
+            em=exact_match(text, answers), f1=f1(text, answers), contains=contains(text, answers),
+            ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
+        ))
+    return report

@@ -1,0 +1,29 @@
+import pytest
+
+from qkv_core.qa_metrics import contains, exact_match, f1, normalize
+
+
+def test_normalize_is_squads():
+    assert normalize("The  Denver Broncos!") == "denver broncos"
+    assert normalize("an apple, a pear") == "apple pear"
+    assert normalize("Levi's Stadium") == "levis stadium"
+
+
+def test_exact_match_takes_any_gold():
+    assert exact_match("the Carolina Panthers.", ["Panthers", "Carolina Panthers"]) == 1.0
+    assert exact_match("Carolina", ["Carolina Panthers"]) == 0.0
+
+
+def test_f1_is_token_overlap_max_over_golds():
+    # prediction "denver broncos won" vs gold "denver broncos": P = 2/3, R = 1 -> F1 = 0.8
+    assert f1("Denver Broncos won", ["Denver Broncos"]) == pytest.approx(0.8)
+    assert f1("Denver Broncos won", ["Broncos", "Denver Broncos"]) == pytest.approx(0.8)
+    assert f1("nothing in common", ["Denver"]) == 0.0
+    assert f1("", ["Denver"]) == 0.0
+
+
+def test_contains_matches_whole_words_only():
+    assert contains("They played at Levi's Stadium in 2016.", ["Levi's Stadium"]) == 1.0
+    assert contains("The answer is 600 requests.", ["600"]) == 1.0
+    assert contains("The answer is 6000 requests.", ["600"]) == 0.0
+    assert contains("anything", [""]) == 0.0
