@@ -122,13 +122,9 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
             extra = {"context_tokens": len(sender.context_ids(context))}
         else:
             card = sender.prepare(context, cfg.codec)
-            intake = receiver.intake()
-            wire = 0
-            for frame in frames(card.header, card.blobs):
-                wire += frame.ByteSize()
-                if (ready := intake.feed(frame)) is not None:
-                    intake.decode(ready)
-            receiver.store.put(intake.finish(lm.num_layers))
+            stream = list(frames(card.header, card.blobs))
+            wire = sum(frame.ByteSize() for frame in stream)
+            receiver.accept(stream)
             text = "".join(receiver.generate(card.header.card_id, question, cfg.max_new_tokens, False, stats))
             extra = {"context_tokens": card.header.context_tokens, "wire_bytes": wire,
                      "kv_fp16_bytes": card.kv_fp16_bytes, "prefill_s": card.prefill_s}

@@ -106,3 +106,12 @@ def stream_text(lm: LoadedModel, tokens: Iterator[int]) -> Iterator[str]:
         if len(text) > len(emitted):
             yield text[len(emitted) :]
             emitted = text
+
+
+def warm_up(lm: LoadedModel) -> None:
+    """Run one tiny prefill + cached decode, so that the first real request does not pay the
+    one-time kernel set-up (measured ~5 s on this 2-core CPU, which would swamp its TTFT)."""
+    ids = lm.tokenizer("warm up", add_special_tokens=False).input_ids or [0]
+    kv, _ = prefill(lm, ids)
+    for _ in generate(lm, kv, ids, 2):
+        pass

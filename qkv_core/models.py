@@ -195,5 +195,8 @@ def load_model(cfg: RuntimeConfig) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     loaded = wrap(cfg.model, model, tokenizer)
+    from .kv import warm_up  # noqa: PLC0415 - kv builds on this module
+
+    warm_up(loaded)
     log.info("loaded %s on %s/%s in %.1fs", cfg.model, device, dtype, time.perf_counter() - start)
     return loaded

@@ -6,7 +6,7 @@ the context: the context reaches the model only as the card's keys and values.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +67,16 @@ class ReceiverEngine:
 
     def intake(self) -> Intake:
         return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes), self.lm.device, self.lm.dtype)
+
+    def accept(self, stream: Iterable[pb.CardFrame]) -> StoredCard:
+        """Take a whole card in one blocking call (the service streams frames through `intake` instead)."""
+        intake = self.intake()
+        for frame in stream:
+            if (ready := intake.feed(frame)) is not None:
+                intake.decode(ready)
+        card = intake.finish(self.lm.num_layers)
+        self.store.put(card)
+        return card
 
     def card(self, card_id: str) -> StoredCard:
         card = self.store.get(card_id)
