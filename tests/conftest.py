@@ -14,10 +14,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core import codec as codecs
-from qkv_core.card import CardReader, build_header, encode_layers, frames
+from qkv_core.card import build_header, encode_layers, frames
 from qkv_core.config import RuntimeConfig, ServiceConfig
 from qkv_core.kv import KVCache
 from qkv_core.models import LoadedModel, load_model, wrap
+from qkv_core.receiver import ReceiverEngine
 
 QA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa"
 CORPUS = [
@@ -28,16 +29,11 @@ CORPUS = [
 
 
 def card_round_trip(lm: LoadedModel, kv: KVCache, ids: list[int], codec_name: str) -> KVCache:
-    """Encode `kv` as a card, stream it through a CardReader and decode it: the receiver's path."""
+    """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
     layer_codecs = codecs.resolve(codec_name, lm.num_layers)
-    reader = CardReader(lm.fingerprint, 1 << 30)
-    layers = {}
     header = build_header(lm.fingerprint, ids, kv, codec_name, layer_codecs)
-    for frame in frames(header, encode_layers(kv, layer_codecs)):
-        if (i := reader.feed(frame)) is not None:
-            layers[i] = reader.decode_layer(i, lm.device, lm.dtype)
-    reader.finish()
-    return KVCache([layers[i][0] for i in range(lm.num_layers)], [layers[i][1] for i in range(lm.num_layers)])
+    receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
+    return receiver.accept(frames(header, encode_layers(kv, layer_codecs))).kv
 
 
 def qa_rows(name: str, limit: int) -> list[dict]:
