@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from .codec import LayerCodec
 from .config import MAX_CHUNK_BYTES
 from .kv import KVCache
 from .models import Fingerprint
-from .quant import Granularity, TensorCodec, dequantize, encoded_size, quantize
+from .quant import Granularity, TensorCodec, dequantize, encoded_size, quantize_many
 from .wire import pb
 
 FORMAT_VERSION = 1
@@ -117,13 +118,24 @@ def build_header(
 
 # --- sender side --------------------------------------------------------------------------
 
+def encode_tensors(tensors: list[torch.Tensor], codecs: list[TensorCodec]) -> list[torch.Tensor]:
+    """Each tensor encoded with its codec; tensors sharing a codec and shape go through one
+    batched quantize call."""
+    batches: dict[tuple, list[int]] = defaultdict(list)
+    for i, (t, c) in enumerate(zip(tensors, codecs)):
+        batches[c, tuple(t.shape)].append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for (c, _), members in batches.items():
+        for i, blob in zip(members, quantize_many([tensors[i] for i in members], c)):
+            out[i] = blob
+    return out
+
+
 def encode_layers(kv: KVCache, codecs: list[LayerCodec]) -> list[bytes]:
     """Each layer's blob: its encoded K, then its encoded V."""
-    blobs = []
-    for c, k, v in zip(codecs, kv.keys, kv.values):
-        blob = torch.cat([quantize(k, c.key), quantize(v, c.value)])
-        blobs.append(blob.cpu().numpy().tobytes())
-    return blobs
+    keys = encode_tensors(kv.keys, [c.key for c in codecs])
+    values = encode_tensors(kv.values, [c.value for c in codecs])
+    return [torch.cat([k, v]).cpu().numpy().tobytes() for k, v in zip(keys, values)]
 
 
 def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.CardFrame]:

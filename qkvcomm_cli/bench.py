@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from qkv_core import allocator
 from qkv_core import codec as codecs
-from qkv_core.card import build_header, encode_layers, frames
+from qkv_core.card import build_header, encode_layers, encode_tensors, frames
 from qkv_core.config import RuntimeConfig
 from qkv_core.kv import KVCache, prefill
 from qkv_core.models import load_model
 from qkv_core.prompt import PromptFormat, encode
-from qkv_core.quant import dequantize, quantize
+from qkv_core.quant import dequantize
 
 
 @dataclass
@@ -64,8 +65,9 @@ def measure(kv16: KVCache, ids: list[int], fp, name: str, repeats: int) -> Row:
     header = build_header(fp, ids, kv16, name, layer_codecs)
     wire = sum(f.ByteSize() for f in frames(header, encode_layers(kv16, layer_codecs)))
     pairs = [(t, c) for c, k, v in zip(layer_codecs, kv16.keys, kv16.values) for t, c in ((k, c.key), (v, c.value))]
-    blobs = [quantize(t, c) for t, c in pairs]
-    q_s = _best_of(lambda: [quantize(t, c) for t, c in pairs], repeats)
+    tensors, tensor_codecs = [t for t, _ in pairs], [c for _, c in pairs]
+    blobs = encode_tensors(tensors, tensor_codecs)
+    q_s = _best_of(lambda: encode_tensors(tensors, tensor_codecs), repeats)
     d_s = _best_of(lambda: [dequantize(b, c, tuple(t.shape), torch.float16) for b, (t, c) in zip(blobs, pairs)], repeats)
     errs = {"k": [0.0, 0.0], "v": [0.0, 0.0]}
     for i, (b, (t, c)) in enumerate(zip(blobs, pairs)):
@@ -98,7 +100,8 @@ def run_codec_bench(model: str, data: Path, tokens: int, presets: list[str], rep
 def table(rows: list[Row], tokens: int, model: str) -> str:
     lines = [
         f"codec bench: {model}, {tokens}-token cache, fp16 input; {date.today()}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"glibc malloc thresholds raised: {allocator.tune()}",
         "",
         "| codec | device | bits/elem (wire) | ratio vs fp16 | rel err K | rel err V | quant+pack GB/s | unpack+dequant GB/s |",
         "|---|---|---|---|---|---|---|---|",

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from qkv_core import allocator
 from qkv_core.config import DEFAULT_CODEC, ServiceConfig
 
 DEMO_CONTEXT = (
@@ -182,6 +183,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    allocator.tune()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
