@@ -12,7 +12,7 @@ import enum
 import hashlib
 import struct
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import google_crc32c
@@ -22,7 +22,7 @@ from .codec import LayerCodec
 from .config import MAX_CHUNK_BYTES
 from .kv import KVCache
 from .models import Fingerprint
-from .quant import Granularity, TensorCodec, dequantize, encoded_size, quantize_many
+from .quant import Granularity, TensorCodec, dequantize, encoded_size, fp16_windows, quantize_many
 from .wire import pb
 
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
 def _codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
     return pb.TensorCodec(
         bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
-        sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens,
+        sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
     )
 
 
@@ -67,17 +67,36 @@ def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
     try:
         return TensorCodec(
             bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
-            sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens,
+            sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
         )
     except ValueError as e:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
 
 
-def card_id(fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str) -> str:
+def layer_salient(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> torch.Tensor | None:
+    """The salient context positions as indices into one layer's quantized middle (a layer
+    holds the last `layer_tokens` tokens of the context); None when the codec has none."""
+    if not codec.salient_bits or not positions:
+        return None
+    sink, recent = fp16_windows(codec, layer_tokens)
+    lo = context_tokens - layer_tokens + sink
+    hi = context_tokens - recent
+    return torch.tensor([p - lo for p in positions if lo <= p < hi], dtype=torch.long)
+
+
+def _salient_count(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> int:
+    idx = layer_salient(positions, context_tokens, layer_tokens, codec)
+    return 0 if idx is None else idx.numel()
+
+
+def card_id(
+    fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str, salient: Sequence[int] = ()
+) -> str:
     """Content hash: the same model, tokens, codec and facts always give the same card."""
     h = hashlib.sha256()
     h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
     h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
+    h.update(struct.pack(f"<{len(salient)}I", *salient))
     for layer in layers:
         h.update(layer.SerializeToString(deterministic=True))
     h.update(facts.encode())
@@ -92,20 +111,24 @@ def build_header(
     codecs: list[LayerCodec],
     facts: Iterable[pb.Fact] = (),
     fact_summary: str = "",
+    salient: Sequence[int] = (),
 ) -> pb.CardHeader:
     if len(codecs) != kv.num_layers:
         raise ValueError(f"{len(codecs)} layer codecs for {kv.num_layers} layers")
     layers = []
+    n = len(context_ids)
     for i, (c, k) in enumerate(zip(codecs, kv.keys)):
         heads, tokens, dim = k.shape
         layers.append(pb.LayerSpec(
             sender_layer=i, receiver_layer=i, key=_codec_to_pb(c.key), value=_codec_to_pb(c.value),
-            key_bytes=encoded_size(c.key, heads, tokens, dim),
-            value_bytes=encoded_size(c.value, heads, tokens, dim), tokens=tokens,
+            key_bytes=encoded_size(c.key, heads, tokens, dim, _salient_count(salient, n, tokens, c.key)),
+            value_bytes=encoded_size(c.value, heads, tokens, dim, _salient_count(salient, n, tokens, c.value)),
+            tokens=tokens,
         ))
     return pb.CardHeader(
         format_version=FORMAT_VERSION,
-        card_id=card_id(fp, context_ids, layers, fact_summary),
+        card_id=card_id(fp, context_ids, layers, fact_summary, salient),
+        salient_tokens=list(salient),
         model=fingerprint_to_pb(fp),
         context_tokens=len(context_ids),
         codec=codec_name,
@@ -118,23 +141,26 @@ def build_header(
 
 # --- sender side --------------------------------------------------------------------------
 
-def encode_tensors(tensors: list[torch.Tensor], codecs: list[TensorCodec]) -> list[torch.Tensor]:
+def encode_tensors(
+    tensors: list[torch.Tensor], codecs: list[TensorCodec], salient: Sequence[int] = (), context_tokens: int = 0
+) -> list[torch.Tensor]:
     """Each tensor encoded with its codec; tensors sharing a codec and shape go through one
     batched quantize call."""
     batches: dict[tuple, list[int]] = defaultdict(list)
     for i, (t, c) in enumerate(zip(tensors, codecs)):
         batches[c, tuple(t.shape)].append(i)
     out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for (c, _), members in batches.items():
-        for i, blob in zip(members, quantize_many([tensors[i] for i in members], c)):
+    for (c, shape), members in batches.items():
+        idx = layer_salient(salient, context_tokens, shape[1], c)
+        for i, blob in zip(members, quantize_many([tensors[i] for i in members], c, idx)):
             out[i] = blob
     return out
 
 
-def encode_layers(kv: KVCache, codecs: list[LayerCodec]) -> list[bytes]:
+def encode_layers(kv: KVCache, codecs: list[LayerCodec], salient: Sequence[int] = ()) -> list[bytes]:
     """Each layer's blob: its encoded K, then its encoded V."""
-    keys = encode_tensors(kv.keys, [c.key for c in codecs])
-    values = encode_tensors(kv.values, [c.value for c in codecs])
+    keys = encode_tensors(kv.keys, [c.key for c in codecs], salient, kv.tokens)
+    values = encode_tensors(kv.values, [c.value for c in codecs], salient, kv.tokens)
     return [torch.cat([k, v]).cpu().numpy().tobytes() for k, v in zip(keys, values)]
 
 
@@ -236,6 +262,9 @@ class CardReader:
         if h.context_tokens == 0 or not h.layers:
             raise CardError(ErrorKind.INVALID, "card holds no tokens or no layers")
         fp = self.fingerprint
+        salient = list(h.salient_tokens)
+        if any(b <= a for a, b in zip(salient, salient[1:])) or (salient and salient[-1] >= h.context_tokens):
+            raise CardError(ErrorKind.INVALID, "salient tokens must be ascending positions inside the context")
         seen: set[int] = set()
         for spec in h.layers:
             if spec.receiver_layer >= fp.num_layers or spec.receiver_layer in seen:
@@ -245,8 +274,10 @@ class CardReader:
                 raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} holds {spec.tokens} tokens")
             key, value = codec_from_pb(spec.key), codec_from_pb(spec.value)
             try:
-                sizes = (encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim) for c in (key, value))
-                expected = tuple(sizes)
+                expected = tuple(
+                    encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim, _salient_count(salient, h.context_tokens, spec.tokens, c))
+                    for c in (key, value)
+                )
             except ValueError as e:
                 raise CardError(ErrorKind.INVALID, str(e)) from e
             if expected != (spec.key_bytes, spec.value_bytes):
@@ -307,7 +338,10 @@ class CardReader:
         shape = (self.fingerprint.num_kv_heads, layer.spec.tokens, self.fingerprint.head_dim)
         data = torch.frombuffer(layer.buf, dtype=torch.uint8).to(device)
         split = layer.spec.key_bytes
-        k = dequantize(data[:split], layer.key, shape, dtype)
-        v = dequantize(data[split:], layer.value, shape, dtype)
+        h = self.header
+        k, v = (
+            dequantize(blob, c, shape, dtype, layer_salient(h.salient_tokens, h.context_tokens, layer.spec.tokens, c))
+            for blob, c in ((data[:split], layer.key), (data[split:], layer.value))
+        )
         layer.buf = bytearray()  # the dequantized tensors replace the bytes
         return k, v

@@ -1,22 +1,28 @@
-"""Named codecs: how every layer's K and V are encoded.
+"""Codec names: how every layer's K and V are encoded.
 
-A codec name is either a preset or a spec string:
+A codec name is a preset, a spec string, or a JSON file:
 
-    fp32              lossless passthrough
-    fp16              fp16 passthrough
+    fp32 / fp16       lossless / fp16 passthrough
     int8              8-bit asymmetric, per token, K and V
     seed-B            B-bit per-tensor, K and V (the seed paper's quantizer), B in 2..8
     kivi-B            B-bit, K per channel and V per token (KIVI), B in 1..8
+    seed-adaptive     per-tensor 8/6/4 bits by layer sensitivity (calibrated profile)
+    budget-B          per-tensor widths that fit B bits per element on the wire (profile)
+    tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
                       SPEC is BITS/GRANULARITY[/GROUP]: 4/channel, 8/token, 3/group/32,
-                      2/tensor, or fp16 / fp32 alone
+                      2/tensor, or fp16 / fp32 alone; the same for every layer
+    FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
+                      (what `qkvcomm calibrate codec --allocate` writes)
 
-The same codec applies to every layer; per-layer allocations come from a calibrated profile.
+The first five and specs resolve here; the adaptive ones need the model (qkv_core.allocation).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from .quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec
 
@@ -26,6 +32,7 @@ _GRANULARITIES = {
     "channel": Granularity.PER_CHANNEL,
     "group": Granularity.PER_GROUP,
 }
+_ADAPTIVE = re.compile(r"seed-adaptive|(budget|tokenmix)-(\d+(?:\.\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -34,11 +41,23 @@ class LayerCodec:
     value: TensorCodec
 
 
-def _uniform(codec: TensorCodec, num_layers: int) -> list[LayerCodec]:
-    return [LayerCodec(codec, codec)] * num_layers
+def SEED(bits: int) -> LayerCodec:  # noqa: N802 (a family of presets, named like one)
+    return LayerCodec(TensorCodec(bits, Granularity.PER_TENSOR), TensorCodec(bits, Granularity.PER_TENSOR))
 
 
-def _parse_tensor(text: str, sink: int, recent: int) -> TensorCodec:
+def KIVI(bits: int) -> LayerCodec:  # noqa: N802
+    return LayerCodec(TensorCodec(bits, Granularity.PER_CHANNEL), TensorCodec(bits, Granularity.PER_TOKEN))
+
+
+def spec_of(c: TensorCodec) -> str:
+    """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
+    if c.is_float:
+        return f"fp{c.bits}"
+    name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
+    return f"{c.bits}/{name}" + (f"/{c.group_size}" if c.granularity == Granularity.PER_GROUP else "")
+
+
+def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
     if text in ("fp16", "fp32"):
         return TensorCodec(bits=FP16_BITS if text == "fp16" else FP32_BITS)
     parts = text.split("/")
@@ -57,20 +76,48 @@ def _parse_spec(spec: str) -> LayerCodec:
     return LayerCodec(_parse_tensor(fields["k"], sink, recent), _parse_tensor(fields["v"], sink, recent))
 
 
+def save_layers(path: Path, layers: list[LayerCodec], note: str = "") -> None:
+    """Write per-layer codecs as a codec file usable wherever a codec name is."""
+    entries = [{"key": spec_of(c.key), "value": spec_of(c.value)} for c in layers]
+    path.write_text(json.dumps({"note": note, "layers": entries}, indent=1) + "\n")
+
+
+def _load_layers(path: Path, num_layers: int) -> list[LayerCodec]:
+    try:
+        entries = json.loads(path.read_text())["layers"]
+        layers = [LayerCodec(_parse_tensor(e["key"]), _parse_tensor(e["value"])) for e in entries]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read codec file {path}: {e}") from e
+    if len(layers) != num_layers:
+        raise ValueError(f"codec file {path} has {len(layers)} layers, the model {num_layers}")
+    return layers
+
+
+def adaptive(name: str) -> tuple[str, float] | None:
+    """(allocator, budget in bits) for the adaptive presets, None for every other name."""
+    m = _ADAPTIVE.fullmatch(name)
+    if not m:
+        return None
+    return ("seed-adaptive", 0.0) if m[1] is None else (m[1], float(m[2]))
+
+
 def resolve(name: str, num_layers: int) -> list[LayerCodec]:
-    """The per-layer codecs a codec name stands for; ValueError with the options if unknown."""
+    """The per-layer codecs a static codec name stands for; ValueError with the options if unknown."""
     if name in ("fp16", "fp32"):
-        return _uniform(TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS), num_layers)
+        return [LayerCodec(*[TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS)] * 2)] * num_layers
     if name == "int8":
-        return _uniform(TensorCodec(8, Granularity.PER_TOKEN), num_layers)
+        return [LayerCodec(*[TensorCodec(8, Granularity.PER_TOKEN)] * 2)] * num_layers
     if m := re.fullmatch(r"seed-([2-8])", name):
-        return _uniform(TensorCodec(int(m[1]), Granularity.PER_TENSOR), num_layers)
+        return [SEED(int(m[1]))] * num_layers
     if m := re.fullmatch(r"kivi-([1-8])", name):
-        bits = int(m[1])
-        layer = LayerCodec(TensorCodec(bits, Granularity.PER_CHANNEL), TensorCodec(bits, Granularity.PER_TOKEN))
-        return [layer] * num_layers
+        return [KIVI(int(m[1]))] * num_layers
     if "=" in name:
         return [_parse_spec(name)] * num_layers
+    if name.endswith(".json"):
+        return _load_layers(Path(name), num_layers)
+    if adaptive(name):
+        raise ValueError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise ValueError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B or a spec like 'k=4/channel;v=4/token'"
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, seed-adaptive, budget-B, tokenmix-B, "
+        "a spec like 'k=4/channel;v=4/token' or a codec .json file"
     )

@@ -31,6 +31,7 @@ class ServiceConfig:
     metrics_port: int = 9464  # /metrics HTTP port; 0 picks a free one, -1 turns it off
     receiver: str = ""  # sender only: HOST:PORT of the receiver
     codec: str = DEFAULT_CODEC  # sender default when a request names none
+    codec_profile: str = ""  # sender: calibrated codec profile (JSON); "" = the model's default, made on first use
     max_new_tokens: int = 48
     store_bytes: int = 2 << 30  # receiver: budget of the in-memory card store (dequantized KV)
     max_card_bytes: int = 1 << 30  # receiver: largest card accepted

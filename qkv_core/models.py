@@ -96,7 +96,7 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
-def _cache_root() -> Path:
+def cache_dir() -> Path:
     return Path(os.environ.get("QKVCOMM_CACHE_DIR", Path.home() / ".cache" / "qkvcomm"))
 
 
@@ -108,7 +108,7 @@ def _converted_dir(gguf: Path) -> Path:
     """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = _cache_root() / "models" / f"{gguf.stem}-{key}"
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
     log.info("converting %s to %s (once)", gguf.name, target)

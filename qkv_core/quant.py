@@ -10,9 +10,12 @@ quantized part is viewed as rows of a 2-D matrix whose rows share one (scale, ze
     per-group    H*T*D/G rows           of G consecutive channels of one token
 
 Encoded blob, all little-endian: packed codes in the tensor's own [heads, tokens, dim]
-order, fp16 scales and fp16 zero points (row-major in the order of the rows above), then the fp16 sink window and the fp16 recent window. With bits=16 the
-blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless). Zero points are rounded down and scales up to fp16 before
-the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
+order, fp16 scales and fp16 zero points (row-major in the order of the rows above), then
+the fp16 sink window and the fp16 recent window. With token-level mixed precision
+(salient_bits, and a set of salient tokens known to both sides) the middle is two such
+parts: the ordinary tokens at `bits`, then the salient tokens at `salient_bits`. With
+bits=16 the blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless).
+Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
 """
 from __future__ import annotations
@@ -46,12 +49,15 @@ class TensorCodec:
     group_size: int = 0
     sink_tokens: int = 0
     recent_tokens: int = 0
+    salient_bits: int = 0  # 0: off; else the width of the salient tokens (token-level mixed precision)
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
             raise ValueError(f"bits must be 1..8, 16 (fp16) or 32 (fp32), got {self.bits}")
         if self.granularity == Granularity.PER_GROUP and self.group_size < 1:
             raise ValueError("per-group quantization needs group_size >= 1")
+        if self.salient_bits and (self.is_float or not 1 <= self.salient_bits <= 8):
+            raise ValueError(f"salient_bits must be 1..8 on an integer codec, got {self.salient_bits}")
         if self.sink_tokens < 0 or self.recent_tokens < 0:
             raise ValueError("fp16 windows cannot be negative")
 
@@ -61,7 +67,7 @@ class TensorCodec:
         return self.bits in _FLOAT
 
 
-def _windows(codec: TensorCodec, tokens: int) -> tuple[int, int]:
+def fp16_windows(codec: TensorCodec, tokens: int) -> tuple[int, int]:
     """(sink, recent) fp16 window lengths for a tensor of `tokens` tokens; together <= tokens."""
     sink = min(codec.sink_tokens, tokens)
     return sink, min(codec.recent_tokens, tokens - sink)
@@ -93,14 +99,28 @@ def _group_shapes(codec: TensorCodec, tensors: int, heads: int, tokens: int, dim
     return (tensors * heads, tokens, dim // codec.group_size, codec.group_size), 3
 
 
-def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int) -> int:
+def _parts(codec: TensorCodec, middle: int, salient: int) -> list[tuple[int, int]]:
+    """(bits, tokens) of each quantized part: the whole middle, or its ordinary tokens then
+    its salient ones."""
+    if not 0 <= salient <= middle:
+        raise ValueError(f"{salient} salient tokens do not fit {middle} quantized tokens")
+    if codec.salient_bits and salient:
+        return [(codec.bits, middle - salient), (codec.salient_bits, salient)]
+    return [(codec.bits, middle)]
+
+
+def _part_size(codec: TensorCodec, bits: int, heads: int, tokens: int, dim: int) -> int:
+    rows, width = _rows(codec, heads, tokens, dim)
+    return packed_size(rows * width, bits) + 4 * rows
+
+
+def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int, salient: int = 0) -> int:
     """Exact byte size of the encoded tensor, scales, zero points and windows included."""
     if codec.is_float:
         return codec.bits // 8 * heads * tokens * dim
-    sink, recent = _windows(codec, tokens)
-    middle = tokens - sink - recent
-    rows, width = _rows(codec, heads, middle, dim)
-    return packed_size(rows * width, codec.bits) + 4 * rows + 2 * heads * (sink + recent) * dim
+    sink, recent = fp16_windows(codec, tokens)
+    parts = _parts(codec, tokens - sink - recent, salient)
+    return sum(_part_size(codec, b, heads, t, dim) for b, t in parts) + 2 * heads * (sink + recent) * dim
 
 
 def _round_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -118,46 +138,65 @@ def _float_bytes(x: torch.Tensor, bits: int = FP16_BITS) -> torch.Tensor:
     return h.contiguous().view(torch.uint8).reshape(-1)
 
 
-def quantize(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+def quantize(x: torch.Tensor, codec: TensorCodec, salient: torch.Tensor | None = None) -> torch.Tensor:
     """Encode a [heads, tokens, dim] tensor into a flat uint8 blob on x's device."""
-    return quantize_many([x], codec)[0]
+    return quantize_many([x], codec, salient)[0]
 
 
-def quantize_many(xs: Sequence[torch.Tensor], codec: TensorCodec) -> list[torch.Tensor]:
+def quantize_many(
+    xs: Sequence[torch.Tensor], codec: TensorCodec, salient: torch.Tensor | None = None
+) -> list[torch.Tensor]:
     """Encode tensors of one shape with one codec: each blob equals quantize(x, codec).
 
-    Tensors go through each op together, in batches of up to _BATCH_ELEMENTS values: on a
-    CPU the per-op overhead of 60 small per-layer calls costs more than the arithmetic, and
-    buffers above glibc's 32 MiB mmap ceiling are mapped and unmapped on every op (an
-    elementwise op over 11.8M values took 25 ms in one batch, 1-2 ms in three)."""
+    `salient` (ascending indices into the quantized middle) picks the tokens coded at
+    codec.salient_bits; they form their own part after the ordinary tokens."""
     shape = xs[0].shape
     if len(shape) != 3 or any(x.shape != shape for x in xs):
         raise ValueError(f"expected [heads, tokens, dim] tensors of one shape, got {[tuple(x.shape) for x in xs]}")
     if codec.is_float:
         return [_float_bytes(x, codec.bits) for x in xs]
-    per_batch = max(1, _BATCH_ELEMENTS // xs[0].numel())
-    return [blob for i in range(0, len(xs), per_batch) for blob in _quantize_batch(xs[i : i + per_batch], codec)]
-
-
-def _quantize_batch(xs: Sequence[torch.Tensor], codec: TensorCodec) -> list[torch.Tensor]:
-    n = len(xs)
-    heads, tokens, dim = xs[0].shape
-    sink, recent = _windows(codec, tokens)
-    middle = tokens - sink - recent
+    heads, tokens, dim = shape
+    sink, recent = fp16_windows(codec, tokens)
+    middles = [x[:, sink : tokens - recent] for x in xs]
+    count = 0 if salient is None else salient.numel()
+    parts = _parts(codec, tokens - sink - recent, count)
+    if len(parts) == 1:
+        subsets = [middles]
+    else:
+        ordinary = torch.ones(tokens - sink - recent, dtype=torch.bool, device=xs[0].device)
+        ordinary[salient] = False
+        keep = ordinary.nonzero().squeeze(1)
+        subsets = [[m.index_select(1, keep) for m in middles], [m.index_select(1, salient) for m in middles]]
+    encoded = [_encode_part(ms, codec, bits) for (bits, _), ms in zip(parts, subsets)]
     windows = [
         torch.cat([_float_bytes(x[:, :sink]), _float_bytes(x[:, tokens - recent :])])
         if sink + recent else x.new_empty(0, dtype=torch.uint8)
         for x in xs
     ]
-    if not middle:
-        return windows
-    rows, width = _rows(codec, heads, middle, dim)  # validates the group size
-    staged = torch.empty((n, heads, middle, dim), dtype=torch.float32, device=xs[0].device)
+    return [torch.cat(pieces) for pieces in zip(*encoded, windows)]
+
+
+def _encode_part(xs: list[torch.Tensor], codec: TensorCodec, bits: int) -> list[torch.Tensor]:
+    """Codes, scales and zeros of each tensor, in batches of up to _BATCH_ELEMENTS values:
+    on a CPU the per-op overhead of 60 small per-layer calls costs more than the
+    arithmetic, and buffers above glibc's 32 MiB mmap ceiling are mapped and unmapped on
+    every op (an elementwise op over 11.8M values took 25 ms in one batch, 1-2 ms in three)."""
+    if not xs[0].numel():
+        return [xs[0].new_empty(0, dtype=torch.uint8)] * len(xs)
+    per_batch = max(1, _BATCH_ELEMENTS // xs[0].numel())
+    return [blob for i in range(0, len(xs), per_batch) for blob in _encode_batch(xs[i : i + per_batch], codec, bits)]
+
+
+def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int) -> list[torch.Tensor]:
+    n = len(xs)
+    heads, tokens, dim = xs[0].shape
+    rows, width = _rows(codec, heads, tokens, dim)  # validates the group size
+    staged = torch.empty((n, heads, tokens, dim), dtype=torch.float32, device=xs[0].device)
     for out, x in zip(staged, xs):
-        out.copy_(x[:, sink : tokens - recent])  # one converting copy; the inputs stay intact
-    view, dim_reduced = _group_shapes(codec, n, heads, middle, dim)
+        out.copy_(x)  # one converting copy; the inputs stay intact
+    view, dim_reduced = _group_shapes(codec, n, heads, tokens, dim)
     groups = staged.view(view)
-    qmax = (1 << codec.bits) - 1
+    qmax = (1 << bits) - 1
     zero = _round_fp16(groups.amin(dim=dim_reduced, keepdim=True), up=False)
     scale = _round_fp16((groups.amax(dim=dim_reduced, keepdim=True) - zero.float()) / qmax, up=True)
     if not torch.isfinite(scale).all():  # NaN or inf in a group, or a range beyond fp16
@@ -167,29 +206,31 @@ def _quantize_batch(xs: Sequence[torch.Tensor], codec: TensorCodec) -> list[torc
     # code = floor((x - zero) / scale + 1/2) = floor((x - (zero - scale/2)) * (1/scale));
     # the clamp only guards fp32 rounding at the ends of the range.
     codes = torch.sub(groups, zero.float() - s / 2).mul_(inv).clamp_(0, qmax + 0.5).to(torch.uint8)
-    per_tensor = rows * width
-    if per_tensor * codec.bits % 8 == 0:  # every tensor starts on a byte: pack all at once
-        packed = pack_bits(codes, codec.bits).view(n, -1)
+    if rows * width * bits % 8 == 0:  # every tensor starts on a byte: pack all at once
+        packed = pack_bits(codes, bits).view(n, -1)
     else:
-        packed = [pack_bits(c, codec.bits) for c in codes.view(n, -1)]
+        packed = [pack_bits(c, bits) for c in codes.view(n, -1)]
     scales, zeros = scale.view(n, rows).view(torch.uint8), zero.view(n, rows).view(torch.uint8)
-    return [torch.cat(parts) for parts in zip(packed, scales, zeros, windows)]
+    return [torch.cat(parts) for parts in zip(packed, scales, zeros)]
 
 
 def dequantize(
-    blob: torch.Tensor, codec: TensorCodec, shape: tuple[int, int, int], dtype: torch.dtype
+    blob: torch.Tensor,
+    codec: TensorCodec,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+    salient: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode a blob made by `quantize` back into a [heads, tokens, dim] tensor of `dtype`."""
+    """Decode a blob made by `quantize` (with the same `salient`) into a [heads, tokens, dim] tensor."""
     heads, tokens, dim = shape
     blob = blob.reshape(-1)
-    if blob.numel() != encoded_size(codec, heads, tokens, dim):
-        raise ValueError(
-            f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}"
-        )
+    count = 0 if salient is None else salient.numel()
+    if blob.numel() != encoded_size(codec, heads, tokens, dim, count):
+        raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
 
-    def take_float(count: int, bits: int = FP16_BITS) -> torch.Tensor:
+    def take_float(n: int, bits: int = FP16_BITS) -> torch.Tensor:
         nonlocal blob
-        size = count * bits // 8
+        size = n * bits // 8
         out, blob = blob[:size].contiguous(), blob[size:]
         if out.storage_offset() % (bits // 8):  # packed codes of odd length: realign before viewing
             out = out.clone()
@@ -197,18 +238,27 @@ def dequantize(
 
     if codec.is_float:
         return take_float(heads * tokens * dim, codec.bits).reshape(shape).to(dtype)
-    sink, recent = _windows(codec, tokens)
+    sink, recent = fp16_windows(codec, tokens)
     middle = tokens - sink - recent
-    rows, width = _rows(codec, heads, middle, dim)
-    pieces = []
-    if middle:
-        nbytes = packed_size(rows * width, codec.bits)
-        codes, blob = unpack_bits(blob[:nbytes], rows * width, codec.bits), blob[nbytes:]
+    decoded = []
+    for bits, part_tokens in _parts(codec, middle, count):
+        if not part_tokens:
+            decoded.append(torch.empty(heads, 0, dim, device=blob.device))
+            continue
+        rows, width = _rows(codec, heads, part_tokens, dim)
+        nbytes = packed_size(rows * width, bits)
+        codes, blob = unpack_bits(blob[:nbytes], rows * width, bits), blob[nbytes:]
         scale, zero = take_float(rows).float(), take_float(rows).float()
-        view, reduced = _group_shapes(codec, 1, heads, middle, dim)
+        view, reduced = _group_shapes(codec, 1, heads, part_tokens, dim)
         stats = [1 if i == reduced else n for i, n in enumerate(view)]
-        values = codes.view(view).float().mul_(scale.view(stats)).add_(zero.view(stats))
-        pieces.append(values.reshape(heads, middle, dim))
+        decoded.append(codes.view(view).float().mul_(scale.view(stats)).add_(zero.view(stats)).view(heads, part_tokens, dim))
+    if len(decoded) == 1:
+        values = decoded[0]
+    else:
+        values = torch.empty(heads, middle, dim, device=blob.device)
+        ordinary = torch.ones(middle, dtype=torch.bool, device=blob.device)
+        ordinary[salient] = False
+        values[:, ordinary], values[:, salient] = decoded
     head_window = take_float(heads * sink * dim).reshape(heads, sink, dim)
     tail_window = take_float(heads * recent * dim).reshape(heads, recent, dim)
-    return torch.cat([head_window.float(), *pieces, tail_window.float()], dim=1).to(dtype)
+    return torch.cat([head_window.float(), values, tail_window.float()], dim=1).to(dtype)

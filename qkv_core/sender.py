@@ -1,15 +1,24 @@
 """The sender's work: prefill a context and turn its KV cache into a card."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+
+from . import allocation
 from . import codec as codecs
+from .attention import attention_received
 from .card import build_header, encode_layers
-from .kv import prefill
+from .codec import LayerCodec
+from .kv import KVCache, prefill
 from .models import LoadedModel
 from .prompt import PromptFormat, encode
 from .wire import pb
+
+PROBE_QUERIES = 32  # tokenmix: attention from the context's last tokens ranks its tokens
 
 
 @dataclass
@@ -19,27 +28,63 @@ class PreparedCard:
     kv_fp16_bytes: int  # the fp16 KV of all layers of these tokens: the headline baseline
     kv_fp32_bytes: int
     prefill_s: float
-    quantize_s: float
+    quantize_s: float  # allocation included
 
 
 class SenderEngine:
-    def __init__(self, lm: LoadedModel):
+    def __init__(self, lm: LoadedModel, profile_path: Path | None = None):
         self.lm = lm
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
+        self.profile_path = profile_path
+        self._profile: allocation.Profile | None = None
+        self._model_lock = threading.Lock()  # one prefill at a time: the attention probe rewires the model
+
+    def profile(self) -> allocation.Profile:
+        """The codec profile, calibrated on first use if no saved one exists."""
+        if self._profile is None:
+            self._profile = allocation.load_or_calibrate(self.lm, self.profile_path)
+        return self._profile
 
     def context_ids(self, context: str) -> list[int]:
         if not context.strip():
             raise ValueError("the context is empty")
         return encode(self.lm.tokenizer, self.prompt.context_part(context))
 
+    def _prefill(self, ids: list[int], probe: bool) -> tuple[KVCache, torch.Tensor | None]:
+        with self._model_lock:
+            if not probe:
+                return prefill(self.lm, ids)[0], None
+            with attention_received(self.lm, PROBE_QUERIES) as received:
+                kv, _ = prefill(self.lm, ids)
+            return kv, torch.stack(received).mean(dim=0)
+
+    def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None) -> tuple[list[LayerCodec], list[int]]:
+        """(per-layer codecs, salient token positions) for this cache."""
+        kind = codecs.adaptive(codec_name)
+        if kind is None:
+            return codecs.resolve(codec_name, kv.num_layers), []
+        allocator, bits = kind
+        shapes = [tuple(k.shape) for k in kv.keys]
+        if allocator == "seed-adaptive":
+            with self._model_lock:
+                return allocation.seed_adaptive(self.profile()), []
+        if allocator == "budget":
+            with self._model_lock:
+                return allocation.budget(self.profile(), bits, shapes), []
+        assert importance is not None
+        return allocation.tokenmix(bits, shapes, importance)
+
     def prepare(self, context: str, codec_name: str) -> PreparedCard:
-        layer_codecs = codecs.resolve(codec_name, self.lm.num_layers)
+        kind = codecs.adaptive(codec_name)
+        if kind is None:
+            codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
         ids = self.context_ids(context)
         start = time.perf_counter()
-        kv, _ = prefill(self.lm, ids)
+        kv, importance = self._prefill(ids, probe=kind is not None and kind[0] == "tokenmix")
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        header = build_header(self.lm.fingerprint, ids, kv, codec_name, layer_codecs)
-        blobs = encode_layers(kv, layer_codecs)
+        layer_codecs, salient = self.allocate(codec_name, kv, importance)
+        header = build_header(self.lm.fingerprint, ids, kv, codec_name, layer_codecs, salient=salient)
+        blobs = encode_layers(kv, layer_codecs, salient)
         quantize_s = time.perf_counter() - start
         return PreparedCard(header, blobs, kv.nbytes(2), kv.nbytes(4), prefill_s, quantize_s)

@@ -56,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve-sender", help="run the Sender service")
     _service_flags(p, 50062, 9462)
+    p.add_argument("--codec-profile", type=Path, help="calibrated codec profile (default: the model's, made on first use)")
     p.add_argument("--receiver", help="HOST:PORT of the receiver (or QKVCOMM_RECEIVER)")
     p.add_argument("--codec", help=f"default codec (default {DEFAULT_CODEC})")
 
@@ -77,6 +78,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--codecs", default=",".join(["fp16", "int8", "seed-8", "seed-6", "seed-4", "kivi-4", "kivi-3", "kivi-2"]))
     p.add_argument("--repeats", type=int, default=3)
+
+    p = sub.add_parser("calibrate", help="calibrate a codec profile (per-layer errors of every width)")
+    p.add_argument("what", choices=["codec"])
+    p.add_argument("--data", type=Path, help="JSONL whose contexts are the calibration texts (default: the bundled texts)")
+    p.add_argument("--context-field", default="context")
+    p.add_argument("--limit", type=int, default=8, help="calibration texts taken from --data")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per calibration text")
+    p.add_argument("--out", type=Path, help="profile file (default: the model's profile in the cache, used by the sender)")
+    p.add_argument("--allocate", help="also write this adaptive codec's allocation, e.g. budget-3 or seed-adaptive")
+    p.add_argument("--tokens", type=int, default=1024, help="context length the --allocate budget is met at")
+    p.add_argument("--codec-out", type=Path, default=Path("codec.json"), help="where --allocate writes (usable as --codec)")
+    _runtime_flags(p)
 
     p = sub.add_parser("eval", help="answer quality of a mode on a QA JSONL file")
     p.add_argument("--data", type=Path, required=True, help="JSONL rows with question, answers (or answer), context")
@@ -157,6 +170,41 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from qkv_core import allocation  # noqa: PLC0415
+    from qkv_core.codec import adaptive, save_layers  # noqa: PLC0415
+    from qkv_core.config import RuntimeConfig  # noqa: PLC0415
+    from qkv_core.evaluate import load_rows  # noqa: PLC0415
+    from qkv_core.models import load_model  # noqa: PLC0415
+
+    lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
+    if args.data:
+        texts = list(dict.fromkeys(r[args.context_field] for r in load_rows(args.data) if r.get(args.context_field)))[: args.limit]
+    else:
+        texts = allocation.default_texts()
+    profile = allocation.calibrate(lm, texts, args.max_tokens)
+    out = args.out or allocation.default_path(lm.fingerprint)
+    profile.save(out)
+    print(f"profile of {lm.fingerprint.name} on {profile.texts} texts ({profile.tokens} tokens) -> {out}")
+    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " |  (KIVI relative squared error)")
+    print("|---|" + "---|" * len(allocation.BITS))
+    for i in range(profile.num_layers):
+        cells = (f"{profile.error('kivi', 'key', b)[i]:.4f}/{profile.error('kivi', 'value', b)[i]:.4f}" for b in allocation.BITS)
+        print(f"| {i} | " + " | ".join(cells) + " |")
+    if args.allocate:
+        kind = adaptive(args.allocate)
+        if kind is None or kind[0] == "tokenmix":
+            raise SystemExit("--allocate takes seed-adaptive or budget-B (tokenmix depends on each context's attention)")
+        shape = (lm.fingerprint.num_kv_heads, args.tokens, lm.fingerprint.head_dim)
+        layers = (
+            allocation.seed_adaptive(profile) if kind[0] == "seed-adaptive"
+            else allocation.budget(profile, kind[1], [shape] * lm.num_layers)
+        )
+        save_layers(args.codec_out, layers, note=f"{args.allocate} for {lm.fingerprint.name} at {args.tokens} tokens")
+        print(f"{args.allocate} at {args.tokens} tokens -> {args.codec_out} (use it as --codec {args.codec_out})")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from qkvcomm_cli.client import ask  # noqa: PLC0415
     from qkvcomm_cli.launch import spawn  # noqa: PLC0415
@@ -196,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     if args.command == "bench":
         from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415
 
@@ -209,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from sender_service.server import main as serve  # noqa: PLC0415
 
-        cfg = _config(args, receiver=args.receiver, codec=args.codec)
+        profile = str(args.codec_profile) if args.codec_profile else None
+        cfg = _config(args, receiver=args.receiver, codec=args.codec, codec_profile=profile)
     asyncio.run(serve(cfg))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 
@@ -96,7 +97,7 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
     metrics = Metrics("sender")
     channel = grpc.aio.insecure_channel(cfg.receiver, options=GRPC_OPTIONS)
-    servicer = SenderServicer(SenderEngine(lm), services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
+    servicer = SenderServicer(SenderEngine(lm, Path(cfg.codec_profile) if cfg.codec_profile else None), services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
     running = await start(
         "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics
     )

@@ -13,12 +13,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qkv_core import codec as codecs
 from qkv_core.card import build_header, encode_layers, frames
 from qkv_core.config import RuntimeConfig, ServiceConfig
 from qkv_core.kv import KVCache
 from qkv_core.models import LoadedModel, load_model, wrap
 from qkv_core.receiver import ReceiverEngine
+from qkv_core.sender import SenderEngine
 
 QA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa"
 CORPUS = [
@@ -28,12 +28,15 @@ CORPUS = [
 ]
 
 
-def card_round_trip(lm: LoadedModel, kv: KVCache, ids: list[int], codec_name: str) -> KVCache:
+def card_round_trip(
+    lm: LoadedModel, kv: KVCache, ids: list[int], codec_name: str, sender: SenderEngine | None = None,
+    importance: torch.Tensor | None = None,
+) -> KVCache:
     """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
-    layer_codecs = codecs.resolve(codec_name, lm.num_layers)
-    header = build_header(lm.fingerprint, ids, kv, codec_name, layer_codecs)
+    layer_codecs, salient = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
+    header = build_header(lm.fingerprint, ids, kv, codec_name, layer_codecs, salient=salient)
     receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
-    return receiver.accept(frames(header, encode_layers(kv, layer_codecs))).kv
+    return receiver.accept(frames(header, encode_layers(kv, layer_codecs, salient))).kv
 
 
 def qa_rows(name: str, limit: int) -> list[dict]:
@@ -52,13 +55,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def tiny_model(seed: int = 0, layers: int = 3) -> LoadedModel:
+def tiny_model(seed: int = 0, layers: int = 3, head_dim: int = 16) -> LoadedModel:
     """A randomly initialised 3-layer Llama (2 KV heads x 16) that runs in milliseconds."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
     return wrap(f"tiny-llama-{seed}", LlamaForCausalLM(config), tokenizer)

@@ -17,10 +17,10 @@ def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
 def _scales(blob: torch.Tensor, codec: TensorCodec, shape) -> torch.Tensor:
     """Read the stored fp16 scales back out of a blob (layout: codes, scales, zeros, windows)."""
     from qkv_core.packing import packed_size
-    from qkv_core.quant import _rows, _windows
+    from qkv_core.quant import _rows, fp16_windows
 
     heads, tokens, dim = shape
-    sink, recent = _windows(codec, tokens)
+    sink, recent = fp16_windows(codec, tokens)
     rows, width = _rows(codec, heads, tokens - sink - recent, dim)
     start = packed_size(rows * width, codec.bits)
     return blob[start : start + 2 * rows].clone().view(torch.float16).float()
@@ -100,3 +100,25 @@ def test_bad_values_and_specs_are_refused():
         TensorCodec(bits=12)
     with pytest.raises(ValueError, match="does not match"):
         dequantize(torch.zeros(3, dtype=torch.uint8), TensorCodec(4, Granularity.PER_TOKEN), (1, 2, 8), torch.float32)
+
+
+@pytest.mark.parametrize("granularity", list(Granularity))
+def test_salient_tokens_are_their_own_part_at_their_own_width(granularity):
+    x = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(3))
+    codec = TensorCodec(2, granularity, group_size=4, sink_tokens=2, recent_tokens=1, salient_bits=8)
+    salient = torch.tensor([1, 4, 5])  # indices into the 9 quantized middle tokens
+    blob = quantize(x, codec, salient)
+    assert blob.numel() == encoded_size(codec, 2, 12, 8, salient=3)
+    middle = x[:, 2:11]
+    ordinary = [i for i in range(9) if i not in salient.tolist()]
+    low, high = TensorCodec(2, granularity, group_size=4), TensorCodec(8, granularity, group_size=4)
+    expected = torch.cat([
+        quantize(middle[:, ordinary], low), quantize(middle[:, salient], high),
+        quantize(x[:, :2], TensorCodec(16)), quantize(x[:, 11:], TensorCodec(16)),
+    ])
+    assert torch.equal(blob, expected)  # the byte layout: ordinary part, salient part, windows
+    y = dequantize(blob, codec, x.shape, torch.float32, salient)
+    err = (y - x).abs()[:, 2:11]
+    assert err[:, salient].max() < err[:, ordinary].max() / 10
+    with pytest.raises(ValueError, match="does not match"):
+        dequantize(blob, codec, x.shape, torch.float32)  # without the salient set the sizes disagree

@@ -1,0 +1,212 @@
+"""Mixed precision: a calibrated error profile, and the allocators that turn it into codecs.
+
+The profile holds, for every layer, for K and V, and for every candidate codec, the relative
+squared reconstruction error sum ||x - x_hat||^2 / sum ||x||^2 over calibration texts. It is
+measured once per model and saved as JSON next to the model cache (or where the user says).
+
+Allocators:
+    seed-adaptive  the seed paper: rank layers by their per-tensor error at the lowest width;
+                   the most sensitive 30% get 8 bits, the middle 40% 6, the rest 4 (per-tensor).
+    budget-B       K per channel, V per token; each of the 2L tensors gets a width in 2..8 or
+                   fp16 so that the card's payload (codes, scales, zero points, windows) is at
+                   most B bits per element, greedily buying the largest error cut per byte.
+                   With 2L tensors the result lands within a step of one tensor's width
+                   (1/(2L) bit, 0.017 on a 30-layer model) below B; above 8 bits the only
+                   step left is to fp16, so it can land up to 8/(2L) bits below.
+    tokenmix-B     token-level mixed precision (QKVShare): the 4 sink tokens in fp16, the
+                   context tokens that receive the most attention at 8 bits, the rest at a
+                   low width, with as many 8-bit tokens as the budget B allows.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .card import encode_tensors
+from .codec import KIVI, SEED, LayerCodec
+from .kv import prefill
+from .models import Fingerprint, LoadedModel, cache_dir
+from .prompt import PromptFormat, encode
+from .quant import FP16_BITS, TensorCodec, dequantize, encoded_size
+
+BITS = (2, 3, 4, 5, 6, 8)
+FAMILIES = {"tensor": SEED, "kivi": KIVI}  # name -> (K codec, V codec) for a width
+KINDS = ("key", "value")
+Shape = tuple[int, int, int]
+
+
+@dataclass
+class Profile:
+    model: str
+    weights_sha256: str
+    texts: int
+    tokens: int
+    # errors[family][kind][str(bits)][layer]: relative squared reconstruction error
+    errors: dict[str, dict[str, dict[str, list[float]]]]
+
+    def error(self, family: str, kind: str, bits: int) -> list[float]:
+        return self.errors[family][kind][str(bits)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.error("kivi", "key", BITS[0]))
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: Fingerprint) -> "Profile":
+        try:
+            profile = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot read codec profile {path}: {e}") from e
+        if profile.weights_sha256 != fingerprint.weights_sha256:
+            raise ValueError(f"codec profile {path} was calibrated on {profile.model!r}, not on this model's weights")
+        return profile
+
+
+def default_texts() -> list[str]:
+    """The bundled calibration texts: an API doc, a product sheet, a story, news, a chat."""
+    text = resources.files("qkv_core").joinpath("data/calibration.txt").read_text()
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def default_path(fp: Fingerprint) -> Path:
+    return cache_dir() / "profiles" / f"{fp.name}-{fp.weights_sha256[:16]}.json"
+
+
+def _relative_errors(tensors: list[torch.Tensor], codec: TensorCodec) -> list[tuple[float, float]]:
+    """(squared error, squared norm) of each tensor encoded with `codec`."""
+    out = []
+    for t, blob in zip(tensors, encode_tensors(tensors, [codec] * len(tensors))):
+        x = t.float()
+        out.append((float((dequantize(blob, codec, tuple(t.shape), torch.float32) - x).pow(2).sum()), float(x.pow(2).sum())))
+    return out
+
+
+def calibrate(lm: LoadedModel, texts: list[str], max_tokens: int = 512) -> Profile:
+    """Measure every candidate codec's error on every layer's K and V over `texts`."""
+    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
+    sums: dict = {f: {k: {b: [[0.0, 0.0] for _ in range(lm.num_layers)] for b in BITS} for k in KINDS} for f in FAMILIES}
+    tokens = 0
+    for text in texts:
+        ids = encode(lm.tokenizer, fmt.context_part(text))[:max_tokens]
+        tokens += len(ids)
+        kv, _ = prefill(lm, ids)
+        for family, pair in FAMILIES.items():
+            for kind, tensors in zip(KINDS, (kv.keys, kv.values)):
+                for bits in BITS:
+                    codec = pair(bits).key if kind == "key" else pair(bits).value
+                    for acc, (err, norm) in zip(sums[family][kind][bits], _relative_errors(tensors, codec)):
+                        acc[0] += err
+                        acc[1] += norm
+    errors = {
+        f: {k: {str(b): [e / n if n else 0.0 for e, n in layers] for b, layers in by_bits.items()} for k, by_bits in by_kind.items()}
+        for f, by_kind in sums.items()
+    }
+    return Profile(lm.fingerprint.name, lm.fingerprint.weights_sha256, len(texts), tokens, errors)
+
+
+def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> Profile:
+    """The profile at `path` (or the model's default one), calibrated on the bundled texts
+    and saved there if it does not exist yet."""
+    path = path or default_path(lm.fingerprint)
+    if path.exists():
+        return Profile.load(path, lm.fingerprint)
+    profile = calibrate(lm, default_texts())
+    profile.save(path)
+    return profile
+
+
+def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4), split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:
+    """The seed paper's allocation: layers ranked by per-tensor error at the lowest width."""
+    high, mid, low = widths
+    lowest = min(widths)
+    sensitivity = [k + v for k, v in zip(profile.error("tensor", "key", lowest), profile.error("tensor", "value", lowest))]
+    ranked = sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])
+    n_high = round(split[0] * len(ranked))
+    n_mid = round(split[1] * len(ranked))
+    bits = [0] * len(ranked)
+    for rank, layer in enumerate(ranked):
+        bits[layer] = high if rank < n_high else mid if rank < n_high + n_mid else low
+    return [SEED(b) for b in bits]
+
+
+def _bits_per_element(total_bytes: int, shapes: list[Shape]) -> float:
+    return 8 * total_bytes / (2 * sum(math.prod(s) for s in shapes))
+
+
+def budget(profile: Profile, target: float, shapes: list[Shape]) -> list[LayerCodec]:
+    """Per-tensor widths for K per channel / V per token that fit `target` bits per element
+    (payload of all layers, scales and zero points included) and cut the most error."""
+    if len(shapes) != profile.num_layers:
+        raise ValueError(f"the profile has {profile.num_layers} layers, the cache {len(shapes)}")
+    options: list[list[tuple[TensorCodec, int, float]]] = []  # per tensor: (codec, bytes, error), cheapest first
+    for kind in KINDS:
+        for layer, shape in enumerate(shapes):
+            menu = [(getattr(KIVI(b), kind), profile.error("kivi", kind, b)[layer]) for b in BITS]
+            menu.append((TensorCodec(FP16_BITS), 0.0))
+            options.append([(c, encoded_size(c, *shape), e) for c, e in menu])
+    limit = target * 2 * sum(math.prod(s) for s in shapes) / 8
+    choice = [0] * len(options)
+    total = sum(o[0][1] for o in options)
+    if total > limit:
+        raise ValueError(
+            f"budget-{target:g} is below the smallest allocation here: {_bits_per_element(total, shapes):.2f} bits per "
+            f"element at {shapes[0][1]} tokens (scales and zero points weigh more on short contexts)"
+        )
+    while True:  # buy the upgrade with the largest error cut per extra byte that still fits
+        best, best_gain = None, 0.0
+        for i, menu in enumerate(options):
+            _, size, err = menu[choice[i]]
+            for j in range(choice[i] + 1, len(menu)):
+                extra = menu[j][1] - size
+                if total + extra <= limit and extra > 0 and (err - menu[j][2]) / extra > best_gain:
+                    best, best_gain = (i, j), (err - menu[j][2]) / extra
+        if best is None:
+            break
+        i, j = best
+        total += options[i][j][1] - options[i][choice[i]][1]
+        choice[i] = j
+    n = len(shapes)
+    picked = [options[i][choice[i]][0] for i in range(len(options))]
+    return [LayerCodec(picked[layer], picked[n + layer]) for layer in range(n)]
+
+
+TOKENMIX_SINK = 4
+TOKENMIX_HIGH = 8
+
+
+def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tuple[list[LayerCodec], list[int]]:
+    """(codecs, salient positions): sink tokens in fp16, the most-attended tokens at 8 bits
+    and the rest at max(2, ceil(target) - 1) bits, with as many 8-bit tokens as fit."""
+    low = max(2, math.ceil(target) - 1)
+    layer = LayerCodec(
+        *(TensorCodec(low, c.granularity, sink_tokens=TOKENMIX_SINK, salient_bits=TOKENMIX_HIGH) for c in (KIVI(low).key, KIVI(low).value))
+    )
+    tokens = importance.numel()
+    limit = target * 2 * sum(math.prod(s) for s in shapes) / 8
+    ranked = [p for p in importance.argsort(descending=True).tolist() if p >= TOKENMIX_SINK]
+
+    def size(count: int) -> int:
+        salient = sorted(ranked[:count])
+        return sum(
+            encoded_size(c, h, t, d, sum(1 for p in salient if p >= tokens - t + TOKENMIX_SINK))
+            for h, t, d in shapes for c in (layer.key, layer.value)
+        )
+
+    if size(0) > limit:
+        raise ValueError(
+            f"tokenmix-{target:g} is below its smallest allocation here: {_bits_per_element(size(0), shapes):.2f} bits per element"
+        )
+    lo, hi = 0, len(ranked)  # the largest count that fits: size grows with the count
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= limit else (lo, mid - 1)
+    return [layer] * len(shapes), sorted(ranked[:lo])
