@@ -6,8 +6,9 @@ STAMP   := .venv/.installed
 TORCH   ?= torch==2.13.0
 PROTOS  := $(wildcard proto/qkvcomm/v1/*.proto)
 STUBS   := qkvcomm/v1/services_pb2.py
+NODE_MODULES := clients/node/node_modules/.package-lock.json
 
-.PHONY: install proto run test clean
+.PHONY: install proto run test node-client node-client-test compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -29,8 +30,34 @@ $(STUBS): $(PROTOS) $(STAMP)
 run: install proto
 	$(PY) -m qkvcomm_cli demo
 
-test: install proto
+test: install proto $(NODE_MODULES)
 	$(PY) -m pytest -q
 
+# The Node.js client, installed from its committed lock file.
+node-client: $(NODE_MODULES)
+$(NODE_MODULES): clients/node/package-lock.json
+	cd clients/node && npm ci --no-audit --no-fund --silent
+
+node-client-test: install proto $(NODE_MODULES)
+	$(PY) -m pytest -q tests/test_node_client.py
+
+# Deployment files, validated offline. Debian's docker-compose (the PyPI one does not
+# install on Python 3.11) is installed on first use where we may.
+compose-config:
+	command -v docker-compose >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -qq docker-compose >/dev/null; } \
+	  || { echo "install Debian's docker-compose package"; exit 1; }
+	docker-compose --profile cpu config -q
+	docker-compose --profile gpu config -q
+	@echo "compose file: valid (profiles cpu and gpu)"
+
+k8s-validate: install
+	@mkdir -p build; for overlay in cpu gpu; do \
+	  kubectl kustomize deploy/k8s/overlays/$$overlay > build/k8s-$$overlay.yaml || exit 1; \
+	  $(PY) -m kubernetes_validate --strict --quiet build/k8s-$$overlay.yaml || exit 1; \
+	  echo "k8s overlay $$overlay: rendered and valid"; \
+	done
+
+deploy-check: compose-config k8s-validate node-client-test
+
 clean:
-	rm -rf qkvcomm .pytest_cache .hypothesis build *.egg-info
+	rm -rf qkvcomm .pytest_cache .hypothesis build *.egg-info clients/node/node_modules

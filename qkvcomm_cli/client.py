@@ -49,3 +49,15 @@ def ask(
                 if on_text:
                     on_text(reply.text)
     return Answer("".join(text), stats)
+
+
+def healthy(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
+    """True when the server at `address` answers grpc.health.v1 with SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -71,6 +70,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
+    p = sub.add_parser("health", help="exit 0 when a service answers gRPC health checks with SERVING")
+    p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('QKVCOMM_PORT', '50061')}", help="HOST:PORT")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`")
     p.add_argument("what", choices=["codec"])
     p.add_argument("--model", default="smollm2-135m")
@@ -101,8 +104,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write every example and the summary here")
     _runtime_flags(p)
 
-    p = sub.add_parser("report", help="a markdown table of `eval --json` results")
+    p = sub.add_parser("report", help="a markdown table of `eval --json` results; --out writes RESULTS.md + charts")
     p.add_argument("results", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, help="write this markdown file and f1_vs_bits.png beside it")
 
     p = sub.add_parser("demo", help="start both services on loopback, hand off one context, stop them")
     p.add_argument("--context", default=DEMO_CONTEXT)
@@ -157,16 +161,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    print("| data | context | mode | codec | rows | EM | F1 | contains | wire KB/row | ratio vs fp16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for path in args.results:
-        r = json.loads(path.read_text())
-        c, s = r["config"], r["summary"]
-        kv = c["mode"] == "kv"
-        codec = c["codec"] if kv else "-"
-        ratio = f"{s['compression_ratio']:.2f}" if kv else "-"
-        print(f"| {Path(c['data']).name} | {c['context_field']} | {c['mode']} | {codec} | {s['rows']} | "
-              f"{s['em']:.1f} | {s['f1']:.1f} | {s['contains']:.1f} | {s['wire_bytes_mean'] / 1e3:.0f} | {ratio} |")
+    from qkvcomm_cli.report import f1_vs_bits_chart, load, results_md, table  # noqa: PLC0415
+
+    results = load(args.results)
+    if not args.out:
+        print(table(results))
+        return 0
+    chart = args.out.parent / "f1_vs_bits.png"
+    f1_vs_bits_chart(results, chart)
+    command = "qkvcomm report " + " ".join(str(p) for p in args.results) + f" --out {args.out}"
+    args.out.write_text(results_md(results, command, chart))
+    print(f"wrote {args.out} and {chart}")
     return 0
 
 
@@ -244,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "health":
+        from qkvcomm_cli.client import healthy  # noqa: PLC0415
+
+        ok = healthy(args.address, args.service)
+        print("SERVING" if ok else "NOT SERVING", file=sys.stderr)
+        return 0 if ok else 1
     if args.command == "calibrate":
         return _calibrate(args)
     if args.command == "bench":

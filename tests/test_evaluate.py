@@ -35,3 +35,24 @@ def test_rows_of_any_shape(tmp_path):
     path.write_text(json.dumps({"question": "no answers"}))
     with pytest.raises(ValueError, match="needs `question` and `answers`"):
         list(load_rows(path))
+
+
+def test_report_table_and_chart(tmp_path):
+    from qkvcomm_cli.main import main
+
+    def result(mode, codec, f1, ratio):
+        return {"model": "m", "config": {"data": "x/squad.jsonl", "context_field": "context", "mode": mode, "codec": codec,
+                                         "date": "2026-11-22", "machine": "test", "device": "cpu", "dtype": "fp32"},
+                "summary": {"rows": 3, "em": 0.0, "f1": f1, "contains": 50.0, "wire_bytes_mean": 1000.0 if ratio else 0,
+                            "compression_ratio": ratio, "ttft_s_mean": 0.1}}
+
+    paths = []
+    for name, args in {"sky": ("skyline", "fp16", 15.0, None), "k4": ("kv", "kivi-4", 14.0, 4.0)}.items():
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(result(*args)))
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", *map(str, paths), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 4.00 | 1 | 4.00 | 100 |" in text
+    assert "| skyline | - |" in text and "f1_vs_bits.png" in text
+    assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

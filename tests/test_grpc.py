@@ -163,3 +163,12 @@ def test_metrics_endpoints(services):
     for stage in ("dequantize", "ttft"):
         assert f'qkvcomm_stage_seconds_count{{stage="{stage}"}}' in receiver
     assert value(receiver, "qkvcomm_cards_held") >= 1
+
+
+def test_health_check_command_sees_serving_and_absent_servers(services):
+    from qkvcomm_cli.client import healthy
+    from qkvcomm_cli.main import main
+
+    assert healthy(services.receiver) and healthy(services.sender)
+    assert main(["health", "--address", services.sender]) == 0
+    assert not healthy("127.0.0.1:1", timeout_s=0.5)

@@ -1,0 +1,80 @@
+#!/usr/bin/env node
+// Ask a Q-KVComm sender a question about a context: node ask.js --sender HOST:PORT
+//   (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--max-new-tokens N] [--json]
+// The answer streams to stdout as it is generated; the handoff stats follow on stderr
+// (or, with --json, one JSON object on stdout). Loads the same proto/ files as the services.
+'use strict';
+const fs = require('fs');
+const path = require('path');
+const { parseArgs } = require('util');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const PROTO_DIR = process.env.QKVCOMM_PROTO_DIR || path.resolve(__dirname, '..', '..', 'proto');
+
+function loadSender(address) {
+  const definition = protoLoader.loadSync('qkvcomm/v1/services.proto', {
+    includeDirs: [PROTO_DIR], keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true,
+  });
+  const { Sender } = grpc.loadPackageDefinition(definition).qkvcomm.v1;
+  // Card frames are at most 1 MiB; answers are small. Match the services' limits.
+  return new Sender(address, grpc.credentials.createInsecure(), {
+    'grpc.max_receive_message_length': 4 * 1024 * 1024,
+  });
+}
+
+function ask(client, request, onText) {
+  return new Promise((resolve, reject) => {
+    let text = '';
+    let stats = null;
+    const call = client.Ask(request);
+    call.on('data', (reply) => {
+      if (reply.reply === 'text') {
+        text += reply.text;
+        if (onText) onText(reply.text);
+      } else if (reply.reply === 'stats') {
+        stats = reply.stats;
+      }
+    });
+    call.on('error', reject);
+    call.on('end', () => resolve({ text, stats }));
+  });
+}
+
+async function main() {
+  const { values } = parseArgs({
+    options: {
+      sender: { type: 'string' }, context: { type: 'string' }, 'context-file': { type: 'string' },
+      question: { type: 'string' }, codec: { type: 'string', default: '' },
+      'max-new-tokens': { type: 'string', default: '0' }, json: { type: 'boolean', default: false },
+    },
+  });
+  const context = values.context ?? (values['context-file'] && fs.readFileSync(values['context-file'], 'utf8'));
+  if (!values.sender || !context || !values.question) {
+    console.error('usage: ask.js --sender HOST:PORT (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--json]');
+    process.exit(2);
+  }
+  const client = loadSender(values.sender);
+  const request = {
+    context, question: values.question, codec: values.codec,
+    max_new_tokens: Number(values['max-new-tokens']),
+  };
+  try {
+    const answer = await ask(client, request, values.json ? null : (t) => process.stdout.write(t));
+    if (values.json) {
+      console.log(JSON.stringify({ answer: answer.text.trim(), ...answer.stats }));
+    } else {
+      const s = answer.stats;
+      process.stdout.write('\n');
+      console.error(`card ${s.card_id.slice(0, 12)} codec ${s.codec}: ${s.wire_bytes} B on the wire, ` +
+        `${s.compression_ratio.toFixed(2)}x vs fp16 KV, ttft ${(s.ttft_s * 1e3).toFixed(0)} ms`);
+    }
+  } catch (err) {
+    console.error(`error: ${grpc.status[err.code] ?? err.code}: ${err.details || err.message}`);
+    process.exitCode = 1;
+  } finally {
+    client.close();
+  }
+}
+
+main();

@@ -1,0 +1,43 @@
+"""The Node.js client (clients/node, installed by `make test` with `npm ci`) against real services."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qkvcomm_cli.main import DEMO_CONTEXT, DEMO_QUESTION
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed"),
+    pytest.mark.skipif(not (NODE_DIR / "node_modules").exists(), reason="run `make node-client` (npm ci) first"),
+]
+
+
+def _ask(sender: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["node", str(NODE_DIR / "ask.js"), "--sender", sender, *extra],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_node_client_gets_a_correct_answer_and_the_stats(services):
+    done = _ask(services.sender, "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--codec", "kivi-4", "--json")
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert "600" in reply["answer"]
+    assert reply["codec"] == "kivi-4"
+    assert reply["wire_bytes"] > 0 and reply["compression_ratio"] > 3
+    assert reply["context_tokens"] > 20
+
+
+def test_node_client_streams_text_and_reports_errors(services):
+    done = _ask(services.sender, "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION)
+    assert done.returncode == 0, done.stderr
+    assert "600" in done.stdout and "vs fp16 KV" in done.stderr
+    bad = _ask(services.sender, "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--codec", "int4")
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr and "unknown codec" in bad.stderr
