@@ -50,7 +50,8 @@ class SenderEngine:
             raise ValueError("the context is empty")
         return encode(self.lm.tokenizer, self.prompt.context_part(context))
 
-    def _prefill(self, ids: list[int], probe: bool) -> tuple[KVCache, torch.Tensor | None]:
+    def prefill(self, ids: list[int], probe: bool = False) -> tuple[KVCache, torch.Tensor | None]:
+        """The cache of `ids`, and with `probe` the attention each token receives (tokenmix)."""
         with self._model_lock:
             if not probe:
                 return prefill(self.lm, ids)[0], None
@@ -80,7 +81,7 @@ class SenderEngine:
             codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
         ids = self.context_ids(context)
         start = time.perf_counter()
-        kv, importance = self._prefill(ids, probe=kind is not None and kind[0] == "tokenmix")
+        kv, importance = self.prefill(ids, probe=kind is not None and kind[0] == "tokenmix")
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         layer_codecs, salient = self.allocate(codec_name, kv, importance)

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from qkv_core import allocator
-from qkv_core import codec as codecs
-from qkv_core.card import build_header, encode_layers, encode_tensors, frames
+from qkv_core.card import build_header, encode_layers, encode_tensors, frames, layer_salient
+from qkv_core.codec import LayerCodec
 from qkv_core.config import RuntimeConfig
-from qkv_core.kv import KVCache, prefill
+from qkv_core.kv import KVCache
 from qkv_core.models import load_model
-from qkv_core.prompt import PromptFormat, encode
+from qkv_core.prompt import encode
 from qkv_core.quant import dequantize
+from qkv_core.sender import SenderEngine
 
 
 @dataclass
@@ -59,41 +60,41 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def measure(kv16: KVCache, ids: list[int], fp, name: str, repeats: int) -> Row:
-    layer_codecs = codecs.resolve(name, kv16.num_layers)
+def measure(kv16: KVCache, ids: list[int], fp, name: str, layers: list[LayerCodec], salient: list[int], repeats: int) -> Row:
     fp16_bytes = kv16.nbytes(2)
-    header = build_header(fp, ids, kv16, name, layer_codecs)
-    wire = sum(f.ByteSize() for f in frames(header, encode_layers(kv16, layer_codecs)))
-    pairs = [(t, c) for c, k, v in zip(layer_codecs, kv16.keys, kv16.values) for t, c in ((k, c.key), (v, c.value))]
-    tensors, tensor_codecs = [t for t, _ in pairs], [c for _, c in pairs]
-    blobs = encode_tensors(tensors, tensor_codecs)
-    q_s = _best_of(lambda: encode_tensors(tensors, tensor_codecs), repeats)
-    d_s = _best_of(lambda: [dequantize(b, c, tuple(t.shape), torch.float16) for b, (t, c) in zip(blobs, pairs)], repeats)
-    errs = {"k": [0.0, 0.0], "v": [0.0, 0.0]}
-    for i, (b, (t, c)) in enumerate(zip(blobs, pairs)):
+    header = build_header(fp, ids, kv16, name, layers, salient=salient)
+    wire = sum(f.ByteSize() for f in frames(header, encode_layers(kv16, layers, salient)))
+    tensors = kv16.keys + kv16.values
+    tensor_codecs = [c.key for c in layers] + [c.value for c in layers]
+    picks = [layer_salient(salient, kv16.tokens, t.shape[1], c) for t, c in zip(tensors, tensor_codecs)]
+    blobs = encode_tensors(tensors, tensor_codecs, salient, kv16.tokens)
+    q_s = _best_of(lambda: encode_tensors(tensors, tensor_codecs, salient, kv16.tokens), repeats)
+    d_s = _best_of(lambda: [dequantize(b, c, tuple(t.shape), torch.float16, i) for b, t, c, i in zip(blobs, tensors, tensor_codecs, picks)], repeats)
+    sq = [[0.0, 0.0], [0.0, 0.0]]  # [K, V] x [squared error, squared norm]
+    for n, (b, t, c, i) in enumerate(zip(blobs, tensors, tensor_codecs, picks)):
         x = t.float()
-        d = dequantize(b, c, tuple(t.shape), torch.float32) - x
-        e = errs["k" if i % 2 == 0 else "v"]
-        e[0] += float(d.pow(2).sum())
-        e[1] += float(x.pow(2).sum())
+        acc = sq[n >= len(layers)]
+        acc[0] += float((dequantize(b, c, tuple(t.shape), torch.float32, i) - x).pow(2).sum())
+        acc[1] += float(x.pow(2).sum())
     return Row(
         codec=name, device=str(kv16.keys[0].device), bits_per_element=8 * wire / (fp16_bytes / 2),
-        ratio_fp16=fp16_bytes / wire, rel_err_k=(errs["k"][0] / errs["k"][1]) ** 0.5,
-        rel_err_v=(errs["v"][0] / errs["v"][1]) ** 0.5, quant_gbps=fp16_bytes / q_s / 1e9,
-        dequant_gbps=fp16_bytes / d_s / 1e9,
+        ratio_fp16=fp16_bytes / wire, rel_err_k=(sq[0][0] / sq[0][1]) ** 0.5, rel_err_v=(sq[1][0] / sq[1][1]) ** 0.5,
+        quant_gbps=fp16_bytes / q_s / 1e9, dequant_gbps=fp16_bytes / d_s / 1e9,
     )
 
 
 def run_codec_bench(model: str, data: Path, tokens: int, presets: list[str], repeats: int) -> list[Row]:
     lm = load_model(RuntimeConfig(model=model, device="cpu", dtype="float32"))
-    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
-    ids = encode(lm.tokenizer, fmt.context_part(long_context(data, lm.tokenizer, tokens)))[:tokens]
-    kv, _ = prefill(lm, ids)
+    sender = SenderEngine(lm)
+    ids = encode(lm.tokenizer, sender.prompt.context_part(long_context(data, lm.tokenizer, tokens)))[:tokens]
+    kv, importance = sender.prefill(ids, probe=True)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
         kv16 = kv.to(device, torch.float16)
-        rows += [measure(kv16, ids, lm.fingerprint, name, repeats) for name in presets]
+        for name in presets:
+            layers, salient = sender.allocate(name, kv16, importance)
+            rows.append(measure(kv16, ids, lm.fingerprint, name, layers, salient, repeats))
     return rows
 
 

@@ -79,7 +79,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/qa/squad.jsonl")
     p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--codecs", default=",".join(["fp16", "int8", "seed-8", "seed-6", "seed-4", "kivi-4", "kivi-3", "kivi-2"]))
+    p.add_argument("--codecs", default=",".join([
+        "fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
+        "budget-4", "budget-3", "budget-2.5", "tokenmix-4", "tokenmix-3",
+    ]))
     p.add_argument("--repeats", type=int, default=3)
 
     p = sub.add_parser("calibrate", help="calibrate a codec profile (per-layer errors of every width)")
