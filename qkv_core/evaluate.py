@@ -7,8 +7,17 @@ receiver's query; `--context-field` picks another context column (e.g. HotpotQA 
 Modes, all through the real engines in one process (the gRPC path adds only transport):
     baseline  the receiver gets the question only
     skyline   context and question as text in the receiver's prompt
+    text      the context travels as text and the receiver prefills it into its store (what
+              the `text` handoff over gRPC does); answers equal the skyline's, bytes and
+              timings differ
     kv        the sender's card (any codec) is pushed through the CardReader into the receiver,
-              whose prompt holds the query only
+              whose prompt holds the query only; with hops > 1 the cache is relayed along a
+              chain of agents first (qkv_core.multihop)
+
+Per row: SQuAD exact match, token F1, contains-answer, and the seed paper's metrics as
+defined in qa_metrics (completeness, coherence) and here: contextual relevance = cosine
+similarity of the MiniLM embeddings of the prediction and the context (of the question when
+there is no context).
 """
 from __future__ import annotations
 
@@ -23,13 +32,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .card import frames
+from .embedding import similarity
 from .models import LoadedModel
+from .multihop import run_chain
 from .prompt import encode
-from .qa_metrics import contains, exact_match, f1
+from .qa_metrics import coherence, completeness, contains, exact_match, f1
 from .receiver import Generation, ReceiverEngine, timed_answer
 from .sender import SenderEngine
+from .wire import pb
 
-MODES = ("baseline", "skyline", "kv")
+MODES = ("baseline", "skyline", "text", "kv")
 
 
 @dataclass(frozen=True)
@@ -40,10 +52,13 @@ class EvalConfig:
     limit: int = 0  # 0: all rows
     max_new_tokens: int = 32
     context_field: str = "context"
+    hops: int = 1  # kv: handoffs along a chain of agents before the answer
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.hops < 1 or (self.hops > 1 and self.mode != "kv"):
+            raise ValueError("hops must be >= 1, and above 1 only in kv mode")
 
 
 @dataclass
@@ -55,6 +70,9 @@ class Example:
     em: float
     f1: float
     contains: float
+    completeness: float
+    coherence: float
+    relevance: float
     context_tokens: int = 0
     wire_bytes: int = 0
     kv_fp16_bytes: int = 0
@@ -76,7 +94,11 @@ class Report:
         fp16 = sum(e.kv_fp16_bytes for e in self.examples)
         return {
             "rows": n, "em": 100 * mean("em"), "f1": 100 * mean("f1"), "contains": 100 * mean("contains"),
+            "completeness": 100 * mean("completeness"), "coherence": 100 * mean("coherence"),
+            "relevance": mean("relevance"),
             "wire_bytes_mean": wire / n if n else 0, "compression_ratio": fp16 / wire if wire else None,
+            "bandwidth_saved": 1 - wire / fp16 if fp16 else None,  # vs shipping the fp16 KV of all layers
+            "f1_per_kb": 100 * mean("f1") / (wire / n / 1e3) if wire else None,
             "prefill_s_mean": mean("prefill_s"), "ttft_s_mean": mean("ttft_s"), "total_s_mean": mean("total_s"),
         }
 
@@ -109,17 +131,30 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
                          device=str(lm.device), dtype=str(lm.dtype))
     rows = list(load_rows(cfg.data, cfg.limit))
-    for row in tqdm(rows, desc=f"{cfg.mode}{'/' + cfg.codec if cfg.mode == 'kv' else ''}", disable=not progress):
+    label = cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "")
+    for row in tqdm(rows, desc=label, disable=not progress):
         context, question = row.get(cfg.context_field, ""), query_of(row)
         answers = row.get("answers") or [row["answer"]]
         stats, extra = Generation(""), {}
-        if cfg.mode == "baseline" or (cfg.mode == "skyline" and not context):
+        if cfg.mode == "baseline" or (cfg.mode in ("skyline", "text") and not context):
             ids = encode(lm.tokenizer, sender.prompt.baseline(question))
             text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
         elif cfg.mode == "skyline":
             ids = encode(lm.tokenizer, sender.prompt.full(context, question))
             text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
             extra = {"context_tokens": len(sender.context_ids(context))}
+        elif cfg.mode == "text":
+            wire = pb.PushTextRequest(context=context).ByteSize()
+            card, prefill_s = receiver.accept_text(context)
+            text = "".join(receiver.generate(card.header.card_id, question, cfg.max_new_tokens, False, stats))
+            tokens = card.header.context_tokens
+            extra = {"context_tokens": tokens, "wire_bytes": wire, "kv_fp16_bytes": lm.fingerprint.kv_bytes(tokens),
+                     "prefill_s": prefill_s}
+        elif cfg.hops > 1:
+            chain = run_chain(sender, receiver, context, cfg.codec, cfg.hops)
+            text = "".join(receiver.generate(chain.card_id, question, cfg.max_new_tokens, False, stats))
+            extra = {"context_tokens": len(chain.ids), "wire_bytes": chain.wire_bytes[-1],
+                     "kv_fp16_bytes": chain.kv.nbytes(2)}
         else:
             card = sender.prepare(context, cfg.codec)
             stream = list(frames(card.header, card.blobs))
@@ -130,7 +165,29 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
                      "kv_fp16_bytes": card.kv_fp16_bytes, "prefill_s": card.prefill_s}
         report.examples.append(Example(
             id=str(row.get("id", len(report.examples))), question=question, answers=answers, prediction=text.strip(),
-            em=exact_match(text, answers), f1=f1(text, answers), contains=contains(text, answers),
-            ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
+            **score(text, answers, context or question), ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
         ))
     return report
+
+
+def score(prediction: str, answers: list[str], context: str) -> dict[str, float]:
+    """Every answer metric of one prediction (see the module doc for the definitions)."""
+    p = prediction.strip()
+    return {
+        "em": exact_match(p, answers), "f1": f1(p, answers), "contains": contains(p, answers),
+        "completeness": completeness(p, answers), "coherence": coherence(p),
+        "relevance": similarity(p, context) if p else 0.0,
+    }
+
+
+def rescore(result: dict) -> dict:
+    """A saved `--json` result with every metric recomputed from its predictions and the rows
+    of its data file (for results saved before a metric existed)."""
+    cfg = result["config"]
+    rows = {str(r.get("id", i)): r for i, r in enumerate(load_rows(Path(cfg["data"]), int(cfg["limit"])))}
+    report = Report(config=cfg, model=result["model"])
+    for e in result["examples"]:
+        row = rows[e["id"]]
+        e.update(score(e["prediction"], e["answers"], row.get(cfg["context_field"]) or query_of(row)))
+        report.examples.append(Example(**e))
+    return json.loads(report.to_json())

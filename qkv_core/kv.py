@@ -38,11 +38,12 @@ class KVCache:
 
 
 @torch.inference_mode()
-def prefill(lm: LoadedModel, ids: list[int]) -> tuple[KVCache, torch.Tensor]:
-    """Run the model over `ids`; return their KV cache and the last position's logits."""
+def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Run the model over `ids` (after `past` when given); return the cache of everything so
+    far and the last position's logits."""
     if not ids:
         raise ValueError("cannot prefill an empty prompt")
-    cache = DynamicCache(config=lm.model.config)
+    cache = to_dynamic_cache(lm, past) if past is not None else DynamicCache(config=lm.model.config)
     x = torch.tensor([ids], device=lm.device)
     out = lm.model(input_ids=x, past_key_values=cache, use_cache=True)
     keys = [layer.keys[0] for layer in cache.layers]
@@ -69,12 +70,9 @@ def stop_ids(lm: LoadedModel) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-@torch.inference_mode()
 def next_logits(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> torch.Tensor:
     """Logits after `ids`, attending to `kv` first when given."""
-    cache = to_dynamic_cache(lm, kv) if kv is not None else DynamicCache(config=lm.model.config)
-    out = lm.model(input_ids=torch.tensor([ids], device=lm.device), past_key_values=cache, use_cache=True)
-    return out.logits[0, -1].float()
+    return prefill(lm, ids, kv)[1]
 
 
 @torch.inference_mode()

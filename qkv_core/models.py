@@ -39,6 +39,10 @@ class Fingerprint:
     tokenizer_sha256: str
     weights_sha256: str
 
+    def kv_bytes(self, tokens: int, bytes_per_value: int = 2) -> int:
+        """Size of K and V of all layers for `tokens` tokens (full-attention layers)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * tokens * bytes_per_value
+
     def mismatch(self, other: "Fingerprint") -> list[str]:
         """Names of the fields that differ (the display name does not count)."""
         return [

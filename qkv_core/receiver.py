@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .card import CardError, CardReader, ErrorKind
-from .kv import KVCache, generate, stream_text
+from .card import CardError, CardReader, ErrorKind, fingerprint_to_pb, text_card_id
+from .kv import KVCache, generate, prefill, stream_text
 from .models import LoadedModel
 from .prompt import PromptFormat, encode
 from .store import CardStore, StoredCard
 from .wire import pb
+
+TEXT = "text"  # the pseudo-codec of the text handoff
 
 
 @dataclass
@@ -77,6 +79,23 @@ class ReceiverEngine:
         card = intake.finish(self.lm.num_layers)
         self.store.put(card)
         return card
+
+    def accept_text(self, context: str) -> tuple[StoredCard, float]:
+        """The text handoff: prefill the context here and keep its cache like a card's.
+        Returns the stored entry and the prefill time."""
+        if not context.strip():
+            raise ValueError("the context is empty")
+        ids = encode(self.lm.tokenizer, self.prompt.context_part(context))
+        start = time.perf_counter()
+        kv, _ = prefill(self.lm, ids)
+        prefill_s = time.perf_counter() - start
+        header = pb.CardHeader(
+            card_id=text_card_id(self.lm.fingerprint, ids), codec=TEXT, context_tokens=len(ids),
+            model=fingerprint_to_pb(self.lm.fingerprint),
+        )
+        card = StoredCard(header, kv)
+        self.store.put(card)
+        return card, prefill_s
 
     def card(self, card_id: str) -> StoredCard:
         card = self.store.get(card_id)

@@ -98,11 +98,18 @@ def run_codec_bench(model: str, data: Path, tokens: int, presets: list[str], rep
     return rows
 
 
+def machine() -> str:
+    """The date and machine a benchmark table was measured on."""
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (
+        f"{date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{gpu}, "
+        f"torch {torch.__version__}, glibc malloc thresholds raised: {allocator.tune()}"
+    )
+
+
 def table(rows: list[Row], tokens: int, model: str) -> str:
     lines = [
-        f"codec bench: {model}, {tokens}-token cache, fp16 input; {date.today()}, "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"glibc malloc thresholds raised: {allocator.tune()}",
+        f"codec bench: {model}, {tokens}-token cache, fp16 input; {machine()}",
         "",
         "| codec | device | bits/elem (wire) | ratio vs fp16 | rel err K | rel err V | quant+pack GB/s | unpack+dequant GB/s |",
         "|---|---|---|---|---|---|---|---|",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -74,8 +75,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('QKVCOMM_PORT', '50061')}", help="HOST:PORT")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
 
-    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`")
-    p.add_argument("what", choices=["codec"])
+    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`")
+    p.add_argument("what", choices=["codec", "ttft"])
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
+    p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
+    p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/qa/squad.jsonl")
     p.add_argument("--tokens", type=int, default=1024)
@@ -99,13 +103,17 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="answer quality of a mode on a QA JSONL file")
     p.add_argument("--data", type=Path, required=True, help="JSONL rows with question, answers (or answer), context")
-    p.add_argument("--mode", default="kv", help="baseline, skyline or kv")
+    p.add_argument("--mode", default="kv", help="baseline, skyline, text or kv")
+    p.add_argument("--hops", type=int, default=1, help="kv: relay the cache along this many agents (multi-hop)")
     p.add_argument("--codec", default="fp16")
     p.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
     p.add_argument("--context-field", default="context", help="e.g. context_gold for HotpotQA's gold paragraphs")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", type=Path, help="write every example and the summary here")
     _runtime_flags(p)
+
+    p = sub.add_parser("rescore", help="recompute every metric of saved `eval --json` results, in place")
+    p.add_argument("results", nargs="+", type=Path)
 
     p = sub.add_parser("report", help="a markdown table of `eval --json` results; --out writes RESULTS.md + charts")
     p.add_argument("results", nargs="+", type=Path)
@@ -150,7 +158,7 @@ def _eval(args: argparse.Namespace) -> int:
     from qkv_core.evaluate import EvalConfig, run  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
-    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field)
+    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops)
     lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
     report = run(lm, cfg)
     if args.json:
@@ -252,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "report":
         return _report(args)
+    if args.command == "rescore":
+        from qkv_core.evaluate import rescore  # noqa: PLC0415
+
+        for path in args.results:
+            path.write_text(json.dumps(rescore(json.loads(path.read_text())), indent=1) + "\n")
+            print(f"rescored {path}")
+        return 0
     if args.command == "health":
         from qkvcomm_cli.client import healthy  # noqa: PLC0415
 
@@ -260,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "bench" and args.what == "ttft":
+        from qkv_core.config import RuntimeConfig  # noqa: PLC0415
+        from qkvcomm_cli import bench_ttft  # noqa: PLC0415
+
+        runtime = RuntimeConfig(model=args.model, device=args.device)
+        rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats)
+        print(bench_ttft.table(rows, args.model, args.codec, args.device))
+        return 0
     if args.command == "bench":
         from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415
 

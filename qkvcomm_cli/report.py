@@ -5,7 +5,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-COLUMNS = ["data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "bits/elem", "wire KB/row", "ratio vs fp16", "TTFT ms"]
+from qkv_core.qa_metrics import normalize
+
+COLUMNS = [
+    "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete", "coherent",
+    "relevance", "bits/elem", "wire KB/row", "ratio vs fp16", "TTFT ms",
+]
 
 
 def load(paths: list[Path]) -> list[dict]:
@@ -18,20 +23,41 @@ def bits_per_element(summary: dict) -> float | None:
     return 16 / ratio if ratio else None
 
 
-def _row(r: dict) -> list[str]:
+def _key(r: dict) -> tuple[str, str]:
+    return Path(r["config"]["data"]).name, r["config"]["context_field"]
+
+
+def agreement(result: dict, skyline: dict | None) -> float | None:
+    """% of rows whose normalized prediction equals the skyline's on the same row."""
+    if skyline is None:
+        return None
+    sky = {e["id"]: normalize(e["prediction"]) for e in skyline["examples"]}
+    same = [normalize(e["prediction"]) == sky[e["id"]] for e in result["examples"] if e["id"] in sky]
+    return 100 * sum(same) / len(same) if same else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _row(r: dict, skyline: dict | None) -> list[str]:
     c, s = r["config"], r["summary"]
     kv = c["mode"] == "kv"
-    bits = bits_per_element(s)
+    hops = int(c.get("hops", 1))
+    codec = (c["codec"] + (f" x{hops} hops" if hops > 1 else "")) if kv else "-"
     return [
-        Path(c["data"]).name, c["context_field"], c["mode"], c["codec"] if kv else "-", str(s["rows"]),
-        f"{s['em']:.1f}", f"{s['f1']:.1f}", f"{s['contains']:.1f}", f"{bits:.2f}" if bits else "-",
-        f"{s['wire_bytes_mean'] / 1e3:.0f}", f"{s['compression_ratio']:.2f}" if kv else "-", f"{s['ttft_s_mean'] * 1e3:.0f}",
+        Path(c["data"]).name, c["context_field"], c["mode"], codec, str(s["rows"]),
+        f"{s['em']:.1f}", f"{s['f1']:.1f}", f"{s['contains']:.1f}", _fmt(agreement(r, skyline), ".0f"),
+        _fmt(s.get("completeness"), ".1f"), _fmt(s.get("coherence"), ".1f"), _fmt(s.get("relevance"), ".3f"),
+        _fmt(bits_per_element(s), ".2f"), f"{s['wire_bytes_mean'] / 1e3:.1f}",
+        _fmt(s["compression_ratio"], ".2f"), f"{s['ttft_s_mean'] * 1e3:.0f}",
     ]
 
 
 def table(results: list[dict]) -> str:
+    skylines = {_key(r): r for r in results if r["config"]["mode"] == "skyline"}
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_row(r)) + " |" for r in results]
+    lines += ["| " + " | ".join(_row(r, skylines.get(_key(r)))) + " |" for r in results]
     return "\n".join(lines)
 
 
@@ -73,6 +99,10 @@ def results_md(results: list[dict], command: str, chart: Path | None) -> str:
         f"Model `{results[0]['model']}` on {c['device']} ({c['dtype']}), {c['machine']}, {c['date']}.",
         f"Produced by `{command}` from the JSON files in `results/` (one per `qkvcomm eval` run;",
         "`benchmarks/qa_sweep.sh` runs them). Bits/elem and the ratio count every byte of the card.",
+        "Columns: EM, F1 (token, max over gold answers) and contains-answer as in SQuAD's evaluation;",
+        "`= skyline`: % of rows answered exactly like the skyline (normalized); `complete`: gold-token",
+        "recall; `coherent`: distinct/all word trigrams; `relevance`: MiniLM cosine of answer and",
+        "context (definitions in `qkv_core/qa_metrics.py`, `qkv_core/evaluate.py`).",
         "",
         table(results),
     ]

@@ -63,6 +63,17 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
         ))
 
     @guarded
+    async def PushText(self, request: pb.PushTextRequest, context: grpc.aio.ServicerContext) -> pb.PushCardReply:
+        wire = request.ByteSize()
+        self.metrics.wire_bytes_received.inc(wire)
+        card, prefill_s = await asyncio.to_thread(self.engine.accept_text, request.context)
+        m = self.metrics
+        m.observe("prefill", prefill_s)
+        m.cards_held.set(len(self.engine.store))
+        m.store_bytes.set(self.engine.store.nbytes)
+        return pb.PushCardReply(card_id=card.header.card_id, wire_bytes=wire, prefill_s=prefill_s)
+
+    @guarded
     async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardReply:
         card = self.engine.store.get(request.card_id)
         if card is None:

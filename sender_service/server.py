@@ -8,10 +8,11 @@ from pathlib import Path
 
 import grpc
 
-from qkv_core.card import frames
+from qkv_core.card import frames, text_card_id
 from qkv_core.config import ServiceConfig
 from qkv_core.metrics import Metrics
 from qkv_core.models import LoadedModel, load_model
+from qkv_core.receiver import TEXT
 from qkv_core.sender import SenderEngine
 from qkv_core.wire import pb
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
@@ -32,8 +33,23 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         if facts:  # refuse rather than silently send a card without the summary that was asked for
             raise ValueError("fact extraction is not available in this version; send the request without facts")
         start = time.perf_counter()
-        card = await asyncio.to_thread(self.engine.prepare, context, codec or self.cfg.codec)
+        codec = codec or self.cfg.codec
+        stats = await (self._share_text(context) if codec == TEXT else self._share_card(context, codec))
+        if not stats.card_reused:
+            m = self.metrics
+            m.wire_bytes_sent.inc(stats.wire_bytes)
+            m.observe("transfer", stats.transfer_s)
+            if codec != TEXT:  # the text baseline is no card: keep it out of the card statistics
+                m.kv_fp16_bytes.inc(stats.kv_fp16_bytes)
+                m.compression_ratio.observe(stats.compression_ratio)
+        stats.total_s = time.perf_counter() - start
+        return stats
+
+    async def _share_card(self, context: str, codec: str) -> pb.HandoffStats:
+        card = await asyncio.to_thread(self.engine.prepare, context, codec)
         header = card.header
+        self.metrics.observe("prefill", card.prefill_s)
+        self.metrics.observe("quantize", card.quantize_s)
         stats = pb.HandoffStats(
             card_id=header.card_id, codec=header.codec, context_tokens=header.context_tokens,
             kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
@@ -41,31 +57,43 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         )
         held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id))
         stats.card_reused = held.present
-        if not held.present:
-            sent = 0
+        if held.present:
+            return stats
+        sent = 0
 
-            def counted() -> Iterator[pb.CardFrame]:
-                nonlocal sent
-                for frame in frames(header, card.blobs):
-                    sent += frame.ByteSize()
-                    yield frame
+        def counted() -> Iterator[pb.CardFrame]:
+            nonlocal sent
+            for frame in frames(header, card.blobs):
+                sent += frame.ByteSize()
+                yield frame
 
-            t0 = time.perf_counter()
-            reply = await self.receiver.PushCard(counted())
-            stats.transfer_s = time.perf_counter() - t0
-            stats.dequantize_s = reply.dequantize_s
-            stats.wire_bytes = sent
-            stats.compression_ratio = card.kv_fp16_bytes / sent
-            stats.compression_ratio_fp32 = card.kv_fp32_bytes / sent
-            m = self.metrics
-            m.wire_bytes_sent.inc(sent)
-            m.cards_sent.inc()
-            m.kv_fp16_bytes.inc(card.kv_fp16_bytes)
-            m.compression_ratio.observe(stats.compression_ratio)
-            m.observe("transfer", stats.transfer_s)
-        self.metrics.observe("prefill", card.prefill_s)
-        self.metrics.observe("quantize", card.quantize_s)
-        stats.total_s = time.perf_counter() - start
+        t0 = time.perf_counter()
+        reply = await self.receiver.PushCard(counted())
+        stats.transfer_s = time.perf_counter() - t0
+        stats.dequantize_s = reply.dequantize_s
+        self.metrics.cards_sent.inc()
+        _count_wire(stats, sent)
+        return stats
+
+    async def _share_text(self, context: str) -> pb.HandoffStats:
+        """The text baseline: the receiver prefills the context itself."""
+        ids = self.engine.context_ids(context)
+        fp = self.engine.lm.fingerprint
+        stats = pb.HandoffStats(
+            card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
+            kv_fp16_bytes=fp.kv_bytes(len(ids), 2), kv_fp32_bytes=fp.kv_bytes(len(ids), 4),
+        )
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=stats.card_id))
+        stats.card_reused = held.present
+        if held.present:
+            return stats
+        request = pb.PushTextRequest(context=context)
+        t0 = time.perf_counter()
+        reply = await self.receiver.PushText(request)
+        stats.transfer_s = time.perf_counter() - t0 - reply.prefill_s
+        stats.prefill_s = reply.prefill_s
+        stats.card_id = reply.card_id
+        _count_wire(stats, request.ByteSize())
         return stats
 
     @guarded
@@ -90,6 +118,12 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         stats.total_s = time.perf_counter() - start
         self.metrics.observe("ttft", stats.ttft_s)
         yield pb.AskReply(stats=stats)
+
+
+def _count_wire(stats: pb.HandoffStats, sent: int) -> None:
+    stats.wire_bytes = sent
+    stats.compression_ratio = stats.kv_fp16_bytes / sent
+    stats.compression_ratio_fp32 = stats.kv_fp32_bytes / sent
 
 
 async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:

@@ -12,10 +12,15 @@ pytestmark = pytest.mark.integration
 def test_three_rows_every_mode(embedded):
     data = QA_DIR / "squad.jsonl"
     reports = {m: run(embedded, EvalConfig(data, m, "fp32", limit=3, max_new_tokens=16), progress=False)
-               for m in ("baseline", "skyline", "kv")}
-    sky, kv, base = (reports[m].examples for m in ("skyline", "kv", "baseline"))
+               for m in ("baseline", "skyline", "text", "kv")}
+    sky, kv, base, text = (reports[m].examples for m in ("skyline", "kv", "baseline", "text"))
     assert len(kv) == 3 and [e.id for e in kv] == [e.id for e in sky]
     assert [e.prediction for e in kv] == [e.prediction for e in sky]  # same computation, context never in prompt
+    assert [e.prediction for e in text] == [e.prediction for e in sky]
+    for t, k in zip(text, kv):  # text is tiny on the wire next to any KV; the receiver paid the prefill
+        assert t.wire_bytes < k.wire_bytes / 100 and t.prefill_s > 0 and t.kv_fp16_bytes == k.kv_fp16_bytes
+    for e in sky:  # the paper's metrics are in range
+        assert 0 <= e.completeness <= 1 and 0 < e.coherence <= 1 and -1 <= e.relevance <= 1
     assert [e.prediction for e in base] != [e.prediction for e in sky]
     for e in kv:
         assert e.wire_bytes > 2 * e.kv_fp16_bytes - 1 and e.context_tokens > 0  # fp32 card: twice fp16
@@ -40,19 +45,23 @@ def test_rows_of_any_shape(tmp_path):
 def test_report_table_and_chart(tmp_path):
     from qkvcomm_cli.main import main
 
-    def result(mode, codec, f1, ratio):
+    def result(mode, codec, f1, ratio, predictions):
         return {"model": "m", "config": {"data": "x/squad.jsonl", "context_field": "context", "mode": mode, "codec": codec,
-                                         "date": "2026-11-22", "machine": "test", "device": "cpu", "dtype": "fp32"},
+                                         "hops": "1", "date": "2026-11-22", "machine": "test", "device": "cpu", "dtype": "fp32"},
                 "summary": {"rows": 3, "em": 0.0, "f1": f1, "contains": 50.0, "wire_bytes_mean": 1000.0 if ratio else 0,
-                            "compression_ratio": ratio, "ttft_s_mean": 0.1}}
+                            "compression_ratio": ratio, "ttft_s_mean": 0.1},
+                "examples": [{"id": str(i), "prediction": p} for i, p in enumerate(predictions)]}
 
     paths = []
-    for name, args in {"sky": ("skyline", "fp16", 15.0, None), "k4": ("kv", "kivi-4", 14.0, 4.0)}.items():
+    runs = {"sky": ("skyline", "fp16", 15.0, None, ["Paris.", "1889", "no"]),
+            "k4": ("kv", "kivi-4", 14.0, 4.0, ["paris", "1890", "no"])}
+    for name, args in runs.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(result(*args)))
     out = tmp_path / "RESULTS.md"
     assert main(["report", *map(str, paths), "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 4.00 | 1 | 4.00 | 100 |" in text
+    # 2 of 3 answers agree with the skyline's after normalization
+    assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |" in text
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
     assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

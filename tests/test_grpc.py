@@ -43,6 +43,20 @@ def test_ask_answers_short_factual_contexts_over_int8_cards(services):
     assert sum(correct) >= 4, correct
 
 
+def test_text_handoff_ships_the_text_and_answers_like_a_lossless_card(services):
+    context, question, gold = FACTS[0]
+    text = ask(services.sender, context, question, codec="text")
+    card = ask(services.sender, context, question, codec="fp32")
+    s = text.stats
+    assert s.codec == "text" and not s.card_reused
+    assert len(context) < s.wire_bytes < len(context) + 64  # the text and a few bytes of framing
+    assert s.compression_ratio > 100 and s.prefill_s > 0 and s.quantize_s == 0
+    assert s.context_tokens == card.stats.context_tokens
+    assert text.text == card.text and gold in text.text
+    again = ask(services.sender, context, question, codec="text")
+    assert again.stats.card_reused and again.stats.wire_bytes == 0
+
+
 def test_same_card_is_not_sent_twice(services):
     context, question, _ = FACTS[0]
     first = ask(services.sender, context + " Extra.", question, codec="fp16")

@@ -27,3 +27,22 @@ def test_contains_matches_whole_words_only():
     assert contains("The answer is 600 requests.", ["600"]) == 1.0
     assert contains("The answer is 6000 requests.", ["600"]) == 0.0
     assert contains("anything", [""]) == 0.0
+
+
+def test_seed_paper_metrics_on_hand_made_cases():
+    from qkv_core.qa_metrics import coherence, completeness
+
+    assert completeness("It was founded in Paris in 1889.", ["Paris, 1889"]) == 1.0
+    assert completeness("In Paris.", ["Paris 1889", "the city of Lyon"]) == 0.5
+    assert completeness("", ["Paris"]) == 0.0
+    assert coherence("the cat sat on the mat") == 1.0
+    assert coherence("the the the the the") == 1 / 3  # one distinct trigram out of three
+    assert coherence("") == 0.0 and coherence("Paris") == 1.0
+
+
+def test_contextual_relevance_embeddings_rank_related_text_higher():
+    from qkv_core.embedding import similarity
+
+    context = "The Eiffel Tower in Paris was completed in 1889 for the World's Fair."
+    assert similarity(context, context) == pytest.approx(1.0, abs=1e-5)
+    assert similarity("It was finished in 1889 in Paris.", context) > similarity("Bananas are rich in potassium.", context) + 0.2

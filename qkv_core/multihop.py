@@ -1,0 +1,59 @@
+"""Multi-hop handoff (QKVShare's test): a cache passed along a chain of agents.
+
+Agent 1 prefills the context. Each later agent takes the cumulative cache as a card (encoded
+with the codec, then decoded: the wire round trip), appends its own turn, a short note it
+generates itself, and hands the grown cache on, re-encoded. After `hops` handoffs the last
+agent answers the question on top of everything, so the context has been quantized `hops`
+times and every note a few times less.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .card import build_header, encode_layers, frames
+from .kv import KVCache, generate, prefill
+from .prompt import encode
+from .receiver import ReceiverEngine
+from .sender import SenderEngine
+from .store import StoredCard
+
+NOTE_TOKENS = 12
+
+
+@dataclass
+class Chain:
+    kv: KVCache
+    ids: list[int]
+    card_id: str = ""  # the last handoff's card, in the receiver's store
+    wire_bytes: list[int] = field(default_factory=list)  # per handoff
+    notes: list[str] = field(default_factory=list)
+
+
+def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec: str) -> StoredCard:
+    """Encode the chain's cache as a card and take it in at the receiver; returns what arrived."""
+    layers, salient = sender.allocate(codec, chain.kv, None)
+    header = build_header(sender.lm.fingerprint, chain.ids, chain.kv, codec, layers, salient=salient)
+    stream = list(frames(header, encode_layers(chain.kv, layers, salient)))
+    chain.wire_bytes.append(sum(f.ByteSize() for f in stream))
+    card = receiver.accept(stream)
+    chain.card_id = card.header.card_id
+    return card
+
+
+def run_chain(sender: SenderEngine, receiver: ReceiverEngine, context: str, codec: str, hops: int) -> Chain:
+    """The cache the last agent holds after `hops` handoffs (hops >= 1; 1 = the plain kv mode)."""
+    if codec.startswith("tokenmix"):
+        raise ValueError("tokenmix needs the sender's attention probe; a relayed cache has none")
+    lm = sender.lm
+    ids = sender.context_ids(context)
+    chain = Chain(prefill(lm, ids)[0], ids)
+    for hop in range(2, hops + 1):
+        kv = handoff(sender, receiver, chain, codec).kv
+        lead = encode(lm.tokenizer, f"Note from agent {hop}:")
+        note = lm.tokenizer.decode(list(generate(lm, kv, lead, NOTE_TOKENS))).split("\n")[0].rstrip()
+        turn = lead + encode(lm.tokenizer, note + "\n")  # ends on a newline, like the context part
+        chain.notes.append(lm.tokenizer.decode(turn))
+        chain.kv, _ = prefill(lm, turn, past=kv)
+        chain.ids = chain.ids + turn
+    handoff(sender, receiver, chain, codec)
+    return chain

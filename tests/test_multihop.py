@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from qkv_core.kv import prefill
+from qkv_core.multihop import run_chain
+from qkv_core.receiver import ReceiverEngine
+from qkv_core.sender import SenderEngine
+
+CONTEXT = "The rate limit is 600 requests per minute. Bulk exports moved to the /v4/exports endpoint."
+
+
+def _engines(lm):
+    return SenderEngine(lm), ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
+
+
+def test_each_hop_appends_a_note_and_relays_the_grown_cache(tiny):
+    sender, receiver = _engines(tiny)
+    chain = run_chain(sender, receiver, CONTEXT, "fp32", hops=3)
+    context_ids = sender.context_ids(CONTEXT)
+    assert len(chain.notes) == 2 and all(n.startswith("Note from agent") and n.endswith("\n") for n in chain.notes)
+    assert len(chain.wire_bytes) == 3 and chain.wire_bytes[0] < chain.wire_bytes[1] < chain.wire_bytes[2]
+    assert chain.ids[: len(context_ids)] == context_ids and chain.kv.tokens == len(chain.ids)
+    # a lossless relay leaves the context's cache exactly as agent 1 computed it
+    first, _ = prefill(tiny, context_ids)
+    stored = receiver.card(chain.card_id).kv
+    assert torch.allclose(stored.keys[0][:, : len(context_ids)], first.keys[0], atol=1e-6)
+
+
+def test_lossy_relays_compound_and_tokenmix_is_refused(tiny):
+    sender, receiver = _engines(tiny)
+    context_ids = sender.context_ids(CONTEXT)
+    first, _ = prefill(tiny, context_ids)
+
+    # Per-token V rows land on the same grid again (re-quantizing them is idempotent); the
+    # per-channel K grids move as each note widens the channels' ranges, so K error compounds.
+    def drift(hops: int) -> float:
+        kv = receiver.card(run_chain(sender, receiver, CONTEXT, "kivi-2", hops).card_id).kv
+        n = len(context_ids)
+        return sum(float((a[:, :n] - b).norm() / b.norm()) for a, b in zip(kv.keys, first.keys))
+
+    assert drift(3) > drift(1) > 0
+    with pytest.raises(ValueError, match="tokenmix"):
+        run_chain(sender, receiver, CONTEXT, "tokenmix-3", hops=2)
