@@ -32,6 +32,9 @@ class ServiceConfig:
     receiver: str = ""  # sender only: HOST:PORT of the receiver
     codec: str = DEFAULT_CODEC  # sender default when a request names none
     codec_profile: str = ""  # sender: calibrated codec profile (JSON); "" = the model's default, made on first use
+    facts: bool = False  # sender: extract facts into every card (a request can also ask for them)
+    facts_method: str = "hybrid"  # simple | yake | spacy | hybrid
+    facts_budget_bytes: int = 400  # size of the fact summary
     max_new_tokens: int = 48
     store_bytes: int = 2 << 30  # receiver: budget of the in-memory card store (dequantized KV)
     max_card_bytes: int = 1 << 30  # receiver: largest card accepted
@@ -64,10 +67,19 @@ def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any]) -> T
             continue
         kind = type(f.default)
         try:
-            values[f.name] = kind(raw)
+            values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
         except ValueError as e:
             raise ValueError(f"QKVCOMM_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from e
     unknown = set(overrides) - _names(cls) - {"runtime"}
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
     return cls(**values)
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)

@@ -7,12 +7,14 @@ receiver's query; `--context-field` picks another context column (e.g. HotpotQA 
 Modes, all through the real engines in one process (the gRPC path adds only transport):
     baseline  the receiver gets the question only
     skyline   context and question as text in the receiver's prompt
+    facts     the fact summary alone (no cache) before the question: what the facts carry
     text      the context travels as text and the receiver prefills it into its store (what
               the `text` handoff over gRPC does); answers equal the skyline's, bytes and
               timings differ
     kv        the sender's card (any codec) is pushed through the CardReader into the receiver,
               whose prompt holds the query only; with hops > 1 the cache is relayed along a
-              chain of agents first (qkv_core.multihop)
+              chain of agents first (qkv_core.multihop); with `facts` the card carries the
+              fact summary and the receiver puts it before the question
 
 Per row: SQuAD exact match, token F1, contains-answer, and the seed paper's metrics as
 defined in qa_metrics (completeness, coherence) and here: contextual relevance = cosine
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from .card import frames
 from .embedding import similarity
+from .facts import FactConfig
 from .models import LoadedModel
 from .multihop import run_chain
 from .prompt import encode
@@ -41,7 +44,7 @@ from .receiver import Generation, ReceiverEngine, timed_answer
 from .sender import SenderEngine
 from .wire import pb
 
-MODES = ("baseline", "skyline", "text", "kv")
+MODES = ("baseline", "skyline", "text", "kv", "facts")
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,17 @@ class EvalConfig:
     max_new_tokens: int = 32
     context_field: str = "context"
     hops: int = 1  # kv: handoffs along a chain of agents before the answer
+    facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.hops < 1 or (self.hops > 1 and self.mode != "kv"):
             raise ValueError("hops must be >= 1, and above 1 only in kv mode")
+        if self.facts and (self.mode not in ("kv", "facts") or self.hops > 1):
+            raise ValueError("facts go with single-hop kv cards (or alone, in facts mode)")
+        if self.mode == "facts" and not self.facts:
+            raise ValueError("facts mode needs a fact method")
 
 
 @dataclass
@@ -132,6 +140,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
                          device=str(lm.device), dtype=str(lm.dtype))
     rows = list(load_rows(cfg.data, cfg.limit))
     label = cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "")
+    facts = FactConfig(method=cfg.facts) if cfg.facts else None
     for row in tqdm(rows, desc=label, disable=not progress):
         context, question = row.get(cfg.context_field, ""), query_of(row)
         answers = row.get("answers") or [row["answer"]]
@@ -139,6 +148,11 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
         if cfg.mode == "baseline" or (cfg.mode in ("skyline", "text") and not context):
             ids = encode(lm.tokenizer, sender.prompt.baseline(question))
             text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
+        elif cfg.mode == "facts":
+            summary = sender.facts.get(context, facts).summary
+            ids = encode(lm.tokenizer, sender.prompt.baseline(question, summary))
+            text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
+            extra = {"wire_bytes": len(summary.encode())}
         elif cfg.mode == "skyline":
             ids = encode(lm.tokenizer, sender.prompt.full(context, question))
             text = "".join(timed_answer(lm, None, ids, cfg.max_new_tokens, stats))
@@ -156,11 +170,11 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
             extra = {"context_tokens": len(chain.ids), "wire_bytes": chain.wire_bytes[-1],
                      "kv_fp16_bytes": chain.kv.nbytes(2)}
         else:
-            card = sender.prepare(context, cfg.codec)
+            card = sender.prepare(context, cfg.codec, facts)
             stream = list(frames(card.header, card.blobs))
             wire = sum(frame.ByteSize() for frame in stream)
             receiver.accept(stream)
-            text = "".join(receiver.generate(card.header.card_id, question, cfg.max_new_tokens, False, stats))
+            text = "".join(receiver.generate(card.header.card_id, question, cfg.max_new_tokens, bool(facts), stats))
             extra = {"context_tokens": card.header.context_tokens, "wire_bytes": wire,
                      "kv_fp16_bytes": card.kv_fp16_bytes, "prefill_s": card.prefill_s}
         report.examples.append(Example(

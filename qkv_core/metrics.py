@@ -8,7 +8,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-STAGES = ("prefill", "quantize", "transfer", "dequantize", "ttft", "generate")
+STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "ttft", "generate")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RATIO_BUCKETS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 

@@ -41,9 +41,9 @@ class PromptFormat:
         lead = f"Facts: {facts}\n" if facts else ""
         return f"{lead}Question: {question.strip()}{self.tail}"
 
-    def baseline(self, question: str) -> str:
-        """The question alone, no context: the baseline."""
-        return f"{self.head}{self.query_part(question)}"
+    def baseline(self, question: str, facts: str = "") -> str:
+        """The question alone, no context (with `facts`: the fact summary alone): the baseline."""
+        return f"{self.head}{self.query_part(question, facts)}"
 
     def full(self, context: str, question: str, facts: str = "") -> str:
         """Context and question as text in one prompt: the skyline."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ from . import codec as codecs
 from .attention import attention_received
 from .card import build_header, encode_layers
 from .codec import LayerCodec
+from .facts import FactCache, FactConfig
 from .kv import KVCache, prefill
 from .models import LoadedModel
 from .prompt import PromptFormat, encode
@@ -29,6 +30,7 @@ class PreparedCard:
     kv_fp32_bytes: int
     prefill_s: float
     quantize_s: float  # allocation included
+    facts_s: float = 0.0
 
 
 class SenderEngine:
@@ -38,6 +40,7 @@ class SenderEngine:
         self.profile_path = profile_path
         self._profile: allocation.Profile | None = None
         self._model_lock = threading.Lock()  # one prefill at a time: the attention probe rewires the model
+        self.facts = FactCache()
 
     def profile(self) -> allocation.Profile:
         """The codec profile, calibrated on first use if no saved one exists."""
@@ -75,7 +78,8 @@ class SenderEngine:
         assert importance is not None
         return allocation.tokenmix(bits, shapes, importance)
 
-    def prepare(self, context: str, codec_name: str) -> PreparedCard:
+    def prepare(self, context: str, codec_name: str, facts: FactConfig | None = None) -> PreparedCard:
+        """Prefill, allocate, encode; with `facts`, extract them into the header too."""
         kind = codecs.adaptive(codec_name)
         if kind is None:
             codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
@@ -85,7 +89,14 @@ class SenderEngine:
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         layer_codecs, salient = self.allocate(codec_name, kv, importance)
-        header = build_header(self.lm.fingerprint, ids, kv, codec_name, layer_codecs, salient=salient)
+        facts_start = time.perf_counter()
+        extracted = self.facts.get(context, facts) if facts else None
+        facts_s = time.perf_counter() - facts_start
+        header = build_header(
+            self.lm.fingerprint, ids, kv, codec_name, layer_codecs,
+            facts=[pb.Fact(**asdict(f)) for f in extracted.facts] if extracted else (),
+            fact_summary=extracted.summary if extracted else "", salient=salient,
+        )
         blobs = encode_layers(kv, layer_codecs, salient)
-        quantize_s = time.perf_counter() - start
-        return PreparedCard(header, blobs, kv.nbytes(2), kv.nbytes(4), prefill_s, quantize_s)
+        quantize_s = time.perf_counter() - start - facts_s
+        return PreparedCard(header, blobs, kv.nbytes(2), kv.nbytes(4), prefill_s, quantize_s, facts_s)

@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--context-file", type=Path, help="a file holding the context")
     p.add_argument("--question", required=True)
     p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B or a spec (default: the sender's)")
-    p.add_argument("--facts", action="store_true", help="send the fact summary along")
+    p.add_argument("--facts", action="store_true", help="extract facts into the card; the receiver reads their summary first")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -75,8 +75,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('QKVCOMM_PORT', '50061')}", help="HOST:PORT")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
 
-    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`")
-    p.add_argument("what", choices=["codec", "ttft"])
+    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`")
+    p.add_argument("what", choices=["codec", "ttft", "facts"])
+    p.add_argument("--datasets", default="squad.jsonl,narrativeqa.jsonl", help="facts: files beside --data")
+    p.add_argument("--limit", type=int, default=100, help="facts: rows per file")
+    p.add_argument("--budget", type=int, default=400, help="facts: summary budget in bytes")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
     p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
     p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
@@ -103,8 +106,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="answer quality of a mode on a QA JSONL file")
     p.add_argument("--data", type=Path, required=True, help="JSONL rows with question, answers (or answer), context")
-    p.add_argument("--mode", default="kv", help="baseline, skyline, text or kv")
+    p.add_argument("--mode", default="kv", help="baseline, skyline, text, kv or facts (the fact summary alone)")
     p.add_argument("--hops", type=int, default=1, help="kv: relay the cache along this many agents (multi-hop)")
+    p.add_argument("--facts", nargs="?", const="hybrid", default="",
+                   help="kv: send facts with the card (method: simple, yake, spacy, hybrid; default hybrid); facts mode: the method")
     p.add_argument("--codec", default="fp16")
     p.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
     p.add_argument("--context-field", default="context", help="e.g. context_gold for HotpotQA's gold paragraphs")
@@ -158,7 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
     from qkv_core.evaluate import EvalConfig, run  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
-    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops)
+    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops, args.facts)
     lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
     report = run(lm, cfg)
     if args.json:
@@ -275,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "bench" and args.what == "facts":
+        from qkvcomm_cli import bench_facts  # noqa: PLC0415
+
+        paths = [args.data.parent / name for name in args.datasets.split(",")]
+        print(bench_facts.table(bench_facts.run_facts_bench(paths, args.limit, args.budget), args.budget))
+        return 0
     if args.command == "bench" and args.what == "ttft":
         from qkv_core.config import RuntimeConfig  # noqa: PLC0415
         from qkvcomm_cli import bench_ttft  # noqa: PLC0415

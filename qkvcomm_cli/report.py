@@ -45,6 +45,8 @@ def _row(r: dict, skyline: dict | None) -> list[str]:
     kv = c["mode"] == "kv"
     hops = int(c.get("hops", 1))
     codec = (c["codec"] + (f" x{hops} hops" if hops > 1 else "")) if kv else "-"
+    if c.get("facts"):
+        codec = f"{codec} + facts ({c['facts']})" if kv else f"facts ({c['facts']})"
     return [
         Path(c["data"]).name, c["context_field"], c["mode"], codec, str(s["rows"]),
         f"{s['em']:.1f}", f"{s['f1']:.1f}", f"{s['contains']:.1f}", _fmt(agreement(r, skyline), ".0f"),

@@ -10,6 +10,7 @@ import grpc
 
 from qkv_core.card import frames, text_card_id
 from qkv_core.config import ServiceConfig
+from qkv_core.facts import FactConfig
 from qkv_core.metrics import Metrics
 from qkv_core.models import LoadedModel, load_model
 from qkv_core.receiver import TEXT
@@ -28,13 +29,22 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         self.receiver = receiver
         self.metrics = metrics
         self.cfg = cfg
+        self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
 
-    async def _share(self, context: str, codec: str, facts: bool) -> pb.HandoffStats:
-        if facts:  # refuse rather than silently send a card without the summary that was asked for
-            raise ValueError("fact extraction is not available in this version; send the request without facts")
+    def _facts(self, asked: bool, codec: str) -> FactConfig | None:
+        """The fact extraction a request gets: asked for, or on by the sender's configuration."""
+        if codec == TEXT:
+            if asked:
+                raise ValueError("the text handoff carries the whole context; facts go with KV cards only")
+            return None
+        return self.fact_config if asked or self.cfg.facts else None
+
+    async def _share(self, context: str, codec: str, asked_facts: bool) -> tuple[pb.HandoffStats, bool]:
+        """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
         codec = codec or self.cfg.codec
-        stats = await (self._share_text(context) if codec == TEXT else self._share_card(context, codec))
+        facts = self._facts(asked_facts, codec)
+        stats = await (self._share_text(context) if codec == TEXT else self._share_card(context, codec, facts))
         if not stats.card_reused:
             m = self.metrics
             m.wire_bytes_sent.inc(stats.wire_bytes)
@@ -43,17 +53,19 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
                 m.kv_fp16_bytes.inc(stats.kv_fp16_bytes)
                 m.compression_ratio.observe(stats.compression_ratio)
         stats.total_s = time.perf_counter() - start
-        return stats
+        return stats, facts is not None
 
-    async def _share_card(self, context: str, codec: str) -> pb.HandoffStats:
-        card = await asyncio.to_thread(self.engine.prepare, context, codec)
+    async def _share_card(self, context: str, codec: str, facts: FactConfig | None) -> pb.HandoffStats:
+        card = await asyncio.to_thread(self.engine.prepare, context, codec, facts)
         header = card.header
         self.metrics.observe("prefill", card.prefill_s)
         self.metrics.observe("quantize", card.quantize_s)
+        if facts:
+            self.metrics.observe("facts", card.facts_s)
         stats = pb.HandoffStats(
             card_id=header.card_id, codec=header.codec, context_tokens=header.context_tokens,
             kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
-            prefill_s=card.prefill_s, quantize_s=card.quantize_s,
+            prefill_s=card.prefill_s, quantize_s=card.quantize_s, facts_s=card.facts_s, facts=len(header.facts),
         )
         held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id))
         stats.card_reused = held.present
@@ -98,16 +110,17 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
 
     @guarded
     async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
-        return pb.ShareReply(stats=await self._share(request.context, request.codec, request.facts))
+        stats, _ = await self._share(request.context, request.codec, request.facts)
+        return pb.ShareReply(stats=stats)
 
     @guarded
     async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskReply]:
         if not request.question.strip():
             raise ValueError("the question is empty")
         start = time.perf_counter()
-        stats = await self._share(request.context, request.codec, request.facts)
+        stats, facts = await self._share(request.context, request.codec, request.facts)
         query = pb.GenerateRequest(
-            card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=request.facts
+            card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=facts
         )
         async for reply in self.receiver.Generate(query):
             if reply.HasField("stats"):

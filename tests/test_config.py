@@ -17,3 +17,10 @@ def test_bad_values_are_named():
         ServiceConfig.from_env({"QKVCOMM_PORT": "http"})
     with pytest.raises(TypeError, match="unknown settings"):
         ServiceConfig.from_env({}, colour="blue")
+
+
+def test_booleans_parse_as_words_not_as_non_empty_strings():
+    assert ServiceConfig.from_env({"QKVCOMM_FACTS": "false"}).facts is False
+    assert ServiceConfig.from_env({"QKVCOMM_FACTS": "1"}).facts is True
+    with pytest.raises(ValueError, match="QKVCOMM_FACTS='maybe'"):
+        ServiceConfig.from_env({"QKVCOMM_FACTS": "maybe"})

@@ -142,9 +142,21 @@ def test_empty_context_and_unknown_codec_are_invalid(services):
         with pytest.raises(grpc.RpcError) as err:
             ask(services.sender, context, question, codec=codec)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in err.value.details()
-    with pytest.raises(grpc.RpcError, match="fact extraction is not available"):
-        ask(services.sender, "Some text.", "Who?", facts=True)  # refused, not silently dropped
+    with pytest.raises(grpc.RpcError, match="facts go with KV cards only"):
+        ask(services.sender, "Some text.", "Who?", codec="text", facts=True)  # refused, not silently dropped
     assert "600" in ask(services.sender, *FACTS[0][:2]).text  # and it still answers
+
+
+def test_facts_ride_in_the_card_and_reach_the_receivers_prompt(services):
+    context = ("Release notes for the Atlas API, version 4.2. The rate limit is 600 requests per minute per key. "
+               "Bulk exports moved to the /v4/exports endpoint.")
+    plain = ask(services.sender, context, "Which endpoint serves bulk exports?", codec="kivi-2")
+    with_facts = ask(services.sender, context, "Which endpoint serves bulk exports?", codec="kivi-2", facts=True)
+    s = with_facts.stats
+    assert s.facts >= 3 and s.facts_s > 0
+    assert s.card_id != plain.stats.card_id  # facts are part of the card's content
+    assert s.wire_bytes > plain.stats.wire_bytes  # and of its bytes on the wire
+    assert with_facts.text != plain.text  # the receiver's prompt changed (tests/test_facts.py checks how)
 
 
 def test_health_and_reflection(services):

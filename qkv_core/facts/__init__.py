@@ -1,0 +1,14 @@
+"""Fact extraction: short typed facts from a context, to ride in the card next to the cache.
+
+    from qkv_core.facts import FactConfig, extract
+    result = extract(text, FactConfig(method="hybrid"))
+    result.facts, result.summary, result.context_type
+
+Methods: `simple` (patterns only), `yake` (patterns + YAKE keyphrases), `spacy` (patterns +
+spaCy entities and noun chunks), `hybrid` (all three).
+"""
+from .context_type import ContextType, detect
+from .extract import METHODS, Extraction, FactCache, FactConfig, extract
+from .fact import Fact
+
+__all__ = ["METHODS", "ContextType", "Extraction", "Fact", "FactCache", "FactConfig", "detect", "extract"]
