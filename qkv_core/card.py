@@ -12,8 +12,8 @@ import enum
 import hashlib
 import struct
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import google_crc32c
 import torch
@@ -111,22 +111,30 @@ def text_card_id(fp: Fingerprint, context_ids: list[int]) -> str:
     return h.hexdigest()
 
 
-def build_header(
-    fp: Fingerprint,
-    context_ids: list[int],
-    kv: KVCache,
-    codec_name: str,
-    codecs: list[LayerCodec],
-    facts: Iterable[pb.Fact] = (),
-    fact_summary: str = "",
-    salient: Sequence[int] = (),
-) -> pb.CardHeader:
-    if len(codecs) != kv.num_layers:
-        raise ValueError(f"{len(codecs)} layer codecs for {kv.num_layers} layers")
+@dataclass
+class CardPlan:
+    """How a cache becomes a card: the codec of every layer and what else rides along."""
+
+    codec: str  # the name the layers were allocated from
+    layers: list[LayerCodec]  # one per model layer
+    salient: list[int] = field(default_factory=list)  # tokenmix: positions at the salient width
+    selected: list[int] | None = None  # layers sent (ascending); None: all
+    shared_prefix: int = 0  # with a selection: tokens every receiver computes itself
+    selection: str = ""  # how the layers were selected
+    facts: list[pb.Fact] = field(default_factory=list)
+    fact_summary: str = ""
+
+    def sent(self) -> list[int]:
+        return list(range(len(self.layers))) if self.selected is None else self.selected
+
+
+def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
+    if len(plan.layers) != kv.num_layers:
+        raise ValueError(f"{len(plan.layers)} layer codecs for {kv.num_layers} layers")
     layers = []
-    n = len(context_ids)
-    for i, (c, k) in enumerate(zip(codecs, kv.keys)):
-        heads, tokens, dim = k.shape
+    n, salient = len(context_ids), plan.salient
+    for i in plan.sent():
+        c, (heads, tokens, dim) = plan.layers[i], kv.keys[i].shape
         layers.append(pb.LayerSpec(
             sender_layer=i, receiver_layer=i, key=_codec_to_pb(c.key), value=_codec_to_pb(c.value),
             key_bytes=encoded_size(c.key, heads, tokens, dim, _salient_count(salient, n, tokens, c.key)),
@@ -135,15 +143,17 @@ def build_header(
         ))
     return pb.CardHeader(
         format_version=FORMAT_VERSION,
-        card_id=card_id(fp, context_ids, layers, fact_summary, salient),
-        salient_tokens=list(salient),
+        card_id=card_id(fp, context_ids, layers, plan.fact_summary, salient),
+        salient_tokens=salient,
         model=fingerprint_to_pb(fp),
-        context_tokens=len(context_ids),
-        codec=codec_name,
+        context_tokens=n,
+        codec=plan.codec,
         layers=layers,
-        facts=list(facts),
-        fact_summary=fact_summary,
+        facts=plan.facts,
+        fact_summary=plan.fact_summary,
         payload_bytes=sum(layer.key_bytes + layer.value_bytes for layer in layers),
+        shared_prefix_tokens=plan.shared_prefix,
+        layer_selection=plan.selection,
     )
 
 
@@ -165,10 +175,11 @@ def encode_tensors(
     return out
 
 
-def encode_layers(kv: KVCache, codecs: list[LayerCodec], salient: Sequence[int] = ()) -> list[bytes]:
-    """Each layer's blob: its encoded K, then its encoded V."""
-    keys = encode_tensors(kv.keys, [c.key for c in codecs], salient, kv.tokens)
-    values = encode_tensors(kv.values, [c.value for c in codecs], salient, kv.tokens)
+def encode_layers(kv: KVCache, plan: CardPlan) -> list[bytes]:
+    """Each sent layer's blob: its encoded K, then its encoded V."""
+    sent = plan.sent()
+    keys = encode_tensors([kv.keys[i] for i in sent], [plan.layers[i].key for i in sent], plan.salient, kv.tokens)
+    values = encode_tensors([kv.values[i] for i in sent], [plan.layers[i].value for i in sent], plan.salient, kv.tokens)
     return [torch.cat([k, v]).cpu().numpy().tobytes() for k, v in zip(keys, values)]
 
 

@@ -32,6 +32,9 @@ class ServiceConfig:
     receiver: str = ""  # sender only: HOST:PORT of the receiver
     codec: str = DEFAULT_CODEC  # sender default when a request names none
     codec_profile: str = ""  # sender: calibrated codec profile (JSON); "" = the model's default, made on first use
+    layer_ratio: float = 1.0  # sender: share of layers a card carries (a request can override)
+    layer_method: str = "combined"  # combined | attention | prior | random | contiguous | loo
+    layer_profile: str = ""  # sender: layer-selection profile (JSON); "" = the model's default, made on first use
     facts: bool = False  # sender: extract facts into every card (a request can also ask for them)
     facts_method: str = "hybrid"  # simple | yake | spacy | hybrid
     facts_budget_bytes: int = 400  # size of the fact summary

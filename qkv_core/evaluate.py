@@ -41,6 +41,7 @@ from .multihop import run_chain
 from .prompt import encode
 from .qa_metrics import coherence, completeness, contains, exact_match, f1
 from .receiver import Generation, ReceiverEngine, timed_answer
+from .selection import SelectionConfig
 from .sender import SenderEngine
 from .wire import pb
 
@@ -57,12 +58,16 @@ class EvalConfig:
     context_field: str = "context"
     hops: int = 1  # kv: handoffs along a chain of agents before the answer
     facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
+    layers: float = 1.0  # kv: share of layers the card carries
+    layer_method: str = "combined"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.hops < 1 or (self.hops > 1 and self.mode != "kv"):
             raise ValueError("hops must be >= 1, and above 1 only in kv mode")
+        if self.layers < 1 and (self.mode != "kv" or self.hops > 1):
+            raise ValueError("a layer ratio below 1 applies to single-hop kv cards")
         if self.facts and (self.mode not in ("kv", "facts") or self.hops > 1):
             raise ValueError("facts go with single-hop kv cards (or alone, in facts mode)")
         if self.mode == "facts" and not self.facts:
@@ -140,7 +145,9 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
                          device=str(lm.device), dtype=str(lm.dtype))
     rows = list(load_rows(cfg.data, cfg.limit))
     label = cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "")
+    label += f"/layers {cfg.layer_method}@{cfg.layers:g}" if cfg.layers < 1 else ""
     facts = FactConfig(method=cfg.facts) if cfg.facts else None
+    layers = SelectionConfig(cfg.layers, cfg.layer_method)
     for row in tqdm(rows, desc=label, disable=not progress):
         context, question = row.get(cfg.context_field, ""), query_of(row)
         answers = row.get("answers") or [row["answer"]]
@@ -170,7 +177,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
             extra = {"context_tokens": len(chain.ids), "wire_bytes": chain.wire_bytes[-1],
                      "kv_fp16_bytes": chain.kv.nbytes(2)}
         else:
-            card = sender.prepare(context, cfg.codec, facts)
+            card = sender.prepare(context, cfg.codec, facts, layers)
             stream = list(frames(card.header, card.blobs))
             wire = sum(frame.ByteSize() for frame in stream)
             receiver.accept(stream)

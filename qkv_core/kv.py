@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from .models import LoadedModel
+from .ragged import ragged
 
 
 @dataclass
@@ -28,6 +29,11 @@ class KVCache:
     @property
     def tokens(self) -> int:
         return max((k.shape[1] for k in self.keys), default=0)
+
+    @property
+    def is_ragged(self) -> bool:
+        """Layers hold different numbers of tokens (selective injection)."""
+        return len({k.shape[1] for k in self.keys}) > 1
 
     def nbytes(self, bytes_per_value: int) -> int:
         """Size of all layers' K and V at `bytes_per_value` (2: the fp16 baseline)."""
@@ -44,11 +50,19 @@ def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None) -> tup
     if not ids:
         raise ValueError("cannot prefill an empty prompt")
     cache = to_dynamic_cache(lm, past) if past is not None else DynamicCache(config=lm.model.config)
-    x = torch.tensor([ids], device=lm.device)
-    out = lm.model(input_ids=x, past_key_values=cache, use_cache=True)
+    with ragged(lm, past is not None and past.is_ragged):
+        out = _forward(lm, ids, cache, past.tokens if past is not None else 0)
     keys = [layer.keys[0] for layer in cache.layers]
     values = [layer.values[0] for layer in cache.layers]
     return KVCache(keys, values), out.logits[0, -1].float()
+
+
+def _forward(lm: LoadedModel, ids: list[int], cache: DynamicCache, start: int):
+    """One forward pass over `ids` at positions start.. (explicit, so that a ragged cache,
+    whose first layer may be short, still gets the context's true positions)."""
+    x = torch.tensor([ids], device=lm.device)
+    position = torch.arange(start, start + len(ids), device=lm.device)
+    return lm.model(input_ids=x, past_key_values=cache, use_cache=True, position_ids=position.unsqueeze(0))
 
 
 def to_dynamic_cache(lm: LoadedModel, kv: KVCache) -> DynamicCache:
@@ -56,6 +70,18 @@ def to_dynamic_cache(lm: LoadedModel, kv: KVCache) -> DynamicCache:
     concatenates onto new tensors, so the stored card is never modified)."""
     data = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in zip(kv.keys, kv.values)]
     return DynamicCache(data, config=lm.model.config)
+
+
+@torch.inference_mode()
+def answer_log_likelihood(lm: LoadedModel, kv: KVCache, prompt: list[int], answer: list[int]) -> float:
+    """log p(answer | kv, prompt) under teacher forcing, in nats."""
+    if not prompt or not answer:
+        raise ValueError("the prompt and the answer must not be empty")
+    cache = to_dynamic_cache(lm, kv)
+    with ragged(lm, kv.is_ragged):
+        logits = _forward(lm, prompt + answer, cache, kv.tokens).logits[0].float()
+    steps = logits[len(prompt) - 1 : -1].log_softmax(-1)
+    return float(steps.gather(1, torch.tensor(answer, device=steps.device).unsqueeze(1)).sum())
 
 
 def stop_ids(lm: LoadedModel) -> set[int]:
@@ -82,14 +108,16 @@ def generate(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens
         raise ValueError("the receiver's prompt is empty")
     cache = to_dynamic_cache(lm, kv) if kv is not None else DynamicCache(config=lm.model.config)
     stops = stop_ids(lm)
-    x = torch.tensor([ids], device=lm.device)
-    for _ in range(max_new_tokens):
-        out = lm.model(input_ids=x, past_key_values=cache, use_cache=True)
-        token = int(out.logits[0, -1].argmax())
-        if token in stops:
-            return
-        yield token
-        x = torch.tensor([[token]], device=lm.device)
+    position = kv.tokens if kv is not None else 0
+    with ragged(lm, kv is not None and kv.is_ragged):
+        for _ in range(max_new_tokens):
+            out = _forward(lm, ids, cache, position)
+            position += len(ids)
+            token = int(out.logits[0, -1].argmax())
+            if token in stops:
+                return
+            yield token
+            ids = [token]
 
 
 def stream_text(lm: LoadedModel, tokens: Iterator[int]) -> Iterator[str]:

@@ -31,9 +31,9 @@ class Chain:
 
 def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec: str) -> StoredCard:
     """Encode the chain's cache as a card and take it in at the receiver; returns what arrived."""
-    layers, salient = sender.allocate(codec, chain.kv, None)
-    header = build_header(sender.lm.fingerprint, chain.ids, chain.kv, codec, layers, salient=salient)
-    stream = list(frames(header, encode_layers(chain.kv, layers, salient)))
+    plan = sender.allocate(codec, chain.kv, None)
+    header = build_header(sender.lm.fingerprint, chain.ids, chain.kv, plan)
+    stream = list(frames(header, encode_layers(chain.kv, plan)))
     chain.wire_bytes.append(sum(f.ByteSize() for f in stream))
     card = receiver.accept(stream)
     chain.card_id = card.header.card_id

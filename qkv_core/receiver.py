@@ -6,11 +6,12 @@ the context: the context reaches the model only as the card's keys and values.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from . import ragged
 from .card import CardError, CardReader, ErrorKind, fingerprint_to_pb, text_card_id
 from .kv import KVCache, generate, prefill, stream_text
 from .models import LoadedModel
@@ -28,6 +29,7 @@ class Intake:
     reader: CardReader
     device: torch.device
     dtype: torch.dtype
+    shared_prefix: Callable[[int], KVCache]  # the receiver's own KV of the first N tokens
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     dequantize_s: float = 0.0
@@ -44,10 +46,15 @@ class Intake:
         self.dequantize_s += time.perf_counter() - start
 
     def finish(self, num_layers: int) -> StoredCard:
+        """The card's cache; layers it does not carry get only the shared prefix (a ragged cache)."""
         header = self.reader.finish()
         missing = sorted(set(range(num_layers)) - set(self.keys))
         if missing:
-            raise CardError(ErrorKind.PRECONDITION, f"card lacks layers {missing}; this receiver needs all layers")
+            if not header.shared_prefix_tokens:
+                raise CardError(ErrorKind.PRECONDITION, f"card lacks layers {missing} and names no shared prefix for them")
+            prefix = self.shared_prefix(header.shared_prefix_tokens)
+            for i in missing:
+                self.keys[i], self.values[i] = prefix.keys[i], prefix.values[i]
         order = range(num_layers)
         return StoredCard(header, KVCache([self.keys[i] for i in order], [self.values[i] for i in order]))
 
@@ -66,9 +73,24 @@ class ReceiverEngine:
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.store = CardStore(store_bytes)
         self.max_card_bytes = max_card_bytes
+        self._prefix: tuple[int, KVCache | None] | None = None
 
     def intake(self) -> Intake:
-        return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes), self.lm.device, self.lm.dtype)
+        return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes), self.lm.device, self.lm.dtype, self.shared_prefix)
+
+    def shared_prefix(self, tokens: int) -> KVCache:
+        """This model's KV of its chat header, which a layer-selected card leaves to the receiver."""
+        try:
+            ragged.check(self.lm)
+        except ValueError as e:
+            raise CardError(ErrorKind.PRECONDITION, str(e)) from e
+        if self._prefix is None:
+            head = encode(self.lm.tokenizer, self.prompt.head)
+            self._prefix = (len(head), prefill(self.lm, head)[0] if head else None)
+        length, kv = self._prefix
+        if tokens != length or kv is None:
+            raise CardError(ErrorKind.PRECONDITION, f"the card's shared prefix is {tokens} tokens; this receiver's chat header is {length}")
+        return kv
 
     def accept(self, stream: Iterable[pb.CardFrame]) -> StoredCard:
         """Take a whole card in one blocking call (the service streams frames through `intake` instead)."""

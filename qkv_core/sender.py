@@ -8,15 +8,15 @@ from pathlib import Path
 
 import torch
 
-from . import allocation
+from . import allocation, ragged, selection
 from . import codec as codecs
 from .attention import attention_received
-from .card import build_header, encode_layers
-from .codec import LayerCodec
+from .card import CardPlan, build_header, encode_layers
 from .facts import FactCache, FactConfig
 from .kv import KVCache, prefill
 from .models import LoadedModel
 from .prompt import PromptFormat, encode
+from .selection import SelectionConfig
 from .wire import pb
 
 PROBE_QUERIES = 32  # tokenmix: attention from the context's last tokens ranks its tokens
@@ -34,11 +34,13 @@ class PreparedCard:
 
 
 class SenderEngine:
-    def __init__(self, lm: LoadedModel, profile_path: Path | None = None):
+    def __init__(self, lm: LoadedModel, profile_path: Path | None = None, layer_profile_path: Path | None = None):
         self.lm = lm
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.profile_path = profile_path
+        self.layer_profile_path = layer_profile_path
         self._profile: allocation.Profile | None = None
+        self._layer_profile: selection.LayerProfile | None = None
         self._model_lock = threading.Lock()  # one prefill at a time: the attention probe rewires the model
         self.facts = FactCache()
 
@@ -62,24 +64,42 @@ class SenderEngine:
                 kv, _ = prefill(self.lm, ids)
             return kv, torch.stack(received).mean(dim=0)
 
-    def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None) -> tuple[list[LayerCodec], list[int]]:
-        """(per-layer codecs, salient token positions) for this cache."""
+    def layer_profile(self) -> selection.LayerProfile:
+        """The layer-selection profile, calibrated on first use if no saved one exists."""
+        if self._layer_profile is None:
+            self._layer_profile = selection.load_or_calibrate(self.lm, self.layer_profile_path)
+        return self._layer_profile
+
+    def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None) -> CardPlan:
+        """The per-layer codecs (and tokenmix's salient positions) for this cache."""
         kind = codecs.adaptive(codec_name)
         if kind is None:
-            return codecs.resolve(codec_name, kv.num_layers), []
+            return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers))
         allocator, bits = kind
         shapes = [tuple(k.shape) for k in kv.keys]
         if allocator == "seed-adaptive":
             with self._model_lock:
-                return allocation.seed_adaptive(self.profile()), []
+                return CardPlan(codec_name, allocation.seed_adaptive(self.profile()))
         if allocator == "budget":
             with self._model_lock:
-                return allocation.budget(self.profile(), bits, shapes), []
+                return CardPlan(codec_name, allocation.budget(self.profile(), bits, shapes))
         assert importance is not None
-        return allocation.tokenmix(bits, shapes, importance)
+        return CardPlan(codec_name, *allocation.tokenmix(bits, shapes, importance))
 
-    def prepare(self, context: str, codec_name: str, facts: FactConfig | None = None) -> PreparedCard:
-        """Prefill, allocate, encode; with `facts`, extract them into the header too."""
+    def select(self, plan: CardPlan, ids: list[int], layers: SelectionConfig) -> None:
+        """Restrict `plan` to the layers `layers` selects (all of them at ratio 1)."""
+        if layers.ratio >= 1:
+            return
+        ragged.check(self.lm)
+        with self._model_lock:
+            plan.selected = selection.select(self.layer_profile(), layers)
+        plan.shared_prefix = selection.shared_prefix(self.lm, ids)
+        plan.selection = layers.name
+
+    def prepare(
+        self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig()
+    ) -> PreparedCard:
+        """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too."""
         kind = codecs.adaptive(codec_name)
         if kind is None:
             codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
@@ -88,15 +108,15 @@ class SenderEngine:
         kv, importance = self.prefill(ids, probe=kind is not None and kind[0] == "tokenmix")
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        layer_codecs, salient = self.allocate(codec_name, kv, importance)
+        plan = self.allocate(codec_name, kv, importance)
+        self.select(plan, ids, layers)
         facts_start = time.perf_counter()
-        extracted = self.facts.get(context, facts) if facts else None
+        if facts:
+            extracted = self.facts.get(context, facts)
+            plan.facts = [pb.Fact(**asdict(f)) for f in extracted.facts]
+            plan.fact_summary = extracted.summary
         facts_s = time.perf_counter() - facts_start
-        header = build_header(
-            self.lm.fingerprint, ids, kv, codec_name, layer_codecs,
-            facts=[pb.Fact(**asdict(f)) for f in extracted.facts] if extracted else (),
-            fact_summary=extracted.summary if extracted else "", salient=salient,
-        )
-        blobs = encode_layers(kv, layer_codecs, salient)
+        header = build_header(self.lm.fingerprint, ids, kv, plan)
+        blobs = encode_layers(kv, plan)
         quantize_s = time.perf_counter() - start - facts_s
         return PreparedCard(header, blobs, kv.nbytes(2), kv.nbytes(4), prefill_s, quantize_s, facts_s)

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from qkv_core import allocator
-from qkv_core.card import build_header, encode_layers, encode_tensors, frames, layer_salient
-from qkv_core.codec import LayerCodec
+from qkv_core.card import CardPlan, build_header, encode_layers, encode_tensors, frames, layer_salient
 from qkv_core.config import RuntimeConfig
 from qkv_core.kv import KVCache
 from qkv_core.models import load_model
@@ -60,10 +59,10 @@ def _best_of(fn, repeats: int) -> float:
     return best
 
 
-def measure(kv16: KVCache, ids: list[int], fp, name: str, layers: list[LayerCodec], salient: list[int], repeats: int) -> Row:
+def measure(kv16: KVCache, ids: list[int], fp, plan: CardPlan, repeats: int) -> Row:
     fp16_bytes = kv16.nbytes(2)
-    header = build_header(fp, ids, kv16, name, layers, salient=salient)
-    wire = sum(f.ByteSize() for f in frames(header, encode_layers(kv16, layers, salient)))
+    layers, salient = plan.layers, plan.salient
+    wire = sum(f.ByteSize() for f in frames(build_header(fp, ids, kv16, plan), encode_layers(kv16, plan)))
     tensors = kv16.keys + kv16.values
     tensor_codecs = [c.key for c in layers] + [c.value for c in layers]
     picks = [layer_salient(salient, kv16.tokens, t.shape[1], c) for t, c in zip(tensors, tensor_codecs)]
@@ -77,7 +76,7 @@ def measure(kv16: KVCache, ids: list[int], fp, name: str, layers: list[LayerCode
         acc[0] += float((dequantize(b, c, tuple(t.shape), torch.float32, i) - x).pow(2).sum())
         acc[1] += float(x.pow(2).sum())
     return Row(
-        codec=name, device=str(kv16.keys[0].device), bits_per_element=8 * wire / (fp16_bytes / 2),
+        codec=plan.codec, device=str(kv16.keys[0].device), bits_per_element=8 * wire / (fp16_bytes / 2),
         ratio_fp16=fp16_bytes / wire, rel_err_k=(sq[0][0] / sq[0][1]) ** 0.5, rel_err_v=(sq[1][0] / sq[1][1]) ** 0.5,
         quant_gbps=fp16_bytes / q_s / 1e9, dequant_gbps=fp16_bytes / d_s / 1e9,
     )
@@ -93,8 +92,7 @@ def run_codec_bench(model: str, data: Path, tokens: int, presets: list[str], rep
     for device in devices:
         kv16 = kv.to(device, torch.float16)
         for name in presets:
-            layers, salient = sender.allocate(name, kv16, importance)
-            rows.append(measure(kv16, ids, lm.fingerprint, name, layers, salient, repeats))
+            rows.append(measure(kv16, ids, lm.fingerprint, sender.allocate(name, kv16, importance), repeats))
     return rows
 
 

@@ -34,10 +34,13 @@ def ask(
     max_new_tokens: int = 0,
     on_text: Callable[[str], None] | None = None,
     timeout_s: float = 600.0,
+    layer_ratio: float = 0.0,
+    layer_method: str = "",
 ) -> Answer:
     """Call Sender.Ask; `on_text` sees each piece of the answer as it streams in."""
     request = pb.AskRequest(
-        context=context, question=question, codec=codec, facts=facts, max_new_tokens=max_new_tokens
+        context=context, question=question, codec=codec, facts=facts, max_new_tokens=max_new_tokens,
+        layer_ratio=layer_ratio, layer_method=layer_method
     )
     text, stats = [], pb.HandoffStats()
     with grpc.insecure_channel(sender, options=GRPC_OPTIONS) as channel:

@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-sender", help="run the Sender service")
     _service_flags(p, 50062, 9462)
     p.add_argument("--codec-profile", type=Path, help="calibrated codec profile (default: the model's, made on first use)")
+    p.add_argument("--layer-profile", type=Path, help="layer-selection profile (default: the model's, made on first use)")
+    p.add_argument("--layers", type=float, help="share of layers every card carries (default 1.0)")
+    p.add_argument("--layer-method", help="layer selection: combined (default), attention, prior, random, contiguous, loo")
     p.add_argument("--receiver", help="HOST:PORT of the receiver (or QKVCOMM_RECEIVER)")
     p.add_argument("--codec", help=f"default codec (default {DEFAULT_CODEC})")
 
@@ -68,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--question", required=True)
     p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B or a spec (default: the sender's)")
     p.add_argument("--facts", action="store_true", help="extract facts into the card; the receiver reads their summary first")
+    p.add_argument("--layers", type=float, default=0.0, help="share of layers to send, (0, 1] (default: the sender's)")
+    p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
@@ -92,9 +97,9 @@ def parser() -> argparse.ArgumentParser:
     ]))
     p.add_argument("--repeats", type=int, default=3)
 
-    p = sub.add_parser("calibrate", help="calibrate a codec profile (per-layer errors of every width)")
-    p.add_argument("what", choices=["codec"])
-    p.add_argument("--data", type=Path, help="JSONL whose contexts are the calibration texts (default: the bundled texts)")
+    p = sub.add_parser("calibrate", help="calibrate a codec profile (`codec`) or a layer-selection profile (`layers`)")
+    p.add_argument("what", choices=["codec", "layers"])
+    p.add_argument("--data", type=Path, help="JSONL of calibration rows (context; for layers also question, answers); default: bundled")
     p.add_argument("--context-field", default="context")
     p.add_argument("--limit", type=int, default=8, help="calibration texts taken from --data")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per calibration text")
@@ -108,6 +113,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="JSONL rows with question, answers (or answer), context")
     p.add_argument("--mode", default="kv", help="baseline, skyline, text, kv or facts (the fact summary alone)")
     p.add_argument("--hops", type=int, default=1, help="kv: relay the cache along this many agents (multi-hop)")
+    p.add_argument("--layers", type=float, default=1.0, help="kv: share of layers the card carries")
+    p.add_argument("--layer-method", default="combined", help="kv: combined, attention, prior, random, contiguous, loo")
     p.add_argument("--facts", nargs="?", const="hybrid", default="",
                    help="kv: send facts with the card (method: simple, yake, spacy, hybrid; default hybrid); facts mode: the method")
     p.add_argument("--codec", default="fp16")
@@ -149,7 +156,8 @@ def _ask(args: argparse.Namespace) -> int:
 
     context = args.context if args.context is not None else args.context_file.read_text()
     on_text = None if args.json else (lambda t: print(t, end="", flush=True))
-    answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text)
+    answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text,
+                 layer_ratio=args.layers, layer_method=args.layer_method)
     if args.json:
         print(answer.to_json())
     else:
@@ -163,7 +171,8 @@ def _eval(args: argparse.Namespace) -> int:
     from qkv_core.evaluate import EvalConfig, run  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
-    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops, args.facts)
+    cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
+                     args.facts, args.layers, args.layer_method)
     lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
     report = run(lm, cfg)
     if args.json:
@@ -177,17 +186,19 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from qkvcomm_cli.report import f1_vs_bits_chart, load, results_md, table  # noqa: PLC0415
+    from qkvcomm_cli.report import f1_vs_bits_chart, f1_vs_layers_chart, load, results_md, table  # noqa: PLC0415
 
     results = load(args.results)
     if not args.out:
         print(table(results))
         return 0
-    chart = args.out.parent / "f1_vs_bits.png"
-    f1_vs_bits_chart(results, chart)
+    charts = [args.out.parent / "f1_vs_bits.png"]
+    f1_vs_bits_chart(results, charts[0])
+    if f1_vs_layers_chart(results, args.out.parent / "f1_vs_layers.png"):
+        charts.append(args.out.parent / "f1_vs_layers.png")
     command = "qkvcomm report " + " ".join(str(p) for p in args.results) + f" --out {args.out}"
-    args.out.write_text(results_md(results, command, chart))
-    print(f"wrote {args.out} and {chart}")
+    args.out.write_text(results_md(results, command, charts))
+    print(f"wrote {args.out} and {', '.join(str(c) for c in charts)}")
     return 0
 
 
@@ -199,6 +210,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from qkv_core.models import load_model  # noqa: PLC0415
 
     lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
+    if args.what == "layers":
+        return _calibrate_layers(args, lm)
     if args.data:
         texts = list(dict.fromkeys(r[args.context_field] for r in load_rows(args.data) if r.get(args.context_field)))[: args.limit]
     else:
@@ -223,6 +236,25 @@ def _calibrate(args: argparse.Namespace) -> int:
         )
         save_layers(args.codec_out, layers, note=f"{args.allocate} for {lm.fingerprint.name} at {args.tokens} tokens")
         print(f"{args.allocate} at {args.tokens} tokens -> {args.codec_out} (use it as --codec {args.codec_out})")
+    return 0
+
+
+def _calibrate_layers(args: argparse.Namespace, lm) -> int:  # noqa: ANN001
+    from qkv_core import selection  # noqa: PLC0415
+    from qkv_core.evaluate import load_rows  # noqa: PLC0415
+
+    if args.data:
+        rows = [r for r in load_rows(args.data, args.limit) if r.get(args.context_field)]
+        samples = [(r[args.context_field], r["question"], (r.get("answers") or [r["answer"]])[0]) for r in rows]
+    else:
+        samples = selection.default_samples()
+    profile = selection.calibrate(lm, samples)
+    out = args.out or selection.default_path(lm.fingerprint)
+    profile.save(out)
+    print(f"layer profile of {lm.fingerprint.name} on {profile.samples} samples -> {out}")
+    print("| layer | attention mass | leave-one-out (nats) |\n|---|---|---|")
+    for i, (a, d) in enumerate(zip(profile.attention, profile.loo)):
+        print(f"| {i} | {a:.4f} | {d:.3f} |")
     return 0
 
 
@@ -307,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from sender_service.server import main as serve  # noqa: PLC0415
 
-        profile = str(args.codec_profile) if args.codec_profile else None
-        cfg = _config(args, receiver=args.receiver, codec=args.codec, codec_profile=profile)
+        cfg = _config(
+            args, receiver=args.receiver, codec=args.codec, layer_ratio=args.layers, layer_method=args.layer_method,
+            codec_profile=str(args.codec_profile) if args.codec_profile else None,
+            layer_profile=str(args.layer_profile) if args.layer_profile else None,
+        )
     asyncio.run(serve(cfg))
     return 0

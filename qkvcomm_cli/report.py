@@ -45,6 +45,8 @@ def _row(r: dict, skyline: dict | None) -> list[str]:
     kv = c["mode"] == "kv"
     hops = int(c.get("hops", 1))
     codec = (c["codec"] + (f" x{hops} hops" if hops > 1 else "")) if kv else "-"
+    if float(c.get("layers", 1)) < 1:
+        codec += f" layers {c['layer_method']}@{float(c['layers']):g}"
     if c.get("facts"):
         codec = f"{codec} + facts ({c['facts']})" if kv else f"facts ({c['facts']})"
     return [
@@ -93,7 +95,38 @@ def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def results_md(results: list[dict], command: str, chart: Path | None) -> str:
+def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
+    """F1 against the share of layers sent, one line per (dataset, codec, selection method);
+    runs with every layer count as ratio 1 for each method. False when no run selected layers."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    kv = [r for r in results if r["config"]["mode"] == "kv" and int(r["config"].get("hops", 1)) == 1 and not r["config"].get("facts")]
+    methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
+    if not methods:
+        return False
+    lines: dict[tuple[str, str, str], dict[float, float]] = defaultdict(dict)
+    for r in kv:
+        c, ratio = r["config"], float(r["config"].get("layers", 1))
+        for method in methods if ratio >= 1 else [c["layer_method"]]:
+            lines[(Path(c["data"]).stem, c["codec"], method)][ratio] = r["summary"]["f1"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (data, codec, method), points in sorted(lines.items()):
+        if len(points) > 1:
+            xs = sorted(points)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{data} {codec} {method}")
+    ax.set(xlabel="share of layers sent", ylabel="F1", title=f"{results[0]['model']}: F1 vs layer ratio")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
     c = results[0]["config"]
     parts = [
         "# Results",
@@ -108,6 +141,5 @@ def results_md(results: list[dict], command: str, chart: Path | None) -> str:
         "",
         table(results),
     ]
-    if chart:
-        parts += ["", f"![F1 vs bits per element]({chart.name})"]
+    parts += [f"\n![{p.stem}]({p.name})" for p in charts]
     return "\n".join(parts) + "\n"

@@ -14,6 +14,7 @@ from qkv_core.facts import FactConfig
 from qkv_core.metrics import Metrics
 from qkv_core.models import LoadedModel, load_model
 from qkv_core.receiver import TEXT
+from qkv_core.selection import SelectionConfig
 from qkv_core.sender import SenderEngine
 from qkv_core.wire import pb
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
@@ -30,6 +31,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         self.metrics = metrics
         self.cfg = cfg
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
+        SelectionConfig(cfg.layer_ratio, cfg.layer_method)
 
     def _facts(self, asked: bool, codec: str) -> FactConfig | None:
         """The fact extraction a request gets: asked for, or on by the sender's configuration."""
@@ -39,12 +41,18 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             return None
         return self.fact_config if asked or self.cfg.facts else None
 
-    async def _share(self, context: str, codec: str, asked_facts: bool) -> tuple[pb.HandoffStats, bool]:
+    def _layers(self, request: pb.ShareRequest | pb.AskRequest) -> SelectionConfig:
+        return SelectionConfig(request.layer_ratio or self.cfg.layer_ratio, request.layer_method or self.cfg.layer_method)
+
+    async def _share(self, request: pb.ShareRequest | pb.AskRequest) -> tuple[pb.HandoffStats, bool]:
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
-        codec = codec or self.cfg.codec
-        facts = self._facts(asked_facts, codec)
-        stats = await (self._share_text(context) if codec == TEXT else self._share_card(context, codec, facts))
+        context, codec = request.context, request.codec or self.cfg.codec
+        facts = self._facts(request.facts, codec)
+        layers = self._layers(request)
+        if codec == TEXT and layers.ratio < 1:
+            raise ValueError("the text handoff has no layers to select")
+        stats = await (self._share_text(context) if codec == TEXT else self._share_card(context, codec, facts, layers))
         if not stats.card_reused:
             m = self.metrics
             m.wire_bytes_sent.inc(stats.wire_bytes)
@@ -55,8 +63,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
 
-    async def _share_card(self, context: str, codec: str, facts: FactConfig | None) -> pb.HandoffStats:
-        card = await asyncio.to_thread(self.engine.prepare, context, codec, facts)
+    async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig) -> pb.HandoffStats:
+        card = await asyncio.to_thread(self.engine.prepare, context, codec, facts, layers)
         header = card.header
         self.metrics.observe("prefill", card.prefill_s)
         self.metrics.observe("quantize", card.quantize_s)
@@ -110,7 +118,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
 
     @guarded
     async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
-        stats, _ = await self._share(request.context, request.codec, request.facts)
+        stats, _ = await self._share(request)
         return pb.ShareReply(stats=stats)
 
     @guarded
@@ -118,7 +126,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         if not request.question.strip():
             raise ValueError("the question is empty")
         start = time.perf_counter()
-        stats, facts = await self._share(request.context, request.codec, request.facts)
+        stats, facts = await self._share(request)
         query = pb.GenerateRequest(
             card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=facts
         )
@@ -133,6 +141,10 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         yield pb.AskReply(stats=stats)
 
 
+def _path(setting: str) -> Path | None:
+    return Path(setting) if setting else None
+
+
 def _count_wire(stats: pb.HandoffStats, sent: int) -> None:
     stats.wire_bytes = sent
     stats.compression_ratio = stats.kv_fp16_bytes / sent
@@ -144,7 +156,7 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
     metrics = Metrics("sender")
     channel = grpc.aio.insecure_channel(cfg.receiver, options=GRPC_OPTIONS)
-    servicer = SenderServicer(SenderEngine(lm, Path(cfg.codec_profile) if cfg.codec_profile else None), services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
+    servicer = SenderServicer(SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile)), services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
     running = await start(
         "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics
     )

@@ -33,10 +33,9 @@ def card_round_trip(
     importance: torch.Tensor | None = None,
 ) -> KVCache:
     """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
-    layer_codecs, salient = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
-    header = build_header(lm.fingerprint, ids, kv, codec_name, layer_codecs, salient=salient)
+    plan = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
     receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
-    return receiver.accept(frames(header, encode_layers(kv, layer_codecs, salient))).kv
+    return receiver.accept(frames(build_header(lm.fingerprint, ids, kv, plan), encode_layers(kv, plan))).kv
 
 
 def qa_rows(name: str, limit: int) -> list[dict]:

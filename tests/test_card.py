@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from qkv_core import codec as codecs
-from qkv_core.card import FORMAT_VERSION, CardError, CardReader, ErrorKind, build_header, encode_layers, frames
+from qkv_core.card import (
+    FORMAT_VERSION,
+    CardError,
+    CardPlan,
+    CardReader,
+    ErrorKind,
+    build_header,
+    encode_layers,
+    frames,
+)
 from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.kv import prefill
 from qkv_core.prompt import PromptFormat, encode
@@ -19,8 +28,8 @@ def made(tiny):
     ids = encode(tiny.tokenizer, PromptFormat.for_tokenizer(tiny.tokenizer).context_part(CONTEXT))
     kv, _ = prefill(tiny, ids)
     layer_codecs = codecs.resolve("int8", tiny.num_layers)
-    header = build_header(tiny.fingerprint, ids, kv, "int8", layer_codecs)
-    return ids, kv, header, encode_layers(kv, layer_codecs)
+    plan = CardPlan("int8", layer_codecs)
+    return ids, kv, build_header(tiny.fingerprint, ids, kv, plan), encode_layers(kv, plan)
 
 
 def read(tiny, stream, max_card_bytes=1 << 30):
@@ -51,8 +60,8 @@ def test_round_trip_small_chunks(tiny, made):
 
 def test_card_id_is_a_content_hash(tiny, made):
     ids, kv, header, _ = made
-    again = build_header(tiny.fingerprint, ids, kv, "int8", codecs.resolve("int8", tiny.num_layers))
-    other = build_header(tiny.fingerprint, ids, kv, "fp16", codecs.resolve("fp16", tiny.num_layers))
+    again = build_header(tiny.fingerprint, ids, kv, CardPlan("int8", codecs.resolve("int8", tiny.num_layers)))
+    other = build_header(tiny.fingerprint, ids, kv, CardPlan("fp16", codecs.resolve("fp16", tiny.num_layers)))
     assert again.card_id == header.card_id != other.card_id
 
 

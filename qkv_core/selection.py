@@ -1,0 +1,161 @@
+"""Layer selection (KVComm): which layers' KV a card carries.
+
+Scores per layer l of an L-layer model, from calibration samples (context, question, answer):
+    attention  S_a(l): mean attention mass the question's tokens pay to the context's own
+               tokens (after the shared chat header) at layer l, eager attention, averaged over
+               heads, question tokens and samples; min-max normalized across layers
+    prior      P(l) = exp(-(l - mu)^2 / (2 sigma^2)), mu = gamma_mu * L, sigma = gamma_sigma * L
+    loo        leave-one-layer-out: how much the gold answer's log-likelihood drops when layer
+               l keeps only the shared header instead of the context (data-driven)
+Methods: combined (S = alpha * S_a + (1 - alpha) * P), attention (alpha = 1), prior (alpha = 0),
+random, contiguous (the block of consecutive layers with the highest combined score), loo.
+The top round(ratio * L) layers are selected; the others travel as nothing at all, and the
+receiver gives them its own KV of the shared header (qkv_core.ragged attends over that).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+from .attention import attention_received
+from .kv import KVCache, answer_log_likelihood, prefill
+from .models import Fingerprint, LoadedModel, cache_dir
+from .prompt import PromptFormat, encode
+
+METHODS = ("combined", "attention", "prior", "random", "contiguous", "loo")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    ratio: float = 1.0
+    method: str = "combined"
+    alpha: float = 0.5
+    gamma_mu: float = 0.5
+    gamma_sigma: float = 0.25
+    seed: int = 0  # random
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"the layer ratio must be within (0, 1], got {self.ratio}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown layer selection {self.method!r}; choose one of {', '.join(METHODS)}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}@{self.ratio:g}"
+
+
+@dataclass
+class LayerProfile:
+    model: str
+    weights_sha256: str
+    samples: int
+    attention: list[float]  # raw S_a per layer
+    loo: list[float]  # answer log-likelihood drop per layer (nats)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: Fingerprint) -> "LayerProfile":
+        try:
+            profile = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot read layer profile {path}: {e}") from e
+        if profile.weights_sha256 != fingerprint.weights_sha256:
+            raise ValueError(f"layer profile {path} was calibrated on {profile.model!r}, not on this model's weights")
+        return profile
+
+
+def default_samples() -> list[tuple[str, str, str]]:
+    """(context, question, answer) from the bundled calibration texts."""
+    texts = resources.files("qkv_core").joinpath("data/calibration.txt").read_text().split("\n\n")
+    rows = resources.files("qkv_core").joinpath("data/calibration_qa.jsonl").read_text().splitlines()
+    return [(texts[r["context_index"]].strip(), r["question"], r["answers"][0]) for r in map(json.loads, rows)]
+
+
+def default_path(fp: Fingerprint) -> Path:
+    return cache_dir() / "profiles" / f"{fp.name}-{fp.weights_sha256[:16]}-layers.json"
+
+
+def shared_prefix(lm: LoadedModel, context_ids: list[int]) -> int:
+    """Tokens at the start of every context card that any receiver of this model computes
+    itself: the chat header (system prompt and user turn opener)."""
+    head = encode(lm.tokenizer, PromptFormat.for_tokenizer(lm.tokenizer).head)
+    if context_ids[: len(head)] != head:
+        raise ValueError("the context's tokens do not start with the model's chat header")
+    return len(head)
+
+
+def keep_prefix(kv: KVCache, layers: set[int], prefix: int) -> KVCache:
+    """`kv` with every layer outside `layers` cut to its first `prefix` tokens (a ragged cache)."""
+    cut = [i not in layers for i in range(kv.num_layers)]
+    return KVCache([k[:, :prefix] if c else k for k, c in zip(kv.keys, cut)], [v[:, :prefix] if c else v for v, c in zip(kv.values, cut)])
+
+
+def calibrate(lm: LoadedModel, samples: list[tuple[str, str, str]]) -> LayerProfile:
+    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
+    attention = [0.0] * lm.num_layers
+    loo = [0.0] * lm.num_layers
+    for context, question, answer in samples:
+        c = encode(lm.tokenizer, fmt.context_part(context))
+        q = encode(lm.tokenizer, fmt.query_part(question))
+        a = encode(lm.tokenizer, " " + answer.strip())
+        prefix = shared_prefix(lm, c)
+        with attention_received(lm, queries=len(q)) as received:
+            prefill(lm, c + q)
+        for layer, weights in enumerate(received):
+            attention[layer] += float(weights[prefix : len(c)].sum()) / len(samples)
+        kv, _ = prefill(lm, c)
+        full = answer_log_likelihood(lm, kv, q, a)
+        everything = set(range(lm.num_layers))
+        for layer in range(lm.num_layers):
+            dropped = keep_prefix(kv, everything - {layer}, prefix)
+            loo[layer] += (full - answer_log_likelihood(lm, dropped, q, a)) / len(samples)
+    fp = lm.fingerprint
+    return LayerProfile(fp.name, fp.weights_sha256, len(samples), attention, loo)
+
+
+def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> LayerProfile:
+    path = path or default_path(lm.fingerprint)
+    if path.exists():
+        return LayerProfile.load(path, lm.fingerprint)
+    profile = calibrate(lm, default_samples())
+    profile.save(path)
+    return profile
+
+
+def _minmax(xs: list[float]) -> list[float]:
+    lo, hi = min(xs), max(xs)
+    return [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in xs]
+
+
+def scores(profile: LayerProfile, cfg: SelectionConfig) -> list[float]:
+    """Per-layer score of the method (higher = more worth sending)."""
+    n = len(profile.attention)
+    mu, sigma = cfg.gamma_mu * n, max(cfg.gamma_sigma * n, 1e-6)
+    prior = [math.exp(-((layer - mu) ** 2) / (2 * sigma**2)) for layer in range(n)]
+    alpha = {"attention": 1.0, "prior": 0.0}.get(cfg.method, cfg.alpha)
+    if cfg.method == "loo":
+        return list(profile.loo)
+    return [alpha * a + (1 - alpha) * p for a, p in zip(_minmax(profile.attention), prior)]
+
+
+def select(profile: LayerProfile, cfg: SelectionConfig) -> list[int]:
+    """The selected layer indices, ascending."""
+    n = len(profile.attention)
+    k = max(1, min(n, round(cfg.ratio * n)))
+    if k == n:
+        return list(range(n))
+    if cfg.method == "random":
+        return sorted(random.Random(cfg.seed).sample(range(n), k))
+    s = scores(profile, cfg)
+    if cfg.method == "contiguous":
+        start = max(range(n - k + 1), key=lambda i: sum(s[i : i + k]))
+        return list(range(start, start + k))
+    return sorted(sorted(range(n), key=lambda i: -s[i])[:k])
