@@ -18,10 +18,11 @@ import json
 import math
 import random
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
+from . import calibration_data
 from .attention import attention_received
+from .calibration_data import Sample
 from .kv import KVCache, answer_log_likelihood, prefill
 from .models import Fingerprint, LoadedModel, cache_dir
 from .prompt import PromptFormat, encode
@@ -72,13 +73,6 @@ class LayerProfile:
         return profile
 
 
-def default_samples() -> list[tuple[str, str, str]]:
-    """(context, question, answer) from the bundled calibration texts."""
-    texts = resources.files("qkv_core").joinpath("data/calibration.txt").read_text().split("\n\n")
-    rows = resources.files("qkv_core").joinpath("data/calibration_qa.jsonl").read_text().splitlines()
-    return [(texts[r["context_index"]].strip(), r["question"], r["answers"][0]) for r in map(json.loads, rows)]
-
-
 def default_path(fp: Fingerprint) -> Path:
     return cache_dir() / "profiles" / f"{fp.name}-{fp.weights_sha256[:16]}-layers.json"
 
@@ -98,7 +92,7 @@ def keep_prefix(kv: KVCache, layers: set[int], prefix: int) -> KVCache:
     return KVCache([k[:, :prefix] if c else k for k, c in zip(kv.keys, cut)], [v[:, :prefix] if c else v for v, c in zip(kv.values, cut)])
 
 
-def calibrate(lm: LoadedModel, samples: list[tuple[str, str, str]]) -> LayerProfile:
+def calibrate(lm: LoadedModel, samples: list[Sample]) -> LayerProfile:
     fmt = PromptFormat.for_tokenizer(lm.tokenizer)
     attention = [0.0] * lm.num_layers
     loo = [0.0] * lm.num_layers
@@ -125,7 +119,7 @@ def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> LayerProfile
     path = path or default_path(lm.fingerprint)
     if path.exists():
         return LayerProfile.load(path, lm.fingerprint)
-    profile = calibrate(lm, default_samples())
+    profile = calibrate(lm, calibration_data.samples())
     profile.save(path)
     return profile
 

@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["codec", "layers"])
     p.add_argument("--data", type=Path, help="JSONL of calibration rows (context; for layers also question, answers); default: bundled")
     p.add_argument("--context-field", default="context")
-    p.add_argument("--limit", type=int, default=8, help="calibration texts taken from --data")
+    p.add_argument("--limit", type=int, default=8, help="calibration rows taken from --data")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per calibration text")
     p.add_argument("--out", type=Path, help="profile file (default: the model's profile in the cache, used by the sender)")
     p.add_argument("--allocate", help="also write this adaptive codec's allocation, e.g. budget-3 or seed-adaptive")
@@ -203,28 +203,32 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from qkv_core import allocation  # noqa: PLC0415
-    from qkv_core.codec import adaptive, save_layers  # noqa: PLC0415
+    from qkv_core import calibration_data  # noqa: PLC0415
     from qkv_core.config import RuntimeConfig  # noqa: PLC0415
     from qkv_core.evaluate import load_rows  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
     lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
-    if args.what == "layers":
-        return _calibrate_layers(args, lm)
     if args.data:
-        texts = list(dict.fromkeys(r[args.context_field] for r in load_rows(args.data) if r.get(args.context_field)))[: args.limit]
+        samples = calibration_data.from_rows(list(load_rows(args.data, args.limit)), args.context_field)
     else:
-        texts = allocation.default_texts()
-    profile = allocation.calibrate(lm, texts, args.max_tokens)
+        samples = calibration_data.samples()
+    return (_calibrate_layers if args.what == "layers" else _calibrate_codec)(args, lm, samples)
+
+
+def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN001
+    from qkv_core import allocation  # noqa: PLC0415
+    from qkv_core.codec import adaptive, save_layers  # noqa: PLC0415
+
+    profile = allocation.calibrate(lm, samples, args.max_tokens)
     out = args.out or allocation.default_path(lm.fingerprint)
     profile.save(out)
-    print(f"profile of {lm.fingerprint.name} on {profile.texts} texts ({profile.tokens} tokens) -> {out}")
-    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " |  (KIVI relative squared error)")
+    print(f"profile of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
+    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " |  (KIVI: next-token KL, nats, one tensor quantized)")
     print("|---|" + "---|" * len(allocation.BITS))
     for i in range(profile.num_layers):
-        cells = (f"{profile.error('kivi', 'key', b)[i]:.4f}/{profile.error('kivi', 'value', b)[i]:.4f}" for b in allocation.BITS)
-        print(f"| {i} | " + " | ".join(cells) + " |")
+        kl = profile.sensitivity
+        print(f"| {i} | " + " | ".join(f"{kl['key'][str(b)][i]:.4f}/{kl['value'][str(b)][i]:.4f}" for b in allocation.BITS) + " |")
     if args.allocate:
         kind = adaptive(args.allocate)
         if kind is None or kind[0] == "tokenmix":
@@ -239,15 +243,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate_layers(args: argparse.Namespace, lm) -> int:  # noqa: ANN001
+def _calibrate_layers(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN001
     from qkv_core import selection  # noqa: PLC0415
-    from qkv_core.evaluate import load_rows  # noqa: PLC0415
 
-    if args.data:
-        rows = [r for r in load_rows(args.data, args.limit) if r.get(args.context_field)]
-        samples = [(r[args.context_field], r["question"], (r.get("answers") or [r["answer"]])[0]) for r in rows]
-    else:
-        samples = selection.default_samples()
     profile = selection.calibrate(lm, samples)
     out = args.out or selection.default_path(lm.fingerprint)
     profile.save(out)

@@ -4,19 +4,19 @@ import pytest
 import torch
 from conftest import card_round_trip, tiny_model
 
-from qkv_core import allocation
+from qkv_core import allocation, calibration_data
 from qkv_core.codec import resolve, save_layers
 from qkv_core.kv import prefill
 from qkv_core.prompt import PromptFormat, encode
 from qkv_core.quant import FP16_BITS, encoded_size
 from qkv_core.sender import SenderEngine
 
-TEXTS = allocation.default_texts()[:2]
+SAMPLES = calibration_data.samples()[:2]
 
 
 @pytest.fixture(scope="module")
 def profile(tiny):
-    return allocation.calibrate(tiny, TEXTS, max_tokens=96)
+    return allocation.calibrate(tiny, SAMPLES, max_tokens=96)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def wide_profile():
         f: {k: {str(b): [a * 4.0 ** -b for a in scale[k]] for b in allocation.BITS} for k in allocation.KINDS}
         for f in allocation.FAMILIES
     }
-    return allocation.Profile("synthetic", "0" * 64, 1, 1, errors)
+    sensitivity = {k: errors["kivi"][k] for k in allocation.KINDS}
+    return allocation.Profile("synthetic", "0" * 64, 1, 1, errors, sensitivity)
 
 
 def _bits(layers, shapes):
@@ -41,6 +42,9 @@ def test_profile_errors_fall_with_width_and_round_trip_through_json(tiny, profil
         for kind in allocation.KINDS:
             errs = [sum(profile.error(family, kind, b)) for b in allocation.BITS]
             assert all(a > b for a, b in zip(errs, errs[1:])), (family, kind, errs)
+    for kind in allocation.KINDS:  # the next-token KL falls too, from clearly positive to about 0
+        kl = [sum(profile.sensitivity[kind][str(b)]) for b in allocation.BITS]
+        assert kl[0] > 10 * kl[-1] and min(kl) >= -1e-6, (kind, kl)
     # per-channel/per-token beats per-tensor at the same width on every layer's keys
     assert all(k < t for k, t in zip(profile.error("kivi", "key", 4), profile.error("tensor", "key", 4)))
     path = tmp_path / "p.json"
@@ -80,12 +84,12 @@ def test_budget_buys_error_where_it_is_cheapest(profile):
         layers = allocation.budget(profile, target, shapes)
         assert _bits(layers, shapes) <= target
         err[target] = sum(
-            0.0 if c.bits == FP16_BITS else profile.error("kivi", kind, c.bits)[i]
+            0.0 if c.bits == FP16_BITS else profile.sensitivity[kind][str(c.bits)][i]
             for i, layer in enumerate(layers) for kind, c in (("key", layer.key), ("value", layer.value))
         )
         # never worse than the widest uniform KIVI width that fits the same budget
         width = max(b for b in allocation.BITS if _bits(resolve(f"kivi-{b}", 3), shapes) <= target)
-        uniform_err = sum(profile.error("kivi", k, width)[i] for i in range(3) for k in allocation.KINDS)
+        uniform_err = sum(profile.sensitivity[k][str(width)][i] for i in range(3) for k in allocation.KINDS)
         assert err[target] <= uniform_err + 1e-12
     assert err[3.5] > err[4.5] > err[6.0]
 
@@ -106,7 +110,7 @@ def test_tokenmix_fits_the_budget_and_favours_attended_tokens():
 def test_adaptive_cards_round_trip_through_the_receiver(tmp_path):
     tiny = tiny_model(head_dim=64)  # head_dim 16 spends 2 bits per value on per-token scales
     fmt = PromptFormat.for_tokenizer(tiny.tokenizer)
-    ids = encode(tiny.tokenizer, fmt.context_part(" ".join(TEXTS)))[:200]
+    ids = encode(tiny.tokenizer, fmt.context_part(" ".join(c for c, _, _ in SAMPLES)))[:200]
     kv, _ = prefill(tiny, ids)
     sender = SenderEngine(tiny, profile_path=tmp_path / "profile.json")
     importance = torch.linspace(0, 1, len(ids))  # the latest tokens matter most

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from qkv_core import selection
+from qkv_core import calibration_data, selection
 from qkv_core.card import frames
 from qkv_core.kv import next_logits, prefill
 from qkv_core.prompt import encode
@@ -21,7 +21,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def profile(lm):
-    return selection.calibrate(lm, selection.default_samples()[:2])
+    return selection.calibrate(lm, calibration_data.samples()[:2])
 
 
 def test_calibration_measures_every_layer_and_round_trips(lm, profile, tmp_path):
