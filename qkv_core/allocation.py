@@ -24,9 +24,8 @@ Allocators:
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +35,8 @@ from .calibration_data import Sample
 from .card import encode_tensors
 from .codec import KIVI, SEED, LayerCodec
 from .kv import KVCache, next_logits, prefill
-from .models import Fingerprint, LoadedModel, cache_dir
+from .models import LoadedModel
+from .profile_file import ProfileFile
 from .prompt import PromptFormat, encode
 from .quant import FP16_BITS, TensorCodec, dequantize, encoded_size
 
@@ -47,9 +47,8 @@ Shape = tuple[int, int, int]
 
 
 @dataclass
-class Profile:
-    model: str
-    weights_sha256: str
+class Profile(ProfileFile):
+    KIND = "codec"
     texts: int
     tokens: int
     # errors[family][kind][str(bits)][layer]: relative squared reconstruction error
@@ -64,23 +63,6 @@ class Profile:
     def num_layers(self) -> int:
         return len(self.error("kivi", "key", BITS[0]))
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: Path, fingerprint: Fingerprint) -> "Profile":
-        try:
-            profile = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"cannot read codec profile {path}: {e}") from e
-        if profile.weights_sha256 != fingerprint.weights_sha256:
-            raise ValueError(f"codec profile {path} was calibrated on {profile.model!r}, not on this model's weights")
-        return profile
-
-
-def default_path(fp: Fingerprint) -> Path:
-    return cache_dir() / "profiles" / f"{fp.name}-{fp.weights_sha256[:16]}-codec.json"
 
 
 def _kl(lm: LoadedModel, kv: KVCache, kind: str, layer: int, approx: torch.Tensor, query: list[int], reference: torch.Tensor) -> float:
@@ -126,14 +108,8 @@ def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512) -> 
 
 
 def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> Profile:
-    """The profile at `path` (or the model's default one), calibrated on the bundled texts
-    and saved there if it does not exist yet."""
-    path = path or default_path(lm.fingerprint)
-    if path.exists():
-        return Profile.load(path, lm.fingerprint)
-    profile = calibrate(lm, calibration_data.samples())
-    profile.save(path)
-    return profile
+    """The saved profile, or one calibrated on the bundled samples (and saved) on first use."""
+    return Profile.load_or_make(lm.fingerprint, path, lambda: calibrate(lm, calibration_data.samples()))
 
 
 def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4), split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:

@@ -14,17 +14,17 @@ receiver gives them its own KV of the shared header (qkv_core.ragged attends ove
 """
 from __future__ import annotations
 
-import json
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import calibration_data
 from .attention import attention_received
 from .calibration_data import Sample
 from .kv import KVCache, answer_log_likelihood, prefill
-from .models import Fingerprint, LoadedModel, cache_dir
+from .models import LoadedModel
+from .profile_file import ProfileFile
 from .prompt import PromptFormat, encode
 
 METHODS = ("combined", "attention", "prior", "random", "contiguous", "loo")
@@ -51,30 +51,12 @@ class SelectionConfig:
 
 
 @dataclass
-class LayerProfile:
-    model: str
-    weights_sha256: str
+class LayerProfile(ProfileFile):
+    KIND = "layers"
     samples: int
     attention: list[float]  # raw S_a per layer
     loo: list[float]  # answer log-likelihood drop per layer (nats)
 
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: Path, fingerprint: Fingerprint) -> "LayerProfile":
-        try:
-            profile = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(f"cannot read layer profile {path}: {e}") from e
-        if profile.weights_sha256 != fingerprint.weights_sha256:
-            raise ValueError(f"layer profile {path} was calibrated on {profile.model!r}, not on this model's weights")
-        return profile
-
-
-def default_path(fp: Fingerprint) -> Path:
-    return cache_dir() / "profiles" / f"{fp.name}-{fp.weights_sha256[:16]}-layers.json"
 
 
 def shared_prefix(lm: LoadedModel, context_ids: list[int]) -> int:
@@ -116,12 +98,8 @@ def calibrate(lm: LoadedModel, samples: list[Sample]) -> LayerProfile:
 
 
 def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> LayerProfile:
-    path = path or default_path(lm.fingerprint)
-    if path.exists():
-        return LayerProfile.load(path, lm.fingerprint)
-    profile = calibrate(lm, calibration_data.samples())
-    profile.save(path)
-    return profile
+    """The saved profile, or one calibrated on the bundled samples (and saved) on first use."""
+    return LayerProfile.load_or_make(lm.fingerprint, path, lambda: calibrate(lm, calibration_data.samples()))
 
 
 def _minmax(xs: list[float]) -> list[float]:

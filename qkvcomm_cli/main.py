@@ -221,7 +221,7 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
     from qkv_core.codec import adaptive, save_layers  # noqa: PLC0415
 
     profile = allocation.calibrate(lm, samples, args.max_tokens)
-    out = args.out or allocation.default_path(lm.fingerprint)
+    out = args.out or allocation.Profile.default_path(lm.fingerprint)
     profile.save(out)
     print(f"profile of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
     print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " |  (KIVI: next-token KL, nats, one tensor quantized)")
@@ -247,7 +247,7 @@ def _calibrate_layers(args: argparse.Namespace, lm, samples) -> int:  # noqa: AN
     from qkv_core import selection  # noqa: PLC0415
 
     profile = selection.calibrate(lm, samples)
-    out = args.out or selection.default_path(lm.fingerprint)
+    out = args.out or selection.LayerProfile.default_path(lm.fingerprint)
     profile.save(out)
     print(f"layer profile of {lm.fingerprint.name} on {profile.samples} samples -> {out}")
     print("| layer | attention mass | leave-one-out (nats) |\n|---|---|---|")
