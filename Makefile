@@ -46,7 +46,8 @@ node-client-test: install proto $(NODE_MODULES)
 # Deployment files, validated offline. Debian's docker-compose (the PyPI one does not
 # install on Python 3.11) is installed on first use where we may.
 compose-config:
-	command -v docker-compose >/dev/null || { test "$$(id -u)" = 0 && apt-get install -y -qq docker-compose >/dev/null; } \
+	command -v docker-compose >/dev/null || { test "$$(id -u)" = 0 && { apt-get install -y -qq docker-compose >/dev/null \
+	  || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }; }; } \
 	  || { echo "install Debian's docker-compose package"; exit 1; }
 	docker-compose --profile cpu config -q
 	docker-compose --profile gpu config -q
