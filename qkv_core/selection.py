@@ -107,26 +107,35 @@ def _minmax(xs: list[float]) -> list[float]:
     return [(x - lo) / (hi - lo) if hi > lo else 0.0 for x in xs]
 
 
-def scores(profile: LayerProfile, cfg: SelectionConfig) -> list[float]:
+def needs_profile(cfg: SelectionConfig) -> bool:
+    """Whether the method reads calibrated scores (prior and random need none)."""
+    return cfg.ratio < 1 and cfg.method not in ("prior", "random")
+
+
+def scores(cfg: SelectionConfig, num_layers: int, profile: LayerProfile | None) -> list[float]:
     """Per-layer score of the method (higher = more worth sending)."""
-    n = len(profile.attention)
+    n = num_layers
     mu, sigma = cfg.gamma_mu * n, max(cfg.gamma_sigma * n, 1e-6)
     prior = [math.exp(-((layer - mu) ** 2) / (2 * sigma**2)) for layer in range(n)]
-    alpha = {"attention": 1.0, "prior": 0.0}.get(cfg.method, cfg.alpha)
+    if cfg.method == "prior":
+        return prior
+    if profile is None or len(profile.attention) != n:
+        raise ValueError(f"layer selection {cfg.method!r} needs a calibrated profile of this {n}-layer model")
     if cfg.method == "loo":
         return list(profile.loo)
+    alpha = 1.0 if cfg.method == "attention" else cfg.alpha
     return [alpha * a + (1 - alpha) * p for a, p in zip(_minmax(profile.attention), prior)]
 
 
-def select(profile: LayerProfile, cfg: SelectionConfig) -> list[int]:
+def select(cfg: SelectionConfig, num_layers: int, profile: LayerProfile | None = None) -> list[int]:
     """The selected layer indices, ascending."""
-    n = len(profile.attention)
+    n = num_layers
     k = max(1, min(n, round(cfg.ratio * n)))
     if k == n:
         return list(range(n))
     if cfg.method == "random":
         return sorted(random.Random(cfg.seed).sample(range(n), k))
-    s = scores(profile, cfg)
+    s = scores(cfg, n, profile)
     if cfg.method == "contiguous":
         start = max(range(n - k + 1), key=lambda i: sum(s[i : i + k]))
         return list(range(start, start + k))

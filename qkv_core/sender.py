@@ -92,7 +92,8 @@ class SenderEngine:
             return
         ragged.check(self.lm)
         with self._model_lock:
-            plan.selected = selection.select(self.layer_profile(), layers)
+            profile = self.layer_profile() if selection.needs_profile(layers) else None
+            plan.selected = selection.select(layers, self.lm.num_layers, profile)
         plan.shared_prefix = selection.shared_prefix(self.lm, ids)
         plan.selection = layers.name
 

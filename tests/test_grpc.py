@@ -198,3 +198,14 @@ def test_health_check_command_sees_serving_and_absent_servers(services):
     assert healthy(services.receiver) and healthy(services.sender)
     assert main(["health", "--address", services.sender]) == 0
     assert not healthy("127.0.0.1:1", timeout_s=0.5)
+
+
+def test_layer_selection_over_grpc_sends_half_the_layers(services):
+    context, question, gold = FACTS[0]
+    full = ask(services.sender, context, question, codec="fp16").stats
+    half = ask(services.sender, context, question, codec="fp16", layer_ratio=0.5, layer_method="prior")
+    assert half.stats.card_id != full.card_id
+    assert 0.45 < half.stats.wire_bytes / full.wire_bytes < 0.55  # 15 of 30 layers, nothing for the rest
+    assert half.text.strip()  # the receiver answers over its ragged cache
+    with pytest.raises(grpc.RpcError, match="unknown layer selection"):
+        ask(services.sender, context, question, layer_ratio=0.5, layer_method="best")

@@ -36,14 +36,17 @@ def test_calibration_measures_every_layer_and_round_trips(lm, profile, tmp_path)
 def test_methods_pick_what_they_promise():
     profile = LayerProfile("m", "0" * 64, 1, attention=[0.1, 0.9, 0.2, 0.8, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0],
                            loo=[5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
-    pick = lambda method, **kw: selection.select(profile, SelectionConfig(ratio=0.2, method=method, **kw))  # noqa: E731
+    pick = lambda method, **kw: selection.select(SelectionConfig(ratio=0.2, method=method, **kw), 10, profile)  # noqa: E731
     assert pick("attention") == [1, 3]
     assert pick("prior", gamma_mu=0.5, gamma_sigma=0.1) == [4, 5]  # the Gaussian's peak at 0.5 * L
     assert pick("loo") == [0, 9]
-    block = selection.select(profile, SelectionConfig(ratio=0.4, method="contiguous", alpha=1.0))
+    block = selection.select(SelectionConfig(ratio=0.4, method="contiguous", alpha=1.0), 10, profile)
     assert block == [1, 2, 3, 4]  # the best run of four consecutive layers by attention (sum 2.2)
     assert pick("random", seed=1) == pick("random", seed=1) and len(pick("random", seed=2)) == 2
-    assert selection.select(profile, SelectionConfig(ratio=1.0)) == list(range(10))
+    assert selection.select(SelectionConfig(ratio=1.0), 10) == list(range(10))
+    assert selection.select(SelectionConfig(ratio=0.2, method="prior"), 10) == pick("prior")  # no profile needed
+    with pytest.raises(ValueError, match="needs a calibrated profile"):
+        selection.select(SelectionConfig(ratio=0.2, method="loo"), 10)
     with pytest.raises(ValueError):
         SelectionConfig(ratio=0)
     with pytest.raises(ValueError, match="unknown layer selection"):
@@ -61,7 +64,7 @@ def test_unselected_layers_cost_nothing_and_get_the_shared_prefix(lm, profile, t
     full = sender.prepare(CONTEXT, "fp32")
     half = sender.prepare(CONTEXT, "fp32", layers=SelectionConfig(ratio=0.5))
     chosen = [spec.receiver_layer for spec in half.header.layers]
-    assert chosen == selection.select(profile, SelectionConfig(ratio=0.5)) and len(chosen) == 3
+    assert chosen == selection.select(SelectionConfig(ratio=0.5), 6, profile) and len(chosen) == 3
     per_layer = full.header.payload_bytes // 6
     assert half.header.payload_bytes == 3 * per_layer and len(half.blobs) == 3
     wire = lambda card: sum(f.ByteSize() for f in frames(card.header, card.blobs))  # noqa: E731
