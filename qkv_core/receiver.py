@@ -92,9 +92,10 @@ class ReceiverEngine:
             raise CardError(ErrorKind.PRECONDITION, f"the card's shared prefix is {tokens} tokens; this receiver's chat header is {length}")
         return kv
 
-    def accept(self, stream: Iterable[pb.CardFrame]) -> StoredCard:
-        """Take a whole card in one blocking call (the service streams frames through `intake` instead)."""
-        intake = self.intake()
+    def accept(self, stream: Iterable[pb.CardFrame], intake: Intake | None = None) -> StoredCard:
+        """Take a whole card in one blocking call (the service streams frames through `intake` instead);
+        pass an `intake` to read its statistics afterwards."""
+        intake = intake or self.intake()
         for frame in stream:
             if (ready := intake.feed(frame)) is not None:
                 intake.decode(ready)

@@ -42,10 +42,7 @@ def measure(sender: SenderEngine, receiver: ReceiverEngine, context: str, codec:
         card = sender.prepare(context, codec)
         stream = list(frames(card.header, card.blobs))
         intake = receiver.intake()
-        for frame in stream:
-            if (ready := intake.feed(frame)) is not None:
-                intake.decode(ready)
-        receiver.store.put(intake.finish(lm.num_layers))
+        receiver.accept(stream, intake)
         row = Row(
             tokens=card.header.context_tokens, sender_prefill_s=card.prefill_s, quantize_s=card.quantize_s,
             wire_bytes=sum(f.ByteSize() for f in stream), dequantize_s=intake.dequantize_s,
