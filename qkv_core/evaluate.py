@@ -60,6 +60,7 @@ class EvalConfig:
     facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
     layers: float = 1.0  # kv: share of layers the card carries
     layer_method: str = "combined"
+    relevance: bool = True  # MiniLM relevance per row; off, `rescore` fills it in later
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,7 +86,7 @@ class Example:
     contains: float
     completeness: float
     coherence: float
-    relevance: float
+    relevance: float | None  # None: not computed in this run (see EvalConfig.relevance)
     context_tokens: int = 0
     wire_bytes: int = 0
     kv_fp16_bytes: int = 0
@@ -108,7 +109,7 @@ class Report:
         return {
             "rows": n, "em": 100 * mean("em"), "f1": 100 * mean("f1"), "contains": 100 * mean("contains"),
             "completeness": 100 * mean("completeness"), "coherence": 100 * mean("coherence"),
-            "relevance": mean("relevance"),
+            "relevance": mean("relevance") if all(e.relevance is not None for e in self.examples) else None,
             "wire_bytes_mean": wire / n if n else 0, "compression_ratio": fp16 / wire if wire else None,
             "bandwidth_saved": 1 - wire / fp16 if fp16 else None,  # vs shipping the fp16 KV of all layers
             "f1_per_kb": 100 * mean("f1") / (wire / n / 1e3) if wire else None,
@@ -186,18 +187,18 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
                      "kv_fp16_bytes": card.kv_fp16_bytes, "prefill_s": card.prefill_s}
         report.examples.append(Example(
             id=str(row.get("id", len(report.examples))), question=question, answers=answers, prediction=text.strip(),
-            **score(text, answers, context or question), ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
+            **score(text, answers, context or question, cfg.relevance), ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
         ))
     return report
 
 
-def score(prediction: str, answers: list[str], context: str) -> dict[str, float]:
+def score(prediction: str, answers: list[str], context: str, relevance: bool = True) -> dict[str, float | None]:
     """Every answer metric of one prediction (see the module doc for the definitions)."""
     p = prediction.strip()
     return {
         "em": exact_match(p, answers), "f1": f1(p, answers), "contains": contains(p, answers),
         "completeness": completeness(p, answers), "coherence": coherence(p),
-        "relevance": similarity(p, context) if p else 0.0,
+        "relevance": (similarity(p, context) if p else 0.0) if relevance else None,
     }
 
 

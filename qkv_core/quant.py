@@ -159,6 +159,7 @@ def quantize_many(
     sink, recent = fp16_windows(codec, tokens)
     middles = [x[:, sink : tokens - recent] for x in xs]
     count = 0 if salient is None else salient.numel()
+    salient = None if salient is None else salient.to(xs[0].device)  # positions may come from the CPU
     parts = _parts(codec, tokens - sink - recent, count)
     if len(parts) == 1:
         subsets = [middles]
@@ -225,6 +226,7 @@ def dequantize(
     heads, tokens, dim = shape
     blob = blob.reshape(-1)
     count = 0 if salient is None else salient.numel()
+    salient = None if salient is None else salient.to(blob.device)
     if blob.numel() != encoded_size(codec, heads, tokens, dim, count):
         raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
 

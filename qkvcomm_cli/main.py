@@ -122,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context-field", default="context", help="e.g. context_gold for HotpotQA's gold paragraphs")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", type=Path, help="write every example and the summary here")
+    p.add_argument("--no-relevance", dest="relevance", action="store_false",
+                   help="skip the MiniLM relevance metric (faster; `qkvcomm rescore` fills it in later)")
     _runtime_flags(p)
 
     p = sub.add_parser("rescore", help="recompute every metric of saved `eval --json` results, in place")
@@ -172,7 +174,7 @@ def _eval(args: argparse.Namespace) -> int:
     from qkv_core.models import load_model  # noqa: PLC0415
 
     cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
-                     args.facts, args.layers, args.layer_method)
+                     args.facts, args.layers, args.layer_method, args.relevance)
     lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
     report = run(lm, cfg)
     if args.json:

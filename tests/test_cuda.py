@@ -1,0 +1,66 @@
+"""The GPU path (skipped without CUDA): the codec on CUDA writes the bytes the CPU writes, and a
+CUDA receiver injecting a card computes what a CPU receiver computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, tiny_model
+
+from qkv_core import codec as codecs
+from qkv_core.card import frames
+from qkv_core.kv import next_logits
+from qkv_core.models import wrap
+from qkv_core.prompt import encode
+from qkv_core.quant import Granularity, TensorCodec, dequantize, quantize
+from qkv_core.receiver import ReceiverEngine
+from qkv_core.selection import SelectionConfig
+from qkv_core.sender import SenderEngine
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+PRESETS = ["fp16", "int8", "seed-4", "kivi-4", "kivi-3", "kivi-2"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_codec_on_cuda_writes_the_cpu_bytes(preset):
+    torch.manual_seed(1)
+    x = torch.randn(3, 333, 64) * torch.linspace(0.1, 8, 64)  # channels of very different ranges, like keys
+    layer = codecs.resolve(preset, 1)[0]
+    for codec in (layer.key, layer.value):
+        cpu = quantize(x, codec)
+        gpu = quantize(x.cuda(), codec)
+        assert gpu.device.type == "cuda"
+        assert torch.equal(cpu, gpu.cpu())
+        back = dequantize(gpu, codec, tuple(x.shape), torch.float32)
+        assert torch.equal(back.cpu(), dequantize(cpu, codec, tuple(x.shape), torch.float32))
+
+
+def test_salient_tokens_on_cuda_with_positions_from_the_cpu():
+    """tokenmix: the sender's attention probe gives salient positions on the CPU."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 200, 64)
+    codec = TensorCodec(3, Granularity.PER_CHANNEL, sink_tokens=4, salient_bits=8)
+    salient = torch.tensor([0, 7, 50, 51, 190])
+    cpu = quantize(x, codec, salient)
+    gpu = quantize(x.cuda(), codec, salient)
+    assert torch.equal(cpu, gpu.cpu())
+    back = dequantize(gpu, codec, tuple(x.shape), torch.float32, salient)
+    assert torch.equal(back.cpu(), dequantize(cpu, codec, tuple(x.shape), torch.float32, salient))
+
+
+@pytest.mark.parametrize("layers", [SelectionConfig(), SelectionConfig(0.5, "prior")])
+@pytest.mark.parametrize("preset", ["fp16", "kivi-4"])
+def test_cuda_receiver_matches_cpu_receiver(preset, layers):
+    cpu_lm = tiny_model(seed=3, layers=4)
+    gpu_model = tiny_model(seed=3, layers=4)
+    gpu_lm = wrap(cpu_lm.fingerprint.name, gpu_model.model.cuda(), gpu_model.tokenizer)
+    assert gpu_lm.fingerprint == cpu_lm.fingerprint
+    card = SenderEngine(cpu_lm).prepare(CORPUS[0], preset, layers=layers)
+    stream = list(frames(card.header, card.blobs))
+    ids = encode(cpu_lm.tokenizer, "Q: when is the summit?\nA:")
+    logits = []
+    for lm in (cpu_lm, gpu_lm):
+        stored = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30).accept(stream)
+        assert all(k.device.type == lm.device.type for k in stored.kv.keys)
+        logits.append(next_logits(lm, stored.kv, ids).cpu())
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
