@@ -12,8 +12,9 @@ import enum
 import hashlib
 import struct
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import google_crc32c
 import torch
@@ -24,6 +25,9 @@ from .kv import KVCache
 from .models import Fingerprint
 from .quant import Granularity, TensorCodec, dequantize, encoded_size, fp16_windows, quantize_many
 from .wire import pb
+
+if TYPE_CHECKING:
+    from .crossmodel import Alignment
 
 FORMAT_VERSION = 1
 
@@ -223,9 +227,12 @@ class _Layer:
 class CardReader:
     """Validates a card frame by frame. `feed` returns the index of a layer it just completed."""
 
-    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int):
+    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int, alignments: Mapping[str, Alignment] | None = None):
         self.fingerprint = fingerprint
         self.max_card_bytes = max_card_bytes
+        self.alignments = alignments or {}  # by sender weights hash: the other models this receiver takes cards from
+        self.alignment: Alignment | None = None  # set when this card comes from another model
+        self.source = fingerprint  # the model whose shapes the card's layers have
         self.header: pb.CardHeader | None = None
         self.layers: list[_Layer] = []
         self.wire_bytes = 0
@@ -273,14 +280,19 @@ class CardReader:
         theirs = fingerprint_from_pb(h.model)
         differ = self.fingerprint.mismatch(theirs)
         if differ:
-            raise CardError(
-                ErrorKind.PRECONDITION,
-                f"card was made by model {theirs.name!r} but this receiver runs {self.fingerprint.name!r}; "
-                f"they differ in {', '.join(differ)}",
-            )
+            self.alignment = self.alignments.get(theirs.weights_sha256)
+            if self.alignment is None or self.alignment.sender != theirs:
+                raise CardError(
+                    ErrorKind.PRECONDITION,
+                    f"card was made by model {theirs.name!r} but this receiver runs {self.fingerprint.name!r}; "
+                    f"they differ in {', '.join(differ)}, and no calibration for this pair is loaded (fit one with "
+                    f"`qkvcomm calibrate pair --sender-model {theirs.name} --receiver-model {self.fingerprint.name}` "
+                    "and start the receiver with --alignment FILE)",
+                )
+            self.source = theirs
         if h.context_tokens == 0 or not h.layers:
             raise CardError(ErrorKind.INVALID, "card holds no tokens or no layers")
-        fp = self.fingerprint
+        fp = self.source
         salient = list(h.salient_tokens)
         if any(b <= a for a, b in zip(salient, salient[1:])) or (salient and salient[-1] >= h.context_tokens):
             raise CardError(ErrorKind.INVALID, "salient tokens must be ascending positions inside the context")
@@ -354,7 +366,7 @@ class CardReader:
     def decode_layer(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize one complete layer into (K, V) of shape [heads, tokens, dim]."""
         layer = self.layers[index]
-        shape = (self.fingerprint.num_kv_heads, layer.spec.tokens, self.fingerprint.head_dim)
+        shape = (self.source.num_kv_heads, layer.spec.tokens, self.source.head_dim)
         data = torch.frombuffer(layer.buf, dtype=torch.uint8).to(device)
         split = layer.spec.key_bytes
         h = self.header

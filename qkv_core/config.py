@@ -41,6 +41,7 @@ class ServiceConfig:
     max_new_tokens: int = 48
     store_bytes: int = 2 << 30  # receiver: budget of the in-memory card store (dequantized KV)
     max_card_bytes: int = 1 << 30  # receiver: largest card accepted
+    alignments: str = ""  # receiver: comma-separated alignment files (`calibrate pair`); cards of other models need one
     grace_s: float = 5.0  # graceful shutdown: time for in-flight calls to finish
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .card import frames
+from .crossmodel import METHODS, Alignment, default_path
 from .embedding import similarity
 from .facts import FactConfig
 from .models import LoadedModel
@@ -61,6 +62,8 @@ class EvalConfig:
     layers: float = 1.0  # kv: share of layers the card carries
     layer_method: str = "combined"
     relevance: bool = True  # MiniLM relevance per row; off, `rescore` fills it in later
+    sender_model: str = ""  # kv: the sender's model when it is not the receiver's (cross-model handoff)
+    alignment: str = ""  # cross-model: stats, ridge (the pair's calibrated file) or an alignment file
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +76,8 @@ class EvalConfig:
             raise ValueError("facts go with single-hop kv cards (or alone, in facts mode)")
         if self.mode == "facts" and not self.facts:
             raise ValueError("facts mode needs a fact method")
+        if self.sender_model and (self.mode != "kv" or self.hops > 1 or self.layers < 1 or self.facts or not self.alignment):
+            raise ValueError("a cross-model eval is single-hop kv with all layers, no facts, and an --alignment")
 
 
 @dataclass
@@ -139,8 +144,11 @@ def query_of(row: dict) -> str:
     return f"{turns}Q: {row['question']}" if turns else row["question"]
 
 
-def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
-    sender, receiver = SenderEngine(lm), ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 40)
+def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: LoadedModel | None = None) -> Report:
+    """Evaluate `lm` as the receiver (and the sender, unless `sender_lm` is another model)."""
+    alignments = [_alignment(sender_lm, lm, cfg.alignment)] if sender_lm is not None else []
+    sender = SenderEngine(sender_lm or lm)
+    receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 40, alignments=alignments)
     report = Report(config={k: str(v) for k, v in asdict(cfg).items()}, model=lm.fingerprint.name)
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
                          device=str(lm.device), dtype=str(lm.dtype))
@@ -190,6 +198,14 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> Report:
             **score(text, answers, context or question, cfg.relevance), ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
         ))
     return report
+
+
+def _alignment(sender: LoadedModel, receiver: LoadedModel, name: str) -> Alignment:
+    path = Path(name) if name not in METHODS else default_path(sender.fingerprint, receiver.fingerprint, name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `qkvcomm calibrate pair --sender-model {sender.fingerprint.name} "
+                                f"--receiver-model {receiver.fingerprint.name}` first")
+    return Alignment.load(path)
 
 
 def score(prediction: str, answers: list[str], context: str, relevance: bool = True) -> dict[str, float | None]:

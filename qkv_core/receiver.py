@@ -6,13 +6,14 @@ the context: the context reaches the model only as the card's keys and values.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from . import ragged
 from .card import CardError, CardReader, ErrorKind, fingerprint_to_pb, text_card_id
+from .crossmodel import Alignment
 from .kv import KVCache, generate, prefill, stream_text
 from .models import LoadedModel
 from .prompt import PromptFormat, encode
@@ -48,6 +49,16 @@ class Intake:
     def finish(self, num_layers: int) -> StoredCard:
         """The card's cache; layers it does not carry get only the shared prefix (a ragged cache)."""
         header = self.reader.finish()
+        if (alignment := self.reader.alignment) is not None:
+            missing = sorted(set(alignment.sources) - set(self.keys))
+            if missing:
+                raise CardError(ErrorKind.PRECONDITION, f"a card from another model must carry every layer its alignment reads; {missing} are missing")
+            start = time.perf_counter()
+            sender = KVCache([self.keys.get(i) for i in range(alignment.sender.num_layers)],
+                             [self.values.get(i) for i in range(alignment.sender.num_layers)])
+            kv = alignment.apply(sender, self.device, self.dtype)
+            self.dequantize_s += time.perf_counter() - start
+            return StoredCard(header, kv)
         missing = sorted(set(range(num_layers)) - set(self.keys))
         if missing:
             if not header.shared_prefix_tokens:
@@ -68,15 +79,19 @@ class Generation:
 
 
 class ReceiverEngine:
-    def __init__(self, lm: LoadedModel, store_bytes: int, max_card_bytes: int):
+    def __init__(self, lm: LoadedModel, store_bytes: int, max_card_bytes: int, alignments: Sequence[Alignment] = ()):
         self.lm = lm
+        for a in alignments:
+            if a.receiver != lm.fingerprint:
+                raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
+        self.alignments = {a.sender.weights_sha256: a for a in alignments}
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.store = CardStore(store_bytes)
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
 
     def intake(self) -> Intake:
-        return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes), self.lm.device, self.lm.dtype, self.shared_prefix)
+        return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments), self.lm.device, self.lm.dtype, self.shared_prefix)
 
     def shared_prefix(self, tokens: int) -> KVCache:
         """This model's KV of its chat header, which a layer-selected card leaves to the receiver."""

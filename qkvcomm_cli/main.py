@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     _service_flags(p, 50061, 9461)
     p.add_argument("--store-bytes", type=int, help="memory budget of the card store")
     p.add_argument("--max-card-bytes", type=int, help="largest card accepted")
+    p.add_argument("--alignment", action="append", default=[],
+                   help="take cards from another model through this `calibrate pair` file (repeatable)")
 
     p = sub.add_parser("serve-sender", help="run the Sender service")
     _service_flags(p, 50062, 9462)
@@ -97,8 +99,12 @@ def parser() -> argparse.ArgumentParser:
     ]))
     p.add_argument("--repeats", type=int, default=3)
 
-    p = sub.add_parser("calibrate", help="calibrate a codec profile (`codec`) or a layer-selection profile (`layers`)")
-    p.add_argument("what", choices=["codec", "layers"])
+    p = sub.add_parser("calibrate", help="calibrate a codec profile (`codec`), a layer-selection profile (`layers`) "
+                       "or a cross-model alignment (`pair`, implied by --sender-model)")
+    p.add_argument("what", nargs="?", choices=["codec", "layers", "pair"])
+    p.add_argument("--sender-model", help="pair: the model whose cards the receiver model will take")
+    p.add_argument("--receiver-model", help="pair: the receiver's model (default smollm2-135m)")
+    p.add_argument("--method", default="stats,ridge", help="pair: alignments to fit, of stats and ridge")
     p.add_argument("--data", type=Path, help="JSONL of calibration rows (context; for layers also question, answers); default: bundled")
     p.add_argument("--context-field", default="context")
     p.add_argument("--limit", type=int, default=8, help="calibration rows taken from --data")
@@ -122,6 +128,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context-field", default="context", help="e.g. context_gold for HotpotQA's gold paragraphs")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", type=Path, help="write every example and the summary here")
+    p.add_argument("--sender-model", default="", help="kv: a different sender model (cross-model handoff; needs --alignment)")
+    p.add_argument("--alignment", default="", help="cross-model: stats, ridge (the pair's `calibrate pair` file) or a file")
     p.add_argument("--no-relevance", dest="relevance", action="store_false",
                    help="skip the MiniLM relevance metric (faster; `qkvcomm rescore` fills it in later)")
     _runtime_flags(p)
@@ -174,9 +182,11 @@ def _eval(args: argparse.Namespace) -> int:
     from qkv_core.models import load_model  # noqa: PLC0415
 
     cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
-                     args.facts, args.layers, args.layer_method, args.relevance)
-    lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
-    report = run(lm, cfg)
+                     args.facts, args.layers, args.layer_method, args.relevance, args.sender_model, args.alignment)
+    runtime = {k: v for k in ("device", "dtype") if (v := getattr(args, k))}
+    lm = load_model(RuntimeConfig(**runtime, **({"model": args.model} if args.model else {})))
+    sender_lm = load_model(RuntimeConfig(model=args.sender_model, **runtime)) if args.sender_model else None
+    report = run(lm, cfg, sender_lm=sender_lm)
     if args.json:
         args.json.write_text(report.to_json())
     s = report.summary()
@@ -210,12 +220,37 @@ def _calibrate(args: argparse.Namespace) -> int:
     from qkv_core.evaluate import load_rows  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
-    lm = load_model(RuntimeConfig(**{k: v for k in ("model", "device", "dtype") if (v := getattr(args, k))}))
+    what = args.what or ("pair" if args.sender_model else None)
+    if what is None:
+        raise SystemExit("calibrate what? codec, layers, or pair (--sender-model A --receiver-model B)")
     if args.data:
         samples = calibration_data.from_rows(list(load_rows(args.data, args.limit)), args.context_field)
     else:
         samples = calibration_data.samples()
-    return (_calibrate_layers if args.what == "layers" else _calibrate_codec)(args, lm, samples)
+    runtime = {k: v for k in ("device", "dtype") if (v := getattr(args, k))}
+    if what == "pair":
+        return _calibrate_pair(args, runtime, [context for context, _, _ in samples])
+    lm = load_model(RuntimeConfig(**runtime, **({"model": args.model} if args.model else {})))
+    return (_calibrate_layers if what == "layers" else _calibrate_codec)(args, lm, samples)
+
+
+def _calibrate_pair(args: argparse.Namespace, runtime: dict, texts: list[str]) -> int:
+    from qkv_core import crossmodel  # noqa: PLC0415
+    from qkv_core.config import RuntimeConfig  # noqa: PLC0415
+    from qkv_core.models import load_model  # noqa: PLC0415
+
+    if not args.sender_model:
+        raise SystemExit("calibrate pair needs --sender-model (and --receiver-model, default smollm2-135m)")
+    sender = load_model(RuntimeConfig(model=args.sender_model, **runtime))
+    receiver = load_model(RuntimeConfig(model=args.receiver_model or RuntimeConfig().model, **runtime))
+    print(f"{sender.fingerprint.name} ({sender.num_layers} layers, {sender.fingerprint.num_kv_heads}x{sender.fingerprint.head_dim}) -> "
+          f"{receiver.fingerprint.name} ({receiver.num_layers} layers, {receiver.fingerprint.num_kv_heads}x{receiver.fingerprint.head_dim}) "
+          f"on {len(texts)} texts")
+    for method in args.method.split(","):
+        alignment = crossmodel.fit(sender, receiver, texts, method, args.max_tokens)
+        out = alignment.save(args.out if args.out and "," not in args.method else alignment.default_path())
+        print(f"{method}: receiver layer <- sender layer {alignment.sources} -> {out}")
+    return 0
 
 
 def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN001
@@ -335,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve-receiver":
         from receiver_service.server import main as serve  # noqa: PLC0415
 
-        cfg = _config(args, store_bytes=args.store_bytes, max_card_bytes=args.max_card_bytes)
+        cfg = _config(args, store_bytes=args.store_bytes, max_card_bytes=args.max_card_bytes,
+                      alignments=",".join(args.alignment) or None)
     else:
         from sender_service.server import main as serve  # noqa: PLC0415
 

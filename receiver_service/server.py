@@ -4,10 +4,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
 from qkv_core.config import ServiceConfig
+from qkv_core.crossmodel import Alignment
 from qkv_core.metrics import Metrics
 from qkv_core.models import LoadedModel, load_model
 from qkv_core.receiver import Generation, ReceiverEngine
@@ -83,7 +85,8 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics = Metrics("receiver")
-    engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes)
+    alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
+    engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes, alignments)
     servicer = ReceiverServicer(engine, metrics, cfg)
     return await start(
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics

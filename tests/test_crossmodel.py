@@ -1,0 +1,79 @@
+"""Cross-model handoff: layer map, RoPE handling, the two alignments and the receiver's refusal."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, tiny_model
+
+from qkv_core.card import CardError, ErrorKind, frames
+from qkv_core.crossmodel import Alignment, _rotate, aligned_positions, fit, inv_freqs, layer_sources
+from qkv_core.kv import generate, prefill
+from qkv_core.prompt import encode
+from qkv_core.receiver import ReceiverEngine
+from qkv_core.sender import SenderEngine
+
+TEXTS = CORPUS * 2
+
+
+def test_layer_sources_by_relative_depth():
+    assert layer_sources(5, 5) == [0, 1, 2, 3, 4]
+    down = layer_sources(30, 18)
+    assert len(down) == 18 and down[0] == 0 and down[-1] == 29 and down == sorted(set(down))
+    up = layer_sources(18, 30)
+    assert len(up) == 30 and up[0] == 0 and up[-1] == 17 and up == sorted(up) and set(up) == set(range(18))
+
+
+def test_aligned_positions_follow_character_offsets():
+    sender = [(0, 3), (3, 8), (8, 9), (9, 15)]  # "The" " rate" " " "limits"
+    receiver = [(0, 2), (2, 3), (3, 9), (9, 12), (12, 15)]
+    assert aligned_positions(sender, receiver) == [0, 0, 2, 3, 3]
+
+
+def test_rope_is_undone_exactly():
+    """Layer 0's key of a token depends on the token alone once RoPE is undone: the same token
+    at two positions gives the same de-rotated key (and rotating back restores the cache)."""
+    lm = tiny_model(seed=5)
+    ids = encode(lm.tokenizer, "fox fox")
+    tok = ids[0]
+    ids = [tok, *ids[1:-1], tok] if len(ids) > 2 else [tok, tok]
+    kv, _ = prefill(lm, ids)
+    freq = inv_freqs(lm)[0]
+    plain = _rotate(kv.keys[0], freq, -1.0)
+    torch.testing.assert_close(plain[:, 0], plain[:, -1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(kv.keys[0][:, 0], kv.keys[0][:, -1], atol=1e-3)  # RoPE did move them
+    torch.testing.assert_close(_rotate(plain, freq, 1.0), kv.keys[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["stats", "ridge"])
+def test_a_model_aligned_onto_itself_is_the_identity(method, tmp_path):
+    lm = tiny_model(seed=6)
+    alignment = fit(lm, lm, TEXTS, method)
+    assert alignment.sources == list(range(lm.fingerprint.num_layers))
+    kv, _ = prefill(lm, encode(lm.tokenizer, CORPUS[2]))
+    tol = 1e-4 if method == "stats" else 2e-2
+    for a in (alignment, Alignment.load(alignment.save(tmp_path / f"a{'.json' if method == 'stats' else '.safetensors'}"))):
+        out = a.apply(kv, lm.device, lm.dtype)
+        for got, want in zip(out.keys + out.values, kv.keys + kv.values):
+            assert (got - want).norm() / want.norm() < tol
+
+
+@pytest.mark.parametrize("method", ["stats", "ridge"])
+def test_receiver_takes_another_models_card_only_with_an_alignment(method):
+    sender_lm = tiny_model(seed=7, layers=3, head_dim=16)
+    receiver_lm = tiny_model(seed=8, layers=5, head_dim=8)
+    card = SenderEngine(sender_lm).prepare(CORPUS[0], "kivi-4")
+    stream = list(frames(card.header, card.blobs))
+
+    with pytest.raises(CardError) as refused:
+        ReceiverEngine(receiver_lm, 1 << 30, 1 << 30).accept(stream)
+    assert refused.value.kind == ErrorKind.PRECONDITION and "calibrate pair" in str(refused.value)
+
+    alignment = fit(sender_lm, receiver_lm, TEXTS, method)
+    stored = ReceiverEngine(receiver_lm, 1 << 30, 1 << 30, [alignment]).accept(stream)
+    fp = receiver_lm.fingerprint
+    assert stored.kv.num_layers == fp.num_layers
+    assert all(k.shape == (fp.num_kv_heads, card.header.context_tokens, fp.head_dim) for k in stored.kv.keys)
+    assert len(list(generate(receiver_lm, stored.kv, encode(receiver_lm.tokenizer, " Q:"), 3))) == 3
+
+    with pytest.raises(ValueError, match="another receiver"):
+        ReceiverEngine(sender_lm, 1 << 30, 1 << 30, [alignment])
