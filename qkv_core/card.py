@@ -94,13 +94,15 @@ def _salient_count(positions: Sequence[int], context_tokens: int, layer_tokens: 
 
 
 def card_id(
-    fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str, salient: Sequence[int] = ()
+    fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str, salient: Sequence[int] = (),
+    sources: Sequence[int] = (),
 ) -> str:
-    """Content hash: the same model, tokens, codec and facts always give the same card."""
+    """Content hash: the same model, tokens, codec, facts and layer map always give the same card."""
     h = hashlib.sha256()
     h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
     h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
     h.update(struct.pack(f"<{len(salient)}I", *salient))
+    h.update(struct.pack(f"<{len(sources)}I", *sources))
     for layer in layers:
         h.update(layer.SerializeToString(deterministic=True))
     h.update(facts.encode())
@@ -125,6 +127,7 @@ class CardPlan:
     selected: list[int] | None = None  # layers sent (ascending); None: all
     shared_prefix: int = 0  # with a selection: tokens every receiver computes itself
     selection: str = ""  # how the layers were selected
+    sources: list[int] = field(default_factory=list)  # cross-model: receiver layer j reads layer sources[j]
     facts: list[pb.Fact] = field(default_factory=list)
     fact_summary: str = ""
 
@@ -147,7 +150,7 @@ def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: Car
         ))
     return pb.CardHeader(
         format_version=FORMAT_VERSION,
-        card_id=card_id(fp, context_ids, layers, plan.fact_summary, salient),
+        card_id=card_id(fp, context_ids, layers, plan.fact_summary, salient, plan.sources),
         salient_tokens=salient,
         model=fingerprint_to_pb(fp),
         context_tokens=n,
@@ -158,6 +161,7 @@ def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: Car
         payload_bytes=sum(layer.key_bytes + layer.value_bytes for layer in layers),
         shared_prefix_tokens=plan.shared_prefix,
         layer_selection=plan.selection,
+        layer_sources=plan.sources,
     )
 
 
@@ -289,7 +293,14 @@ class CardReader:
                     f"`qkvcomm calibrate pair --sender-model {theirs.name} --receiver-model {self.fingerprint.name}` "
                     "and start the receiver with --alignment FILE)",
                 )
+            if h.layer_sources and list(h.layer_sources) != self.alignment.sources:
+                raise CardError(
+                    ErrorKind.PRECONDITION,
+                    f"card maps its layers as {list(h.layer_sources)}, this receiver's alignment as {self.alignment.sources}",
+                )
             self.source = theirs
+        elif h.layer_sources:
+            raise CardError(ErrorKind.PRECONDITION, f"card was mapped for a receiver of {len(h.layer_sources)} layers, not this model")
         if h.context_tokens == 0 or not h.layers:
             raise CardError(ErrorKind.INVALID, "card holds no tokens or no layers")
         fp = self.source

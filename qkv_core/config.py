@@ -35,6 +35,7 @@ class ServiceConfig:
     layer_ratio: float = 1.0  # sender: share of layers a card carries (a request can override)
     layer_method: str = "combined"  # combined | attention | prior | random | contiguous | loo
     layer_profile: str = ""  # sender: layer-selection profile (JSON); "" = the model's default, made on first use
+    receiver_layers: int = 0  # sender: the receiver model's depth when it runs another model (cross-model cards)
     facts: bool = False  # sender: extract facts into every card (a request can also ask for them)
     facts_method: str = "hybrid"  # simple | yake | spacy | hybrid
     facts_budget_bytes: int = 400  # size of the fact summary

@@ -186,7 +186,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
             extra = {"context_tokens": len(chain.ids), "wire_bytes": chain.wire_bytes[-1],
                      "kv_fp16_bytes": chain.kv.nbytes(2)}
         else:
-            card = sender.prepare(context, cfg.codec, facts, layers)
+            card = sender.prepare(context, cfg.codec, facts, layers, lm.num_layers if sender_lm is not None else 0)
             stream = list(frames(card.header, card.blobs))
             wire = sum(frame.ByteSize() for frame in stream)
             receiver.accept(stream)

@@ -50,7 +50,7 @@ class Intake:
         """The card's cache; layers it does not carry get only the shared prefix (a ragged cache)."""
         header = self.reader.finish()
         if (alignment := self.reader.alignment) is not None:
-            missing = sorted(set(alignment.sources) - set(self.keys))
+            missing = sorted(set(alignment.sources) - set(self.keys))  # equal to the card's map, when it has one
             if missing:
                 raise CardError(ErrorKind.PRECONDITION, f"a card from another model must carry every layer its alignment reads; {missing} are missing")
             start = time.perf_counter()

@@ -12,6 +12,7 @@ from . import allocation, ragged, selection
 from . import codec as codecs
 from .attention import attention_received
 from .card import CardPlan, build_header, encode_layers
+from .crossmodel import layer_sources
 from .facts import FactCache, FactConfig
 from .kv import KVCache, prefill
 from .models import LoadedModel
@@ -98,9 +99,14 @@ class SenderEngine:
         plan.selection = layers.name
 
     def prepare(
-        self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig()
+        self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig(),
+        receiver_layers: int = 0,
     ) -> PreparedCard:
-        """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too."""
+        """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too.
+        `receiver_layers`: the depth of a receiver running another model; the card then carries
+        the layer map and only the layers that receiver reads."""
+        if receiver_layers and (layers.ratio < 1 or receiver_layers == self.lm.num_layers):
+            raise ValueError("a cross-model card takes every layer its map reads, for a receiver of another depth")
         kind = codecs.adaptive(codec_name)
         if kind is None:
             codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
@@ -111,6 +117,9 @@ class SenderEngine:
         start = time.perf_counter()
         plan = self.allocate(codec_name, kv, importance)
         self.select(plan, ids, layers)
+        if receiver_layers:
+            plan.sources = layer_sources(self.lm.num_layers, receiver_layers)
+            plan.selected = sorted(set(plan.sources))
         facts_start = time.perf_counter()
         if facts:
             extracted = self.facts.get(context, facts)

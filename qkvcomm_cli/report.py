@@ -8,7 +8,7 @@ from pathlib import Path
 from qkv_core.qa_metrics import normalize
 
 COLUMNS = [
-    "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete", "coherent",
+    "model", "device", "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete", "coherent",
     "relevance", "bits/elem", "wire KB/row", "ratio vs fp16", "TTFT ms",
 ]
 
@@ -23,8 +23,21 @@ def bits_per_element(summary: dict) -> float | None:
     return 16 / ratio if ratio else None
 
 
-def _key(r: dict) -> tuple[str, str]:
-    return Path(r["config"]["data"]).name, r["config"]["context_field"]
+def _key(r: dict) -> tuple[str, str, str]:
+    return r["model"], Path(r["config"]["data"]).name, r["config"]["context_field"]
+
+
+def model_of(r: dict) -> str:
+    """The receiver's model, after the sender's when they differ (a cross-model run)."""
+    sender = r["config"].get("sender_model")
+    return f"{sender} → {r['model']} ({r['config']['alignment']})" if sender else r["model"]
+
+
+def _plain_kv(r: dict) -> bool:
+    """A same-model, single-hop card of every layer without facts: what the codec alone does."""
+    c = r["config"]
+    return (c["mode"] == "kv" and int(c.get("hops", 1)) == 1 and float(c.get("layers", 1)) >= 1
+            and not c.get("facts") and not c.get("sender_model"))
 
 
 def agreement(result: dict, skyline: dict | None) -> float | None:
@@ -50,7 +63,7 @@ def _row(r: dict, skyline: dict | None) -> list[str]:
     if c.get("facts"):
         codec = f"{codec} + facts ({c['facts']})" if kv else f"facts ({c['facts']})"
     return [
-        Path(c["data"]).name, c["context_field"], c["mode"], codec, str(s["rows"]),
+        model_of(r), c.get("device", "cpu"), Path(c["data"]).name, c["context_field"], c["mode"], codec, str(s["rows"]),
         f"{s['em']:.1f}", f"{s['f1']:.1f}", f"{s['contains']:.1f}", _fmt(agreement(r, skyline), ".0f"),
         _fmt(s.get("completeness"), ".1f"), _fmt(s.get("coherence"), ".1f"), _fmt(s.get("relevance"), ".3f"),
         _fmt(bits_per_element(s), ".2f"), f"{s['wire_bytes_mean'] / 1e3:.1f}",
@@ -75,7 +88,8 @@ def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
 
     by_data: dict[str, list[dict]] = defaultdict(list)
     for r in results:
-        by_data[f"{Path(r['config']['data']).stem} ({r['config']['context_field']})"].append(r)
+        if r["model"] == results[0]["model"] and (_plain_kv(r) or r["config"]["mode"] in ("baseline", "skyline")):
+            by_data[f"{Path(r['config']['data']).stem} ({r['config']['context_field']})"].append(r)
     fig, axes = plt.subplots(1, len(by_data), figsize=(6 * len(by_data), 4.5), squeeze=False)
     for ax, (name, runs) in zip(axes[0], sorted(by_data.items())):
         for r in runs:
@@ -103,20 +117,15 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    kv = [r for r in results if r["config"]["mode"] == "kv" and int(r["config"].get("hops", 1)) == 1 and not r["config"].get("facts")]
+    kv = layer_runs(results)
     methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
     if not methods:
         return False
-    lines: dict[tuple[str, str, str], dict[float, float]] = defaultdict(dict)
-    for r in kv:
-        c, ratio = r["config"], float(r["config"].get("layers", 1))
-        for method in methods if ratio >= 1 else [c["layer_method"]]:
-            lines[(Path(c["data"]).stem, c["codec"], method)][ratio] = r["summary"]["f1"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (data, codec, method), points in sorted(lines.items()):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (data, rows, codec, method), points in sorted(layer_lines(kv, methods).items()):
         if len(points) > 1:
             xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{data} {codec} {method}")
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{data}[{rows}] {codec} {method}")
     ax.set(xlabel="share of layers sent", ylabel="F1", title=f"{results[0]['model']}: F1 vs layer ratio")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -126,20 +135,56 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     return True
 
 
+def layer_runs(results: list[dict]) -> list[dict]:
+    """Same-model single-hop kv runs without facts, with or without layer selection."""
+    return [r for r in results if r["config"]["mode"] == "kv" and int(r["config"].get("hops", 1)) == 1
+            and not r["config"].get("facts") and not r["config"].get("sender_model") and r["model"] == results[0]["model"]]
+
+
+def layer_lines(kv: list[dict], methods: list[str]) -> dict[tuple[str, int, str, str], dict[float, float]]:
+    """F1 by layer ratio per (dataset, rows, codec, method); a full-layer run is ratio 1 of every method."""
+    lines: dict[tuple[str, int, str, str], dict[float, float]] = defaultdict(dict)
+    for r in kv:
+        c, ratio = r["config"], float(r["config"].get("layers", 1))
+        for method in methods if ratio >= 1 else [c["layer_method"]]:
+            lines[(Path(c["data"]).stem, r["summary"]["rows"], c["codec"], method)][ratio] = r["summary"]["f1"]
+    return lines
+
+
+def layers_table(results: list[dict]) -> str:
+    """Layer selection as a grid: one row per method, one column per (dataset, codec, ratio)."""
+    kv = layer_runs(results)
+    methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
+    lines = {k: v for k, v in layer_lines(kv, methods).items() if len(v) > 1}
+    if not lines:
+        return ""
+    groups = sorted({k[:3] for k in lines})
+    ratios = sorted({x for v in lines.values() for x in v})
+    cols = [(g, x) for g in groups for x in ratios if any(x in lines.get((*g, m), {}) for m in methods)]
+    head = "| method | " + " | ".join(f"{d}[{n}] {c} @{x:g}" for (d, n, c), x in cols) + " |"
+    out = [head, "|" + "---|" * (len(cols) + 1)]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(_fmt(lines.get((*g, m), {}).get(x), ".1f") for g, x in cols) + " |")
+    return "\n".join(out)
+
+
 def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
-    c = results[0]["config"]
+    machines = sorted({f"{r['config'].get('device', 'cpu')} ({r['config']['dtype']}) on {r['config']['machine']}, {r['config']['date']}"
+                       for r in results})
     parts = [
         "# Results",
         "",
-        f"Model `{results[0]['model']}` on {c['device']} ({c['dtype']}), {c['machine']}, {c['date']}.",
+        "Runs: " + "; ".join(machines) + ".",
         f"Produced by `{command}` from the JSON files in `results/` (one per `qkvcomm eval` run;",
-        "`benchmarks/qa_sweep.sh` runs them). Bits/elem and the ratio count every byte of the card.",
+        "`benchmarks/grid.sh benchmarks/grids/*.txt` runs them). Bits/elem and the ratio count every byte of the card.",
         "Columns: EM, F1 (token, max over gold answers) and contains-answer as in SQuAD's evaluation;",
         "`= skyline`: % of rows answered exactly like the skyline (normalized); `complete`: gold-token",
         "recall; `coherent`: distinct/all word trigrams; `relevance`: MiniLM cosine of answer and",
         "context (definitions in `qkv_core/qa_metrics.py`, `qkv_core/evaluate.py`).",
         "",
-        table(results),
+        table(sorted(results, key=lambda r: (model_of(r), _key(r)[1:], r["config"]["mode"], r["config"]["codec"]))),
     ]
+    if layers := layers_table(results):
+        parts += ["", "## Layer selection: F1 by method and share of layers sent", "", layers]
     parts += [f"\n![{p.stem}]({p.name})" for p in charts]
     return "\n".join(parts) + "\n"

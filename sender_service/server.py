@@ -64,7 +64,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         return stats, facts is not None
 
     async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig) -> pb.HandoffStats:
-        card = await asyncio.to_thread(self.engine.prepare, context, codec, facts, layers)
+        card = await asyncio.to_thread(self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers)
         header = card.header
         self.metrics.observe("prefill", card.prefill_s)
         self.metrics.observe("quantize", card.quantize_s)

@@ -70,6 +70,12 @@ def test_receiver_takes_another_models_card_only_with_an_alignment(method):
 
     alignment = fit(sender_lm, receiver_lm, TEXTS, method)
     stored = ReceiverEngine(receiver_lm, 1 << 30, 1 << 30, [alignment]).accept(stream)
+    mapped = SenderEngine(sender_lm).prepare(CORPUS[0], "kivi-4", receiver_layers=receiver_lm.num_layers)
+    assert list(mapped.header.layer_sources) == alignment.sources
+    assert [spec.sender_layer for spec in mapped.header.layers] == sorted(set(alignment.sources))
+    via_map = ReceiverEngine(receiver_lm, 1 << 30, 1 << 30, [alignment]).accept(frames(mapped.header, mapped.blobs))
+    for a, b in zip(via_map.kv.keys + via_map.kv.values, stored.kv.keys + stored.kv.values):
+        assert torch.equal(a, b)
     fp = receiver_lm.fingerprint
     assert stored.kv.num_layers == fp.num_layers
     assert all(k.shape == (fp.num_kv_heads, card.header.context_tokens, fp.head_dim) for k in stored.kv.keys)
@@ -77,3 +83,15 @@ def test_receiver_takes_another_models_card_only_with_an_alignment(method):
 
     with pytest.raises(ValueError, match="another receiver"):
         ReceiverEngine(sender_lm, 1 << 30, 1 << 30, [alignment])
+    with pytest.raises(CardError, match="mapped for a receiver"):  # a mapped card reaching its own model
+        ReceiverEngine(sender_lm, 1 << 30, 1 << 30).accept(frames(mapped.header, mapped.blobs))
+
+
+def test_a_card_for_a_shallower_receiver_carries_only_the_layers_it_reads():
+    sender = SenderEngine(tiny_model(seed=9, layers=5))
+    full = sender.prepare(CORPUS[1], "kivi-4")
+    mapped = sender.prepare(CORPUS[1], "kivi-4", receiver_layers=3)
+    assert list(mapped.header.layer_sources) == [0, 2, 4]
+    assert [spec.sender_layer for spec in mapped.header.layers] == [0, 2, 4]
+    assert mapped.header.payload_bytes * 5 == full.header.payload_bytes * 3
+    assert mapped.header.card_id != full.header.card_id
