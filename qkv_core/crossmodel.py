@@ -110,6 +110,10 @@ class Alignment:
     receiver_inv_freq: torch.Tensor  # [receiver layers, receiver head_dim/2]
     maps: list[dict[str, object]]  # per receiver layer: {"k": ..., "v": ...}: (Moments, Moments) or a weight
 
+    def __post_init__(self) -> None:
+        # The z-score transfer as one affine map per layer and part, built once, not per card.
+        self._affine = [{p: _affine(*m[p]) for p in ("k", "v")} for m in self.maps] if self.method == "stats" else []
+
     # -- applying -------------------------------------------------------------------------
     def apply(self, kv: KVCache, device: torch.device, dtype: torch.dtype) -> KVCache:
         """The receiver's cache for a sender cache of all sender layers."""
@@ -126,16 +130,12 @@ class Alignment:
         return KVCache(keys, values)
 
     def _map(self, layer: int, part: str, x: torch.Tensor) -> torch.Tensor:
-        m = self.maps[layer][part]
         if self.method == "ridge":
-            w = m  # [features_s + 1, features_r]
+            w = self.maps[layer][part]  # [features_s + 1, features_r]
             return x @ w[:-1] + w[-1]
-        src, dst = m
         size = self.receiver.num_kv_heads * self.receiver.head_dim
-        if x.shape[-1] != size:
-            x = _resize(x, size)
-        mu_s, sd_s, mu_r, sd_r = (torch.tensor(t, dtype=torch.float32) for t in (src.mean, src.std, dst.mean, dst.std))
-        return (x - mu_s) / sd_s * sd_r + mu_r
+        scale, shift = self._affine[layer][part]
+        return (x if x.shape[-1] == size else _resize(x, size)) * scale + shift
 
     # -- files ------------------------------------------------------------------------------
     def default_path(self) -> Path:
@@ -177,6 +177,13 @@ class Alignment:
             raise ValueError(f"{path}: an alignment is a .json (stats) or .safetensors (ridge) file")
         return cls(Fingerprint(**body["sender"]), Fingerprint(**body["receiver"]), body["method"], body["sources"],
                    inv_s, inv_r, maps)
+
+
+def _affine(src: Moments, dst: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x − μ_s)/σ_s · σ_r + μ_r written as x · scale + shift."""
+    mu_s, sd_s, mu_r, sd_r = (torch.tensor(t, dtype=torch.float32) for t in (src.mean, src.std, dst.mean, dst.std))
+    scale = sd_r / sd_s
+    return scale, mu_r - mu_s * scale
 
 
 def default_path(sender: Fingerprint, receiver: Fingerprint, method: str) -> Path:

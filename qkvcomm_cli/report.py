@@ -33,11 +33,15 @@ def model_of(r: dict) -> str:
     return f"{sender} → {r['model']} ({r['config']['alignment']})" if sender else r["model"]
 
 
-def _plain_kv(r: dict) -> bool:
-    """A same-model, single-hop card of every layer without facts: what the codec alone does."""
+def _one_card(r: dict) -> bool:
+    """A same-model, single-hop card without facts (any share of layers)."""
     c = r["config"]
-    return (c["mode"] == "kv" and int(c.get("hops", 1)) == 1 and float(c.get("layers", 1)) >= 1
-            and not c.get("facts") and not c.get("sender_model"))
+    return c["mode"] == "kv" and int(c.get("hops", 1)) == 1 and not c.get("facts") and not c.get("sender_model")
+
+
+def _plain_kv(r: dict) -> bool:
+    """A card of every layer as _one_card: what the codec alone does."""
+    return _one_card(r) and float(r["config"].get("layers", 1)) >= 1
 
 
 def agreement(result: dict, skyline: dict | None) -> float | None:
@@ -137,8 +141,7 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
 
 def layer_runs(results: list[dict]) -> list[dict]:
     """Same-model single-hop kv runs without facts, with or without layer selection."""
-    return [r for r in results if r["config"]["mode"] == "kv" and int(r["config"].get("hops", 1)) == 1
-            and not r["config"].get("facts") and not r["config"].get("sender_model") and r["model"] == results[0]["model"]]
+    return [r for r in results if _one_card(r) and r["model"] == results[0]["model"]]
 
 
 def layer_lines(kv: list[dict], methods: list[str]) -> dict[tuple[str, int, str, str], dict[float, float]]:
