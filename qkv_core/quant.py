@@ -28,7 +28,7 @@ import torch
 
 from .packing import pack_bits, packed_size, unpack_bits
 
-_BATCH_ELEMENTS = 1 << 21  # 8 MiB of fp32 staging: below glibc's mmap ceiling, above per-op overhead
+_BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
 FP16_BITS = 16
 FP32_BITS = 32
 _FLOAT = {FP16_BITS: torch.float16, FP32_BITS: torch.float32}
@@ -169,12 +169,9 @@ def quantize_many(
         keep = ordinary.nonzero().squeeze(1)
         subsets = [[m.index_select(1, keep) for m in middles], [m.index_select(1, salient) for m in middles]]
     encoded = [_encode_part(ms, codec, bits) for (bits, _), ms in zip(parts, subsets)]
-    windows = [
-        torch.cat([_float_bytes(x[:, :sink]), _float_bytes(x[:, tokens - recent :])])
-        if sink + recent else x.new_empty(0, dtype=torch.uint8)
-        for x in xs
-    ]
-    return [torch.cat(pieces) for pieces in zip(*encoded, windows)]
+    if sink + recent:
+        encoded.append([torch.cat([_float_bytes(x[:, :sink]), _float_bytes(x[:, tokens - recent :])]) for x in xs])
+    return [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for pieces in zip(*encoded)]
 
 
 def _encode_part(xs: list[torch.Tensor], codec: TensorCodec, bits: int) -> list[torch.Tensor]:
@@ -204,14 +201,16 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int) -> list
         raise ValueError("KV values are not finite, or their range exceeds fp16; use a finer granularity or fp16")
     s = scale.float()
     inv = torch.where(s > 0, s.reciprocal(), 0.0)
-    # code = floor((x - zero) / scale + 1/2) = floor((x - (zero - scale/2)) * (1/scale));
-    # the clamp only guards fp32 rounding at the ends of the range.
-    codes = torch.sub(groups, zero.float() - s / 2).mul_(inv).clamp_(0, qmax + 0.5).to(torch.uint8)
-    if rows * width * bits % 8 == 0:  # every tensor starts on a byte: pack all at once
-        packed = pack_bits(codes, bits).view(n, -1)
-    else:
-        packed = [pack_bits(c, bits) for c in codes.view(n, -1)]
+    # code = floor((x - zero) / scale + 1/2) = floor((x - (zero - scale/2)) * (1/scale)), in
+    # place on the staging buffer. No clamp is needed: zero <= x makes the difference >= 0, and
+    # x <= zero + qmax * scale bounds the product by qmax + 1/2 plus a few fp32 ulps.
+    # Codes below 128 go through int8: float->int8 is vectorized on the CPU, float->uint8
+    # is not (0.75 vs 0.14 ms for 2M values).
+    codes = groups.sub_(zero.float() - s / 2).mul_(inv).to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
     scales, zeros = scale.view(n, rows).view(torch.uint8), zero.view(n, rows).view(torch.uint8)
+    if rows * width * bits % 8 == 0:  # every tensor starts on a byte: pack and join all at once
+        return list(torch.cat([pack_bits(codes, bits).view(n, -1), scales, zeros], dim=1))
+    packed = [pack_bits(c, bits) for c in codes.view(n, -1)]
     return [torch.cat(parts) for parts in zip(packed, scales, zeros)]
 
 

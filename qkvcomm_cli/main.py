@@ -97,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
         "fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
         "budget-4", "budget-3", "budget-2.5", "tokenmix-4", "tokenmix-3",
     ]))
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3)")
 
     p = sub.add_parser("calibrate", help="calibrate a codec profile (`codec`), a layer-selection profile (`layers`) "
                        "or a cross-model alignment (`pair`, implied by --sender-model)")
@@ -358,13 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         from qkvcomm_cli import bench_ttft  # noqa: PLC0415
 
         runtime = RuntimeConfig(model=args.model, device=args.device)
-        rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats)
+        rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats or 3)
         print(bench_ttft.table(rows, args.model, args.codec, args.device))
         return 0
     if args.command == "bench":
         from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415
 
-        rows = run_codec_bench(args.model, args.data, args.tokens, args.codecs.split(","), args.repeats)
+        rows = run_codec_bench(args.model, args.data, args.tokens, args.codecs.split(","), args.repeats or 10)
         print(table(rows, args.tokens, args.model))
         return 0
     if args.command == "serve-receiver":
