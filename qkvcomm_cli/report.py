@@ -33,10 +33,15 @@ def model_of(r: dict) -> str:
     return f"{sender} → {r['model']} ({r['config']['alignment']})" if sender else r["model"]
 
 
-def _one_card(r: dict) -> bool:
-    """A same-model, single-hop card without facts (any share of layers)."""
+def _same_model_card(r: dict) -> bool:
+    """A same-model card without facts, over any number of hops and any share of layers."""
     c = r["config"]
-    return c["mode"] == "kv" and int(c.get("hops", 1)) == 1 and not c.get("facts") and not c.get("sender_model")
+    return c["mode"] == "kv" and not c.get("facts") and not c.get("sender_model")
+
+
+def _one_card(r: dict) -> bool:
+    """A single-hop _same_model_card."""
+    return _same_model_card(r) and int(r["config"].get("hops", 1)) == 1
 
 
 def _plain_kv(r: dict) -> bool:
@@ -171,6 +176,42 @@ def layers_table(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def hops_table(results: list[dict]) -> str:
+    """The multi-hop relay: F1 by number of hops, one row per (dataset, rows, codec)."""
+    chains: dict[tuple[str, str, int, str], dict[int, float]] = defaultdict(dict)
+    for r in results:
+        if _same_model_card(r) and float(r["config"].get("layers", 1)) >= 1:
+            c = r["config"]
+            key = (r["model"], Path(c["data"]).stem, r["summary"]["rows"], c["codec"])
+            chains[key][int(c.get("hops", 1))] = r["summary"]["f1"]
+    chains = {k: v for k, v in chains.items() if len(v) > 1}
+    if not chains:
+        return ""
+    hops = sorted({h for v in chains.values() for h in v})
+    out = ["| model | data | codec | " + " | ".join(f"{h} hop{'s' * (h > 1)}" for h in hops) + " |", "|" + "---|" * (len(hops) + 3)]
+    for (model, data, rows, codec), f1 in sorted(chains.items()):
+        out.append(f"| {model} | {data}[{rows}] | {codec} | " + " | ".join(_fmt(f1.get(h), ".1f") for h in hops) + " |")
+    return "\n".join(out)
+
+
+def datasets_table(results: list[dict], codecs: tuple[str, ...] = ("fp16", "kivi-4")) -> str:
+    """F1 of baseline, skyline and cards of `codecs`, one row per (model, dataset, context, rows)."""
+    cols = ["baseline", "skyline", *codecs]
+    grid: dict[tuple[str, str, str, int], dict[str, float]] = defaultdict(dict)
+    for r in results:
+        c = r["config"]
+        col = c["mode"] if c["mode"] in ("baseline", "skyline") and not c.get("facts") else c["codec"] if _plain_kv(r) else None
+        if col in cols:
+            grid[(r["model"], Path(c["data"]).stem, c["context_field"], r["summary"]["rows"])][col] = r["summary"]["f1"]
+    grid = {k: v for k, v in grid.items() if len(v) == len(cols)}
+    if not grid:
+        return ""
+    out = ["| model | data | context | rows | " + " | ".join(f"F1 {c}" for c in cols) + " |", "|" + "---|" * (len(cols) + 4)]
+    for (model, data, context, rows), f1 in sorted(grid.items()):
+        out.append(f"| {model} | {data} | {context} | {rows} | " + " | ".join(f"{f1[c]:.1f}" for c in cols) + " |")
+    return "\n".join(out)
+
+
 def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
     machines = sorted({f"{r['config'].get('device', 'cpu')} ({r['config']['dtype']}) on {r['config']['machine']}, {r['config']['date']}"
                        for r in results})
@@ -189,5 +230,9 @@ def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
     ]
     if layers := layers_table(results):
         parts += ["", "## Layer selection: F1 by method and share of layers sent", "", layers]
+    if datasets := datasets_table(results):
+        parts += ["", "## Every dataset: baseline, skyline and the card (F1)", "", datasets]
+    if hops := hops_table(results):
+        parts += ["", "## Multi-hop relay: F1 by number of hops (each hop re-quantizes the whole cache)", "", hops]
     parts += [f"\n![{p.stem}]({p.name})" for p in charts]
     return "\n".join(parts) + "\n"

@@ -65,3 +65,33 @@ def test_report_table_and_chart(tmp_path):
     assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |" in text
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
     assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hops_table_lines_up_f1_by_hop_count():
+    from qkvcomm_cli.report import hops_table
+
+    def run(codec, hops, f1, **extra):
+        return {"model": "m", "config": {"data": "x/squad.jsonl", "mode": "kv", "codec": codec, "hops": str(hops), **extra},
+                "summary": {"rows": 30, "f1": f1}}
+
+    runs = [run("fp16", 1, 9.4), run("fp16", 5, 10.1), run("kivi-4", 1, 9.0), run("kivi-4", 3, 8.0),
+            run("seed-4", 1, 5.0), run("kivi-4", 2, 1.0, facts="hybrid")]  # one hop only / with facts: not a chain
+    table = hops_table(runs)
+    assert "| m | squad[30] | fp16 | 9.4 | - | 10.1 |" in table
+    assert "| m | squad[30] | kivi-4 | 9.0 | 8.0 | - |" in table
+    assert "seed-4" not in table and "1.0" not in table
+
+
+def test_datasets_table_needs_every_column():
+    from qkvcomm_cli.report import datasets_table
+
+    def run(data, mode, codec, f1):
+        return {"model": "m", "config": {"data": f"x/{data}.jsonl", "context_field": "context", "mode": mode, "codec": codec,
+                                         "hops": "1"}, "summary": {"rows": 30, "f1": f1}}
+
+    runs = [run("coqa", "baseline", "fp16", 3.0), run("coqa", "skyline", "fp16", 20.0), run("coqa", "kv", "fp16", 19.5),
+            run("coqa", "kv", "kivi-4", 18.0), run("coqa", "kv", "kivi-2", 1.0),
+            run("gsm8k", "baseline", "fp16", 2.0), run("gsm8k", "skyline", "fp16", 4.0)]  # no cards: left out
+    table = datasets_table(runs)
+    assert "| m | coqa | context | 30 | 3.0 | 20.0 | 19.5 | 18.0 |" in table
+    assert "gsm8k" not in table and "1.0" not in table

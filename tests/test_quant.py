@@ -92,8 +92,11 @@ def test_float_passthrough_sizes_and_exactness():
 def test_bad_values_and_specs_are_refused():
     with pytest.raises(ValueError, match="not finite"):
         quantize(torch.tensor([[[float("nan"), 1.0]]]), TensorCodec(4, Granularity.PER_TOKEN))
+    for bad in (1e6, float("nan"), float("-inf")):  # beyond fp16, and what a max-reduction must still catch
+        with pytest.raises(ValueError, match="not finite"):
+            quantize(torch.tensor([[[1.0, bad, 2.0]]]), TensorCodec(16))
     with pytest.raises(ValueError, match="not finite"):
-        quantize(torch.tensor([[[1e6, 1.0]]]), TensorCodec(16))
+        quantize(torch.tensor([[[1.0, float("nan")]]]), TensorCodec(32))
     with pytest.raises(ValueError, match="does not divide"):
         quantize(torch.zeros(1, 2, 6), TensorCodec(4, Granularity.PER_GROUP, group_size=4))
     with pytest.raises(ValueError, match="bits"):
