@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 mkdir -p logs
 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
-$PY -m qkvcomm_cli bench codec --repeats 10 | tee logs/bench-codec.md
-$PY -m qkvcomm_cli bench ttft --device cuda | tee logs/bench-ttft-cuda.md
+$PY -m qkvcomm_cli bench codec | tee logs/bench-codec.md
+$PY -m qkvcomm_cli bench ttft --device cuda --json results/bench-ttft-cuda.json | tee logs/bench-ttft-cuda.md
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} QKVCOMM="$PY -m qkvcomm_cli" JOBS=${JOBS:-8} EVAL_FLAGS="--device cuda --dtype float32 --no-relevance" \
   benchmarks/grid.sh benchmarks/grids/{layers,hops,presets,datasets}.txt
 echo "gpu.sh finished"

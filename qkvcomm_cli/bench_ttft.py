@@ -2,7 +2,8 @@
 re-prefill of the text, at growing context lengths, with the stages of the card path."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qkv_core.card import frames
@@ -85,3 +86,9 @@ def table(rows: list[Row], model: str, codec: str, device: str) -> str:
             f"{r.ttft_text_s / r.ttft_card_s:.1f}x |"
         )
     return "\n".join(lines)
+
+
+def to_json(rows: list[Row], model: str, codec: str, device: str) -> str:
+    """The rows as JSON for `qkvcomm report`, which charts TTFT against context length."""
+    return json.dumps({"bench": "ttft", "model": model, "codec": codec, "device": device, "machine": machine(),
+                       "rows": [asdict(r) for r in rows]}, indent=1)

@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
     p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
     p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
+    p.add_argument("--json", type=Path, help="ttft: also write the rows here, for `qkvcomm report`'s TTFT chart")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/qa/squad.jsonl")
     p.add_argument("--tokens", type=int, default=1024)
@@ -139,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="a markdown table of `eval --json` results; --out writes RESULTS.md + charts")
     p.add_argument("results", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, help="write this markdown file and f1_vs_bits.png beside it")
+    p.add_argument("--out", type=Path, help="write this markdown file and its PNG charts beside it")
 
     p = sub.add_parser("demo", help="start both services on loopback, hand off one context, stop them")
     p.add_argument("--context", default=DEMO_CONTEXT)
@@ -198,9 +199,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from qkvcomm_cli.report import f1_vs_bits_chart, f1_vs_layers_chart, load, results_md, table  # noqa: PLC0415
+    from qkvcomm_cli.report import f1_vs_bits_chart, f1_vs_layers_chart, load, results_md, table, ttft_chart  # noqa: PLC0415
 
-    results = load(args.results)
+    loaded = load(args.results)
+    results, ttft = [r for r in loaded if "bench" not in r], [r for r in loaded if r.get("bench") == "ttft"]
     if not args.out:
         print(table(results))
         return 0
@@ -208,6 +210,9 @@ def _report(args: argparse.Namespace) -> int:
     f1_vs_bits_chart(results, charts[0])
     if f1_vs_layers_chart(results, args.out.parent / "f1_vs_layers.png"):
         charts.append(args.out.parent / "f1_vs_layers.png")
+    if ttft:
+        charts.append(args.out.parent / "ttft_vs_context.png")
+        ttft_chart(ttft, charts[-1])
     command = "qkvcomm report " + " ".join(str(p) for p in args.results) + f" --out {args.out}"
     args.out.write_text(results_md(results, command, charts))
     print(f"wrote {args.out} and {', '.join(str(c) for c in charts)}")
@@ -336,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         from qkv_core.evaluate import rescore  # noqa: PLC0415
 
         for path in args.results:
-            path.write_text(json.dumps(rescore(json.loads(path.read_text())), indent=1) + "\n")
+            result = json.loads(path.read_text())
+            if "bench" in result:  # `bench ttft --json` files share results/ with eval results
+                print(f"skipped {path}: a benchmark, not an eval result")
+                continue
+            path.write_text(json.dumps(rescore(result), indent=1) + "\n")
             print(f"rescored {path}")
         return 0
     if args.command == "health":
@@ -360,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         runtime = RuntimeConfig(model=args.model, device=args.device)
         rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats or 3)
         print(bench_ttft.table(rows, args.model, args.codec, args.device))
+        if args.json:
+            args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
         return 0
     if args.command == "bench":
         from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415

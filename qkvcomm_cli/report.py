@@ -144,6 +144,30 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     return True
 
 
+def ttft_chart(benches: list[dict], out: Path) -> None:
+    """`bench ttft --json` runs: receiver TTFT with the card and with a re-prefill of the text
+    against context length, one pair of lines per run (device), log-log."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for b in benches:
+        tokens = [r["tokens"] for r in b["rows"]]
+        label = f"{b['model']} on {b['device']}"
+        line, = ax.plot(tokens, [r["ttft_card_s"] * 1e3 for r in b["rows"]], marker="o", label=f"{label}: card ({b['codec']})")
+        ax.plot(tokens, [r["ttft_text_s"] * 1e3 for r in b["rows"]], marker="s", linestyle="--", color=line.get_color(),
+                label=f"{label}: re-prefill")
+    ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="receiver time to first token (ms)",
+           title="TTFT: injected card vs re-prefill of the text")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def layer_runs(results: list[dict]) -> list[dict]:
     """Same-model single-hop kv runs without facts, with or without layer selection."""
     return [r for r in results if _one_card(r) and r["model"] == results[0]["model"]]

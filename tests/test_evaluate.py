@@ -58,9 +58,17 @@ def test_report_table_and_chart(tmp_path):
     for name, args in runs.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(result(*args)))
+    from qkvcomm_cli.bench_ttft import Row, to_json
+
+    bench = [Row(n, n / 1e3, 0.01, 2 * n, 0.002, 0.03, n / 1e3) for n in (1024, 2048)]
+    paths.append(tmp_path / "ttft.json")
+    paths[-1].write_text(to_json(bench, "m", "fp16", "cpu"))
     out = tmp_path / "RESULTS.md"
     assert main(["report", *map(str, paths), "--out", str(out)]) == 0
     text = out.read_text()
+    # the bench file feeds the TTFT chart, not the table of eval runs
+    assert "ttft_vs_context.png" in text and sum(line.startswith("| m |") for line in text.splitlines()) == 2
+    assert (tmp_path / "ttft_vs_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # 2 of 3 answers agree with the skyline's after normalization
     assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |" in text
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
