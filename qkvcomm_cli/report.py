@@ -87,14 +87,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
-    """One panel per dataset: F1 of every kv codec against its bits per element on the wire,
-    with the skyline and baseline as horizontal lines."""
-    import matplotlib  # noqa: PLC0415 - only `report` needs it
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (only `report` needs matplotlib)."""
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    return plt
+
+
+def _save(plt, fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
+    """One panel per dataset: F1 of every kv codec against its bits per element on the wire,
+    with the skyline and baseline as horizontal lines."""
+    plt = _pyplot()
     by_data: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         if r["model"] == results[0]["model"] and (_plain_kv(r) or r["config"]["mode"] in ("baseline", "skyline")):
@@ -113,19 +125,13 @@ def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{results[0]['model']}: answer F1 vs card size ({results[0]['config']['date']}, {results[0]['config']['machine']})")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     """F1 against the share of layers sent, one line per (dataset, codec, selection method);
     runs with every layer count as ratio 1 for each method. False when no run selected layers."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = _pyplot()
     kv = layer_runs(results)
     methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
     if not methods:
@@ -138,20 +144,14 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     ax.set(xlabel="share of layers sent", ylabel="F1", title=f"{results[0]['model']}: F1 vs layer ratio")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
     return True
 
 
 def ttft_chart(benches: list[dict], out: Path) -> None:
     """`bench ttft --json` runs: receiver TTFT with the card and with a re-prefill of the text
     against context length, one pair of lines per run (device), log-log."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for b in benches:
         tokens = [r["tokens"] for r in b["rows"]]
@@ -163,9 +163,7 @@ def ttft_chart(benches: list[dict], out: Path) -> None:
            title="TTFT: injected card vs re-prefill of the text")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out)
 
 
 def layer_runs(results: list[dict]) -> list[dict]:
