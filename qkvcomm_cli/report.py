@@ -129,21 +129,31 @@ def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
 
 
 def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
-    """F1 against the share of layers sent, one line per (dataset, codec, selection method);
-    runs with every layer count as ratio 1 for each method. False when no run selected layers."""
+    """F1 against the share of layers sent: one panel per (dataset, rows, codec), one line per
+    selection method in the same colour on every panel; runs with every layer count as ratio 1 of
+    each method. False when no run selected layers."""
     plt = _pyplot()
     kv = layer_runs(results)
     methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
     if not methods:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (data, rows, codec, method), points in sorted(layer_lines(kv, methods).items()):
-        if len(points) > 1:
-            xs = sorted(points)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=f"{data}[{rows}] {codec} {method}")
-    ax.set(xlabel="share of layers sent", ylabel="F1", title=f"{results[0]['model']}: F1 vs layer ratio")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    lines = {k: v for k, v in layer_lines(kv, methods).items() if len(v) > 1}
+    groups = sorted({k[:3] for k in lines})
+    ncols = min(3, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False, sharey=True)
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for ax, (data, rows, codec) in zip(axes.flat, groups):
+        for m in methods:
+            if points := lines.get((data, rows, codec, m)):
+                xs = sorted(points)
+                ax.plot(xs, [points[x] for x in xs], marker="o", color=colors[m], label=m)
+        ax.set(xlabel="share of layers sent", ylabel="F1", title=f"{data}[{rows}] {codec}")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{results[0]['model']}: F1 vs share of layers sent, by selection method")
     _save(plt, fig, out)
     return True
 

@@ -90,6 +90,28 @@ def test_hops_table_lines_up_f1_by_hop_count():
     assert "seed-4" not in table and "1.0" not in table
 
 
+def test_layers_table_and_chart_line_up_methods_by_ratio(tmp_path):
+    from qkvcomm_cli.report import f1_vs_layers_chart, layers_table
+
+    def run(codec, f1, layers=1.0, method="combined", **extra):
+        return {"model": "m", "config": {"data": "x/squad.jsonl", "mode": "kv", "codec": codec, "hops": "1",
+                                         "layers": str(layers), "layer_method": method, **extra},
+                "summary": {"rows": 100, "f1": f1}}
+
+    full = [run("fp16", 15.5), run("kivi-4", 14.1)]
+    assert layers_table(full) == "" and f1_vs_layers_chart(full, tmp_path / "none.png") is False
+    runs = full + [run("fp16", 10.2, 0.5, "loo"), run("fp16", 6.9, 0.3, "loo"), run("fp16", 4.4, 0.5, "prior"),
+                   run("kivi-4", 9.6, 0.5, "loo"), run("kivi-4", 1.0, 0.5, "loo", facts="hybrid")]  # facts: not this table
+    table = layers_table(runs).splitlines()
+    assert table[0] == ("| method | squad[100] fp16 @0.3 | squad[100] fp16 @0.5 | squad[100] fp16 @1 "
+                        "| squad[100] kivi-4 @0.5 | squad[100] kivi-4 @1 |")
+    # the all-layer run is ratio 1 of every method that ran below 1 with that codec; else '-'
+    assert "| loo | 6.9 | 10.2 | 15.5 | 9.6 | 14.1 |" in table
+    assert "| prior | - | 4.4 | 15.5 | - | - |" in table
+    assert f1_vs_layers_chart(runs, tmp_path / "layers.png") is True
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_datasets_table_needs_every_column():
     from qkvcomm_cli.report import datasets_table
 
