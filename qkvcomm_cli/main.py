@@ -206,8 +206,9 @@ def _report(args: argparse.Namespace) -> int:
     if not args.out:
         print(table(results))
         return 0
-    charts = [args.out.parent / "f1_vs_bits.png"]
-    f1_vs_bits_chart(results, charts[0])
+    charts = []
+    if f1_vs_bits_chart(results, args.out.parent / "f1_vs_bits.png"):
+        charts.append(args.out.parent / "f1_vs_bits.png")
     if f1_vs_layers_chart(results, args.out.parent / "f1_vs_layers.png"):
         charts.append(args.out.parent / "f1_vs_layers.png")
     if ttft:

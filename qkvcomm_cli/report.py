@@ -103,16 +103,21 @@ def _save(plt, fig, out: Path) -> None:
     plt.close(fig)
 
 
-def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
-    """One panel per dataset: F1 of every kv codec against its bits per element on the wire,
-    with the skyline and baseline as horizontal lines."""
+def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> bool:
+    """One panel per (dataset, context, rows) with at least `min_codecs` kv codecs (fewer draw no
+    frontier): F1 of every codec against its bits per element on the wire, with the skyline and
+    baseline of the same rows as horizontal lines. False when no set of runs qualifies."""
     plt = _pyplot()
-    by_data: dict[str, list[dict]] = defaultdict(list)
+    by_data: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for r in results:
         if r["model"] == results[0]["model"] and (_plain_kv(r) or r["config"]["mode"] in ("baseline", "skyline")):
-            by_data[f"{Path(r['config']['data']).stem} ({r['config']['context_field']})"].append(r)
-    fig, axes = plt.subplots(1, len(by_data), figsize=(6 * len(by_data), 4.5), squeeze=False)
-    for ax, (name, runs) in zip(axes[0], sorted(by_data.items())):
+            by_data[(Path(r["config"]["data"]).stem, r["config"]["context_field"], r["summary"]["rows"])].append(r)
+    panels = sorted(((k, runs) for k, runs in by_data.items() if sum(r["config"]["mode"] == "kv" for r in runs) >= min_codecs),
+                    key=lambda p: (-p[0][2], p[0][:2]))
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, ((data, context, rows), runs) in zip(axes[0], panels):
         for r in runs:
             s, c = r["summary"], r["config"]
             if c["mode"] == "kv":
@@ -120,12 +125,14 @@ def f1_vs_bits_chart(results: list[dict], out: Path) -> None:
                 ax.annotate(c["codec"], (bits_per_element(s), s["f1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
             else:
                 ax.axhline(s["f1"], linestyle="--", color="tab:green" if c["mode"] == "skyline" else "tab:red", label=c["mode"])
-        ax.set(xscale="log", xlabel="bits per KV element on the wire (log)", ylabel="F1", title=name)
+        ax.set(xscale="log", xlabel="bits per KV element on the wire (log)", ylabel="F1", title=f"{data} ({context}), {rows} rows")
         ax.set_xticks([2, 3, 4, 6, 8, 16], labels=["2", "3", "4", "6", "8", "16"])
-        ax.legend(loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{results[0]['model']}: answer F1 vs card size ({results[0]['config']['date']}, {results[0]['config']['machine']})")
     _save(plt, fig, out)
+    return True
 
 
 def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:

@@ -55,6 +55,8 @@ def test_report_table_and_chart(tmp_path):
     paths = []
     runs = {"sky": ("skyline", "fp16", 15.0, None, ["Paris.", "1889", "no"]),
             "k4": ("kv", "kivi-4", 14.0, 4.0, ["paris", "1890", "no"])}
+    # the F1-vs-bits chart draws a frontier from 4 codecs of the same rows on
+    runs |= {c: ("kv", c, f1, ratio, ["paris", "1889", "no"]) for c, f1, ratio in [("fp16", 15.0, 1.0), ("int8", 15.0, 1.9), ("kivi-2", 5.0, 7.0)]}
     for name, args in runs.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(result(*args)))
@@ -67,12 +69,15 @@ def test_report_table_and_chart(tmp_path):
     assert main(["report", *map(str, paths), "--out", str(out)]) == 0
     text = out.read_text()
     # the bench file feeds the TTFT chart, not the table of eval runs
-    assert "ttft_vs_context.png" in text and sum(line.startswith("| m |") for line in text.splitlines()) == 2
+    assert "ttft_vs_context.png" in text and sum(line.startswith("| m |") for line in text.splitlines()) == 5
     assert (tmp_path / "ttft_vs_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # 2 of 3 answers agree with the skyline's after normalization
     assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |" in text
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
     assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from qkvcomm_cli.report import f1_vs_bits_chart
+
+    assert f1_vs_bits_chart([result(*runs["sky"]), result(*runs["k4"])], tmp_path / "one.png") is False
 
 
 def test_hops_table_lines_up_f1_by_hop_count():
