@@ -140,11 +140,9 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     selection method in the same colour on every panel; runs with every layer count as ratio 1 of
     each method. False when no run selected layers."""
     plt = _pyplot()
-    kv = layer_runs(results)
-    methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
+    methods, lines = layer_lines(results)
     if not methods:
         return False
-    lines = {k: v for k, v in layer_lines(kv, methods).items() if len(v) > 1}
     groups = sorted({k[:3] for k in lines})
     ncols = min(3, len(groups))
     nrows = -(-len(groups) // ncols)
@@ -183,26 +181,23 @@ def ttft_chart(benches: list[dict], out: Path) -> None:
     _save(plt, fig, out)
 
 
-def layer_runs(results: list[dict]) -> list[dict]:
-    """Same-model single-hop kv runs without facts, with or without layer selection."""
-    return [r for r in results if _one_card(r) and r["model"] == results[0]["model"]]
-
-
-def layer_lines(kv: list[dict], methods: list[str]) -> dict[tuple[str, int, str, str], dict[float, float]]:
-    """F1 by layer ratio per (dataset, rows, codec, method); a full-layer run is ratio 1 of every method."""
+def layer_lines(results: list[dict]) -> tuple[list[str], dict[tuple[str, int, str, str], dict[float, float]]]:
+    """The selection methods that ran below ratio 1, and F1 by layer ratio per (dataset, rows,
+    codec, method) over same-model single-hop cards without facts; a full-layer run is ratio 1 of
+    every method, and a line needs two ratios."""
+    kv = [r for r in results if _one_card(r) and r["model"] == results[0]["model"]]
+    methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
     lines: dict[tuple[str, int, str, str], dict[float, float]] = defaultdict(dict)
     for r in kv:
         c, ratio = r["config"], float(r["config"].get("layers", 1))
         for method in methods if ratio >= 1 else [c["layer_method"]]:
             lines[(Path(c["data"]).stem, r["summary"]["rows"], c["codec"], method)][ratio] = r["summary"]["f1"]
-    return lines
+    return methods, {k: v for k, v in lines.items() if len(v) > 1}
 
 
 def layers_table(results: list[dict]) -> str:
     """Layer selection as a grid: one row per method, one column per (dataset, codec, ratio)."""
-    kv = layer_runs(results)
-    methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
-    lines = {k: v for k, v in layer_lines(kv, methods).items() if len(v) > 1}
+    methods, lines = layer_lines(results)
     if not lines:
         return ""
     groups = sorted({k[:3] for k in lines})
