@@ -207,13 +207,11 @@ def _report(args: argparse.Namespace) -> int:
         print(table(results))
         return 0
     charts = []
-    if f1_vs_bits_chart(results, args.out.parent / "f1_vs_bits.png"):
-        charts.append(args.out.parent / "f1_vs_bits.png")
-    if f1_vs_layers_chart(results, args.out.parent / "f1_vs_layers.png"):
-        charts.append(args.out.parent / "f1_vs_layers.png")
-    if ttft:
-        charts.append(args.out.parent / "ttft_vs_context.png")
-        ttft_chart(ttft, charts[-1])
+    for name, draw, runs in (("f1_vs_bits.png", f1_vs_bits_chart, results),
+                             ("f1_vs_layers.png", f1_vs_layers_chart, results),
+                             ("ttft_vs_context.png", ttft_chart, ttft)):
+        if draw(runs, args.out.parent / name):
+            charts.append(args.out.parent / name)
     command = "qkvcomm report " + " ".join(str(p) for p in args.results) + f" --out {args.out}"
     args.out.write_text(results_md(results, command, charts))
     print(f"wrote {args.out} and {', '.join(str(c) for c in charts)}")

@@ -107,7 +107,6 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
     """One panel per (dataset, context, rows) with at least `min_codecs` kv codecs (fewer draw no
     frontier): F1 of every codec against its bits per element on the wire, with the skyline and
     baseline of the same rows as horizontal lines. False when no set of runs qualifies."""
-    plt = _pyplot()
     by_data: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for r in results:
         if r["model"] == results[0]["model"] and (_plain_kv(r) or r["config"]["mode"] in ("baseline", "skyline")):
@@ -116,6 +115,7 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
                     key=lambda p: (-p[0][2], p[0][:2]))
     if not panels:
         return False
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, ((data, context, rows), runs) in zip(axes[0], panels):
         for r in runs:
@@ -139,10 +139,10 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     """F1 against the share of layers sent: one panel per (dataset, rows, codec), one line per
     selection method in the same colour on every panel; runs with every layer count as ratio 1 of
     each method. False when no run selected layers."""
-    plt = _pyplot()
     methods, lines = layer_lines(results)
     if not methods:
         return False
+    plt = _pyplot()
     groups = sorted({k[:3] for k in lines})
     ncols = min(3, len(groups))
     nrows = -(-len(groups) // ncols)
@@ -163,9 +163,11 @@ def f1_vs_layers_chart(results: list[dict], out: Path) -> bool:
     return True
 
 
-def ttft_chart(benches: list[dict], out: Path) -> None:
+def ttft_chart(benches: list[dict], out: Path) -> bool:
     """`bench ttft --json` runs: receiver TTFT with the card and with a re-prefill of the text
-    against context length, one pair of lines per run (device), log-log."""
+    against context length, one pair of lines per run (device), log-log. False without runs."""
+    if not benches:
+        return False
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for b in benches:
@@ -179,6 +181,7 @@ def ttft_chart(benches: list[dict], out: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     _save(plt, fig, out)
+    return True
 
 
 def layer_lines(results: list[dict]) -> tuple[list[str], dict[tuple[str, int, str, str], dict[float, float]]]:

@@ -44,6 +44,7 @@ def test_rows_of_any_shape(tmp_path):
 
 def test_report_table_and_chart(tmp_path):
     from qkvcomm_cli.main import main
+    from qkvcomm_cli.report import f1_vs_bits_chart
 
     def result(mode, codec, f1, ratio, predictions):
         return {"model": "m", "config": {"data": "x/squad.jsonl", "context_field": "context", "mode": mode, "codec": codec,
@@ -75,8 +76,6 @@ def test_report_table_and_chart(tmp_path):
     assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |" in text
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
     assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from qkvcomm_cli.report import f1_vs_bits_chart
-
     assert f1_vs_bits_chart([result(*runs["sky"]), result(*runs["k4"])], tmp_path / "one.png") is False
 
 
