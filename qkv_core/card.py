@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 import struct
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ import google_crc32c
 import torch
 
 from .codec import LayerCodec
-from .config import MAX_CHUNK_BYTES
+from .config import MAX_CHUNK_BYTES, Limits
 from .kv import KVCache
 from .models import Fingerprint
 from .quant import Granularity, TensorCodec, dequantize, encoded_size, fp16_windows, quantize_many
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .crossmodel import Alignment
 
 FORMAT_VERSION = 1
+CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
 
 
 class ErrorKind(enum.Enum):
@@ -231,9 +233,11 @@ class _Layer:
 class CardReader:
     """Validates a card frame by frame. `feed` returns the index of a layer it just completed."""
 
-    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int, alignments: Mapping[str, Alignment] | None = None):
+    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int, alignments: Mapping[str, Alignment] | None = None,
+                 limits: Limits = Limits()):
         self.fingerprint = fingerprint
         self.max_card_bytes = max_card_bytes
+        self.limits = limits
         self.alignments = alignments or {}  # by sender weights hash: the other models this receiver takes cards from
         self.alignment: Alignment | None = None  # set when this card comes from another model
         self.source = fingerprint  # the model whose shapes the card's layers have
@@ -303,6 +307,14 @@ class CardReader:
             raise CardError(ErrorKind.PRECONDITION, f"card was mapped for a receiver of {len(h.layer_sources)} layers, not this model")
         if h.context_tokens == 0 or not h.layers:
             raise CardError(ErrorKind.INVALID, "card holds no tokens or no layers")
+        if not CARD_ID.fullmatch(h.card_id):
+            raise CardError(ErrorKind.INVALID, "card_id must be 64 lowercase hex digits (a SHA-256)")
+        self.limits.check("max_context_tokens", h.context_tokens, "the card's context")
+        self.limits.check("max_fact_summary_bytes", len(h.fact_summary.encode()), "the card's fact summary (bytes)")
+        if max(spec.tokens for spec in h.layers) != h.context_tokens:
+            raise CardError(ErrorKind.INVALID, f"no layer holds the card's {h.context_tokens} context tokens")
+        if h.shared_prefix_tokens >= h.context_tokens:
+            raise CardError(ErrorKind.INVALID, "the shared prefix must be shorter than the context")
         fp = self.source
         salient = list(h.salient_tokens)
         if any(b <= a for a, b in zip(salient, salient[1:])) or (salient and salient[-1] >= h.context_tokens):
@@ -374,8 +386,14 @@ class CardReader:
             raise CardError(ErrorKind.DATA_LOSS, "card digest mismatch")
         self._done = True
 
+    def decoded_bytes(self, dtype: torch.dtype) -> int:
+        """Memory the card's layers take once dequantized to `dtype` (what the receiver will hold)."""
+        per_token = 2 * self.source.num_kv_heads * self.source.head_dim * dtype.itemsize
+        return per_token * sum(layer.spec.tokens for layer in self.layers)
+
     def decode_layer(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantize one complete layer into (K, V) of shape [heads, tokens, dim]."""
+        """Dequantize one complete layer into (K, V) of shape [heads, tokens, dim]; INVALID if a value
+        is not finite (a NaN scale or passthrough value, checksums recomputed, as any client can)."""
         layer = self.layers[index]
         shape = (self.source.num_kv_heads, layer.spec.tokens, self.source.head_dim)
         data = torch.frombuffer(layer.buf, dtype=torch.uint8).to(device)
@@ -386,4 +404,6 @@ class CardReader:
             for blob, c in ((data[:split], layer.key), (data[split:], layer.value))
         )
         layer.buf = bytearray()  # the dequantized tensors replace the bytes
+        if not bool(torch.isfinite(torch.stack([k.abs().amax(), v.abs().amax()])).all()):
+            raise CardError(ErrorKind.INVALID, f"layer {layer.spec.receiver_layer} decodes to non-finite values (NaN or Inf)")
         return k, v

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -17,9 +18,35 @@ MAX_CHUNK_BYTES = 1 << 20  # one card chunk's data, and the gRPC message ceiling
 class RuntimeConfig:
     """Which model runs where."""
 
-    model: str = DEFAULT_MODEL  # embedded name, Hugging Face directory, or .gguf file
+    model: str = DEFAULT_MODEL  # embedded name, Hugging Face id (org/model), Hugging Face directory, or .gguf file
+    revision: str = ""  # hub models: the commit (or branch/tag) to load; "" = main
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+
+
+class LimitExceeded(Exception):
+    """A request asks for more than a configured limit allows (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a service. Past a limit a call is refused before any work,
+    with a status naming the limit and its variable (QKVCOMM_<FIELD>)."""
+
+    max_context_tokens: int = 32768  # a context (Ask/Share, PushText) or a card's context_tokens
+    max_query_tokens: int = 2048  # a question and the card's fact summary, at the receiver
+    max_new_tokens_limit: int = 1024  # the most tokens one request may ask to generate
+    max_fact_summary_bytes: int = 8192  # a card's fact summary
+    max_intakes: int = 8  # receiver: cards arriving at once
+    max_inflight_bytes: int = 1 << 30  # receiver: decoded bytes of all cards arriving at once
+    idle_timeout_s: float = 30.0  # receiver: a card stream that sends nothing this long is dropped
+    receiver_timeout_s: float = 120.0  # sender: deadline of each call to the receiver (or the client's, if sooner)
+
+    def check(self, limit: str, value: int | float, what: str) -> None:
+        """LimitExceeded unless value <= the limit named `limit`."""
+        allowed = getattr(self, limit)
+        if value > allowed:
+            raise LimitExceeded(f"{what} is {value:,}; the limit is {limit}={allowed:,} (QKVCOMM_{limit.upper()})")
 
 
 @dataclass(frozen=True)
@@ -45,14 +72,39 @@ class ServiceConfig:
     alignments: str = ""  # receiver: comma-separated alignment files (`calibrate pair`); cards of other models need one
     grace_s: float = 5.0  # graceful shutdown: time for in-flight calls to finish
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ServiceConfig":
-        """Defaults, then QKVCOMM_* variables, then explicit overrides (None means not given)."""
+        """Defaults, then QKVCOMM_* variables, then explicit overrides (None means not given).
+        The nested groups (runtime, limits) take their fields' names flat: QKVCOMM_DEVICE, QKVCOMM_MAX_INTAKES."""
         env = os.environ if env is None else env
-        runtime = _from_env(RuntimeConfig, env, {k: v for k, v in overrides.items() if k in _names(RuntimeConfig)})
-        rest = {k: v for k, v in overrides.items() if k not in _names(RuntimeConfig)}
-        return dataclasses.replace(_from_env(cls, env, rest), runtime=runtime)
+        nested = {name: _from_env(kind, env, {k: v for k, v in overrides.items() if k in _names(kind)})
+                  for name, kind in _NESTED.items()}
+        rest = {k: v for k, v in overrides.items() if not any(k in _names(kind) for kind in _NESTED.values())}
+        return dataclasses.replace(_from_env(cls, env, rest), **nested)
+
+
+_NESTED = {"runtime": RuntimeConfig, "limits": Limits}
+
+
+def data_dir() -> Path:
+    """The QA data folder every reader (tests, eval, bench, grids) uses: QKVCOMM_DATA_DIR, else
+    the checkout's data/qa (a wheel installed elsewhere has no data; set the variable)."""
+    configured = os.environ.get("QKVCOMM_DATA_DIR")
+    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "data" / "qa"
+
+
+def qa_file(name: str | Path) -> Path:
+    """`name` as given when that file exists, else the file of that name in `data_dir()`."""
+    path = Path(name)
+    if path.exists():
+        return path
+    candidate = data_dir() / path.name if path.parent == Path(".") else path
+    if not candidate.exists():
+        hint = " (`make data` rebuilds it)" if candidate.name == "squad_longctx.jsonl" else ""
+        raise FileNotFoundError(f"no QA file {str(name)!r}{hint}: looked in QKVCOMM_DATA_DIR={data_dir()}")
+    return candidate
 
 
 def _names(cls: type) -> set[str]:
@@ -62,7 +114,7 @@ def _names(cls: type) -> set[str]:
 def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any]) -> T:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if f.name == "runtime":
+        if f.name in _NESTED:
             continue
         if overrides.get(f.name) is not None:
             values[f.name] = overrides[f.name]
@@ -75,7 +127,7 @@ def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any]) -> T
             values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
         except ValueError as e:
             raise ValueError(f"QKVCOMM_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from e
-    unknown = set(overrides) - _names(cls) - {"runtime"}
+    unknown = set(overrides) - _names(cls) - set(_NESTED)
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
     return cls(**values)

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from . import attention
+from .attention import Probe
 from .models import LoadedModel
-from .ragged import ragged
 
 
 @dataclass
@@ -44,25 +45,31 @@ class KVCache:
 
 
 @torch.inference_mode()
-def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None) -> tuple[KVCache, torch.Tensor]:
+def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None, probe: Probe | None = None) -> tuple[KVCache, torch.Tensor]:
     """Run the model over `ids` (after `past` when given); return the cache of everything so
-    far and the last position's logits."""
+    far and the last position's logits. A `probe` collects the attention each key receives."""
     if not ids:
         raise ValueError("cannot prefill an empty prompt")
     cache = to_dynamic_cache(lm, past) if past is not None else DynamicCache(config=lm.model.config)
-    with ragged(lm, past is not None and past.is_ragged):
-        out = _forward(lm, ids, cache, past.tokens if past is not None else 0)
+    out = _forward(lm, ids, cache, past, probe)
     keys = [layer.keys[0] for layer in cache.layers]
     values = [layer.values[0] for layer in cache.layers]
     return KVCache(keys, values), out.logits[0, -1].float()
 
 
-def _forward(lm: LoadedModel, ids: list[int], cache: DynamicCache, start: int):
-    """One forward pass over `ids` at positions start.. (explicit, so that a ragged cache,
-    whose first layer may be short, still gets the context's true positions)."""
+def _forward(lm: LoadedModel, ids: list[int], cache: DynamicCache, past: KVCache | None, probe: Probe | None = None,
+             start: int | None = None):
+    """One forward pass over `ids` after `past`, at positions start.. (default: after past's
+    tokens; explicit, so that a ragged cache, whose first layer may be short, still gets the
+    context's true positions). The attention mode is this call's alone."""
+    start = (past.tokens if past is not None else 0) if start is None else start
     x = torch.tensor([ids], device=lm.device)
     position = torch.arange(start, start + len(ids), device=lm.device)
-    return lm.model(input_ids=x, past_key_values=cache, use_cache=True, position_ids=position.unsqueeze(0))
+    ragged = past is not None and past.is_ragged
+    if ragged:
+        attention.require_full_attention(lm.model, lm.fingerprint.name)
+    modes = attention.mode(ragged=ragged, probe=probe)
+    return lm.model(input_ids=x, past_key_values=cache, use_cache=True, position_ids=position.unsqueeze(0), **modes)
 
 
 def to_dynamic_cache(lm: LoadedModel, kv: KVCache) -> DynamicCache:
@@ -77,9 +84,7 @@ def answer_log_likelihood(lm: LoadedModel, kv: KVCache, prompt: list[int], answe
     """log p(answer | kv, prompt) under teacher forcing, in nats."""
     if not prompt or not answer:
         raise ValueError("the prompt and the answer must not be empty")
-    cache = to_dynamic_cache(lm, kv)
-    with ragged(lm, kv.is_ragged):
-        logits = _forward(lm, prompt + answer, cache, kv.tokens).logits[0].float()
+    logits = _forward(lm, prompt + answer, to_dynamic_cache(lm, kv), kv).logits[0].float()
     steps = logits[len(prompt) - 1 : -1].log_softmax(-1)
     return float(steps.gather(1, torch.tensor(answer, device=steps.device).unsqueeze(1)).sum())
 
@@ -109,15 +114,14 @@ def generate(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens
     cache = to_dynamic_cache(lm, kv) if kv is not None else DynamicCache(config=lm.model.config)
     stops = stop_ids(lm)
     position = kv.tokens if kv is not None else 0
-    with ragged(lm, kv is not None and kv.is_ragged):
-        for _ in range(max_new_tokens):
-            out = _forward(lm, ids, cache, position)
-            position += len(ids)
-            token = int(out.logits[0, -1].argmax())
-            if token in stops:
-                return
-            yield token
-            ids = [token]
+    for _ in range(max_new_tokens):
+        out = _forward(lm, ids, cache, kv, start=position)
+        position += len(ids)
+        token = int(out.logits[0, -1].argmax())
+        if token in stops:
+            return
+        yield token
+        ids = [token]
 
 
 def stream_text(lm: LoadedModel, tokens: Iterator[int]) -> Iterator[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from . import attention
 from .config import RuntimeConfig
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,13 @@ def _converted_dir(gguf: Path) -> Path:
     return target
 
 
-def model_source(name: str) -> Path:
-    """Where the weights of `name` live as a Hugging Face directory."""
+# What a model needs from a hub repository (not its other formats: .bin, .pth, GGUF copies).
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def model_source(name: str, revision: str = "") -> Path:
+    """Where the weights of `name` live as a Hugging Face directory: an embedded name, a .gguf
+    file, a local directory, or a Hugging Face hub id (`org/model`, at `revision` when given)."""
     if name in EMBEDDED:
         return _converted_dir(embedded_gguf(name))
     path = Path(name)
@@ -141,9 +147,40 @@ def model_source(name: str) -> Path:
         return _converted_dir(path)
     if path.is_dir() and (path / "config.json").exists():
         return path
-    raise ValueError(
-        f"unknown model {name!r}: use {', '.join(EMBEDDED)}, a Hugging Face directory or a .gguf file"
-    )
+    if path.exists() or path.suffix == ".gguf" or name.count("/") != 1 or name.startswith(("/", ".")):
+        raise ValueError(
+            f"unknown model {name!r}: use {', '.join(EMBEDDED)}, a Hugging Face id (org/model), "
+            "a Hugging Face directory or a .gguf file"
+        )
+    return hub_snapshot(name, revision)
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache, read at call time (HF_HUB_CACHE, else $HF_HOME/hub)."""
+    if configured := os.environ.get("HF_HUB_CACHE"):
+        return Path(configured)
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub"
+
+
+def hub_snapshot(repo_id: str, revision: str = "") -> Path:
+    """The local snapshot of a hub model, downloaded unless HF_HUB_OFFLINE is set (gated models
+    read HF_TOKEN). Pin `revision` (a commit hash) for reproducible deployments."""
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only the hub path needs it
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError  # noqa: PLC0415
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    where = f"{repo_id}@{revision or 'main'}"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=hub_cache(),
+                                      local_files_only=offline, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError as e:
+        reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise ValueError(
+            f"model {where} is not in the Hugging Face cache {hub_cache()} and {reason}: download it where the hub "
+            f"is reachable (`hf download {repo_id}`) into that cache (HF_HOME), or pass a local directory"
+        ) from e
+    except (HfHubHTTPError, HFValidationError) as e:
+        raise ValueError(f"model {where} cannot be fetched from the Hugging Face hub: {e}") from e
 
 
 def fingerprint(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Fingerprint:
@@ -187,6 +224,7 @@ def _weights_hash(model: PreTrainedModel, sample_bytes: int = 1 << 16) -> str:
 def wrap(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> LoadedModel:
     """A LoadedModel around an already built model (used for tests with random weights)."""
     model.eval()
+    attention.install(model)
     param = next(model.parameters())
     return LoadedModel(model, tokenizer, fingerprint(name, model, tokenizer), param.device, param.dtype)
 
@@ -195,7 +233,7 @@ def load_model(cfg: RuntimeConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     start = time.perf_counter()
-    source = model_source(cfg.model)
+    source = model_source(cfg.model, cfg.revision)
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     loaded = wrap(cfg.model, model, tokenizer)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from .config import Limits
+
 SYSTEM = "You are a helpful assistant. Answer the question in a few words, using the context when one is given."
 _MARK = "\x00QKVCOMM\x00"
 
@@ -58,3 +60,17 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt piece; special tokens are spelled out in the text itself."""
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+CHARS_PER_TOKEN_MAX = 16  # a cheap bound before tokenizing: longer texts are refused unread
+
+
+def context_ids(tokenizer: PreTrainedTokenizerBase, prompt: PromptFormat, context: str, limits: Limits) -> list[int]:
+    """The context's prompt tokens; refused when empty or past max_context_tokens (checked on the
+    characters first, so a megabyte is refused without tokenizing it)."""
+    if not context.strip():
+        raise ValueError("the context is empty")
+    limits.check("max_context_tokens", len(context) // CHARS_PER_TOKEN_MAX, "the context (characters / 16)")
+    ids = encode(tokenizer, prompt.context_part(context))
+    limits.check("max_context_tokens", len(ids), "the context (tokens)")
+    return ids

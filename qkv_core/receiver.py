@@ -5,39 +5,90 @@ the context: the context reaches the model only as the card's keys and values.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from . import ragged
+from .attention import require_full_attention
 from .card import CardError, CardReader, ErrorKind, fingerprint_to_pb, text_card_id
+from .config import LimitExceeded, Limits
 from .crossmodel import Alignment
 from .kv import KVCache, generate, prefill, stream_text
 from .models import LoadedModel
-from .prompt import PromptFormat, encode
+from .prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
 from .store import CardStore, StoredCard
 from .wire import pb
 
 TEXT = "text"  # the pseudo-codec of the text handoff
 
 
+class Admission:
+    """How many cards are arriving and how much memory they will take once decoded: bounded, so
+    that streams held open after their headers cannot exhaust the receiver (thread-safe)."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.intakes = 0
+        self.bytes = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self._lock:
+            self.limits.check("max_intakes", self.intakes + 1, "the number of cards arriving at once")
+            self.intakes += 1
+
+    def reserve(self, nbytes: int) -> None:
+        with self._lock:
+            self.limits.check("max_inflight_bytes", self.bytes + nbytes, "decoded bytes of the cards arriving at once")
+            self.bytes += nbytes
+
+    def leave(self, nbytes: int) -> None:
+        with self._lock:
+            self.intakes -= 1
+            self.bytes -= nbytes
+
+
 @dataclass
 class Intake:
-    """One card arriving: validated frame by frame, each layer dequantized once complete."""
+    """One card arriving: validated frame by frame, each layer dequantized once complete.
+    Use it as a context manager: leaving releases its admission, whatever happened."""
 
     reader: CardReader
     device: torch.device
     dtype: torch.dtype
     shared_prefix: Callable[[int], KVCache]  # the receiver's own KV of the first N tokens
+    admission: Admission
+    store_budget: int  # a card that would not fit the store is refused before its data
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     dequantize_s: float = 0.0
+    reserved: int = 0  # decoded bytes admitted for this card
+
+    def __enter__(self) -> "Intake":
+        self.admission.enter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.admission.leave(self.reserved)
+        self.reserved = 0
+        self.keys.clear()
+        self.values.clear()
 
     def feed(self, frame: pb.CardFrame) -> int | None:
         """Validate one frame; returns a layer index that is ready for `decode`."""
-        return self.reader.feed(frame)
+        first = self.reader.header is None
+        ready = self.reader.feed(frame)
+        if first and self.reader.header is not None:  # admit the card's decoded size before any of its data
+            nbytes = self.reader.decoded_bytes(self.dtype)
+            if nbytes > self.store_budget:
+                raise LimitExceeded(f"the card decodes to {nbytes:,} bytes, more than this receiver's store budget "
+                                    f"store_bytes={self.store_budget:,} (QKVCOMM_STORE_BYTES)")
+            self.admission.reserve(nbytes)
+            self.reserved = nbytes
+        return ready
 
     def decode(self, index: int) -> None:
         start = time.perf_counter()
@@ -79,8 +130,11 @@ class Generation:
 
 
 class ReceiverEngine:
-    def __init__(self, lm: LoadedModel, store_bytes: int, max_card_bytes: int, alignments: Sequence[Alignment] = ()):
+    def __init__(self, lm: LoadedModel, store_bytes: int, max_card_bytes: int, alignments: Sequence[Alignment] = (),
+                 limits: Limits = Limits()):
         self.lm = lm
+        self.limits = limits
+        self.admission = Admission(limits)
         for a in alignments:
             if a.receiver != lm.fingerprint:
                 raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
@@ -91,12 +145,14 @@ class ReceiverEngine:
         self._prefix: tuple[int, KVCache | None] | None = None
 
     def intake(self) -> Intake:
-        return Intake(CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments), self.lm.device, self.lm.dtype, self.shared_prefix)
+        """A new card's intake; enter it (`with`) to be admitted."""
+        reader = CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments, self.limits)
+        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, self.admission, self.store.budget_bytes)
 
     def shared_prefix(self, tokens: int) -> KVCache:
         """This model's KV of its chat header, which a layer-selected card leaves to the receiver."""
         try:
-            ragged.check(self.lm)
+            require_full_attention(self.lm.model, self.lm.fingerprint.name)
         except ValueError as e:
             raise CardError(ErrorKind.PRECONDITION, str(e)) from e
         if self._prefix is None:
@@ -110,20 +166,18 @@ class ReceiverEngine:
     def accept(self, stream: Iterable[pb.CardFrame], intake: Intake | None = None) -> StoredCard:
         """Take a whole card in one blocking call (the service streams frames through `intake` instead);
         pass an `intake` to read its statistics afterwards."""
-        intake = intake or self.intake()
-        for frame in stream:
-            if (ready := intake.feed(frame)) is not None:
-                intake.decode(ready)
-        card = intake.finish(self.lm.num_layers)
+        with intake or self.intake() as intake:
+            for frame in stream:
+                if (ready := intake.feed(frame)) is not None:
+                    intake.decode(ready)
+            card = intake.finish(self.lm.num_layers)
         self.store.put(card)
         return card
 
     def accept_text(self, context: str) -> tuple[StoredCard, float]:
         """The text handoff: prefill the context here and keep its cache like a card's.
         Returns the stored entry and the prefill time."""
-        if not context.strip():
-            raise ValueError("the context is empty")
-        ids = encode(self.lm.tokenizer, self.prompt.context_part(context))
+        ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
         start = time.perf_counter()
         kv, _ = prefill(self.lm, ids)
         prefill_s = time.perf_counter() - start
@@ -145,9 +199,12 @@ class ReceiverEngine:
         """Stream the answer to `query` over the card's cache; fills `stats` as it goes."""
         if not query.strip():
             raise ValueError("the query is empty")
+        self.limits.check("max_new_tokens_limit", max_new_tokens, "max_new_tokens")
+        self.limits.check("max_query_tokens", len(query) // CHARS_PER_TOKEN_MAX, "the query (characters / 16)")
         card = self.card(card_id)
         summary = card.header.fact_summary if facts else ""
         ids = encode(self.lm.tokenizer, self.prompt.query_part(query, summary))
+        self.limits.check("max_query_tokens", len(ids), "the query with its fact summary (tokens)")
         yield from timed_answer(self.lm, card.kv, ids, max_new_tokens, stats)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import calibration_data
-from .attention import attention_received
+from .attention import Probe
 from .calibration_data import Sample
 from .kv import KVCache, answer_log_likelihood, prefill
 from .models import LoadedModel
@@ -83,9 +83,9 @@ def calibrate(lm: LoadedModel, samples: list[Sample]) -> LayerProfile:
         q = encode(lm.tokenizer, fmt.query_part(question))
         a = encode(lm.tokenizer, " " + answer.strip())
         prefix = shared_prefix(lm, c)
-        with attention_received(lm, queries=len(q)) as received:
-            prefill(lm, c + q)
-        for layer, weights in enumerate(received):
+        probe = Probe(queries=len(q))
+        prefill(lm, c + q, probe=probe)
+        for layer, weights in enumerate(probe.received):
             attention[layer] += float(weights[prefix : len(c)].sum()) / len(samples)
         kv, _ = prefill(lm, c)
         full = answer_log_likelihood(lm, kv, q, a)

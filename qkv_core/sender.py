@@ -8,15 +8,16 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, ragged, selection
+from . import allocation, selection
 from . import codec as codecs
-from .attention import attention_received
+from .attention import Probe, require_full_attention
 from .card import CardPlan, build_header, encode_layers
+from .config import Limits
 from .crossmodel import layer_sources
 from .facts import FactCache, FactConfig
 from .kv import KVCache, prefill
 from .models import LoadedModel
-from .prompt import PromptFormat, encode
+from .prompt import PromptFormat, context_ids
 from .selection import SelectionConfig
 from .wire import pb
 
@@ -35,41 +36,42 @@ class PreparedCard:
 
 
 class SenderEngine:
-    def __init__(self, lm: LoadedModel, profile_path: Path | None = None, layer_profile_path: Path | None = None):
+    def __init__(self, lm: LoadedModel, profile_path: Path | None = None, layer_profile_path: Path | None = None,
+                 limits: Limits = Limits()):
         self.lm = lm
+        self.limits = limits
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.profile_path = profile_path
         self.layer_profile_path = layer_profile_path
         self._profile: allocation.Profile | None = None
         self._layer_profile: selection.LayerProfile | None = None
-        self._model_lock = threading.Lock()  # one prefill at a time: the attention probe rewires the model
+        self._profile_lock = threading.Lock()  # profiles are calibrated once, by the first request that needs one
         self.facts = FactCache()
 
     def profile(self) -> allocation.Profile:
         """The codec profile, calibrated on first use if no saved one exists."""
-        if self._profile is None:
-            self._profile = allocation.load_or_calibrate(self.lm, self.profile_path)
-        return self._profile
+        with self._profile_lock:
+            if self._profile is None:
+                self._profile = allocation.load_or_calibrate(self.lm, self.profile_path)
+            return self._profile
 
     def context_ids(self, context: str) -> list[int]:
-        if not context.strip():
-            raise ValueError("the context is empty")
-        return encode(self.lm.tokenizer, self.prompt.context_part(context))
+        return context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
 
     def prefill(self, ids: list[int], probe: bool = False) -> tuple[KVCache, torch.Tensor | None]:
         """The cache of `ids`, and with `probe` the attention each token receives (tokenmix)."""
-        with self._model_lock:
-            if not probe:
-                return prefill(self.lm, ids)[0], None
-            with attention_received(self.lm, PROBE_QUERIES) as received:
-                kv, _ = prefill(self.lm, ids)
-            return kv, torch.stack(received).mean(dim=0)
+        if not probe:
+            return prefill(self.lm, ids)[0], None
+        attended = Probe(PROBE_QUERIES)
+        kv, _ = prefill(self.lm, ids, probe=attended)
+        return kv, torch.stack(attended.received).mean(dim=0)
 
     def layer_profile(self) -> selection.LayerProfile:
         """The layer-selection profile, calibrated on first use if no saved one exists."""
-        if self._layer_profile is None:
-            self._layer_profile = selection.load_or_calibrate(self.lm, self.layer_profile_path)
-        return self._layer_profile
+        with self._profile_lock:
+            if self._layer_profile is None:
+                self._layer_profile = selection.load_or_calibrate(self.lm, self.layer_profile_path)
+            return self._layer_profile
 
     def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None) -> CardPlan:
         """The per-layer codecs (and tokenmix's salient positions) for this cache."""
@@ -79,11 +81,9 @@ class SenderEngine:
         allocator, bits = kind
         shapes = [tuple(k.shape) for k in kv.keys]
         if allocator == "seed-adaptive":
-            with self._model_lock:
-                return CardPlan(codec_name, allocation.seed_adaptive(self.profile()))
+            return CardPlan(codec_name, allocation.seed_adaptive(self.profile()))
         if allocator == "budget":
-            with self._model_lock:
-                return CardPlan(codec_name, allocation.budget(self.profile(), bits, shapes))
+            return CardPlan(codec_name, allocation.budget(self.profile(), bits, shapes))
         assert importance is not None
         return CardPlan(codec_name, *allocation.tokenmix(bits, shapes, importance))
 
@@ -91,10 +91,9 @@ class SenderEngine:
         """Restrict `plan` to the layers `layers` selects (all of them at ratio 1)."""
         if layers.ratio >= 1:
             return
-        ragged.check(self.lm)
-        with self._model_lock:
-            profile = self.layer_profile() if selection.needs_profile(layers) else None
-            plan.selected = selection.select(layers, self.lm.num_layers, profile)
+        require_full_attention(self.lm.model, self.lm.fingerprint.name)
+        profile = self.layer_profile() if selection.needs_profile(layers) else None
+        plan.selected = selection.select(layers, self.lm.num_layers, profile)
         plan.shared_prefix = selection.shared_prefix(self.lm, ids)
         plan.selection = layers.name
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from qkv_core import allocator
-from qkv_core.config import DEFAULT_CODEC, ServiceConfig
+from qkv_core.config import DEFAULT_CODEC, DEFAULT_MODEL, RuntimeConfig, ServiceConfig, qa_file
 
 DEMO_CONTEXT = (
     "Release notes for the Atlas API, version 4.2. The rate limit is 600 requests per minute per key. "
@@ -20,7 +20,9 @@ DEMO_QUESTION = "What is the rate limit?"
 
 
 def _runtime_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="smollm2-135m (default), gemma3-270m, a Hugging Face directory or a .gguf file")
+    p.add_argument("--model", help="smollm2-135m (default), gemma3-270m, a Hugging Face id (org/model), "
+                   "a Hugging Face directory or a .gguf file")
+    p.add_argument("--revision", help="Hugging Face id: the commit, branch or tag to load (default main)")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--dtype", help="auto (default: bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
 
@@ -34,9 +36,15 @@ def _service_flags(p: argparse.ArgumentParser, port: int, metrics_port: int) -> 
     p.set_defaults(default_port=port, default_metrics_port=metrics_port)
 
 
+def _runtime(args: argparse.Namespace, model: str | None = None) -> RuntimeConfig:
+    """The runtime flags of a one-shot command (eval, calibrate); `model` overrides --model."""
+    given = {k: v for k in ("model", "revision", "device", "dtype") if (v := getattr(args, k, None))}
+    return RuntimeConfig(**{**given, **({"model": model} if model else {})})
+
+
 def _config(args: argparse.Namespace, **extra: object) -> ServiceConfig:
     """Flags over QKVCOMM_* environment variables over defaults; each service has its own default ports."""
-    flags = {k: getattr(args, k) for k in ("host", "port", "metrics_port", "max_new_tokens", "model", "device", "dtype")}
+    flags = {k: getattr(args, k) for k in ("host", "port", "metrics_port", "max_new_tokens", "model", "revision", "device", "dtype")}
     if "QKVCOMM_PORT" not in os.environ:
         flags["port"] = args.port if args.port is not None else args.default_port
     if "QKVCOMM_METRICS_PORT" not in os.environ:
@@ -92,7 +100,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
     p.add_argument("--json", type=Path, help="ttft: also write the rows here, for `qkvcomm report`'s TTFT chart")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/qa/squad.jsonl")
+    p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
+                   help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--codecs", default=",".join([
         "fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
@@ -117,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     _runtime_flags(p)
 
     p = sub.add_parser("eval", help="answer quality of a mode on a QA JSONL file")
-    p.add_argument("--data", type=Path, required=True, help="JSONL rows with question, answers (or answer), context")
+    p.add_argument("--data", type=Path, required=True,
+                   help="JSONL rows with question, answers (or answer), context: a path, or a file name in QKVCOMM_DATA_DIR")
     p.add_argument("--mode", default="kv", help="baseline, skyline, text, kv or facts (the fact summary alone)")
     p.add_argument("--hops", type=int, default=1, help="kv: relay the cache along this many agents (multi-hop)")
     p.add_argument("--layers", type=float, default=1.0, help="kv: share of layers the card carries")
@@ -178,15 +188,13 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qkv_core.config import RuntimeConfig  # noqa: PLC0415
     from qkv_core.evaluate import EvalConfig, run  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
     cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
                      args.facts, args.layers, args.layer_method, args.relevance, args.sender_model, args.alignment)
-    runtime = {k: v for k in ("device", "dtype") if (v := getattr(args, k))}
-    lm = load_model(RuntimeConfig(**runtime, **({"model": args.model} if args.model else {})))
-    sender_lm = load_model(RuntimeConfig(model=args.sender_model, **runtime)) if args.sender_model else None
+    lm = load_model(_runtime(args))
+    sender_lm = load_model(_runtime(args, args.sender_model)) if args.sender_model else None
     report = run(lm, cfg, sender_lm=sender_lm)
     if args.json:
         args.json.write_text(report.to_json())
@@ -220,7 +228,6 @@ def _report(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from qkv_core import calibration_data  # noqa: PLC0415
-    from qkv_core.config import RuntimeConfig  # noqa: PLC0415
     from qkv_core.evaluate import load_rows  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
@@ -231,22 +238,20 @@ def _calibrate(args: argparse.Namespace) -> int:
         samples = calibration_data.from_rows(list(load_rows(args.data, args.limit)), args.context_field)
     else:
         samples = calibration_data.samples()
-    runtime = {k: v for k in ("device", "dtype") if (v := getattr(args, k))}
     if what == "pair":
-        return _calibrate_pair(args, runtime, [context for context, _, _ in samples])
-    lm = load_model(RuntimeConfig(**runtime, **({"model": args.model} if args.model else {})))
+        return _calibrate_pair(args, [context for context, _, _ in samples])
+    lm = load_model(_runtime(args))
     return (_calibrate_layers if what == "layers" else _calibrate_codec)(args, lm, samples)
 
 
-def _calibrate_pair(args: argparse.Namespace, runtime: dict, texts: list[str]) -> int:
+def _calibrate_pair(args: argparse.Namespace, texts: list[str]) -> int:
     from qkv_core import crossmodel  # noqa: PLC0415
-    from qkv_core.config import RuntimeConfig  # noqa: PLC0415
     from qkv_core.models import load_model  # noqa: PLC0415
 
     if not args.sender_model:
         raise SystemExit("calibrate pair needs --sender-model (and --receiver-model, default smollm2-135m)")
-    sender = load_model(RuntimeConfig(model=args.sender_model, **runtime))
-    receiver = load_model(RuntimeConfig(model=args.receiver_model or RuntimeConfig().model, **runtime))
+    sender = load_model(_runtime(args, args.sender_model))
+    receiver = load_model(_runtime(args, args.receiver_model or DEFAULT_MODEL))
     print(f"{sender.fingerprint.name} ({sender.num_layers} layers, {sender.fingerprint.num_kv_heads}x{sender.fingerprint.head_dim}) -> "
           f"{receiver.fingerprint.name} ({receiver.num_layers} layers, {receiver.fingerprint.num_kv_heads}x{receiver.fingerprint.head_dim}) "
           f"on {len(texts)} texts")
@@ -301,7 +306,7 @@ def _demo(args: argparse.Namespace) -> int:
     from qkvcomm_cli.client import ask  # noqa: PLC0415
     from qkvcomm_cli.launch import spawn  # noqa: PLC0415
 
-    runtime = [f"--{k}={v}" for k in ("model", "device", "dtype") if (v := getattr(args, k))]
+    runtime = [f"--{k}={v}" for k in ("model", "revision", "device", "dtype") if (v := getattr(args, k))]
     print("starting receiver and sender on loopback (loading the model)...", file=sys.stderr)
     receiver = spawn("receiver", *runtime)
     try:
@@ -328,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
     )
+    if getattr(args, "data", None) is not None:
+        try:
+            args.data = qa_file(args.data)
+        except FileNotFoundError as e:
+            raise SystemExit(f"qkvcomm {args.command}: {e}") from None
     if args.command == "ask":
         return _ask(args)
     if args.command == "demo":
@@ -362,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         print(bench_facts.table(bench_facts.run_facts_bench(paths, args.limit, args.budget), args.budget))
         return 0
     if args.command == "bench" and args.what == "ttft":
-        from qkv_core.config import RuntimeConfig  # noqa: PLC0415
         from qkvcomm_cli import bench_ttft  # noqa: PLC0415
 
         runtime = RuntimeConfig(model=args.model, device=args.device)

@@ -15,7 +15,7 @@ from qkv_core.models import LoadedModel, load_model
 from qkv_core.receiver import Generation, ReceiverEngine
 from qkv_core.wire import pb
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
-from service_common.errors import guarded
+from service_common.errors import IdleTimeout, guarded
 from service_common.server import Running, iterate_in_thread, serve_forever, start
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,27 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
 
     @guarded
     async def PushCard(self, request_iterator: AsyncIterator[pb.CardFrame], context: grpc.aio.ServicerContext) -> pb.PushCardReply:
-        intake = self.engine.intake()
-        try:
-            async for frame in request_iterator:
-                ready = intake.feed(frame)
-                if ready is not None:  # dequantize this layer while the next one is on the wire
-                    await asyncio.to_thread(intake.decode, ready)
-        finally:
-            self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
-        card = intake.finish(self.engine.lm.num_layers)
+        frames = aiter(request_iterator)
+        idle_s = self.cfg.limits.idle_timeout_s
+        with self.engine.intake() as intake:
+            try:
+                while True:
+                    try:
+                        frame = await asyncio.wait_for(anext(frames), idle_s)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise IdleTimeout(f"the card stream sent nothing for {idle_s:g} s (idle_timeout_s, "
+                                          "QKVCOMM_IDLE_TIMEOUT_S)") from None
+                    if frame.WhichOneof("frame") == "header":  # validating a header can take a while: off the loop
+                        ready = await asyncio.to_thread(intake.feed, frame)
+                    else:
+                        ready = intake.feed(frame)
+                    if ready is not None:  # dequantize this layer while the next one is on the wire
+                        await asyncio.to_thread(intake.decode, ready)
+            finally:
+                self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
+            card = intake.finish(self.engine.lm.num_layers)
         evicted = self.engine.store.put(card)
         if evicted:
             log.info("evicted %d cards to make room", len(evicted))
@@ -86,7 +98,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics = Metrics("receiver")
     alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
-    engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes, alignments)
+    engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes, alignments, cfg.limits)
     servicer = ReceiverServicer(engine, metrics, cfg)
     return await start(
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,22 @@ from service_common.errors import guarded
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
 
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
+# The channel to the receiver: idempotent lookups are retried on UNAVAILABLE (a receiver restarting),
+# and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to 120 s, so the first Ask
+# after a receiver restart finds it. PushCard is a client stream and is not retried by gRPC; a re-push
+# by card id is harmless (the receiver keeps the first copy).
+_RETRY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+          "retryableStatusCodes": ["UNAVAILABLE"]}
+_SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": m} for m in ("HasCard",)],
+                                     "retryPolicy": _RETRY}]}
+RECEIVER_CHANNEL_OPTIONS = [
+    *GRPC_OPTIONS,
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    ("grpc.enable_retries", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class SenderServicer(services_pb2_grpc.SenderServicer):
@@ -44,7 +61,13 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
     def _layers(self, request: pb.ShareRequest | pb.AskRequest) -> SelectionConfig:
         return SelectionConfig(request.layer_ratio or self.cfg.layer_ratio, request.layer_method or self.cfg.layer_method)
 
-    async def _share(self, request: pb.ShareRequest | pb.AskRequest) -> tuple[pb.HandoffStats, bool]:
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """Deadline of a call to the receiver: the setting, or the client's remaining time if sooner."""
+        remaining = context.time_remaining()
+        limit = self.cfg.limits.receiver_timeout_s
+        return limit if remaining is None else max(0.0, min(limit, remaining))
+
+    async def _share(self, request: pb.ShareRequest | pb.AskRequest, timeout: float) -> tuple[pb.HandoffStats, bool]:
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
         context, codec = request.context, request.codec or self.cfg.codec
@@ -52,7 +75,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         layers = self._layers(request)
         if codec == TEXT and layers.ratio < 1:
             raise ValueError("the text handoff has no layers to select")
-        stats = await (self._share_text(context) if codec == TEXT else self._share_card(context, codec, facts, layers))
+        stats = await (self._share_text(context, timeout) if codec == TEXT
+                       else self._share_card(context, codec, facts, layers, timeout))
         if not stats.card_reused:
             m = self.metrics
             m.wire_bytes_sent.inc(stats.wire_bytes)
@@ -63,7 +87,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
 
-    async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig) -> pb.HandoffStats:
+    async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
+                          timeout: float) -> pb.HandoffStats:
         card = await asyncio.to_thread(self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers)
         header = card.header
         self.metrics.observe("prefill", card.prefill_s)
@@ -75,7 +100,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
             prefill_s=card.prefill_s, quantize_s=card.quantize_s, facts_s=card.facts_s, facts=len(header.facts),
         )
-        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id))
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id), timeout=timeout)
         stats.card_reused = held.present
         if held.present:
             return stats
@@ -88,14 +113,14 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
                 yield frame
 
         t0 = time.perf_counter()
-        reply = await self.receiver.PushCard(counted())
+        reply = await self.receiver.PushCard(counted(), timeout=timeout)
         stats.transfer_s = time.perf_counter() - t0
         stats.dequantize_s = reply.dequantize_s
         self.metrics.cards_sent.inc()
         _count_wire(stats, sent)
         return stats
 
-    async def _share_text(self, context: str) -> pb.HandoffStats:
+    async def _share_text(self, context: str, timeout: float) -> pb.HandoffStats:
         """The text baseline: the receiver prefills the context itself."""
         ids = self.engine.context_ids(context)
         fp = self.engine.lm.fingerprint
@@ -103,13 +128,13 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
             kv_fp16_bytes=fp.kv_bytes(len(ids), 2), kv_fp32_bytes=fp.kv_bytes(len(ids), 4),
         )
-        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=stats.card_id))
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=stats.card_id), timeout=timeout)
         stats.card_reused = held.present
         if held.present:
             return stats
         request = pb.PushTextRequest(context=context)
         t0 = time.perf_counter()
-        reply = await self.receiver.PushText(request)
+        reply = await self.receiver.PushText(request, timeout=timeout)
         stats.transfer_s = time.perf_counter() - t0 - reply.prefill_s
         stats.prefill_s = reply.prefill_s
         stats.card_id = reply.card_id
@@ -118,7 +143,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
 
     @guarded
     async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
-        stats, _ = await self._share(request)
+        stats, _ = await self._share(request, self._timeout(context))
         return pb.ShareReply(stats=stats)
 
     @guarded
@@ -126,11 +151,11 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         if not request.question.strip():
             raise ValueError("the question is empty")
         start = time.perf_counter()
-        stats, facts = await self._share(request)
+        stats, facts = await self._share(request, self._timeout(context))
         query = pb.GenerateRequest(
             card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=facts
         )
-        async for reply in self.receiver.Generate(query):
+        async for reply in self.receiver.Generate(query, timeout=self._timeout(context)):
             if reply.HasField("stats"):
                 stats.ttft_s = reply.stats.ttft_s
                 stats.generated_tokens = reply.stats.generated_tokens
@@ -155,8 +180,9 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
     if not cfg.receiver:
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
     metrics = Metrics("sender")
-    channel = grpc.aio.insecure_channel(cfg.receiver, options=GRPC_OPTIONS)
-    servicer = SenderServicer(SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile)), services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
+    channel = grpc.aio.insecure_channel(cfg.receiver, options=RECEIVER_CHANNEL_OPTIONS)
+    engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits)
+    servicer = SenderServicer(engine, services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
     running = await start(
         "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics
     )

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from qkv_core.card import CardError, ErrorKind
+from qkv_core.config import LimitExceeded
 from qkv_core.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,20 @@ _CODES = {
 }
 
 
+class IdleTimeout(Exception):
+    """A client stream sent nothing for longer than the idle timeout."""
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, metric reason) for an exception raised while serving a call."""
     if isinstance(error, CardError):
         return _CODES[error.kind], str(error), error.kind.name.lower()
+    if isinstance(error, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "limit"
+    if isinstance(error, DecodeError):  # a frame that is no protobuf message of its type: the client's bytes
+        return grpc.StatusCode.INVALID_ARGUMENT, f"undecodable message: {error}", "undecodable"
+    if isinstance(error, IdleTimeout):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), "idle"
     if isinstance(error, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), "invalid"
     if isinstance(error, grpc.aio.AioRpcError):  # a peer's status, passed on

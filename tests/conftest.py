@@ -6,7 +6,6 @@ import dataclasses
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,13 +13,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card import build_header, encode_layers, frames
-from qkv_core.config import RuntimeConfig, ServiceConfig
+from qkv_core.config import RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.kv import KVCache
 from qkv_core.models import LoadedModel, load_model, wrap
 from qkv_core.receiver import ReceiverEngine
 from qkv_core.sender import SenderEngine
 
-QA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "qa"
+QA_DIR = data_dir()
 CORPUS = [
     "The rate limit is 600 requests per minute. The city of Lyon hosts the summit on 4 May 2025.",
     "Context: a quick brown fox jumps over the lazy dog. Question: what jumps? Answer: the fox.",

@@ -209,3 +209,23 @@ def test_layer_selection_over_grpc_sends_half_the_layers(services):
     assert half.text.strip()  # the receiver answers over its ragged cache
     with pytest.raises(grpc.RpcError, match="unknown layer selection"):
         ask(services.sender, context, question, layer_ratio=0.5, layer_method="best")
+
+
+def test_more_concurrent_generations_than_worker_threads_on_a_layer_selected_card(services, receiver_stub):
+    """12 generations at once on a ragged (layer-selected) cache, more than the servers' worker
+    threads (min(32, cores + 4)): all complete, with the same answer each (a per-process attention
+    switch held across token streams used to wedge the receiver for good here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    context, question, _ = FACTS[1]
+    first = ask(services.sender, context, question, codec="fp16", layer_ratio=0.5, layer_method="prior")
+    card_id = first.stats.card_id
+    request = pb.GenerateRequest(card_id=card_id, query=question, max_new_tokens=12)
+
+    def generate(_):
+        return "".join(r.text for r in receiver_stub.Generate(request, timeout=240) if not r.HasField("stats"))
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(generate, range(12)))
+    assert len(answers) == 12 and len(set(answers)) == 1 and answers[0].strip()
+    assert receiver_stub.HasCard(pb.HasCardRequest(card_id=card_id), timeout=10).present  # and it still serves

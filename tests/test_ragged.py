@@ -49,11 +49,12 @@ def test_ragged_attention_matches_a_masked_reference(tiny, keep):
 
     AttentionInterface.register("test_masked_reference", masked_reference)
     AttentionMaskInterface.register("test_masked_reference", lambda *a, **k: None)
+    previous = tiny.model.config._attn_implementation
     tiny.model.set_attn_implementation("test_masked_reference")
     try:
         reference = next_logits(tiny, full, q)
     finally:
-        tiny.model.set_attn_implementation("sdpa")
+        tiny.model.set_attn_implementation(previous)
     got = next_logits(tiny, _ragged(full, keep, prefix), q)
     assert torch.allclose(got, reference, atol=1e-5)
     assert (got - next_logits(tiny, full, q)).abs().max() > 1e-3  # and dropping layers did change something
