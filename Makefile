@@ -17,7 +17,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data image-smoke lint-dockerfile node-client node-client-test compose-config k8s-validate deploy-check clean
+.PHONY: install run test data fuzz load image-smoke lint-dockerfile node-client node-client-test compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -46,6 +46,14 @@ run: install
 
 test: install data $(if $(NPM),$(NODE_MODULES))
 	$(PY) -m pytest -q
+
+# The long runs of the reliability suites (the test suite runs short versions): a PushCard fuzz
+# of 100,000 cases, and 16 clients asking through the services for 10 minutes.
+fuzz: install
+	$(PY) -m qkvcomm_cli bench fuzz --cases 100000
+
+load: install
+	$(PY) -m qkvcomm_cli bench load --clients 16 --minutes 10
 
 # The long-context needle set is rebuilt from squad.jsonl rather than stored.
 data: data/qa/squad_longctx.jsonl

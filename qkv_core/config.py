@@ -90,9 +90,12 @@ _NESTED = {"runtime": RuntimeConfig, "limits": Limits}
 
 def data_dir() -> Path:
     """The QA data folder every reader (tests, eval, bench, grids) uses: QKVCOMM_DATA_DIR, else
-    the checkout's data/qa (a wheel installed elsewhere has no data; set the variable)."""
-    configured = os.environ.get("QKVCOMM_DATA_DIR")
-    return Path(configured) if configured else Path(__file__).resolve().parents[1] / "data" / "qa"
+    the checkout's data/qa: beside the source, or, for an installed wheel, under the current
+    directory (a wheel ships no QA data; elsewhere set the variable)."""
+    if configured := os.environ.get("QKVCOMM_DATA_DIR"):
+        return Path(configured)
+    source = Path(__file__).resolve().parents[1] / "data" / "qa"
+    return source if source.is_dir() else Path.cwd() / "data" / "qa"
 
 
 def qa_file(name: str | Path) -> Path:

@@ -36,6 +36,10 @@ class Metrics:
         self.errors = Counter("qkvcomm_errors_total", "Requests refused or failed, by reason", ["reason"], registry=r)
         self.cards_held = Gauge("qkvcomm_cards_held", "Cards in the receiver's store", registry=r)
         self.store_bytes = Gauge("qkvcomm_store_bytes", "Bytes of dequantized KV held by the receiver", registry=r)
+        self.intakes = Gauge("qkvcomm_intakes_in_flight", "Cards arriving now (receiver)", registry=r)
+        self.intake_bytes = Gauge(
+            "qkvcomm_intake_bytes_in_flight", "Decoded bytes admitted for the cards arriving now (receiver)", registry=r
+        )
         self.service = service
 
     def observe(self, stage: str, seconds: float) -> None:

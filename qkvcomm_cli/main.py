@@ -90,8 +90,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('QKVCOMM_PORT', '50061')}", help="HOST:PORT")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
 
-    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`")
-    p.add_argument("what", choices=["codec", "ttft", "facts"])
+    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
+                       "`bench fuzz`, `bench load`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load"])
+    p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
+    p.add_argument("--seed", type=int, default=0, help="fuzz: mutation seed")
+    p.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
+    p.add_argument("--minutes", type=float, default=10.0, help="load: how long the clients run")
     p.add_argument("--datasets", default="squad.jsonl,narrativeqa.jsonl", help="facts: files beside --data")
     p.add_argument("--limit", type=int, default=100, help="facts: rows per file")
     p.add_argument("--budget", type=int, default=400, help="facts: summary budget in bytes")
@@ -365,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     if args.command == "calibrate":
         return _calibrate(args)
+    if args.command == "bench" and args.what in ("fuzz", "load"):
+        from qkvcomm_cli import bench_service  # noqa: PLC0415
+
+        return bench_service.main(args)
     if args.command == "bench" and args.what == "facts":
         from qkvcomm_cli import bench_facts  # noqa: PLC0415
 

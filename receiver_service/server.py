@@ -99,6 +99,8 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics = Metrics("receiver")
     alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
     engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes, alignments, cfg.limits)
+    metrics.intakes.set_function(lambda: engine.admission.intakes)
+    metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
     servicer = ReceiverServicer(engine, metrics, cfg)
     return await start(
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics

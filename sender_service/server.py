@@ -27,7 +27,7 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 # and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to 120 s, so the first Ask
 # after a receiver restart finds it. PushCard is a client stream and is not retried by gRPC; a re-push
 # by card id is harmless (the receiver keeps the first copy).
-_RETRY = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+_RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
 _SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": m} for m in ("HasCard",)],
                                      "retryPolicy": _RETRY}]}

@@ -48,6 +48,9 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
 
 
 async def abort(context: grpc.aio.ServicerContext, error: Exception, metrics: Metrics) -> None:
+    if context.cancelled():  # the client went away (a truncated stream is its doing, not data loss)
+        metrics.errors.labels(reason="cancelled").inc()
+        return
     code, message, reason = status_of(error)
     metrics.errors.labels(reason=reason).inc()
     if code == grpc.StatusCode.INTERNAL:
@@ -65,7 +68,10 @@ def guarded(method: Callable) -> Callable:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except (grpc.aio.AbortError, GeneratorExit, asyncio.CancelledError):
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except asyncio.CancelledError:
+                self.metrics.errors.labels(reason="cancelled").inc()
                 raise
             except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
                 await abort(context, e, self.metrics)
@@ -76,7 +82,10 @@ def guarded(method: Callable) -> Callable:
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            self.metrics.errors.labels(reason="cancelled").inc()
             raise
         except Exception as e:  # noqa: BLE001
             await abort(context, e, self.metrics)

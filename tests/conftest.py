@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card import build_header, encode_layers, frames
-from qkv_core.config import RuntimeConfig, ServiceConfig, data_dir
+from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.kv import KVCache
 from qkv_core.models import LoadedModel, load_model, wrap
 from qkv_core.receiver import ReceiverEngine
@@ -97,7 +97,8 @@ def services(embedded: LoadedModel) -> Iterator[Services]:
     def run(coro):  # noqa: ANN001, ANN202
         return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
 
-    cfg = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, max_new_tokens=24)
+    # A short idle timeout, so the test of streams that stall after their header runs in seconds.
+    cfg = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, max_new_tokens=24, limits=Limits(idle_timeout_s=3.0))
     receiver = run(start_receiver(cfg, embedded))
     sender, channel = run(start_sender(dataclasses.replace(cfg, receiver=f"127.0.0.1:{receiver.port}"), embedded))
     yield Services(f"127.0.0.1:{receiver.port}", f"127.0.0.1:{sender.port}", receiver.metrics_port, sender.metrics_port)
