@@ -17,7 +17,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data fuzz load image-smoke lint-dockerfile node-client node-client-test compose-config k8s-validate deploy-check clean
+.PHONY: install run test data fuzz load link-faults image-smoke lint-dockerfile node-client node-client-test compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ fuzz: install
 
 load: install
 	$(PY) -m qkvcomm_cli bench load --clients 16 --minutes 10
+
+# Sender and receiver in two network namespaces over a tbf-shaped veth link, cut mid-card (root).
+link-faults: install
+	$(PY) benchmarks/link_faults.py
 
 # The long-context needle set is rebuilt from squad.jsonl rather than stored.
 data: data/qa/squad_longctx.jsonl
