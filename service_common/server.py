@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -70,7 +72,7 @@ async def start(
 
 
 async def serve_forever(name: str, running: Running, cfg: ServiceConfig) -> None:
-    """Print the ready line, then wait for SIGTERM/SIGINT and shut down gracefully."""
+    """Print the ready line, wait for SIGTERM/SIGINT, shut down gracefully, then end the process."""
     print(f"{READY} {name} grpc={cfg.host}:{running.port} metrics={running.metrics_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -79,6 +81,14 @@ async def serve_forever(name: str, running: Running, cfg: ServiceConfig) -> None
     await stop.wait()
     log.info("%s: shutting down (grace %.1fs)", name, cfg.grace_s)
     await running.stop(cfg.grace_s)
+    # The calls had their grace. A worker thread still inside a model call (a long prefill cannot be
+    # interrupted) would keep the process alive: asyncio.run joins its executor's threads without
+    # a timeout. End here, so SIGTERM always ends the process within the grace period.
+    log.info("%s: stopped", name)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 async def iterate_in_thread(items: Iterator[T]) -> AsyncIterator[T]:

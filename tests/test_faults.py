@@ -112,3 +112,33 @@ def test_sigterm_during_a_long_generation_ends_the_receiver_within_its_grace():
         assert code == 0 and took < grace_s + 3, (code, took)
     finally:
         receiver.stop()
+
+
+def test_sigterm_during_a_long_prefill_ends_the_sender_within_its_grace():
+    """A prefill cannot be interrupted; the process still ends within its grace, not after it."""
+    grace_s = 2.0
+    receiver = spawn("receiver")
+    sender = spawn("sender", "--receiver", receiver.address, env={"QKVCOMM_GRACE_S": str(grace_s)})
+    try:
+        long = "\n\n".join(r["context"] for r in qa_rows("squad.jsonl", 240)[:60])  # ~9,000 tokens: a prefill of many seconds
+        outcome: dict = {}
+
+        def run():
+            try:
+                ask(sender.address, long, "What is this about?", codec="int8", timeout_s=300)
+            except grpc.RpcError as e:
+                outcome["error"] = e.code()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(3)  # inside the prefill
+        start = time.perf_counter()
+        sender.process.send_signal(signal.SIGTERM)
+        code = sender.process.wait(60)
+        took = time.perf_counter() - start
+        thread.join(30)
+        assert code == 0 and took < grace_s + 3, (code, took)
+        assert outcome.get("error") in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), outcome
+    finally:
+        sender.stop()
+        receiver.stop()
