@@ -64,10 +64,12 @@ data: data/qa/squad_longctx.jsonl
 data/qa/squad_longctx.jsonl: data/qa/squad.jsonl data/qa/make_longctx.py
 	python3 data/qa/make_longctx.py --out $@
 
-# The Docker image's install and build-time steps, replayed without a Docker engine: a fresh
-# virtualenv outside the repo, the wheel, deploy/docker/*.sh, then a demo handoff.
+# The Docker image's install and build-time steps, replayed without a Docker engine: a release
+# build (`python -m build`), then a fresh virtualenv outside the repo, the wheel, deploy/docker/*.sh,
+# and a demo handoff.
 image-smoke: install lint-dockerfile
-	bash deploy/docker/smoke.sh build/dist
+	rm -rf build/release && $(PY) -m build --outdir build/release .   # sdist, then the wheel from it
+	bash deploy/docker/smoke.sh build/release
 
 lint-dockerfile: install
 	.venv/bin/hadolint Dockerfile

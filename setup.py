@@ -23,6 +23,8 @@ class BuildPyWithStubs(build_py):
         out = Path(self.build_lib)
         (out / "qkvcomm" / "v1").mkdir(parents=True, exist_ok=True)
         protos = sorted(str(p.relative_to(PROTO)) for p in PROTO.glob("qkvcomm/v1/*.proto"))
+        if not protos:
+            raise RuntimeError(f"no .proto files under {PROTO}/qkvcomm/v1 (an sdist made without MANIFEST.in?)")
         include = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
         args = ["protoc", f"-I{PROTO}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}",
                 f"--grpc_python_out={out}", *protos]

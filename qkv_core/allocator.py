@@ -17,12 +17,24 @@ _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper bound for M_MMAP_THRESHOLD on 64
 _TRIM_THRESHOLD = 1 << 30
 
 
+def _libc_function(name: str):  # noqa: ANN202 - a ctypes function, or None off glibc
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
 def tune() -> bool:
     """Apply the thresholds in this process; False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def trim() -> bool:
+    """Hand freed heap memory back to the kernel now (glibc malloc_trim). The raised trim threshold
+    keeps up to 1 GiB for reuse, which is right for the next card but makes RSS ratchet up when
+    cards are refused midway; the receiver trims after a failed intake (at most every few seconds)."""
+    malloc_trim = _libc_function("malloc_trim")
+    return bool(malloc_trim(0)) if malloc_trim is not None else False

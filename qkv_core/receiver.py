@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import allocator
 from .attention import require_full_attention
 from .card import CardError, CardReader, ErrorKind, fingerprint_to_pb, text_card_id
 from .config import LimitExceeded, Limits
@@ -29,11 +30,14 @@ class Admission:
     """How many cards are arriving and how much memory they will take once decoded: bounded, so
     that streams held open after their headers cannot exhaust the receiver (thread-safe)."""
 
+    TRIM_EVERY_S = 5.0  # a failed intake hands its memory back, at most this often
+
     def __init__(self, limits: Limits):
         self.limits = limits
         self.intakes = 0
         self.bytes = 0
         self._lock = threading.Lock()
+        self._trimmed = 0.0
 
     def enter(self) -> None:
         with self._lock:
@@ -45,10 +49,15 @@ class Admission:
             self.limits.check("max_inflight_bytes", self.bytes + nbytes, "decoded bytes of the cards arriving at once")
             self.bytes += nbytes
 
-    def leave(self, nbytes: int) -> None:
+    def leave(self, nbytes: int, failed: bool) -> None:
         with self._lock:
             self.intakes -= 1
             self.bytes -= nbytes
+            trim = failed and time.monotonic() - self._trimmed > self.TRIM_EVERY_S
+            if trim:
+                self._trimmed = time.monotonic()
+        if trim:
+            allocator.trim()
 
 
 @dataclass
@@ -71,11 +80,11 @@ class Intake:
         self.admission.enter()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.admission.leave(self.reserved)
-        self.reserved = 0
+    def __exit__(self, kind: type | None, *exc: object) -> None:
         self.keys.clear()
         self.values.clear()
+        self.admission.leave(self.reserved, failed=kind is not None)
+        self.reserved = 0
 
     def feed(self, frame: pb.CardFrame) -> int | None:
         """Validate one frame; returns a layer index that is ready for `decode`."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from qkvcomm.v1 import services_pb2, services_pb2_grpc
 from service_common.errors import guarded
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
 
+log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 # The channel to the receiver: idempotent lookups are retried on UNAVAILABLE (a receiver restarting),
 # and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to 120 s, so the first Ask
@@ -31,6 +33,7 @@ _RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backo
           "retryableStatusCodes": ["UNAVAILABLE"]}
 _SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": m} for m in ("HasCard",)],
                                      "retryPolicy": _RETRY}]}
+PUSH_ATTEMPTS = 2
 RECEIVER_CHANNEL_OPTIONS = [
     *GRPC_OPTIONS,
     ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
@@ -113,7 +116,15 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
                 yield frame
 
         t0 = time.perf_counter()
-        reply = await self.receiver.PushCard(counted(), timeout=timeout)
+        for attempt in range(PUSH_ATTEMPTS):
+            sent = 0
+            try:
+                reply = await self.receiver.PushCard(counted(), timeout=max(0.0, timeout - (time.perf_counter() - t0)))
+                break
+            except grpc.aio.AioRpcError as e:  # a broken stream: push the card again, whole (its id is its content)
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUSH_ATTEMPTS - 1:
+                    raise
+                log.warning("card %s: the stream to the receiver broke (%s); pushing it again", header.card_id[:12], e.details())
         stats.transfer_s = time.perf_counter() - t0
         stats.dequantize_s = reply.dequantize_s
         self.metrics.cards_sent.inc()
