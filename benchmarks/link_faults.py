@@ -24,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-
 SND, RCV = "qkvnet-snd", "qkvnet-rcv"
 SND_IP, RCV_IP = "10.231.0.1", "10.231.0.2"  # inside the namespaces only
 IDLE_S = 10.0

@@ -88,6 +88,11 @@ class ServiceConfig:
 _NESTED = {"runtime": RuntimeConfig, "limits": Limits}
 
 
+def cache_dir() -> Path:
+    """Converted models, profiles and alignments: QKVCOMM_CACHE_DIR, else ~/.cache/qkvcomm."""
+    return Path(os.environ.get("QKVCOMM_CACHE_DIR", Path.home() / ".cache" / "qkvcomm"))
+
+
 def data_dir() -> Path:
     """The QA data folder every reader (tests, eval, bench, grids) uses: QKVCOMM_DATA_DIR, else
     the checkout's data/qa: beside the source, or, for an installed wheel, under the current

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from .models import Fingerprint, cache_dir
+from qkv_core.config import cache_dir
+from qkv_core.types import Fingerprint
 
 P = TypeVar("P", bound="ProfileFile")
 

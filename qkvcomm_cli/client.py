@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.wire import pb
-from qkvcomm.v1 import services_pb2_grpc
 from service_common.server import GRPC_OPTIONS
 
 

@@ -193,8 +193,8 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qkv_core.evaluate import EvalConfig, run  # noqa: PLC0415
-    from qkv_core.models import load_model  # noqa: PLC0415
+    from qkv_core.model.loading import load_model  # noqa: PLC0415
+    from qkv_eval.evaluate import EvalConfig, run  # noqa: PLC0415
 
     cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
                      args.facts, args.layers, args.layer_method, args.relevance, args.sender_model, args.alignment)
@@ -212,7 +212,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from qkvcomm_cli.report import f1_vs_bits_chart, f1_vs_layers_chart, load, results_md, table, ttft_chart  # noqa: PLC0415
+    from qkv_eval.report import (
+        f1_vs_bits_chart,
+        f1_vs_layers_chart,
+        load,
+        results_md,
+        table,
+        ttft_chart,
+    )  # noqa: PLC0415
 
     loaded = load(args.results)
     results, ttft = [r for r in loaded if "bench" not in r], [r for r in loaded if r.get("bench") == "ttft"]
@@ -233,8 +240,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from qkv_core import calibration_data  # noqa: PLC0415
-    from qkv_core.evaluate import load_rows  # noqa: PLC0415
-    from qkv_core.models import load_model  # noqa: PLC0415
+    from qkv_core.model.loading import load_model  # noqa: PLC0415
+    from qkv_eval.evaluate import load_rows  # noqa: PLC0415
 
     what = args.what or ("pair" if args.sender_model else None)
     if what is None:
@@ -250,8 +257,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _calibrate_pair(args: argparse.Namespace, texts: list[str]) -> int:
-    from qkv_core import crossmodel  # noqa: PLC0415
-    from qkv_core.models import load_model  # noqa: PLC0415
+    from qkv_core.engine import crossmodel  # noqa: PLC0415
+    from qkv_core.model.loading import load_model  # noqa: PLC0415
 
     if not args.sender_model:
         raise SystemExit("calibrate pair needs --sender-model (and --receiver-model, default smollm2-135m)")
@@ -268,10 +275,11 @@ def _calibrate_pair(args: argparse.Namespace, texts: list[str]) -> int:
 
 
 def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN001
-    from qkv_core import allocation  # noqa: PLC0415
-    from qkv_core.codec import adaptive, save_layers  # noqa: PLC0415
+    from qkv_core.codec import allocation  # noqa: PLC0415
+    from qkv_core.codec.registry import adaptive, save_layers  # noqa: PLC0415
+    from qkv_core.engine import calibration  # noqa: PLC0415
 
-    profile = allocation.calibrate(lm, samples, args.max_tokens)
+    profile = calibration.calibrate(lm, samples, args.max_tokens)
     out = args.out or allocation.Profile.default_path(lm.fingerprint)
     profile.save(out)
     print(f"profile of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
@@ -295,7 +303,7 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
 
 
 def _calibrate_layers(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN001
-    from qkv_core import selection  # noqa: PLC0415
+    from qkv_core.engine import selection  # noqa: PLC0415
 
     profile = selection.calibrate(lm, samples)
     out = args.out or selection.LayerProfile.default_path(lm.fingerprint)
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args)
     if args.command == "rescore":
-        from qkv_core.evaluate import rescore  # noqa: PLC0415
+        from qkv_eval.evaluate import rescore  # noqa: PLC0415
 
         for path in args.results:
             result = json.loads(path.read_text())
@@ -371,17 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "calibrate":
         return _calibrate(args)
     if args.command == "bench" and args.what in ("fuzz", "load"):
-        from qkvcomm_cli import bench_service  # noqa: PLC0415
+        from qkv_eval import bench_service  # noqa: PLC0415
 
         return bench_service.main(args)
     if args.command == "bench" and args.what == "facts":
-        from qkvcomm_cli import bench_facts  # noqa: PLC0415
+        from qkv_eval import bench_facts  # noqa: PLC0415
 
         paths = [args.data.parent / name for name in args.datasets.split(",")]
         print(bench_facts.table(bench_facts.run_facts_bench(paths, args.limit, args.budget), args.budget))
         return 0
     if args.command == "bench" and args.what == "ttft":
-        from qkvcomm_cli import bench_ttft  # noqa: PLC0415
+        from qkv_eval import bench_ttft  # noqa: PLC0415
 
         runtime = RuntimeConfig(model=args.model, device=args.device)
         rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats or 3)
@@ -390,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
         return 0
     if args.command == "bench":
-        from qkvcomm_cli.bench import run_codec_bench, table  # noqa: PLC0415
+        from qkv_eval.bench import run_codec_bench, table  # noqa: PLC0415
 
         rows = run_codec_bench(args.model, args.data, args.tokens, args.codecs.split(","), args.repeats or 10)
         print(table(rows, args.tokens, args.model))

@@ -1,4 +1,4 @@
-"""The Receiver gRPC service, a thin shell over qkv_core.receiver."""
+"""The Receiver gRPC service, a thin shell over qkv_core.engine.receiver."""
 from __future__ import annotations
 
 import asyncio
@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.config import ServiceConfig
-from qkv_core.crossmodel import Alignment
-from qkv_core.metrics import Metrics
-from qkv_core.models import LoadedModel, load_model
-from qkv_core.receiver import Generation, ReceiverEngine
+from qkv_core.engine.crossmodel import Alignment
+from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
-from qkvcomm.v1 import services_pb2, services_pb2_grpc
 from service_common.errors import IdleTimeout, guarded
+from service_common.metrics import Metrics
 from service_common.server import Running, iterate_in_thread, serve_forever, start
 
 log = logging.getLogger(__name__)

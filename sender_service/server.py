@@ -1,4 +1,4 @@
-"""The Sender gRPC service, a thin shell over qkv_core.sender."""
+"""The Sender gRPC service, a thin shell over qkv_core.engine.sender."""
 from __future__ import annotations
 
 import asyncio
@@ -9,18 +9,19 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
-
-from qkv_core.card import frames, text_card_id
-from qkv_core.config import ServiceConfig
-from qkv_core.facts import FactConfig
-from qkv_core.metrics import Metrics
-from qkv_core.models import LoadedModel, load_model
-from qkv_core.receiver import TEXT
-from qkv_core.selection import SelectionConfig
-from qkv_core.sender import SenderEngine
-from qkv_core.wire import pb
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
+
+from qkv_core.card.framing import frames
+from qkv_core.card.header import text_card_id
+from qkv_core.config import ServiceConfig
+from qkv_core.engine.receiver import TEXT
+from qkv_core.engine.selection import SelectionConfig
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.facts import FactConfig
+from qkv_core.model.loading import LoadedModel, load_model
+from qkv_core.wire import pb
 from service_common.errors import guarded
+from service_common.metrics import Metrics
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
 
 log = logging.getLogger(__name__)

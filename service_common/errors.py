@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from qkv_core.card import CardError, ErrorKind
+from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.config import LimitExceeded
-from qkv_core.metrics import Metrics
+from service_common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
-from qkv_core.metrics import Metrics
+from service_common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

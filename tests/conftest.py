@@ -12,12 +12,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qkv_core.card import build_header, encode_layers, frames
+from qkv_core.card.framing import frames
+from qkv_core.card.header import build_header
 from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
-from qkv_core.kv import KVCache
-from qkv_core.models import LoadedModel, load_model, wrap
-from qkv_core.receiver import ReceiverEngine
-from qkv_core.sender import SenderEngine
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.loading import LoadedModel, load_model, wrap
+from qkv_core.types import KVCache
 
 QA_DIR = data_dir()
 CORPUS = [
@@ -34,7 +35,7 @@ def card_round_trip(
     """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
     plan = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
     receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
-    return receiver.accept(frames(build_header(lm.fingerprint, ids, kv, plan), encode_layers(kv, plan))).kv
+    return receiver.accept(frames(build_header(lm.fingerprint, ids, kv, plan), plan.encode(kv))).kv
 
 
 def qa_rows(name: str, limit: int) -> list[dict]:

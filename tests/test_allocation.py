@@ -4,19 +4,21 @@ import pytest
 import torch
 from conftest import card_round_trip, tiny_model
 
-from qkv_core import allocation, calibration_data
-from qkv_core.codec import resolve, save_layers
-from qkv_core.kv import prefill
-from qkv_core.prompt import PromptFormat, encode
-from qkv_core.quant import FP16_BITS, encoded_size
-from qkv_core.sender import SenderEngine
+from qkv_core import calibration_data
+from qkv_core.codec import allocation
+from qkv_core.codec.quant import FP16_BITS, encoded_size
+from qkv_core.codec.registry import resolve, save_layers
+from qkv_core.engine import calibration
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.kv import prefill
+from qkv_core.model.prompt import PromptFormat, encode
 
 SAMPLES = calibration_data.samples()[:2]
 
 
 @pytest.fixture(scope="module")
 def profile(tiny):
-    return allocation.calibrate(tiny, SAMPLES, max_tokens=96)
+    return calibration.calibrate(tiny, SAMPLES, max_tokens=96)
 
 
 @pytest.fixture(scope="module")

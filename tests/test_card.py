@@ -4,20 +4,13 @@ import dataclasses
 import pytest
 import torch
 
-from qkv_core import codec as codecs
-from qkv_core.card import (
-    FORMAT_VERSION,
-    CardError,
-    CardPlan,
-    CardReader,
-    ErrorKind,
-    build_header,
-    encode_layers,
-    frames,
-)
+from qkv_core.card.framing import frames
+from qkv_core.card.header import FORMAT_VERSION, CardError, CardPlan, ErrorKind, build_header
+from qkv_core.card.reader import CardReader
+from qkv_core.codec import registry as codecs
 from qkv_core.config import MAX_CHUNK_BYTES
-from qkv_core.kv import prefill
-from qkv_core.prompt import PromptFormat, encode
+from qkv_core.model.kv import prefill
+from qkv_core.model.prompt import PromptFormat, encode
 from qkv_core.wire import pb
 
 CONTEXT = "The rate limit is 600 requests per minute. " * 12
@@ -29,7 +22,7 @@ def made(tiny):
     kv, _ = prefill(tiny, ids)
     layer_codecs = codecs.resolve("int8", tiny.num_layers)
     plan = CardPlan("int8", layer_codecs)
-    return ids, kv, build_header(tiny.fingerprint, ids, kv, plan), encode_layers(kv, plan)
+    return ids, kv, build_header(tiny.fingerprint, ids, kv, plan), plan.encode(kv)
 
 
 def read(tiny, stream, max_card_bytes=1 << 30):

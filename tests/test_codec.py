@@ -1,7 +1,7 @@
 import pytest
 
-from qkv_core.codec import LayerCodec, resolve
-from qkv_core.quant import Granularity, TensorCodec
+from qkv_core.codec.quant import Granularity, TensorCodec
+from qkv_core.codec.registry import LayerCodec, resolve
 
 
 def test_presets():

@@ -5,12 +5,13 @@ import pytest
 import torch
 from conftest import CORPUS, tiny_model
 
-from qkv_core.card import CardError, ErrorKind, frames
-from qkv_core.crossmodel import Alignment, _rotate, aligned_positions, fit, inv_freqs, layer_sources
-from qkv_core.kv import generate, prefill
-from qkv_core.prompt import encode
-from qkv_core.receiver import ReceiverEngine
-from qkv_core.sender import SenderEngine
+from qkv_core.card.framing import frames
+from qkv_core.card.header import CardError, ErrorKind
+from qkv_core.engine.crossmodel import Alignment, _rotate, aligned_positions, fit, inv_freqs, layer_sources
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.kv import generate, prefill
+from qkv_core.model.prompt import encode
 
 TEXTS = CORPUS * 2
 

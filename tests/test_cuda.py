@@ -6,15 +6,15 @@ import pytest
 import torch
 from conftest import CORPUS, tiny_model
 
-from qkv_core import codec as codecs
-from qkv_core.card import frames
-from qkv_core.kv import next_logits
-from qkv_core.models import wrap
-from qkv_core.prompt import encode
-from qkv_core.quant import Granularity, TensorCodec, dequantize, quantize
-from qkv_core.receiver import ReceiverEngine
-from qkv_core.selection import SelectionConfig
-from qkv_core.sender import SenderEngine
+from qkv_core.card.framing import frames
+from qkv_core.codec import registry as codecs
+from qkv_core.codec.quant import Granularity, TensorCodec, dequantize, quantize
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.selection import SelectionConfig
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.kv import next_logits
+from qkv_core.model.loading import wrap
+from qkv_core.model.prompt import encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -2,8 +2,8 @@
 import pytest
 from conftest import card_round_trip, qa_rows
 
-from qkv_core.kv import generate, next_logits, prefill, stream_text
-from qkv_core.prompt import PromptFormat, encode
+from qkv_core.model.kv import generate, next_logits, prefill, stream_text
+from qkv_core.model.prompt import PromptFormat, encode
 
 pytestmark = pytest.mark.integration
 

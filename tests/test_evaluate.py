@@ -4,7 +4,7 @@ import json
 import pytest
 from conftest import QA_DIR
 
-from qkv_core.evaluate import EvalConfig, load_rows, query_of, run
+from qkv_eval.evaluate import EvalConfig, load_rows, query_of, run
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,8 @@ def test_rows_of_any_shape(tmp_path):
 
 
 def test_report_table_and_chart(tmp_path):
+    from qkv_eval.report import f1_vs_bits_chart
     from qkvcomm_cli.main import main
-    from qkvcomm_cli.report import f1_vs_bits_chart
 
     def result(mode, codec, f1, ratio, predictions):
         return {"model": "m", "config": {"data": "x/squad.jsonl", "context_field": "context", "mode": mode, "codec": codec,
@@ -61,7 +61,7 @@ def test_report_table_and_chart(tmp_path):
     for name, args in runs.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(result(*args)))
-    from qkvcomm_cli.bench_ttft import Row, to_json
+    from qkv_eval.bench_ttft import Row, to_json
 
     bench = [Row(n, n / 1e3, 0.01, 2 * n, 0.002, 0.03, n / 1e3) for n in (1024, 2048)]
     paths.append(tmp_path / "ttft.json")
@@ -80,7 +80,7 @@ def test_report_table_and_chart(tmp_path):
 
 
 def test_hops_table_lines_up_f1_by_hop_count():
-    from qkvcomm_cli.report import hops_table
+    from qkv_eval.report import hops_table
 
     def run(codec, hops, f1, **extra):
         return {"model": "m", "config": {"data": "x/squad.jsonl", "mode": "kv", "codec": codec, "hops": str(hops), **extra},
@@ -95,7 +95,7 @@ def test_hops_table_lines_up_f1_by_hop_count():
 
 
 def test_layers_table_and_chart_line_up_methods_by_ratio(tmp_path):
-    from qkvcomm_cli.report import f1_vs_layers_chart, layers_table
+    from qkv_eval.report import f1_vs_layers_chart, layers_table
 
     def run(codec, f1, layers=1.0, method="combined", **extra):
         return {"model": "m", "config": {"data": "x/squad.jsonl", "mode": "kv", "codec": codec, "hops": "1",
@@ -117,7 +117,7 @@ def test_layers_table_and_chart_line_up_methods_by_ratio(tmp_path):
 
 
 def test_datasets_table_needs_every_column():
-    from qkvcomm_cli.report import datasets_table
+    from qkv_eval.report import datasets_table
 
     def run(data, mode, codec, f1):
         return {"model": "m", "config": {"data": f"x/{data}.jsonl", "context_field": "context", "mode": mode, "codec": codec,

@@ -103,11 +103,11 @@ def test_bad_config_is_refused():
 
 
 def test_the_card_carries_the_facts_and_the_receiver_reads_the_summary_first(tiny):
-    from qkv_core.card import frames
-    from qkv_core.kv import generate, prefill
-    from qkv_core.prompt import encode
-    from qkv_core.receiver import Generation, ReceiverEngine
-    from qkv_core.sender import SenderEngine
+    from qkv_core.card.framing import frames
+    from qkv_core.engine.receiver import Generation, ReceiverEngine
+    from qkv_core.engine.sender import SenderEngine
+    from qkv_core.model.kv import generate, prefill
+    from qkv_core.model.prompt import encode
 
     sender, receiver = SenderEngine(tiny), ReceiverEngine(tiny, store_bytes=1 << 30, max_card_bytes=1 << 30)
     card = sender.prepare(API, "fp32", FactConfig(method="simple"))

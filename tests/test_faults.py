@@ -7,13 +7,12 @@ import urllib.request
 
 import grpc
 import pytest
+from conftest import qa_rows
+from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.wire import pb
-from qkvcomm.v1 import services_pb2_grpc
 from qkvcomm_cli.client import ask
 from qkvcomm_cli.launch import spawn
-
-from conftest import qa_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 SHORT = ("The museum opens at 9:30 and closes at 17:00. Entry costs 12 euros.", "How much does entry cost?", "12")

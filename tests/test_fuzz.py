@@ -1,8 +1,8 @@
 """A bounded fuzz run of PushCard against the live receiver (the long run: `make fuzz`)."""
 import pytest
 
-from qkv_core.sender import SenderEngine
-from qkvcomm_cli import fuzz
+from qkv_core.engine.sender import SenderEngine
+from qkv_eval import fuzz
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

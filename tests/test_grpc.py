@@ -5,12 +5,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from qkv_core.card import FORMAT_VERSION, frames
-from qkv_core.config import MAX_CHUNK_BYTES
-from qkv_core.sender import SenderEngine
-from qkv_core.wire import pb
 from qkvcomm.v1 import services_pb2_grpc
+
+from qkv_core.card.framing import frames
+from qkv_core.card.header import FORMAT_VERSION
+from qkv_core.config import MAX_CHUNK_BYTES
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.wire import pb
 from qkvcomm_cli.client import ask
 from service_common.server import GRPC_OPTIONS
 

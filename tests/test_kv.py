@@ -2,8 +2,8 @@
 import torch
 from conftest import card_round_trip
 
-from qkv_core.kv import generate, next_logits, prefill
-from qkv_core.prompt import PromptFormat, encode
+from qkv_core.model.kv import generate, next_logits, prefill
+from qkv_core.model.prompt import PromptFormat, encode
 
 CONTEXT = "Bulk exports moved to the /v4/exports endpoint."
 QUESTION = "Where did bulk exports move?"

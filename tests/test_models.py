@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from qkv_core.config import RuntimeConfig
-from qkv_core.models import load_model, model_source
+from qkv_core.model.loading import load_model, model_source
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

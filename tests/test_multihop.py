@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from qkv_core.kv import prefill
-from qkv_core.multihop import run_chain
-from qkv_core.receiver import ReceiverEngine
-from qkv_core.sender import SenderEngine
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.kv import prefill
+from qkv_eval.multihop import run_chain
 
 CONTEXT = "The rate limit is 600 requests per minute. Bulk exports moved to the /v4/exports endpoint."
 

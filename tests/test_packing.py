@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.packing import pack_bits, packed_size, unpack_bits
+from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
 
 
 @settings(max_examples=200, deadline=None)

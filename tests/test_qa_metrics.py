@@ -1,6 +1,7 @@
 import pytest
 
-from qkv_core.qa_metrics import contains, exact_match, f1, normalize
+from qkv_core.facts.text import normalize
+from qkv_eval.qa_metrics import contains, exact_match, f1
 
 
 def test_normalize_is_squads():
@@ -30,7 +31,7 @@ def test_contains_matches_whole_words_only():
 
 
 def test_seed_paper_metrics_on_hand_made_cases():
-    from qkv_core.qa_metrics import coherence, completeness
+    from qkv_eval.qa_metrics import coherence, completeness
 
     assert completeness("It was founded in Paris in 1889.", ["Paris, 1889"]) == 1.0
     assert completeness("In Paris.", ["Paris 1889", "the city of Lyon"]) == 0.5
@@ -41,7 +42,7 @@ def test_seed_paper_metrics_on_hand_made_cases():
 
 
 def test_contextual_relevance_embeddings_rank_related_text_higher():
-    from qkv_core.embedding import similarity
+    from qkv_eval.embedding import similarity
 
     context = "The Eiffel Tower in Paris was completed in 1889 for the World's Fair."
     assert similarity(context, context) == pytest.approx(1.0, abs=1e-5)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.quant import Granularity, TensorCodec, _rows, dequantize, encoded_size, quantize
+from qkv_core.codec.quant import Granularity, TensorCodec, _rows, dequantize, encoded_size, quantize
 
 
 def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
@@ -16,8 +16,8 @@ def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
 
 def _scales(blob: torch.Tensor, codec: TensorCodec, shape) -> torch.Tensor:
     """Read the stored fp16 scales back out of a blob (layout: codes, scales, zeros, windows)."""
-    from qkv_core.packing import packed_size
-    from qkv_core.quant import _rows, fp16_windows
+    from qkv_core.codec.packing import packed_size
+    from qkv_core.codec.quant import _rows, fp16_windows
 
     heads, tokens, dim = shape
     sink, recent = fp16_windows(codec, tokens)

@@ -4,8 +4,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from qkv_core.kv import KVCache, generate, next_logits, prefill
-from qkv_core.prompt import PromptFormat, encode
+from qkv_core.model.kv import generate, next_logits, prefill
+from qkv_core.model.prompt import PromptFormat, encode
+from qkv_core.types import KVCache
 
 CONTEXT = "The rate limit is 600 requests per minute. Bulk exports moved to the /v4/exports endpoint."
 

@@ -6,13 +6,13 @@ import urllib.request
 
 import grpc
 import pytest
-
-from qkv_core.card import frames
-from qkv_core.config import Limits
-from qkv_core.receiver import ReceiverEngine
-from qkv_core.sender import SenderEngine
-from qkv_core.wire import pb
 from qkvcomm.v1 import services_pb2_grpc
+
+from qkv_core.card.framing import frames
+from qkv_core.config import Limits
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.wire import pb
 from qkvcomm_cli.client import ask
 from service_common.server import GRPC_OPTIONS
 

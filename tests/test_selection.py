@@ -3,13 +3,14 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from qkv_core import calibration_data, selection
-from qkv_core.card import frames
-from qkv_core.kv import next_logits, prefill
-from qkv_core.prompt import encode
-from qkv_core.receiver import ReceiverEngine
-from qkv_core.selection import LayerProfile, SelectionConfig
-from qkv_core.sender import SenderEngine
+from qkv_core import calibration_data
+from qkv_core.card.framing import frames
+from qkv_core.engine import selection
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.selection import LayerProfile, SelectionConfig
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.kv import next_logits, prefill
+from qkv_core.model.prompt import encode
 
 CONTEXT = "The rate limit is 600 requests per minute. Bulk exports moved to the /v4/exports endpoint."
 

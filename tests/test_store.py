@@ -1,7 +1,7 @@
 import torch
 
-from qkv_core.kv import KVCache
-from qkv_core.store import CardStore, StoredCard
+from qkv_core.engine.store import CardStore, StoredCard
+from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
 

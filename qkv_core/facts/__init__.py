@@ -7,8 +7,8 @@
 Methods: `simple` (patterns only), `yake` (patterns + YAKE keyphrases), `spacy` (patterns +
 spaCy entities and noun chunks), `hybrid` (all three).
 """
-from .context_type import ContextType, detect
-from .extract import METHODS, Extraction, FactCache, FactConfig, extract
-from .fact import Fact
+from qkv_core.facts.context_type import ContextType, detect
+from qkv_core.facts.extract import METHODS, Extraction, FactCache, FactConfig, extract
+from qkv_core.facts.fact import Fact
 
 __all__ = ["METHODS", "ContextType", "Extraction", "Fact", "FactCache", "FactConfig", "detect", "extract"]

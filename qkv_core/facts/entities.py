@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from functools import cache
 
-from .fact import Fact
+from qkv_core.facts.fact import Fact
 
 MAX_CHARS = 100_000  # spaCy's parser memory grows with the text; longer contexts are cut
 ENTITY_CONFIDENCE = 0.75  # the small model gives no per-entity score

@@ -6,10 +6,10 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
-from ..qa_metrics import normalize
-from . import entities, keyphrases, patterns
-from .context_type import Detection, detect
-from .fact import Fact
+from qkv_core.facts import entities, keyphrases, patterns
+from qkv_core.facts.context_type import Detection, detect
+from qkv_core.facts.fact import Fact
+from qkv_core.facts.text import normalize
 
 METHODS = ("simple", "yake", "spacy", "hybrid")
 SEPARATOR = "; "

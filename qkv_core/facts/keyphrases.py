@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from .fact import Fact
+from qkv_core.facts.fact import Fact
 
 
 @cache

@@ -6,13 +6,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qkv_core.card import frames
+from qkv_core.card.framing import frames
 from qkv_core.config import RuntimeConfig
-from qkv_core.models import load_model
-from qkv_core.prompt import encode
-from qkv_core.receiver import Generation, ReceiverEngine, timed_answer
-from qkv_core.sender import SenderEngine
-from qkvcomm_cli.bench import long_context, machine
+from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.loading import load_model
+from qkv_core.model.prompt import encode
+from qkv_eval.bench import long_context, machine
 
 QUESTION = "What is the main topic of the first paragraph?"
 

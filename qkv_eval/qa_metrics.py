@@ -1,17 +1,9 @@
 """Answer metrics: SQuAD-normalized exact match, token F1 (max over gold answers), contains-answer."""
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
-
-
-def normalize(text: str) -> str:
-    """The official SQuAD v1.1 normalization: lower case, no punctuation, no articles, single spaces."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT)).split())
+from qkv_core.facts.text import normalize
 
 
 def exact_match(prediction: str, golds: list[str]) -> float:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from qkv_core.card import frames
-from qkv_core.sender import PreparedCard
+from qkv_core.card.framing import frames
+from qkv_core.engine.sender import PreparedCard
 from qkv_core.wire import pb
 
 Frames = list[bytes]
@@ -146,7 +146,8 @@ def layer_field(rng: random.Random, card: PreparedCard) -> Frames:
     else:
         codec = rng.choice([spec.key, spec.value])
         f = rng.choice(_CODEC_FIELDS)
-        setattr(codec, f, rng.choice([0, 1, 2, 8, 9, 15, 16, 17, 32, 33, _odd_int(rng)]))
+        odd = rng.choice([0, 1, 2, 5, 99, 2**31 - 1]) if f == "granularity" else _odd_int(rng)  # an enum is int32
+        setattr(codec, f, rng.choice([0, 1, 2, 8, 9, 15, 16, 17, 32, 33, odd]))
     return _signed(h, card.blobs)
 
 
@@ -271,7 +272,7 @@ def run(receiver: str, cards: list[PreparedCard], cases: int, seed: int = 0, tim
 
 def base_cards(engine) -> list[PreparedCard]:  # noqa: ANN001 - a SenderEngine
     """Real cards of the receiver's model: every base codec, plus a layer-selected one."""
-    from qkv_core.selection import SelectionConfig  # noqa: PLC0415
+    from qkv_core.engine.selection import SelectionConfig  # noqa: PLC0415
 
     cards = [engine.prepare(CONTEXT, codec) for codec in BASE_CODECS]
     cards.append(engine.prepare(CONTEXT, "int8", layers=SelectionConfig(0.5, "prior")))

@@ -4,7 +4,7 @@ The profile holds, for every layer, for K and V, and for every candidate codec, 
 squared reconstruction error sum ||x - x_hat||^2 / sum ||x||^2 over calibration contexts and,
 for the KIVI layouts, the KL divergence of the next-token distribution after a question when
 only that one tensor is quantized. It is measured once per model and saved as JSON next to
-the model cache (or where the user says).
+the model cache (or where the user says); qkv_core.engine.calibration measures it with the model.
 
 Allocators:
     seed-adaptive  the seed paper: rank layers by their per-tensor error at the lowest width;
@@ -26,19 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from . import calibration_data
-from .calibration_data import Sample
-from .card import encode_tensors
-from .codec import KIVI, SEED, LayerCodec
-from .kv import KVCache, next_logits, prefill
-from .models import LoadedModel
-from .profile_file import ProfileFile
-from .prompt import PromptFormat, encode
-from .quant import FP16_BITS, TensorCodec, dequantize, encoded_size
+from qkv_core.codec.quant import FP16_BITS, TensorCodec, encoded_size
+from qkv_core.codec.registry import KIVI, SEED, LayerCodec
+from qkv_core.profile_file import ProfileFile
 
 BITS = (2, 3, 4, 5, 6, 8)
 FAMILIES = {"tensor": SEED, "kivi": KIVI}  # name -> (K codec, V codec) for a width
@@ -62,54 +55,6 @@ class Profile(ProfileFile):
     @property
     def num_layers(self) -> int:
         return len(self.error("kivi", "key", BITS[0]))
-
-
-
-def _kl(lm: LoadedModel, kv: KVCache, kind: str, layer: int, approx: torch.Tensor, query: list[int], reference: torch.Tensor) -> float:
-    """KL(reference || next-token distribution with one layer's K or V replaced by `approx`)."""
-    keys, values = list(kv.keys), list(kv.values)
-    (keys if kind == "key" else values)[layer] = approx
-    logp = next_logits(lm, KVCache(keys, values), query).log_softmax(-1)
-    return float((reference.exp() * (reference - logp)).sum())
-
-
-def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512) -> Profile:
-    """Measure every candidate codec on every layer's K and V over the samples' contexts:
-    relative reconstruction error, and (KIVI layouts) the KL divergence of the next-token
-    distribution after the sample's question when only that tensor is quantized."""
-    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
-    n_layers = lm.num_layers
-    sums: dict = {f: {k: {b: [[0.0, 0.0] for _ in range(n_layers)] for b in BITS} for k in KINDS} for f in FAMILIES}
-    kl: dict = {k: {str(b): [0.0] * n_layers for b in BITS} for k in KINDS}
-    tokens = 0
-    for context, question, _ in samples:
-        ids = encode(lm.tokenizer, fmt.context_part(context))[:max_tokens]
-        query = encode(lm.tokenizer, fmt.query_part(question))
-        tokens += len(ids)
-        kv, _ = prefill(lm, ids)
-        reference = next_logits(lm, kv, query).log_softmax(-1)
-        for family, pair in FAMILIES.items():
-            for kind in KINDS:
-                tensors = kv.keys if kind == "key" else kv.values
-                for bits in BITS:
-                    codec = getattr(pair(bits), kind)
-                    for layer, (t, blob) in enumerate(zip(tensors, encode_tensors(tensors, [codec] * n_layers))):
-                        approx = dequantize(blob, codec, tuple(t.shape), t.dtype)
-                        acc = sums[family][kind][bits][layer]
-                        acc[0] += float((approx.float() - t.float()).pow(2).sum())
-                        acc[1] += float(t.float().pow(2).sum())
-                        if family == "kivi":
-                            kl[kind][str(bits)][layer] += _kl(lm, kv, kind, layer, approx, query, reference) / len(samples)
-    errors = {
-        f: {k: {str(b): [e / n if n else 0.0 for e, n in layers] for b, layers in by_bits.items()} for k, by_bits in by_kind.items()}
-        for f, by_kind in sums.items()
-    }
-    return Profile(lm.fingerprint.name, lm.fingerprint.weights_sha256, len(samples), tokens, errors, kl)
-
-
-def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> Profile:
-    """The saved profile, or one calibrated on the bundled samples (and saved) on first use."""
-    return Profile.load_or_make(lm.fingerprint, path, lambda: calibrate(lm, calibration_data.samples()))
 
 
 def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4), split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec
+from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec
 
 _GRANULARITIES = {
     "tensor": Granularity.PER_TENSOR,

@@ -12,16 +12,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import allocator
-from .attention import require_full_attention
-from .card import CardError, CardReader, ErrorKind, fingerprint_to_pb, text_card_id
-from .config import LimitExceeded, Limits
-from .crossmodel import Alignment
-from .kv import KVCache, generate, prefill, stream_text
-from .models import LoadedModel
-from .prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
-from .store import CardStore, StoredCard
-from .wire import pb
+from qkv_core import allocator
+from qkv_core.card.header import CardError, ErrorKind, fingerprint_to_pb, text_card_id
+from qkv_core.card.reader import CardReader
+from qkv_core.config import LimitExceeded, Limits
+from qkv_core.engine.crossmodel import Alignment
+from qkv_core.engine.store import CardStore, StoredCard
+from qkv_core.model.attention import require_full_attention
+from qkv_core.model.kv import generate, prefill, stream_text
+from qkv_core.model.loading import LoadedModel
+from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
+from qkv_core.types import KVCache
+from qkv_core.wire import pb
 
 TEXT = "text"  # the pseudo-codec of the text handoff
 

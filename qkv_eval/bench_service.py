@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from qkv_core.evaluate import load_rows
-from qkvcomm_cli import fuzz
-from qkvcomm_cli.bench import machine
+from qkv_eval import fuzz
+from qkv_eval.bench import machine
+from qkv_eval.evaluate import load_rows
 from qkvcomm_cli.client import ask
 from qkvcomm_cli.launch import Child, spawn
 
@@ -137,8 +137,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"machine: {machine()}", flush=True)
     if args.what == "fuzz":
         from qkv_core.config import RuntimeConfig  # noqa: PLC0415
-        from qkv_core.models import load_model  # noqa: PLC0415
-        from qkv_core.sender import SenderEngine  # noqa: PLC0415
+        from qkv_core.engine.sender import SenderEngine  # noqa: PLC0415
+        from qkv_core.model.loading import load_model  # noqa: PLC0415
 
         cards = fuzz.base_cards(SenderEngine(load_model(RuntimeConfig(model=args.model, device="cpu", dtype="float32"))))
         receiver = spawn("receiver", f"--model={args.model}", "--device=cpu")

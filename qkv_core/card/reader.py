@@ -1,222 +1,33 @@
-"""CacheCard: encode a KV cache into framed, checksummed messages, and read them back safely.
-
-A card is a header, then chunks of each layer's blob (K bytes then V bytes, as laid out
-by `quant`), in layer order, each at most MAX_CHUNK_BYTES with a CRC32C, then a trailer
-with the totals and a SHA-256 over the serialized header and all chunk data. A CardReader
-checks every frame as it arrives, so a bad card fails at the first wrong byte with a
-CardError whose kind says what went wrong; nothing is ever unpickled.
-"""
+"""The validating reader of a card stream: each frame is checked as it arrives (order, sizes,
+CRC32C, the header against the receiver's model and limits, the digest), and each complete
+layer is dequantized and checked for non-finite values."""
 from __future__ import annotations
 
-import enum
 import hashlib
-import re
-import struct
-from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import google_crc32c
 import torch
 
-from .codec import LayerCodec
-from .config import MAX_CHUNK_BYTES, Limits
-from .kv import KVCache
-from .models import Fingerprint
-from .quant import Granularity, TensorCodec, dequantize, encoded_size, fp16_windows, quantize_many
-from .wire import pb
+from qkv_core.card.header import (
+    CARD_ID,
+    FORMAT_VERSION,
+    CardError,
+    ErrorKind,
+    codec_from_pb,
+    crc32c,
+    fingerprint_from_pb,
+)
+from qkv_core.codec.encoding import layer_salient, salient_count
+from qkv_core.codec.quant import TensorCodec, dequantize, encoded_size
+from qkv_core.config import MAX_CHUNK_BYTES, Limits
+from qkv_core.types import Fingerprint
+from qkv_core.wire import pb
 
 if TYPE_CHECKING:
-    from .crossmodel import Alignment
+    from qkv_core.engine.crossmodel import Alignment
 
-FORMAT_VERSION = 1
-CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
-
-
-class ErrorKind(enum.Enum):
-    INVALID = "invalid argument"  # malformed frames or header
-    PRECONDITION = "failed precondition"  # well-formed, but not for this receiver
-    DATA_LOSS = "data loss"  # checksum, digest or truncation
-    TOO_LARGE = "resource exhausted"
-    NOT_FOUND = "not found"
-
-
-class CardError(Exception):
-    def __init__(self, kind: ErrorKind, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def crc32c(data: bytes) -> int:
-    return google_crc32c.value(data)
-
-
-# --- header -------------------------------------------------------------------------------
-
-def fingerprint_to_pb(fp: Fingerprint) -> pb.ModelFingerprint:
-    return pb.ModelFingerprint(**fp.__dict__)
-
-
-def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
-    return Fingerprint(**{f: getattr(msg, f) for f in Fingerprint.__dataclass_fields__})
-
-
-def _codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
-    return pb.TensorCodec(
-        bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
-        sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
-    )
-
-
-def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
-    try:
-        return TensorCodec(
-            bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
-            sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
-        )
-    except ValueError as e:
-        raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
-
-
-def layer_salient(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> torch.Tensor | None:
-    """The salient context positions as indices into one layer's quantized middle (a layer
-    holds the last `layer_tokens` tokens of the context); None when the codec has none."""
-    if not codec.salient_bits or not positions:
-        return None
-    sink, recent = fp16_windows(codec, layer_tokens)
-    lo = context_tokens - layer_tokens + sink
-    hi = context_tokens - recent
-    return torch.tensor([p - lo for p in positions if lo <= p < hi], dtype=torch.long)
-
-
-def _salient_count(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> int:
-    idx = layer_salient(positions, context_tokens, layer_tokens, codec)
-    return 0 if idx is None else idx.numel()
-
-
-def card_id(
-    fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str, salient: Sequence[int] = (),
-    sources: Sequence[int] = (),
-) -> str:
-    """Content hash: the same model, tokens, codec, facts and layer map always give the same card."""
-    h = hashlib.sha256()
-    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
-    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
-    h.update(struct.pack(f"<{len(salient)}I", *salient))
-    h.update(struct.pack(f"<{len(sources)}I", *sources))
-    for layer in layers:
-        h.update(layer.SerializeToString(deterministic=True))
-    h.update(facts.encode())
-    return h.hexdigest()
-
-
-def text_card_id(fp: Fingerprint, context_ids: list[int]) -> str:
-    """Id of a context the receiver prefilled from text (the `text` handoff); never a card's id."""
-    h = hashlib.sha256(b"text\0")
-    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
-    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
-    return h.hexdigest()
-
-
-@dataclass
-class CardPlan:
-    """How a cache becomes a card: the codec of every layer and what else rides along."""
-
-    codec: str  # the name the layers were allocated from
-    layers: list[LayerCodec]  # one per model layer
-    salient: list[int] = field(default_factory=list)  # tokenmix: positions at the salient width
-    selected: list[int] | None = None  # layers sent (ascending); None: all
-    shared_prefix: int = 0  # with a selection: tokens every receiver computes itself
-    selection: str = ""  # how the layers were selected
-    sources: list[int] = field(default_factory=list)  # cross-model: receiver layer j reads layer sources[j]
-    facts: list[pb.Fact] = field(default_factory=list)
-    fact_summary: str = ""
-
-    def sent(self) -> list[int]:
-        return list(range(len(self.layers))) if self.selected is None else self.selected
-
-
-def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
-    if len(plan.layers) != kv.num_layers:
-        raise ValueError(f"{len(plan.layers)} layer codecs for {kv.num_layers} layers")
-    layers = []
-    n, salient = len(context_ids), plan.salient
-    for i in plan.sent():
-        c, (heads, tokens, dim) = plan.layers[i], kv.keys[i].shape
-        layers.append(pb.LayerSpec(
-            sender_layer=i, receiver_layer=i, key=_codec_to_pb(c.key), value=_codec_to_pb(c.value),
-            key_bytes=encoded_size(c.key, heads, tokens, dim, _salient_count(salient, n, tokens, c.key)),
-            value_bytes=encoded_size(c.value, heads, tokens, dim, _salient_count(salient, n, tokens, c.value)),
-            tokens=tokens,
-        ))
-    return pb.CardHeader(
-        format_version=FORMAT_VERSION,
-        card_id=card_id(fp, context_ids, layers, plan.fact_summary, salient, plan.sources),
-        salient_tokens=salient,
-        model=fingerprint_to_pb(fp),
-        context_tokens=n,
-        codec=plan.codec,
-        layers=layers,
-        facts=plan.facts,
-        fact_summary=plan.fact_summary,
-        payload_bytes=sum(layer.key_bytes + layer.value_bytes for layer in layers),
-        shared_prefix_tokens=plan.shared_prefix,
-        layer_selection=plan.selection,
-        layer_sources=plan.sources,
-    )
-
-
-# --- sender side --------------------------------------------------------------------------
-
-def encode_tensors(
-    tensors: list[torch.Tensor], codecs: list[TensorCodec], salient: Sequence[int] = (), context_tokens: int = 0
-) -> list[torch.Tensor]:
-    """Each tensor encoded with its codec; tensors sharing a codec and shape go through one
-    batched quantize call."""
-    batches: dict[tuple, list[int]] = defaultdict(list)
-    for i, (t, c) in enumerate(zip(tensors, codecs)):
-        batches[c, tuple(t.shape)].append(i)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
-    for (c, shape), members in batches.items():
-        idx = layer_salient(salient, context_tokens, shape[1], c)
-        for i, blob in zip(members, quantize_many([tensors[i] for i in members], c, idx)):
-            out[i] = blob
-    return out
-
-
-def encode_layers(kv: KVCache, plan: CardPlan) -> list[bytes]:
-    """Each sent layer's blob: its encoded K, then its encoded V."""
-    sent = plan.sent()
-    keys = encode_tensors([kv.keys[i] for i in sent], [plan.layers[i].key for i in sent], plan.salient, kv.tokens)
-    values = encode_tensors([kv.values[i] for i in sent], [plan.layers[i].value for i in sent], plan.salient, kv.tokens)
-    return [torch.cat([k, v]).cpu().numpy().tobytes() for k, v in zip(keys, values)]
-
-
-def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.CardFrame]:
-    """The card as a stream of frames: header, chunks in layer order, trailer."""
-    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-        raise ValueError(f"chunk size must be within 1..{MAX_CHUNK_BYTES}")
-    header = pb.CardHeader(num_chunks=0)
-    header.CopyFrom(source)
-    header.num_chunks = sum(-(-len(b) // chunk_bytes) for b in blobs)
-    digest = hashlib.sha256(header.SerializeToString(deterministic=True))
-    yield pb.CardFrame(header=header)
-    index = 0
-    for layer, blob in enumerate(blobs):
-        for offset in range(0, len(blob), chunk_bytes):
-            data = blob[offset : offset + chunk_bytes]
-            digest.update(data)
-            yield pb.CardFrame(chunk=pb.LayerChunk(
-                index=index, layer=layer, offset=offset, data=data, crc32c=crc32c(data),
-            ))
-            index += 1
-    yield pb.CardFrame(trailer=pb.CardTrailer(
-        num_chunks=index, payload_bytes=sum(map(len, blobs)), sha256=digest.digest(),
-    ))
-
-
-# --- receiver side ------------------------------------------------------------------------
 
 @dataclass
 class _Layer:
@@ -329,7 +140,7 @@ class CardReader:
             key, value = codec_from_pb(spec.key), codec_from_pb(spec.value)
             try:
                 expected = tuple(
-                    encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim, _salient_count(salient, h.context_tokens, spec.tokens, c))
+                    encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, h.context_tokens, spec.tokens, c))
                     for c in (key, value)
                 )
             except ValueError as e:

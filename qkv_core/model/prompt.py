@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from .config import Limits
+from qkv_core.config import Limits
 
 SYSTEM = "You are a helpful assistant. Answer the question in a few words, using the context when one is given."
 _MARK = "\x00QKVCOMM\x00"

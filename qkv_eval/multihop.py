@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .card import build_header, encode_layers, frames
-from .kv import KVCache, generate, prefill
-from .prompt import encode
-from .receiver import ReceiverEngine
-from .sender import SenderEngine
-from .store import StoredCard
+from qkv_core.card.framing import frames
+from qkv_core.card.header import build_header
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.engine.store import StoredCard
+from qkv_core.model.kv import generate, prefill
+from qkv_core.model.prompt import encode
+from qkv_core.types import KVCache
 
 NOTE_TOKENS = 12
 
@@ -33,7 +35,7 @@ def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec:
     """Encode the chain's cache as a card and take it in at the receiver; returns what arrived."""
     plan = sender.allocate(codec, chain.kv, None)
     header = build_header(sender.lm.fingerprint, chain.ids, chain.kv, plan)
-    stream = list(frames(header, encode_layers(chain.kv, plan)))
+    stream = list(frames(header, plan.encode(chain.kv)))
     chain.wire_bytes.append(sum(f.ByteSize() for f in stream))
     card = receiver.accept(stream)
     chain.card_id = card.header.card_id

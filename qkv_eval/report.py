@@ -5,7 +5,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from qkv_core.qa_metrics import normalize
+from qkv_core.facts.text import normalize
 
 COLUMNS = [
     "model", "device", "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete", "coherent",
@@ -261,7 +261,7 @@ def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
         "Columns: EM, F1 (token, max over gold answers) and contains-answer as in SQuAD's evaluation;",
         "`= skyline`: % of rows answered exactly like the skyline (normalized); `complete`: gold-token",
         "recall; `coherent`: distinct/all word trigrams; `relevance`: MiniLM cosine of answer and",
-        "context (definitions in `qkv_core/qa_metrics.py`, `qkv_core/evaluate.py`).",
+        "context (definitions in `qkv_eval/qa_metrics.py`, `qkv_eval/evaluate.py`).",
         "",
         table(sorted(results, key=lambda r: (model_of(r), _key(r)[1:], r["config"]["mode"], r["config"]["codec"]))),
     ]

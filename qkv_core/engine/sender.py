@@ -8,18 +8,20 @@ from pathlib import Path
 
 import torch
 
-from . import allocation, selection
-from . import codec as codecs
-from .attention import Probe, require_full_attention
-from .card import CardPlan, build_header, encode_layers
-from .config import Limits
-from .crossmodel import layer_sources
-from .facts import FactCache, FactConfig
-from .kv import KVCache, prefill
-from .models import LoadedModel
-from .prompt import PromptFormat, context_ids
-from .selection import SelectionConfig
-from .wire import pb
+from qkv_core.card.header import CardPlan, build_header
+from qkv_core.codec import allocation
+from qkv_core.codec import registry as codecs
+from qkv_core.config import Limits
+from qkv_core.engine import calibration, selection
+from qkv_core.engine.crossmodel import layer_sources
+from qkv_core.engine.selection import SelectionConfig
+from qkv_core.facts import FactCache, FactConfig
+from qkv_core.model.attention import Probe, require_full_attention
+from qkv_core.model.kv import prefill
+from qkv_core.model.loading import LoadedModel
+from qkv_core.model.prompt import PromptFormat, context_ids
+from qkv_core.types import KVCache
+from qkv_core.wire import pb
 
 PROBE_QUERIES = 32  # tokenmix: attention from the context's last tokens ranks its tokens
 
@@ -52,7 +54,7 @@ class SenderEngine:
         """The codec profile, calibrated on first use if no saved one exists."""
         with self._profile_lock:
             if self._profile is None:
-                self._profile = allocation.load_or_calibrate(self.lm, self.profile_path)
+                self._profile = calibration.load_or_calibrate(self.lm, self.profile_path)
             return self._profile
 
     def context_ids(self, context: str) -> list[int]:
@@ -126,6 +128,6 @@ class SenderEngine:
             plan.fact_summary = extracted.summary
         facts_s = time.perf_counter() - facts_start
         header = build_header(self.lm.fingerprint, ids, kv, plan)
-        blobs = encode_layers(kv, plan)
+        blobs = plan.encode(kv)
         quantize_s = time.perf_counter() - start - facts_s
         return PreparedCard(header, blobs, kv.nbytes(2), kv.nbytes(4), prefill_s, quantize_s, facts_s)

@@ -5,8 +5,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .kv import KVCache
-from .wire import pb
+from qkv_core.types import KVCache
+from qkv_core.wire import pb
 
 
 @dataclass

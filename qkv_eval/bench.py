@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 from qkv_core import allocator
-from qkv_core.card import CardPlan, build_header, encode_layers, encode_tensors, frames, layer_salient
+from qkv_core.card.framing import frames
+from qkv_core.card.header import CardPlan, build_header
+from qkv_core.codec.encoding import encode_tensors, layer_salient
+from qkv_core.codec.quant import dequantize
 from qkv_core.config import RuntimeConfig
-from qkv_core.kv import KVCache
-from qkv_core.models import load_model
-from qkv_core.prompt import encode
-from qkv_core.quant import dequantize
-from qkv_core.sender import SenderEngine
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.loading import load_model
+from qkv_core.model.prompt import encode
+from qkv_core.types import KVCache
 
 
 @dataclass
@@ -62,7 +64,7 @@ def _best_of(fn, repeats: int) -> float:
 def measure(kv16: KVCache, ids: list[int], fp, plan: CardPlan, repeats: int) -> Row:
     fp16_bytes = kv16.nbytes(2)
     layers, salient = plan.layers, plan.salient
-    wire = sum(f.ByteSize() for f in frames(build_header(fp, ids, kv16, plan), encode_layers(kv16, plan)))
+    wire = sum(f.ByteSize() for f in frames(build_header(fp, ids, kv16, plan), plan.encode(kv16)))
     tensors = kv16.keys + kv16.values
     tensor_codecs = [c.key for c in layers] + [c.value for c in layers]
     picks = [layer_salient(salient, kv16.tokens, t.shape[1], c) for t, c in zip(tensors, tensor_codecs)]

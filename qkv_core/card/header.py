@@ -1,0 +1,152 @@
+"""CacheCard header: what a card declares (format version, content id, model, per-layer codecs
+and sizes), the sender's plan that fills it, and the error kinds every card check reports.
+
+A card is a header, then chunks of each layer's blob (K bytes then V bytes, as laid out by
+`qkv_core.codec.quant`), in layer order, each at most MAX_CHUNK_BYTES with a CRC32C, then a
+trailer with the totals and a SHA-256 over the serialized header and all chunk data
+(qkv_core.card.framing). A CardReader (qkv_core.card.reader) checks every frame as it arrives,
+so a bad card fails at the first wrong byte with a CardError whose kind says what went wrong;
+nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import google_crc32c
+
+from qkv_core.codec.encoding import encode_layers, salient_count
+from qkv_core.codec.quant import Granularity, TensorCodec, encoded_size
+from qkv_core.codec.registry import LayerCodec
+from qkv_core.types import Fingerprint, KVCache
+from qkv_core.wire import pb
+
+FORMAT_VERSION = 1
+CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
+
+
+class ErrorKind(enum.Enum):
+    INVALID = "invalid argument"  # malformed frames or header
+    PRECONDITION = "failed precondition"  # well-formed, but not for this receiver
+    DATA_LOSS = "data loss"  # checksum, digest or truncation
+    TOO_LARGE = "resource exhausted"
+    NOT_FOUND = "not found"
+
+
+class CardError(Exception):
+    def __init__(self, kind: ErrorKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def crc32c(data: bytes) -> int:
+    return google_crc32c.value(data)
+
+
+# --- header -------------------------------------------------------------------------------
+
+def fingerprint_to_pb(fp: Fingerprint) -> pb.ModelFingerprint:
+    return pb.ModelFingerprint(**fp.__dict__)
+
+
+def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
+    return Fingerprint(**{f: getattr(msg, f) for f in Fingerprint.__dataclass_fields__})
+
+
+def _codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
+    return pb.TensorCodec(
+        bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
+        sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
+    )
+
+
+def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
+    try:
+        return TensorCodec(
+            bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
+            sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
+        )
+    except ValueError as e:
+        raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
+
+
+def card_id(
+    fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str, salient: Sequence[int] = (),
+    sources: Sequence[int] = (),
+) -> str:
+    """Content hash: the same model, tokens, codec, facts and layer map always give the same card."""
+    h = hashlib.sha256()
+    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
+    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
+    h.update(struct.pack(f"<{len(salient)}I", *salient))
+    h.update(struct.pack(f"<{len(sources)}I", *sources))
+    for layer in layers:
+        h.update(layer.SerializeToString(deterministic=True))
+    h.update(facts.encode())
+    return h.hexdigest()
+
+
+def text_card_id(fp: Fingerprint, context_ids: list[int]) -> str:
+    """Id of a context the receiver prefilled from text (the `text` handoff); never a card's id."""
+    h = hashlib.sha256(b"text\0")
+    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
+    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
+    return h.hexdigest()
+
+
+@dataclass
+class CardPlan:
+    """How a cache becomes a card: the codec of every layer and what else rides along."""
+
+    codec: str  # the name the layers were allocated from
+    layers: list[LayerCodec]  # one per model layer
+    salient: list[int] = field(default_factory=list)  # tokenmix: positions at the salient width
+    selected: list[int] | None = None  # layers sent (ascending); None: all
+    shared_prefix: int = 0  # with a selection: tokens every receiver computes itself
+    selection: str = ""  # how the layers were selected
+    sources: list[int] = field(default_factory=list)  # cross-model: receiver layer j reads layer sources[j]
+    facts: list[pb.Fact] = field(default_factory=list)
+    fact_summary: str = ""
+
+    def sent(self) -> list[int]:
+        return list(range(len(self.layers))) if self.selected is None else self.selected
+
+    def encode(self, kv: KVCache) -> list[bytes]:
+        """The blobs of the layers this plan sends."""
+        return encode_layers(kv, self.layers, self.sent(), self.salient)
+
+
+def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
+    if len(plan.layers) != kv.num_layers:
+        raise ValueError(f"{len(plan.layers)} layer codecs for {kv.num_layers} layers")
+    layers = []
+    n, salient = len(context_ids), plan.salient
+    for i in plan.sent():
+        c, (heads, tokens, dim) = plan.layers[i], kv.keys[i].shape
+        layers.append(pb.LayerSpec(
+            sender_layer=i, receiver_layer=i, key=_codec_to_pb(c.key), value=_codec_to_pb(c.value),
+            key_bytes=encoded_size(c.key, heads, tokens, dim, salient_count(salient, n, tokens, c.key)),
+            value_bytes=encoded_size(c.value, heads, tokens, dim, salient_count(salient, n, tokens, c.value)),
+            tokens=tokens,
+        ))
+    return pb.CardHeader(
+        format_version=FORMAT_VERSION,
+        card_id=card_id(fp, context_ids, layers, plan.fact_summary, salient, plan.sources),
+        salient_tokens=salient,
+        model=fingerprint_to_pb(fp),
+        context_tokens=n,
+        codec=plan.codec,
+        layers=layers,
+        facts=plan.facts,
+        fact_summary=plan.fact_summary,
+        payload_bytes=sum(layer.key_bytes + layer.value_bytes for layer in layers),
+        shared_prefix_tokens=plan.shared_prefix,
+        layer_selection=plan.selection,
+        layer_sources=plan.sources,
+    )
+
+

@@ -1,0 +1,55 @@
+"""Encoding a KV cache's tensors with their codecs: the layer blobs a card carries.
+
+A layer blob is the encoded K then the encoded V (byte layout: qkv_core.codec.quant). Tensors
+that share a codec and shape go through one batched quantize call. With token-level mixed
+precision the salient context positions are mapped into each layer's quantized middle.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from qkv_core.codec.quant import TensorCodec, fp16_windows, quantize_many
+from qkv_core.codec.registry import LayerCodec
+from qkv_core.types import KVCache
+
+
+def layer_salient(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> torch.Tensor | None:
+    """The salient context positions as indices into one layer's quantized middle (a layer
+    holds the last `layer_tokens` tokens of the context); None when the codec has none."""
+    if not codec.salient_bits or not positions:
+        return None
+    sink, recent = fp16_windows(codec, layer_tokens)
+    lo = context_tokens - layer_tokens + sink
+    hi = context_tokens - recent
+    return torch.tensor([p - lo for p in positions if lo <= p < hi], dtype=torch.long)
+
+
+def salient_count(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> int:
+    idx = layer_salient(positions, context_tokens, layer_tokens, codec)
+    return 0 if idx is None else idx.numel()
+
+
+def encode_tensors(
+    tensors: list[torch.Tensor], codecs: list[TensorCodec], salient: Sequence[int] = (), context_tokens: int = 0
+) -> list[torch.Tensor]:
+    """Each tensor encoded with its codec; tensors sharing a codec and shape go through one
+    batched quantize call."""
+    batches: dict[tuple, list[int]] = defaultdict(list)
+    for i, (t, c) in enumerate(zip(tensors, codecs)):
+        batches[c, tuple(t.shape)].append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for (c, shape), members in batches.items():
+        idx = layer_salient(salient, context_tokens, shape[1], c)
+        for i, blob in zip(members, quantize_many([tensors[i] for i in members], c, idx)):
+            out[i] = blob
+    return out
+
+
+def encode_layers(kv: KVCache, layers: Sequence[LayerCodec], sent: Sequence[int], salient: Sequence[int] = ()) -> list[bytes]:
+    """Each sent layer's blob: its encoded K, then its encoded V (`layers`: one codec per model layer)."""
+    keys = encode_tensors([kv.keys[i] for i in sent], [layers[i].key for i in sent], salient, kv.tokens)
+    values = encode_tensors([kv.values[i] for i in sent], [layers[i].value for i in sent], salient, kv.tokens)
+    return [torch.cat([k, v]).cpu().numpy().tobytes() for k, v in zip(keys, values)]

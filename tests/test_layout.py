@@ -1,0 +1,97 @@
+"""The dependency rule, read from the imports (ast), as the README's architecture section states it:
+no import cycles; qkv_core never imports evaluation, the CLI or the services; the card and codec
+layers never reach a model library (transformers), directly or through what they import."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("qkv_core", "qkv_eval", "qkvcomm_cli", "service_common", "sender_service", "receiver_service")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _runtime_imports(path: Path, module: str) -> set[str]:
+    """Every module this file imports when it runs (imports under `if TYPE_CHECKING:` excluded)."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for stmt in node.body for n in ast.walk(stmt)}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            for a in node.names:  # `from pkg import module` imports the module
+                names.add(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base)
+    return names
+
+
+GRAPH = {m: _runtime_imports(p, m) for m, p in MODULES.items()}
+
+
+def _closure(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo.extend(n for n in GRAPH.get(m, ()) if n in MODULES)
+    return seen
+
+
+def test_there_are_no_import_cycles():
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(GRAPH[m]):
+            if n not in MODULES or n == m:
+                continue
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(stack[stack.index(n):] + [n]) if n in stack else n
+            if n not in state:
+                visit(n, stack + [n])
+        state[m] = 2
+
+    for m in sorted(MODULES):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_the_core_never_imports_evaluation_the_cli_or_the_services():
+    upper = ("qkv_eval", "qkvcomm_cli", "service_common", "sender_service", "receiver_service")
+    for m, imports in GRAPH.items():
+        if m.startswith("qkv_core"):
+            bad = sorted(i for i in imports if i.split(".")[0] in upper)
+            assert not bad, f"{m} imports {bad}"
+
+
+def test_the_card_and_codec_layers_never_reach_transformers():
+    for m in MODULES:
+        if m.startswith(("qkv_core.card", "qkv_core.codec")):
+            reached = {i for dep in _closure(m) for i in GRAPH[dep]}
+            assert not {i for i in reached if i.split(".")[0] == "transformers"}, f"{m} reaches transformers"
+
+
+def test_the_rules_see_real_imports():
+    """The checks above would pass vacuously on a broken reader: make sure it sees known edges."""
+    assert "qkv_core.model.kv" in GRAPH["qkv_core.model.loading"]
+    assert "transformers" in GRAPH["qkv_core.model.kv"]
+    assert "qkv_core.engine.crossmodel" not in GRAPH["qkv_core.card.reader"]  # a TYPE_CHECKING import
+    assert "qkv_core.card.header" in _closure("qkv_core.engine.sender")
