@@ -37,7 +37,7 @@ $(DEPS): constraints.txt Makefile
 
 # The project itself, as a wheel (built with its gRPC stubs by setup.py's hook).
 $(STAMP): $(DEPS) $(SOURCES)
-	rm -rf build/dist && $(PIP) wheel -q --no-deps --wheel-dir build/dist .
+	rm -rf build/dist build/lib build/bdist.* && $(PIP) wheel -q --no-deps --wheel-dir build/dist .
 	$(PIP) install -q --no-deps --force-reinstall build/dist/qkvcomm-*.whl
 	touch $@
 

@@ -19,6 +19,11 @@ def samples() -> list[Sample]:
     return [(contexts[r["context_index"]], r["question"], r["answers"][0]) for r in map(json.loads, rows)]
 
 
+def gold_answers(row: dict) -> list[str]:
+    """A QA row's gold answers: `answers` (a list), or the single `answer` (GSM8K's shape)."""
+    return row.get("answers") or [row.get("answer", "")]
+
+
 def from_rows(rows: list[dict], context_field: str = "context") -> list[Sample]:
     """Samples from QA rows (any JSONL the evaluation reads)."""
-    return [(r[context_field], r["question"], (r.get("answers") or [r["answer"]])[0]) for r in rows if r.get(context_field)]
+    return [(r[context_field], r["question"], gold_answers(r)[0]) for r in rows if r.get(context_field)]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qkv_core.errors import LimitExceeded
+
 T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -14,18 +16,21 @@ DEFAULT_CODEC = "int8"
 MAX_CHUNK_BYTES = 1 << 20  # one card chunk's data, and the gRPC message ceiling it implies
 
 
+def setting(default: Any, help: str, role: str = "", flag: str = "") -> Any:  # noqa: A002 - argparse's word
+    """A configuration field with what the CLI needs to make its flag: help, the service it
+    belongs to ("" both, "sender", "receiver"), and a flag name when it is not --field-name."""
+    return field(default=default, metadata={"help": help, "role": role, "flag": flag})
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Which model runs where."""
 
-    model: str = DEFAULT_MODEL  # embedded name, Hugging Face id (org/model), Hugging Face directory, or .gguf file
-    revision: str = ""  # hub models: the commit (or branch/tag) to load; "" = main
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
-
-
-class LimitExceeded(Exception):
-    """A request asks for more than a configured limit allows (RESOURCE_EXHAUSTED)."""
+    model: str = setting(DEFAULT_MODEL, "smollm2-135m, gemma3-270m, a Hugging Face id (org/model), "
+                         "a Hugging Face directory or a .gguf file")
+    revision: str = setting("", "Hugging Face id: the commit, branch or tag to load (\"\" = main)")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = setting("auto", "auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
 
 
 @dataclass(frozen=True)
@@ -33,14 +38,15 @@ class Limits:
     """What one request may ask of a service. Past a limit a call is refused before any work,
     with a status naming the limit and its variable (QKVCOMM_<FIELD>)."""
 
-    max_context_tokens: int = 32768  # a context (Ask/Share, PushText) or a card's context_tokens
-    max_query_tokens: int = 2048  # a question and the card's fact summary, at the receiver
-    max_new_tokens_limit: int = 1024  # the most tokens one request may ask to generate
-    max_fact_summary_bytes: int = 8192  # a card's fact summary
-    max_intakes: int = 8  # receiver: cards arriving at once
-    max_inflight_bytes: int = 1 << 30  # receiver: decoded bytes of all cards arriving at once
-    idle_timeout_s: float = 30.0  # receiver: a card stream that sends nothing this long is dropped
-    receiver_timeout_s: float = 120.0  # sender: deadline of each call to the receiver (or the client's, if sooner)
+    max_context_tokens: int = setting(32768, "a context (Ask/Share, PushText) or a card's context_tokens")
+    max_query_tokens: int = setting(2048, "a question with the card's fact summary", "receiver")
+    max_new_tokens_limit: int = setting(1024, "the most tokens one request may ask to generate", "receiver")
+    max_fact_summary_bytes: int = setting(8192, "a card's fact summary, in bytes", "receiver")
+    max_intakes: int = setting(8, "cards arriving at once", "receiver")
+    max_inflight_bytes: int = setting(1 << 30, "decoded bytes of all cards arriving at once", "receiver")
+    idle_timeout_s: float = setting(30.0, "a card stream that sends nothing this long is dropped", "receiver")
+    receiver_timeout_s: float = setting(120.0, "deadline of each call to the receiver (or the client's, if sooner)",
+                                        "sender")
 
     def check(self, limit: str, value: int | float, what: str) -> None:
         """LimitExceeded unless value <= the limit named `limit`."""
@@ -49,40 +55,53 @@ class Limits:
             raise LimitExceeded(f"{what} is {value:,}; the limit is {limit}={allowed:,} (QKVCOMM_{limit.upper()})")
 
 
+# Ports by service: the dataclass defaults are the receiver's; the sender's differ.
+ROLE_DEFAULTS = {"receiver": {}, "sender": {"port": 50062, "metrics_port": 9462}}
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Settings of either service. Environment variables are QKVCOMM_<FIELD>, e.g. QKVCOMM_PORT."""
+    """Settings of either service. Environment variables are QKVCOMM_<FIELD>, e.g. QKVCOMM_PORT;
+    `qkvcomm serve-*` makes a flag of every field (--field-name), and flags win."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464  # /metrics HTTP port; 0 picks a free one, -1 turns it off
-    receiver: str = ""  # sender only: HOST:PORT of the receiver
-    codec: str = DEFAULT_CODEC  # sender default when a request names none
-    codec_profile: str = ""  # sender: calibrated codec profile (JSON); "" = the model's default, made on first use
-    layer_ratio: float = 1.0  # sender: share of layers a card carries (a request can override)
-    layer_method: str = "combined"  # combined | attention | prior | random | contiguous | loo
-    layer_profile: str = ""  # sender: layer-selection profile (JSON); "" = the model's default, made on first use
-    receiver_layers: int = 0  # sender: the receiver model's depth when it runs another model (cross-model cards)
-    facts: bool = False  # sender: extract facts into every card (a request can also ask for them)
-    facts_method: str = "hybrid"  # simple | yake | spacy | hybrid
-    facts_budget_bytes: int = 400  # size of the fact summary
-    max_new_tokens: int = 48
-    store_bytes: int = 2 << 30  # receiver: budget of the in-memory card store (dequantized KV)
-    max_card_bytes: int = 1 << 30  # receiver: largest card accepted
-    alignments: str = ""  # receiver: comma-separated alignment files (`calibrate pair`); cards of other models need one
-    grace_s: float = 5.0  # graceful shutdown: time for in-flight calls to finish
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = setting(50061, "gRPC port (0 picks a free one)")
+    metrics_port: int = setting(9461, "/metrics HTTP port (0 picks a free one, -1 turns it off)")
+    receiver: str = setting("", "HOST:PORT of the receiver", "sender")
+    codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")
+    codec_profile: str = setting("", "calibrated codec profile (JSON); \"\" = the model's, made on first use", "sender")
+    layer_ratio: float = setting(1.0, "share of layers a card carries (a request can override)", "sender", "--layers")
+    layer_method: str = setting("combined", "combined, attention, prior, random, contiguous or loo", "sender")
+    layer_profile: str = setting("", "layer-selection profile (JSON); \"\" = the model's, made on first use", "sender")
+    receiver_layers: int = setting(0, "the receiver model's depth when it runs another model (cross-model cards)", "sender")
+    facts: bool = setting(False, "extract facts into every card (a request can also ask for them)", "sender")
+    facts_method: str = setting("hybrid", "simple, yake, spacy or hybrid", "sender")
+    facts_budget_bytes: int = setting(400, "size of the fact summary", "sender")
+    max_new_tokens: int = setting(48, "answer length of a request that names none")
+    store_bytes: int = setting(2 << 30, "budget of the in-memory card store (dequantized KV)", "receiver")
+    max_card_bytes: int = setting(1 << 30, "largest card accepted (wire bytes)", "receiver")
+    alignments: str = setting("", "alignment files (`calibrate pair`), comma-separated; cards of other models need one",
+                              "receiver", "--alignment")
+    grace_s: float = setting(5.0, "graceful shutdown: time for in-flight calls to finish")
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "ServiceConfig":
-        """Defaults, then QKVCOMM_* variables, then explicit overrides (None means not given).
-        The nested groups (runtime, limits) take their fields' names flat: QKVCOMM_DEVICE, QKVCOMM_MAX_INTAKES."""
+    def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> "ServiceConfig":
+        """Defaults (the `role`'s), then QKVCOMM_* variables, then explicit overrides (None means not
+        given). The nested groups (runtime, limits) take their fields' names flat: QKVCOMM_DEVICE."""
         env = os.environ if env is None else env
         nested = {name: _from_env(kind, env, {k: v for k, v in overrides.items() if k in _names(kind)})
                   for name, kind in _NESTED.items()}
         rest = {k: v for k, v in overrides.items() if not any(k in _names(kind) for kind in _NESTED.values())}
-        return dataclasses.replace(_from_env(cls, env, rest), **nested)
+        base = _from_env(cls, env, rest, ROLE_DEFAULTS[role])
+        return dataclasses.replace(base, **nested)
+
+
+def settings(role: str) -> list[tuple[type, dataclasses.Field]]:
+    """Every configuration field of a service, nested groups flattened: what its flags are made from."""
+    return [(kind, f) for kind in (ServiceConfig, RuntimeConfig, Limits) for f in dataclasses.fields(kind)
+            if f.name not in _NESTED and f.metadata.get("role", "") in ("", role)]
 
 
 _NESTED = {"runtime": RuntimeConfig, "limits": Limits}
@@ -119,8 +138,8 @@ def _names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any]) -> T:
-    values: dict[str, Any] = {}
+def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> T:
+    values: dict[str, Any] = dict(defaults or {})
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in _NESTED:
             continue

@@ -9,6 +9,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from qkv_core import allocator
 from qkv_core.card.framing import frames
@@ -93,7 +94,7 @@ def run_codec_bench(model: str, data: Path, tokens: int, presets: list[str], rep
     rows = []
     for device in devices:
         kv16 = kv.to(device, torch.float16)
-        for name in presets:
+        for name in tqdm(presets, desc="bench codec", disable=None, leave=False):
             rows.append(measure(kv16, ids, lm.fingerprint, sender.allocate(name, kv16, importance), repeats))
     return rows
 

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qkv_core.calibration_data import gold_answers
 from qkv_core.facts import METHODS, FactConfig, extract
 from qkv_eval.bench import machine
 from qkv_eval.evaluate import load_rows
@@ -31,7 +32,7 @@ def measure(path: Path, method: str, limit: int, budget: int) -> Row:
     hits = hits_all = kept = size = 0
     chars, seconds = 0, 0.0
     for r in rows:
-        answers = r.get("answers") or [r["answer"]]
+        answers = gold_answers(r)
         start = time.perf_counter()
         result = extract(r["context"], FactConfig(method=method, budget_bytes=budget))
         seconds += time.perf_counter() - start

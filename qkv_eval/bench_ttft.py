@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from qkv_core.card.framing import frames
 from qkv_core.config import RuntimeConfig
 from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
@@ -62,7 +64,7 @@ def run_ttft_bench(cfg: RuntimeConfig, data: Path, lengths: list[int], codec: st
     receiver = ReceiverEngine(lm, store_bytes=1 << 34, max_card_bytes=1 << 40)
     limit = lm.model.config.max_position_embeddings - 64  # room for the question
     rows = []
-    for tokens in lengths:
+    for tokens in tqdm(lengths, desc="bench ttft", disable=None, leave=False):
         context = long_context(data, lm.tokenizer, min(tokens, limit))
         ids = sender.context_ids(context)
         while len(ids) > min(tokens, limit):  # trim whole words until the prompt fits

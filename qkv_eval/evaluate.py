@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from qkv_core.calibration_data import gold_answers
 from qkv_core.card.framing import frames
 from qkv_core.engine.crossmodel import METHODS, Alignment, default_path
 from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
@@ -132,7 +133,7 @@ def load_rows(path: Path, limit: int = 0) -> Iterator[dict]:
             if limit and i >= limit:
                 return
             row = json.loads(line)
-            answers = row.get("answers") or [row.get("answer", "")]
+            answers = gold_answers(row)
             if "question" not in row or not any(answers):
                 raise ValueError(f"{path}:{i + 1}: a row needs `question` and `answers` (or `answer`)")
             yield row
@@ -159,7 +160,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
     layers = SelectionConfig(cfg.layers, cfg.layer_method)
     for row in tqdm(rows, desc=label, disable=not progress):
         context, question = row.get(cfg.context_field, ""), query_of(row)
-        answers = row.get("answers") or [row["answer"]]
+        answers = gold_answers(row)
         stats, extra = Generation(""), {}
         if cfg.mode == "baseline" or (cfg.mode in ("skyline", "text") and not context):
             ids = encode(lm.tokenizer, sender.prompt.baseline(question))

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import build_header
+from qkv_core.codec.registry import adaptive
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.engine.store import StoredCard
+from qkv_core.errors import RequestError
 from qkv_core.model.kv import generate, prefill
 from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache
@@ -44,8 +46,8 @@ def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec:
 
 def run_chain(sender: SenderEngine, receiver: ReceiverEngine, context: str, codec: str, hops: int) -> Chain:
     """The cache the last agent holds after `hops` handoffs (hops >= 1; 1 = the plain kv mode)."""
-    if codec.startswith("tokenmix"):
-        raise ValueError("tokenmix needs the sender's attention probe; a relayed cache has none")
+    if (kind := adaptive(codec)) is not None and kind.needs_probe:
+        raise RequestError(f"{kind.allocator} needs the sender's attention probe; a relayed cache has none")
     lm = sender.lm
     ids = sender.context_ids(context)
     chain = Chain(prefill(lm, ids)[0], ids)

@@ -17,6 +17,7 @@ from qkv_core.config import ServiceConfig
 from qkv_core.engine.receiver import TEXT
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.engine.sender import SenderEngine
+from qkv_core.errors import RequestError
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
@@ -58,7 +59,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         """The fact extraction a request gets: asked for, or on by the sender's configuration."""
         if codec == TEXT:
             if asked:
-                raise ValueError("the text handoff carries the whole context; facts go with KV cards only")
+                raise RequestError("the text handoff carries the whole context; facts go with KV cards only")
             return None
         return self.fact_config if asked or self.cfg.facts else None
 
@@ -78,7 +79,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         facts = self._facts(request.facts, codec)
         layers = self._layers(request)
         if codec == TEXT and layers.ratio < 1:
-            raise ValueError("the text handoff has no layers to select")
+            raise RequestError("the text handoff has no layers to select")
         stats = await (self._share_text(context, timeout) if codec == TEXT
                        else self._share_card(context, codec, facts, layers, timeout))
         if not stats.card_reused:
@@ -161,7 +162,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
     @guarded
     async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskReply]:
         if not request.question.strip():
-            raise ValueError("the question is empty")
+            raise RequestError("the question is empty")
         start = time.perf_counter()
         stats, facts = await self._share(request, self._timeout(context))
         query = pb.GenerateRequest(

@@ -1,4 +1,5 @@
-"""Map library errors to gRPC status codes, so bad input gets a clear status and the server lives on."""
+"""Map library errors to gRPC status codes, so bad input gets a clear status and the server lives on.
+Whose fault is whose: qkv_core.errors; a plain ValueError is a server fault (INTERNAL, logged)."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from qkv_core.card.header import CardError, ErrorKind
-from qkv_core.config import LimitExceeded
+from qkv_core.errors import LimitExceeded, RequestError, Unsupported
 from service_common.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, f"undecodable message: {error}", "undecodable"
     if isinstance(error, IdleTimeout):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), "idle"
-    if isinstance(error, ValueError):
+    if isinstance(error, RequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), "invalid"
+    if isinstance(error, Unsupported):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error), "precondition"
     if isinstance(error, grpc.aio.AioRpcError):  # a peer's status, passed on
         return error.code(), f"receiver: {error.details()}", f"upstream_{error.code().name.lower()}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", "internal"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qkvcomm_cli.main import DEMO_CONTEXT, DEMO_QUESTION
+from qkvcomm_cli.commands.demo import DEMO_CONTEXT, DEMO_QUESTION
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "clients" / "node"
 

@@ -139,7 +139,7 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
 
 
 def test_a_card_larger_than_the_store_is_refused_before_its_data(embedded, card):
-    from qkv_core.config import LimitExceeded
+    from qkv_core.errors import LimitExceeded
 
     small = ReceiverEngine(embedded, store_bytes=1 << 10, max_card_bytes=1 << 30)
     stream = frames(card.header, card.blobs)

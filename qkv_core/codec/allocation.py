@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from qkv_core.codec.quant import FP16_BITS, TensorCodec, encoded_size
-from qkv_core.codec.registry import KIVI, SEED, LayerCodec
+from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec
+from qkv_core.errors import RequestError
 from qkv_core.profile_file import ProfileFile
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -90,7 +91,7 @@ def budget(profile: Profile, target: float, shapes: list[Shape]) -> list[LayerCo
     choice = [0] * len(options)
     total = sum(o[0][1] for o in options)
     if total > limit:
-        raise ValueError(
+        raise RequestError(
             f"budget-{target:g} is below the smallest allocation here: {_bits_per_element(total, shapes):.2f} bits per "
             f"element at {shapes[0][1]} tokens (scales and zero points weigh more on short contexts)"
         )
@@ -140,7 +141,7 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tu
     reserve = min(len(ranked), max(1, tokens // 10))
     fitting = [w for w in range(TOKENMIX_HIGH - 1, BITS[0] - 1, -1) if size(w, 0) <= limit]
     if not fitting:
-        raise ValueError(
+        raise RequestError(
             f"tokenmix-{target:g} is below its smallest allocation here: {_bits_per_element(size(BITS[0], 0), shapes):.2f} "
             f"bits per element at {tokens} tokens (the fp16 sink and the scales weigh more on short contexts)"
         )
@@ -150,3 +151,18 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tu
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if size(low, mid) <= limit else (lo, mid - 1)
     return [layer(low)] * len(shapes), sorted(ranked[:lo])
+
+
+def allocate(kind: Adaptive, profile: Profile | None, shapes: list[Shape],
+             importance: torch.Tensor | None = None) -> tuple[list[LayerCodec], list[int]]:
+    """The per-layer codecs of an adaptive codec for a cache of these shapes, and its salient
+    positions (tokenmix; empty otherwise). `profile` when kind.needs_profile, `importance` (the
+    attention each context token receives) when kind.needs_probe."""
+    if kind.needs_probe:
+        if importance is None:
+            raise RequestError(f"{kind.allocator} needs the sender's attention probe")
+        return tokenmix(kind.bits, shapes, importance)
+    assert profile is not None
+    if kind.allocator == "seed-adaptive":
+        return seed_adaptive(profile), []
+    return budget(profile, kind.bits, shapes), []

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
+from qkv_core.errors import RequestError
 
 _BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
 FP16_BITS = 16
@@ -53,13 +54,13 @@ class TensorCodec:
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
-            raise ValueError(f"bits must be 1..8, 16 (fp16) or 32 (fp32), got {self.bits}")
+            raise RequestError(f"bits must be 1..8, 16 (fp16) or 32 (fp32), got {self.bits}")
         if self.granularity == Granularity.PER_GROUP and self.group_size < 1:
-            raise ValueError("per-group quantization needs group_size >= 1")
+            raise RequestError("per-group quantization needs group_size >= 1")
         if self.salient_bits and (self.is_float or not 1 <= self.salient_bits <= 8):
-            raise ValueError(f"salient_bits must be 1..8 on an integer codec, got {self.salient_bits}")
+            raise RequestError(f"salient_bits must be 1..8 on an integer codec, got {self.salient_bits}")
         if self.sink_tokens < 0 or self.recent_tokens < 0:
-            raise ValueError("fp16 windows cannot be negative")
+            raise RequestError("fp16 windows cannot be negative")
 
     @property
     def is_float(self) -> bool:
@@ -82,7 +83,7 @@ def _rows(codec: TensorCodec, heads: int, tokens: int, dim: int) -> tuple[int, i
     if codec.granularity == Granularity.PER_CHANNEL:
         return (heads * dim, tokens) if tokens else (0, 0)
     if dim % codec.group_size:
-        raise ValueError(f"group size {codec.group_size} does not divide head dim {dim}")
+        raise RequestError(f"group size {codec.group_size} does not divide head dim {dim}")
     return heads * tokens * dim // codec.group_size, codec.group_size
 
 
@@ -103,7 +104,7 @@ def _parts(codec: TensorCodec, middle: int, salient: int) -> list[tuple[int, int
     """(bits, tokens) of each quantized part: the whole middle, or its ordinary tokens then
     its salient ones."""
     if not 0 <= salient <= middle:
-        raise ValueError(f"{salient} salient tokens do not fit {middle} quantized tokens")
+        raise RequestError(f"{salient} salient tokens do not fit {middle} quantized tokens")
     if codec.salient_bits and salient:
         return [(codec.bits, middle - salient), (codec.salient_bits, salient)]
     return [(codec.bits, middle)]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec
+from qkv_core.errors import RequestError
 
 _GRANULARITIES = {
     "tensor": Granularity.PER_TENSOR,
@@ -62,7 +63,7 @@ def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
         return TensorCodec(bits=FP16_BITS if text == "fp16" else FP32_BITS)
     parts = text.split("/")
     if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in _GRANULARITIES:
-        raise ValueError(f"bad tensor spec {text!r}: use BITS/GRANULARITY[/GROUP], e.g. 4/channel")
+        raise RequestError(f"bad tensor spec {text!r}: use BITS/GRANULARITY[/GROUP], e.g. 4/channel")
     group = int(parts[2]) if len(parts) == 3 else 0
     return TensorCodec(int(parts[0]), _GRANULARITIES[parts[1]], group, sink, recent)
 
@@ -71,7 +72,7 @@ def _parse_spec(spec: str) -> LayerCodec:
     fields = dict(item.split("=", 1) for item in spec.split(";") if "=" in item)
     unknown = set(fields) - {"k", "v", "sink", "recent"}
     if unknown or "k" not in fields or "v" not in fields:
-        raise ValueError(f"bad codec spec {spec!r}: expected k=...;v=...[;sink=N][;recent=N]")
+        raise RequestError(f"bad codec spec {spec!r}: expected k=...;v=...[;sink=N][;recent=N]")
     sink, recent = int(fields.get("sink", 0)), int(fields.get("recent", 0))
     return LayerCodec(_parse_tensor(fields["k"], sink, recent), _parse_tensor(fields["v"], sink, recent))
 
@@ -87,18 +88,34 @@ def _load_layers(path: Path, num_layers: int) -> list[LayerCodec]:
         entries = json.loads(path.read_text())["layers"]
         layers = [LayerCodec(_parse_tensor(e["key"]), _parse_tensor(e["value"])) for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot read codec file {path}: {e}") from e
+        raise RequestError(f"cannot read codec file {path}: {e}") from e
     if len(layers) != num_layers:
-        raise ValueError(f"codec file {path} has {len(layers)} layers, the model {num_layers}")
+        raise RequestError(f"codec file {path} has {len(layers)} layers, the model {num_layers}")
     return layers
 
 
-def adaptive(name: str) -> tuple[str, float] | None:
-    """(allocator, budget in bits) for the adaptive presets, None for every other name."""
+@dataclass(frozen=True)
+class Adaptive:
+    """An adaptive codec: its layers are allocated per cache (qkv_core.codec.allocation), not
+    looked up. What each family needs is said here once, for every caller."""
+
+    allocator: str  # seed-adaptive | budget | tokenmix
+    bits: float  # the budget in bits per element (seed-adaptive: none, 0)
+    needs_profile: bool  # reads the calibrated codec profile of the model
+    needs_probe: bool  # reads the sender's attention probe, so a relayed or precomputed cache cannot use it
+
+
+# family -> (needs_profile, needs_probe)
+_FAMILIES = {"seed-adaptive": (True, False), "budget": (True, False), "tokenmix": (False, True)}
+
+
+def adaptive(name: str) -> Adaptive | None:
+    """The adaptive family a codec name belongs to, None for every other name."""
     m = _ADAPTIVE.fullmatch(name)
     if not m:
         return None
-    return ("seed-adaptive", 0.0) if m[1] is None else (m[1], float(m[2]))
+    family = "seed-adaptive" if m[1] is None else m[1]
+    return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family])
 
 
 def resolve(name: str, num_layers: int) -> list[LayerCodec]:
@@ -116,8 +133,8 @@ def resolve(name: str, num_layers: int) -> list[LayerCodec]:
     if name.endswith(".json"):
         return _load_layers(Path(name), num_layers)
     if adaptive(name):
-        raise ValueError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
-    raise ValueError(
+        raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
+    raise RequestError(
         f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, seed-adaptive, budget-B, tokenmix-B, "
         "a spec like 'k=4/channel;v=4/token' or a codec .json file"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from qkv_core import calibration_data
 from qkv_core.calibration_data import Sample
@@ -35,7 +36,7 @@ def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512) -> 
     sums: dict = {f: {k: {b: [[0.0, 0.0] for _ in range(n_layers)] for b in BITS} for k in KINDS} for f in FAMILIES}
     kl: dict = {k: {str(b): [0.0] * n_layers for b in BITS} for k in KINDS}
     tokens = 0
-    for context, question, _ in samples:
+    for context, question, _ in tqdm(samples, desc="calibrate codec profile", disable=None, leave=False):
         ids = encode(lm.tokenizer, fmt.context_part(context))[:max_tokens]
         query = encode(lm.tokenizer, fmt.query_part(question))
         tokens += len(ids)

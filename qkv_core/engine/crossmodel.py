@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from qkv_core.config import cache_dir
+from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.kv import prefill
 from qkv_core.model.loading import LoadedModel
 from qkv_core.types import Fingerprint, KVCache
@@ -54,7 +56,7 @@ def inv_freqs(lm: LoadedModel) -> torch.Tensor:
     for kind in types:
         p = params.get(kind, params) if isinstance(params, dict) else {}
         if p.get("rope_type", "default") != "default":
-            raise ValueError(f"{lm.fingerprint.name}: RoPE type {p.get('rope_type')!r} is not supported across models")
+            raise Unsupported(f"{lm.fingerprint.name}: RoPE type {p.get('rope_type')!r} is not supported across models")
         freq = getattr(rotary, f"{kind}_inv_freq", None)  # per layer type (Gemma 3), else one for all
         rows.append(freq if freq is not None else rotary.inv_freq)
     return torch.stack([r.float().cpu() for r in rows])
@@ -176,7 +178,7 @@ class Alignment:
             maps = [{p: tensors[f"layer{j}.{p}"] for p in ("k", "v")} for j in range(len(body["sources"]))]
             inv_s, inv_r = tensors["sender_inv_freq"], tensors["receiver_inv_freq"]
         else:
-            raise ValueError(f"{path}: an alignment is a .json (stats) or .safetensors (ridge) file")
+            raise RequestError(f"{path}: an alignment is a .json (stats) or .safetensors (ridge) file")
         return cls(Fingerprint(**body["sender"]), Fingerprint(**body["receiver"]), body["method"], body["sources"],
                    inv_s, inv_r, maps)
 
@@ -219,12 +221,12 @@ def _layer_features(lm: LoadedModel, kv: KVCache, inv: torch.Tensor) -> tuple[li
 def fit(sender: LoadedModel, receiver: LoadedModel, texts: list[str], method: str, max_tokens: int = 512) -> Alignment:
     """Fit an alignment from `sender` to `receiver` on calibration texts both models read."""
     if method not in METHODS:
-        raise ValueError(f"unknown alignment method {method!r}; choose one of {', '.join(METHODS)}")
+        raise RequestError(f"unknown alignment method {method!r}; choose one of {', '.join(METHODS)}")
     sources = layer_sources(sender.fingerprint.num_layers, receiver.fingerprint.num_layers)
     inv_s, inv_r = inv_freqs(sender), inv_freqs(receiver)
     xs: dict[tuple[int, str], list[torch.Tensor]] = {}
     ys: dict[tuple[int, str], list[torch.Tensor]] = {}
-    for text in texts:
+    for text in tqdm(texts, desc=f"fit {method} alignment", disable=None, leave=False):
         ids_s, off_s = _encode(sender, text)
         ids_r, off_r = _encode(receiver, text)
         ids_s, ids_r = ids_s[:max_tokens], ids_r[:max_tokens]

@@ -15,9 +15,10 @@ import torch
 from qkv_core import allocator
 from qkv_core.card.header import CardError, ErrorKind, fingerprint_to_pb, text_card_id
 from qkv_core.card.reader import CardReader
-from qkv_core.config import LimitExceeded, Limits
+from qkv_core.config import Limits
 from qkv_core.engine.crossmodel import Alignment
 from qkv_core.engine.store import CardStore, StoredCard
+from qkv_core.errors import LimitExceeded, RequestError
 from qkv_core.model.attention import require_full_attention
 from qkv_core.model.kv import generate, prefill, stream_text
 from qkv_core.model.loading import LoadedModel
@@ -209,7 +210,7 @@ class ReceiverEngine:
     def generate(self, card_id: str, query: str, max_new_tokens: int, facts: bool, stats: Generation) -> Iterator[str]:
         """Stream the answer to `query` over the card's cache; fills `stats` as it goes."""
         if not query.strip():
-            raise ValueError("the query is empty")
+            raise RequestError("the query is empty")
         self.limits.check("max_new_tokens_limit", max_new_tokens, "max_new_tokens")
         self.limits.check("max_query_tokens", len(query) // CHARS_PER_TOKEN_MAX, "the query (characters / 16)")
         card = self.card(card_id)

@@ -19,8 +19,11 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from qkv_core import calibration_data
 from qkv_core.calibration_data import Sample
+from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.attention import Probe
 from qkv_core.model.kv import answer_log_likelihood, prefill
 from qkv_core.model.loading import LoadedModel
@@ -42,9 +45,9 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:
-            raise ValueError(f"the layer ratio must be within (0, 1], got {self.ratio}")
+            raise RequestError(f"the layer ratio must be within (0, 1], got {self.ratio}")
         if self.method not in METHODS:
-            raise ValueError(f"unknown layer selection {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise RequestError(f"unknown layer selection {self.method!r}; choose one of {', '.join(METHODS)}")
 
     @property
     def name(self) -> str:
@@ -79,7 +82,7 @@ def calibrate(lm: LoadedModel, samples: list[Sample]) -> LayerProfile:
     fmt = PromptFormat.for_tokenizer(lm.tokenizer)
     attention = [0.0] * lm.num_layers
     loo = [0.0] * lm.num_layers
-    for context, question, answer in samples:
+    for context, question, answer in tqdm(samples, desc="calibrate layer profile", disable=None, leave=False):
         c = encode(lm.tokenizer, fmt.context_part(context))
         q = encode(lm.tokenizer, fmt.query_part(question))
         a = encode(lm.tokenizer, " " + answer.strip())
@@ -121,7 +124,7 @@ def scores(cfg: SelectionConfig, num_layers: int, profile: LayerProfile | None) 
     if cfg.method == "prior":
         return prior
     if profile is None or len(profile.attention) != n:
-        raise ValueError(f"layer selection {cfg.method!r} needs a calibrated profile of this {n}-layer model")
+        raise Unsupported(f"layer selection {cfg.method!r} needs a calibrated profile of this {n}-layer model")
     if cfg.method == "loo":
         return list(profile.loo)
     alpha = 1.0 if cfg.method == "attention" else cfg.alpha

@@ -15,6 +15,7 @@ from qkv_core.config import Limits
 from qkv_core.engine import calibration, selection
 from qkv_core.engine.crossmodel import layer_sources
 from qkv_core.engine.selection import SelectionConfig
+from qkv_core.errors import RequestError
 from qkv_core.facts import FactCache, FactConfig
 from qkv_core.model.attention import Probe, require_full_attention
 from qkv_core.model.kv import prefill
@@ -80,14 +81,8 @@ class SenderEngine:
         kind = codecs.adaptive(codec_name)
         if kind is None:
             return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers))
-        allocator, bits = kind
-        shapes = [tuple(k.shape) for k in kv.keys]
-        if allocator == "seed-adaptive":
-            return CardPlan(codec_name, allocation.seed_adaptive(self.profile()))
-        if allocator == "budget":
-            return CardPlan(codec_name, allocation.budget(self.profile(), bits, shapes))
-        assert importance is not None
-        return CardPlan(codec_name, *allocation.tokenmix(bits, shapes, importance))
+        profile = self.profile() if kind.needs_profile else None
+        return CardPlan(codec_name, *allocation.allocate(kind, profile, [tuple(k.shape) for k in kv.keys], importance))
 
     def select(self, plan: CardPlan, ids: list[int], layers: SelectionConfig) -> None:
         """Restrict `plan` to the layers `layers` selects (all of them at ratio 1)."""
@@ -107,13 +102,13 @@ class SenderEngine:
         `receiver_layers`: the depth of a receiver running another model; the card then carries
         the layer map and only the layers that receiver reads."""
         if receiver_layers and (layers.ratio < 1 or receiver_layers == self.lm.num_layers):
-            raise ValueError("a cross-model card takes every layer its map reads, for a receiver of another depth")
+            raise RequestError("a cross-model card takes every layer its map reads, for a receiver of another depth")
         kind = codecs.adaptive(codec_name)
         if kind is None:
             codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
         ids = self.context_ids(context)
         start = time.perf_counter()
-        kv, importance = self.prefill(ids, probe=kind is not None and kind[0] == "tokenmix")
+        kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe)
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
         plan = self.allocate(codec_name, kv, importance)

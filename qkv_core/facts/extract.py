@@ -6,6 +6,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+from qkv_core.errors import RequestError
 from qkv_core.facts import entities, keyphrases, patterns
 from qkv_core.facts.context_type import Detection, detect
 from qkv_core.facts.fact import Fact
@@ -23,9 +24,9 @@ class FactConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown fact method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise RequestError(f"unknown fact method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.budget_bytes < 1:
-            raise ValueError("the fact budget must be at least one byte")
+            raise RequestError("the fact budget must be at least one byte")
 
 
 @dataclass

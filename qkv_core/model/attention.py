@@ -29,6 +29,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from qkv_core.errors import Unsupported
+
 NAME = "qkvcomm"
 RAGGED = "qkvcomm_ragged"  # forward keyword: the cache is ragged
 PROBE = "qkvcomm_probe"  # forward keyword: a Probe to fill
@@ -91,4 +93,4 @@ def require_full_attention(model: PreTrainedModel, name: str) -> None:
     its layers keep their own windows, which a per-layer prefix cut would corrupt)."""
     types = getattr(model.config, "layer_types", None) or []
     if getattr(model.config, "sliding_window", None) or any(t != "full_attention" for t in types):
-        raise ValueError(f"{name} has sliding-window layers; selective injection supports full attention only")
+        raise Unsupported(f"{name} has sliding-window layers; selective injection supports full attention only")

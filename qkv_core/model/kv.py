@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache
 
+from qkv_core.errors import RequestError
 from qkv_core.model import attention
 from qkv_core.model.attention import Probe
 from qkv_core.types import KVCache
@@ -26,7 +27,7 @@ def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None, probe:
     """Run the model over `ids` (after `past` when given); return the cache of everything so
     far and the last position's logits. A `probe` collects the attention each key receives."""
     if not ids:
-        raise ValueError("cannot prefill an empty prompt")
+        raise RequestError("cannot prefill an empty prompt")
     cache = to_dynamic_cache(lm, past) if past is not None else DynamicCache(config=lm.model.config)
     out = _forward(lm, ids, cache, past, probe)
     keys = [layer.keys[0] for layer in cache.layers]
@@ -60,7 +61,7 @@ def to_dynamic_cache(lm: LoadedModel, kv: KVCache) -> DynamicCache:
 def answer_log_likelihood(lm: LoadedModel, kv: KVCache, prompt: list[int], answer: list[int]) -> float:
     """log p(answer | kv, prompt) under teacher forcing, in nats."""
     if not prompt or not answer:
-        raise ValueError("the prompt and the answer must not be empty")
+        raise RequestError("the prompt and the answer must not be empty")
     logits = _forward(lm, prompt + answer, to_dynamic_cache(lm, kv), kv).logits[0].float()
     steps = logits[len(prompt) - 1 : -1].log_softmax(-1)
     return float(steps.gather(1, torch.tensor(answer, device=steps.device).unsqueeze(1)).sum())
@@ -87,7 +88,7 @@ def next_logits(lm: LoadedModel, kv: KVCache | None, ids: list[int]) -> torch.Te
 def generate(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int) -> Iterator[int]:
     """Greedy decoding of up to max_new_tokens after `ids`, on top of `kv` when given."""
     if not ids:
-        raise ValueError("the receiver's prompt is empty")
+        raise RequestError("the receiver's prompt is empty")
     cache = to_dynamic_cache(lm, kv) if kv is not None else DynamicCache(config=lm.model.config)
     stops = stop_ids(lm)
     position = kv.tokens if kv is not None else 0

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from qkv_core.config import RuntimeConfig, cache_dir
+from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model import attention
 from qkv_core.model.kv import warm_up
 from qkv_core.types import Fingerprint
@@ -57,7 +58,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         # CPU stays fp32 so an fp16 card can reproduce the sender's logits closely.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
+        raise RequestError(f"unknown dtype {dtype!r}; choose auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
 
 
@@ -121,7 +122,7 @@ def model_source(name: str, revision: str = "") -> Path:
     if path.is_dir() and (path / "config.json").exists():
         return path
     if path.exists() or path.suffix == ".gguf" or name.count("/") != 1 or name.startswith(("/", ".")):
-        raise ValueError(
+        raise RequestError(
             f"unknown model {name!r}: use {', '.join(EMBEDDED)}, a Hugging Face id (org/model), "
             "a Hugging Face directory or a .gguf file"
         )
@@ -148,12 +149,12 @@ def hub_snapshot(repo_id: str, revision: str = "") -> Path:
                                       local_files_only=offline, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError as e:
         reason = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
-        raise ValueError(
+        raise Unsupported(
             f"model {where} is not in the Hugging Face cache {hub_cache()} and {reason}: download it where the hub "
             f"is reachable (`hf download {repo_id}`) into that cache (HF_HOME), or pass a local directory"
         ) from e
     except (HfHubHTTPError, HFValidationError) as e:
-        raise ValueError(f"model {where} cannot be fetched from the Hugging Face hub: {e}") from e
+        raise Unsupported(f"model {where} cannot be fetched from the Hugging Face hub: {e}") from e
 
 
 def fingerprint(name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Fingerprint:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from qkv_core.config import Limits
+from qkv_core.errors import RequestError
 
 SYSTEM = "You are a helpful assistant. Answer the question in a few words, using the context when one is given."
 _MARK = "\x00QKVCOMM\x00"
@@ -69,7 +70,7 @@ def context_ids(tokenizer: PreTrainedTokenizerBase, prompt: PromptFormat, contex
     """The context's prompt tokens; refused when empty or past max_context_tokens (checked on the
     characters first, so a megabyte is refused without tokenizing it)."""
     if not context.strip():
-        raise ValueError("the context is empty")
+        raise RequestError("the context is empty")
     limits.check("max_context_tokens", len(context) // CHARS_PER_TOKEN_MAX, "the context (characters / 16)")
     ids = encode(tokenizer, prompt.context_part(context))
     limits.check("max_context_tokens", len(ids), "the context (tokens)")

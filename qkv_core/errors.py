@@ -1,0 +1,22 @@
+"""Whose fault a refusal is, as exception types the services map to gRPC status codes.
+
+    RequestError      the caller asked for something malformed or impossible   INVALID_ARGUMENT
+    Unsupported       well-formed, but this deployment cannot do it            FAILED_PRECONDITION
+    LimitExceeded     more than a configured limit allows                      RESOURCE_EXHAUSTED
+Card checks raise qkv_core.card.header.CardError, whose kind names the status. Anything else,
+a plain ValueError included, is the server's fault: INTERNAL, logged. RequestError and
+Unsupported are ValueErrors, so library callers that catch ValueError keep working.
+"""
+from __future__ import annotations
+
+
+class RequestError(ValueError):
+    """The caller's request is malformed or impossible (a bad codec name, an empty question)."""
+
+
+class Unsupported(ValueError):
+    """A well-formed request this deployment cannot serve (a model without the capability)."""
+
+
+class LimitExceeded(Exception):
+    """A request asks for more than a configured limit allows."""

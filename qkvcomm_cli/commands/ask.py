@@ -1,0 +1,38 @@
+"""`qkvcomm ask`: ask a question about a context through a sender (streams the answer, or --json)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qkvcomm_cli.commands.common import print_stats
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="ask a question about a context through a sender")
+    p.add_argument("--sender", required=True, help="HOST:PORT of the sender")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--context", help="the context text")
+    src.add_argument("--context-file", type=Path, help="a file holding the context")
+    p.add_argument("--question", required=True)
+    p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B or a spec (default: the sender's)")
+    p.add_argument("--facts", action="store_true", help="extract facts into the card; the receiver reads their summary first")
+    p.add_argument("--layers", type=float, default=0.0, help="share of layers to send, (0, 1] (default: the sender's)")
+    p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")
+    p.add_argument("--max-new-tokens", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qkvcomm_cli.client import ask  # noqa: PLC0415 - keep `qkvcomm --help` fast
+
+    context = args.context if args.context is not None else args.context_file.read_text()
+    on_text = None if args.json else (lambda t: print(t, end="", flush=True))
+    answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text,
+                 layer_ratio=args.layers, layer_method=args.layer_method)
+    if args.json:
+        print(answer.to_json())
+    else:
+        print()
+        print_stats(answer)
+    return 0

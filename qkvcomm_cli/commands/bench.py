@@ -1,0 +1,61 @@
+"""`qkvcomm bench codec|ttft|facts|fuzz|load`: benchmarks, not tests (qkv_eval holds them)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qkv_core.config import RuntimeConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
+                       "`bench fuzz`, `bench load`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load"])
+    p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
+    p.add_argument("--seed", type=int, default=0, help="fuzz: mutation seed")
+    p.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
+    p.add_argument("--minutes", type=float, default=10.0, help="load: how long the clients run")
+    p.add_argument("--datasets", default="squad.jsonl,narrativeqa.jsonl", help="facts: files beside --data")
+    p.add_argument("--limit", type=int, default=100, help="facts: rows per file")
+    p.add_argument("--budget", type=int, default=400, help="facts: summary budget in bytes")
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
+    p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
+    p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
+    p.add_argument("--json", type=Path, help="ttft: also write the rows here, for `qkvcomm report`'s TTFT chart")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
+                   help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--codecs", default=",".join([
+        "fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
+        "budget-4", "budget-3", "budget-2.5", "tokenmix-4", "tokenmix-3",
+    ]))
+    p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what in ("fuzz", "load"):
+        from qkv_eval import bench_service  # noqa: PLC0415
+
+        return bench_service.main(args)
+    if args.what == "facts":
+        from qkv_eval import bench_facts  # noqa: PLC0415
+
+        paths = [args.data.parent / name for name in args.datasets.split(",")]
+        print(bench_facts.table(bench_facts.run_facts_bench(paths, args.limit, args.budget), args.budget))
+        return 0
+    if args.what == "ttft":
+        from qkv_eval import bench_ttft  # noqa: PLC0415
+
+        runtime = RuntimeConfig(model=args.model, device=args.device)
+        rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats or 3)
+        print(bench_ttft.table(rows, args.model, args.codec, args.device))
+        if args.json:
+            args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
+        return 0
+    from qkv_eval.bench import run_codec_bench, table  # noqa: PLC0415
+
+    rows = run_codec_bench(args.model, args.data, args.tokens, args.codecs.split(","), args.repeats or 10)
+    print(table(rows, args.tokens, args.model))
+    return 0

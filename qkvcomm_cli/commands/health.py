@@ -1,0 +1,21 @@
+"""`qkvcomm health`: exit 0 when a service answers grpc.health.v1 with SERVING (Docker HEALTHCHECK)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("health", help="exit 0 when a service answers gRPC health checks with SERVING")
+    p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('QKVCOMM_PORT', '50061')}", help="HOST:PORT")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qkvcomm_cli.client import healthy  # noqa: PLC0415
+
+    ok = healthy(args.address, args.service)
+    print("SERVING" if ok else "NOT SERVING", file=sys.stderr)
+    return 0 if ok else 1
