@@ -123,11 +123,12 @@ def data_dir() -> Path:
 
 
 def qa_file(name: str | Path) -> Path:
-    """`name` as given when that file exists, else the file of that name in `data_dir()`."""
+    """`name` as given when that file exists, else the file of that name in `data_dir()` (so results
+    that name a data file by an old path still find it)."""
     path = Path(name)
     if path.exists():
         return path
-    candidate = data_dir() / path.name if path.parent == Path(".") else path
+    candidate = data_dir() / path.name
     if not candidate.exists():
         hint = " (`make data` rebuilds it)" if candidate.name == "squad_longctx.jsonl" else ""
         raise FileNotFoundError(f"no QA file {str(name)!r}{hint}: looked in QKVCOMM_DATA_DIR={data_dir()}")

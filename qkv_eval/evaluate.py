@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from qkv_core.calibration_data import gold_answers
 from qkv_core.card.framing import frames
+from qkv_core.config import qa_file
 from qkv_core.engine.crossmodel import METHODS, Alignment, default_path
 from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
 from qkv_core.engine.selection import SelectionConfig
@@ -46,39 +47,7 @@ from qkv_core.wire import pb
 from qkv_eval.embedding import similarity
 from qkv_eval.multihop import run_chain
 from qkv_eval.qa_metrics import coherence, completeness, contains, exact_match, f1
-
-MODES = ("baseline", "skyline", "text", "kv", "facts")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    data: Path
-    mode: str = "kv"
-    codec: str = "fp16"
-    limit: int = 0  # 0: all rows
-    max_new_tokens: int = 32
-    context_field: str = "context"
-    hops: int = 1  # kv: handoffs along a chain of agents before the answer
-    facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
-    layers: float = 1.0  # kv: share of layers the card carries
-    layer_method: str = "combined"
-    relevance: bool = True  # MiniLM relevance per row; off, `rescore` fills it in later
-    sender_model: str = ""  # kv: the sender's model when it is not the receiver's (cross-model handoff)
-    alignment: str = ""  # cross-model: stats, ridge (the pair's calibrated file) or an alignment file
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.hops < 1 or (self.hops > 1 and self.mode != "kv"):
-            raise ValueError("hops must be >= 1, and above 1 only in kv mode")
-        if self.layers < 1 and (self.mode != "kv" or self.hops > 1):
-            raise ValueError("a layer ratio below 1 applies to single-hop kv cards")
-        if self.facts and (self.mode not in ("kv", "facts") or self.hops > 1):
-            raise ValueError("facts go with single-hop kv cards (or alone, in facts mode)")
-        if self.mode == "facts" and not self.facts:
-            raise ValueError("facts mode needs a fact method")
-        if self.sender_model and (self.mode != "kv" or self.hops > 1 or self.layers < 1 or self.facts or not self.alignment):
-            raise ValueError("a cross-model eval is single-hop kv with all layers, no facts, and an --alignment")
+from qkv_eval.run_config import EvalConfig
 
 
 @dataclass
@@ -150,7 +119,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
     alignments = [_alignment(sender_lm, lm, cfg.alignment)] if sender_lm is not None else []
     sender = SenderEngine(sender_lm or lm)
     receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 40, alignments=alignments)
-    report = Report(config={k: str(v) for k, v in asdict(cfg).items()}, model=lm.fingerprint.name)
+    report = Report(config=cfg.to_json(), model=lm.fingerprint.name)
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
                          device=str(lm.device), dtype=str(lm.dtype))
     rows = list(load_rows(cfg.data, cfg.limit))
@@ -222,11 +191,11 @@ def score(prediction: str, answers: list[str], context: str, relevance: bool = T
 def rescore(result: dict) -> dict:
     """A saved `--json` result with every metric recomputed from its predictions and the rows
     of its data file (for results saved before a metric existed)."""
-    cfg = result["config"]
-    rows = {str(r.get("id", i)): r for i, r in enumerate(load_rows(Path(cfg["data"]), int(cfg["limit"])))}
-    report = Report(config=cfg, model=result["model"])
+    cfg = EvalConfig.from_json(result["config"])
+    rows = {str(r.get("id", i)): r for i, r in enumerate(load_rows(qa_file(cfg.data), cfg.limit))}
+    report = Report(config=result["config"], model=result["model"])
     for e in result["examples"]:
         row = rows[e["id"]]
-        e.update(score(e["prediction"], e["answers"], row.get(cfg["context_field"]) or query_of(row)))
+        e.update(score(e["prediction"], e["answers"], row.get(cfg.context_field) or query_of(row)))
         report.examples.append(Example(**e))
     return json.loads(report.to_json())

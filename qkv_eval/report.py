@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qkv_core.facts.text import normalize
+from qkv_eval.run_config import EvalConfig
 
 COLUMNS = [
     "model", "device", "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete", "coherent",
@@ -23,30 +24,37 @@ def bits_per_element(summary: dict) -> float | None:
     return 16 / ratio if ratio else None
 
 
+def config_of(r: dict) -> EvalConfig:
+    """A result's run configuration, typed (the key `_config` caches it in the loaded result)."""
+    if "_config" not in r:
+        r["_config"] = EvalConfig.from_json(r["config"])
+    return r["_config"]
+
+
 def _key(r: dict) -> tuple[str, str, str]:
-    return r["model"], Path(r["config"]["data"]).name, r["config"]["context_field"]
+    return r["model"], config_of(r).data.name, config_of(r).context_field
 
 
 def model_of(r: dict) -> str:
     """The receiver's model, after the sender's when they differ (a cross-model run)."""
-    sender = r["config"].get("sender_model")
-    return f"{sender} → {r['model']} ({r['config']['alignment']})" if sender else r["model"]
+    c = config_of(r)
+    return f"{c.sender_model} → {r['model']} ({c.alignment})" if c.sender_model else r["model"]
 
 
 def _same_model_card(r: dict) -> bool:
     """A same-model card without facts, over any number of hops and any share of layers."""
-    c = r["config"]
-    return c["mode"] == "kv" and not c.get("facts") and not c.get("sender_model")
+    c = config_of(r)
+    return c.mode == "kv" and not c.facts and not c.sender_model
 
 
 def _one_card(r: dict) -> bool:
     """A single-hop _same_model_card."""
-    return _same_model_card(r) and int(r["config"].get("hops", 1)) == 1
+    return _same_model_card(r) and config_of(r).hops == 1
 
 
 def _plain_kv(r: dict) -> bool:
     """A card of every layer as _one_card: what the codec alone does."""
-    return _one_card(r) and float(r["config"].get("layers", 1)) >= 1
+    return _one_card(r) and config_of(r).layers >= 1
 
 
 def agreement(result: dict, skyline: dict | None) -> float | None:
@@ -63,16 +71,15 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def _row(r: dict, skyline: dict | None) -> list[str]:
-    c, s = r["config"], r["summary"]
-    kv = c["mode"] == "kv"
-    hops = int(c.get("hops", 1))
-    codec = (c["codec"] + (f" x{hops} hops" if hops > 1 else "")) if kv else "-"
-    if float(c.get("layers", 1)) < 1:
-        codec += f" layers {c['layer_method']}@{float(c['layers']):g}"
-    if c.get("facts"):
-        codec = f"{codec} + facts ({c['facts']})" if kv else f"facts ({c['facts']})"
+    c, s = config_of(r), r["summary"]
+    kv = c.mode == "kv"
+    codec = (c.codec + (f" x{c.hops} hops" if c.hops > 1 else "")) if kv else "-"
+    if c.layers < 1:
+        codec += f" layers {c.layer_method}@{c.layers:g}"
+    if c.facts:
+        codec = f"{codec} + facts ({c.facts})" if kv else f"facts ({c.facts})"
     return [
-        model_of(r), c.get("device", "cpu"), Path(c["data"]).name, c["context_field"], c["mode"], codec, str(s["rows"]),
+        model_of(r), r["config"].get("device", "cpu"), c.data.name, c.context_field, c.mode, codec, str(s["rows"]),
         f"{s['em']:.1f}", f"{s['f1']:.1f}", f"{s['contains']:.1f}", _fmt(agreement(r, skyline), ".0f"),
         _fmt(s.get("completeness"), ".1f"), _fmt(s.get("coherence"), ".1f"), _fmt(s.get("relevance"), ".3f"),
         _fmt(bits_per_element(s), ".2f"), f"{s['wire_bytes_mean'] / 1e3:.1f}",
@@ -81,7 +88,7 @@ def _row(r: dict, skyline: dict | None) -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    skylines = {_key(r): r for r in results if r["config"]["mode"] == "skyline"}
+    skylines = {_key(r): r for r in results if config_of(r).mode == "skyline"}
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_row(r, skylines.get(_key(r)))) + " |" for r in results]
     return "\n".join(lines)
@@ -109,9 +116,10 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
     baseline of the same rows as horizontal lines. False when no set of runs qualifies."""
     by_data: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for r in results:
-        if r["model"] == results[0]["model"] and (_plain_kv(r) or r["config"]["mode"] in ("baseline", "skyline")):
-            by_data[(Path(r["config"]["data"]).stem, r["config"]["context_field"], r["summary"]["rows"])].append(r)
-    panels = sorted(((k, runs) for k, runs in by_data.items() if sum(r["config"]["mode"] == "kv" for r in runs) >= min_codecs),
+        c = config_of(r)
+        if r["model"] == results[0]["model"] and (_plain_kv(r) or c.mode in ("baseline", "skyline")):
+            by_data[(c.data.stem, c.context_field, r["summary"]["rows"])].append(r)
+    panels = sorted(((k, runs) for k, runs in by_data.items() if sum(config_of(r).mode == "kv" for r in runs) >= min_codecs),
                     key=lambda p: (-p[0][2], p[0][:2]))
     if not panels:
         return False
@@ -119,12 +127,12 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, ((data, context, rows), runs) in zip(axes[0], panels):
         for r in runs:
-            s, c = r["summary"], r["config"]
-            if c["mode"] == "kv":
+            s, c = r["summary"], config_of(r)
+            if c.mode == "kv":
                 ax.scatter(bits_per_element(s), s["f1"], color="tab:blue")
-                ax.annotate(c["codec"], (bits_per_element(s), s["f1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                ax.annotate(c.codec, (bits_per_element(s), s["f1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
             else:
-                ax.axhline(s["f1"], linestyle="--", color="tab:green" if c["mode"] == "skyline" else "tab:red", label=c["mode"])
+                ax.axhline(s["f1"], linestyle="--", color="tab:green" if c.mode == "skyline" else "tab:red", label=c.mode)
         ax.set(xscale="log", xlabel="bits per KV element on the wire (log)", ylabel="F1", title=f"{data} ({context}), {rows} rows")
         ax.set_xticks([2, 3, 4, 6, 8, 16], labels=["2", "3", "4", "6", "8", "16"])
         if ax.get_legend_handles_labels()[0]:
@@ -189,12 +197,12 @@ def layer_lines(results: list[dict]) -> tuple[list[str], dict[tuple[str, int, st
     codec, method) over same-model single-hop cards without facts; a full-layer run is ratio 1 of
     every method, and a line needs two ratios."""
     kv = [r for r in results if _one_card(r) and r["model"] == results[0]["model"]]
-    methods = sorted({r["config"]["layer_method"] for r in kv if float(r["config"].get("layers", 1)) < 1})
+    methods = sorted({config_of(r).layer_method for r in kv if config_of(r).layers < 1})
     lines: dict[tuple[str, int, str, str], dict[float, float]] = defaultdict(dict)
     for r in kv:
-        c, ratio = r["config"], float(r["config"].get("layers", 1))
-        for method in methods if ratio >= 1 else [c["layer_method"]]:
-            lines[(Path(c["data"]).stem, r["summary"]["rows"], c["codec"], method)][ratio] = r["summary"]["f1"]
+        c = config_of(r)
+        for method in methods if c.layers >= 1 else [c.layer_method]:
+            lines[(c.data.stem, r["summary"]["rows"], c.codec, method)][c.layers] = r["summary"]["f1"]
     return methods, {k: v for k, v in lines.items() if len(v) > 1}
 
 
@@ -217,10 +225,9 @@ def hops_table(results: list[dict]) -> str:
     """The multi-hop relay: F1 by number of hops, one row per (dataset, rows, codec)."""
     chains: dict[tuple[str, str, int, str], dict[int, float]] = defaultdict(dict)
     for r in results:
-        if _same_model_card(r) and float(r["config"].get("layers", 1)) >= 1:
-            c = r["config"]
-            key = (r["model"], Path(c["data"]).stem, r["summary"]["rows"], c["codec"])
-            chains[key][int(c.get("hops", 1))] = r["summary"]["f1"]
+        c = config_of(r)
+        if _same_model_card(r) and c.layers >= 1:
+            chains[(r["model"], c.data.stem, r["summary"]["rows"], c.codec)][c.hops] = r["summary"]["f1"]
     chains = {k: v for k, v in chains.items() if len(v) > 1}
     if not chains:
         return ""
@@ -236,10 +243,10 @@ def datasets_table(results: list[dict], codecs: tuple[str, ...] = ("fp16", "kivi
     cols = ["baseline", "skyline", *codecs]
     grid: dict[tuple[str, str, str, int], dict[str, float]] = defaultdict(dict)
     for r in results:
-        c = r["config"]
-        col = c["mode"] if c["mode"] in ("baseline", "skyline") and not c.get("facts") else c["codec"] if _plain_kv(r) else None
+        c = config_of(r)
+        col = c.mode if c.mode in ("baseline", "skyline") and not c.facts else c.codec if _plain_kv(r) else None
         if col in cols:
-            grid[(r["model"], Path(c["data"]).stem, c["context_field"], r["summary"]["rows"])][col] = r["summary"]["f1"]
+            grid[(r["model"], c.data.stem, c.context_field, r["summary"]["rows"])][col] = r["summary"]["f1"]
     grid = {k: v for k, v in grid.items() if len(v) == len(cols)}
     if not grid:
         return ""
@@ -263,7 +270,7 @@ def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
         "recall; `coherent`: distinct/all word trigrams; `relevance`: MiniLM cosine of answer and",
         "context (definitions in `qkv_eval/qa_metrics.py`, `qkv_eval/evaluate.py`).",
         "",
-        table(sorted(results, key=lambda r: (model_of(r), _key(r)[1:], r["config"]["mode"], r["config"]["codec"]))),
+        table(sorted(results, key=lambda r: (model_of(r), _key(r)[1:], config_of(r).mode, config_of(r).codec))),
     ]
     if layers := layers_table(results):
         parts += ["", "## Layer selection: F1 by method and share of layers sent", "", layers]

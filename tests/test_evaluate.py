@@ -1,10 +1,12 @@
 """A small end-to-end evaluation on real rows: kv with a lossless card answers exactly like the skyline."""
 import json
+from pathlib import Path
 
 import pytest
 from conftest import QA_DIR
 
-from qkv_eval.evaluate import EvalConfig, load_rows, query_of, run
+from qkv_eval.evaluate import load_rows, query_of, run
+from qkv_eval.run_config import EvalConfig
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +89,7 @@ def test_hops_table_lines_up_f1_by_hop_count():
                 "summary": {"rows": 30, "f1": f1}}
 
     runs = [run("fp16", 1, 9.4), run("fp16", 5, 10.1), run("kivi-4", 1, 9.0), run("kivi-4", 3, 8.0),
-            run("seed-4", 1, 5.0), run("kivi-4", 2, 1.0, facts="hybrid")]  # one hop only / with facts: not a chain
+            run("seed-4", 1, 5.0), run("kivi-4", 1, 1.0, facts="hybrid")]  # one hop only / with facts: not a chain
     table = hops_table(runs)
     assert "| m | squad[30] | fp16 | 9.4 | - | 10.1 |" in table
     assert "| m | squad[30] | kivi-4 | 9.0 | 8.0 | - |" in table
@@ -129,3 +131,11 @@ def test_datasets_table_needs_every_column():
     table = datasets_table(runs)
     assert "| m | coqa | context | 30 | 3.0 | 20.0 | 19.5 | 18.0 |" in table
     assert "gsm8k" not in table and "1.0" not in table
+
+
+def test_run_config_survives_json_typed_and_reads_old_string_configs():
+    cfg = EvalConfig(Path("x/squad.jsonl"), mode="kv", codec="kivi-4", limit=100, hops=3, layers=1.0, relevance=False)
+    again = EvalConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+    assert again == cfg and isinstance(cfg.to_json()["limit"], int)
+    old = {k: str(v) for k, v in cfg.to_json().items()} | {"date": "2026-11-22", "machine": "x"}  # results before typing
+    assert EvalConfig.from_json(old) == cfg

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,7 +37,6 @@ from qkv_core.model.kv import prefill
 from qkv_core.model.loading import LoadedModel
 from qkv_core.types import Fingerprint, KVCache
 
-METHODS = ("stats", "ridge")
 _ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths tried, relative to the mean feature variance
 
 
@@ -115,8 +115,9 @@ class Alignment:
     maps: list[dict[str, object]]  # per receiver layer: {"k": ..., "v": ...}: (Moments, Moments) or a weight
 
     def __post_init__(self) -> None:
-        # The z-score transfer as one affine map per layer and part, built once, not per card.
-        self._affine = [{p: _affine(*m[p]) for p in ("k", "v")} for m in self.maps] if self.method == "stats" else []
+        # Each layer's and part's map, made ready once, not per card.
+        method, size = METHODS[self.method], self.receiver.num_kv_heads * self.receiver.head_dim
+        self._maps = [{p: method.mapper(m[p], size) for p in ("k", "v")} for m in self.maps]
 
     # -- applying -------------------------------------------------------------------------
     def apply(self, kv: KVCache, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -126,20 +127,12 @@ class Alignment:
         for j, src in enumerate(self.sources):
             k = _features(_rotate(kv.keys[src].float().cpu(), self.sender_inv_freq[src], -1.0))
             v = _features(kv.values[src].float().cpu())
-            k, v = self._map(j, "k", k), self._map(j, "v", v)
+            k, v = self._maps[j]["k"](k), self._maps[j]["v"](v)
             k = k.reshape(-1, r.num_kv_heads, r.head_dim).transpose(0, 1)
             v = v.reshape(-1, r.num_kv_heads, r.head_dim).transpose(0, 1)
             keys.append(_rotate(k, self.receiver_inv_freq[j], 1.0).to(device, dtype).contiguous())
             values.append(v.to(device, dtype).contiguous())
         return KVCache(keys, values)
-
-    def _map(self, layer: int, part: str, x: torch.Tensor) -> torch.Tensor:
-        if self.method == "ridge":
-            w = self.maps[layer][part]  # [features_s + 1, features_r]
-            return x @ w[:-1] + w[-1]
-        size = self.receiver.num_kv_heads * self.receiver.head_dim
-        scale, shift = self._affine[layer][part]
-        return (x if x.shape[-1] == size else _resize(x, size)) * scale + shift
 
     # -- files ------------------------------------------------------------------------------
     def default_path(self) -> Path:
@@ -149,37 +142,18 @@ class Alignment:
         path.parent.mkdir(parents=True, exist_ok=True)
         head = {"sender": asdict(self.sender), "receiver": asdict(self.receiver), "method": self.method,
                 "sources": self.sources}
-        if self.method == "stats":
-            layers = [{p: {"sender": asdict(m[p][0]), "receiver": asdict(m[p][1])} for p in ("k", "v")} for m in self.maps]
-            body = {**head, "sender_inv_freq": self.sender_inv_freq.tolist(),
-                    "receiver_inv_freq": self.receiver_inv_freq.tolist(), "layers": layers}
-            path.write_text(json.dumps(body, indent=1))
-        else:
-            tensors = {"sender_inv_freq": self.sender_inv_freq, "receiver_inv_freq": self.receiver_inv_freq}
-            for j, m in enumerate(self.maps):
-                tensors[f"layer{j}.k"], tensors[f"layer{j}.v"] = m["k"].contiguous(), m["v"].contiguous()
-            save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in head.items()})
+        METHODS[self.method].save(path, head, self.sender_inv_freq, self.receiver_inv_freq, self.maps)
         return path
 
     @classmethod
     def load(cls, path: Path) -> "Alignment":
-        """A `stats` JSON or `ridge` safetensors file written by `save`."""
+        """A file written by `save`: which method by its suffix."""
         path = Path(path)
-        if path.suffix == ".json":
-            body = json.loads(path.read_text())
-            maps = [{p: (Moments(**m[p]["sender"]), Moments(**m[p]["receiver"])) for p in ("k", "v")} for m in body["layers"]]
-            inv_s, inv_r = torch.tensor(body["sender_inv_freq"]), torch.tensor(body["receiver_inv_freq"])
-        elif path.suffix == ".safetensors":
-            from safetensors import safe_open  # noqa: PLC0415
-
-            with safe_open(str(path), "pt") as f:
-                body = {k: json.loads(v) for k, v in f.metadata().items()}
-            tensors = load_file(str(path))
-            maps = [{p: tensors[f"layer{j}.{p}"] for p in ("k", "v")} for j in range(len(body["sources"]))]
-            inv_s, inv_r = tensors["sender_inv_freq"], tensors["receiver_inv_freq"]
-        else:
+        method = next((m for m in METHODS.values() if m.suffix == path.suffix), None)
+        if method is None:
             raise RequestError(f"{path}: an alignment is a .json (stats) or .safetensors (ridge) file")
-        return cls(Fingerprint(**body["sender"]), Fingerprint(**body["receiver"]), body["method"], body["sources"],
+        head, inv_s, inv_r, maps = method.load(path)
+        return cls(Fingerprint(**head["sender"]), Fingerprint(**head["receiver"]), head["method"], head["sources"],
                    inv_s, inv_r, maps)
 
 
@@ -191,7 +165,7 @@ def _affine(src: Moments, dst: Moments) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def default_path(sender: Fingerprint, receiver: Fingerprint, method: str) -> Path:
-    suffix = ".json" if method == "stats" else ".safetensors"
+    suffix = METHODS[method].suffix
     name = f"{sender.name}-{sender.weights_sha256[:16]}__{receiver.name}-{receiver.weights_sha256[:16]}-{method}{suffix}"
     return cache_dir() / "alignments" / name
 
@@ -222,6 +196,7 @@ def fit(sender: LoadedModel, receiver: LoadedModel, texts: list[str], method: st
     """Fit an alignment from `sender` to `receiver` on calibration texts both models read."""
     if method not in METHODS:
         raise RequestError(f"unknown alignment method {method!r}; choose one of {', '.join(METHODS)}")
+    how = METHODS[method]
     sources = layer_sources(sender.fingerprint.num_layers, receiver.fingerprint.num_layers)
     inv_s, inv_r = inv_freqs(sender), inv_freqs(receiver)
     xs: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -240,7 +215,7 @@ def fit(sender: LoadedModel, receiver: LoadedModel, texts: list[str], method: st
         pick = torch.tensor(aligned_positions(off_s[: len(ids_s)], off_r[: len(ids_r)]))
         for j, src in enumerate(sources):
             for part, x, y in (("k", ks[src], kr[j]), ("v", vs[src], vr[j])):
-                xs.setdefault((j, part), []).append(x if method == "stats" else x[pick])
+                xs.setdefault((j, part), []).append(x[pick] if how.paired else x)
                 ys.setdefault((j, part), []).append(y)
     if not xs:
         raise ValueError("no calibration text gave tokens to both models")
@@ -249,29 +224,78 @@ def fit(sender: LoadedModel, receiver: LoadedModel, texts: list[str], method: st
         layer = {}
         for part in ("k", "v"):
             x, y = torch.cat(xs[j, part]), torch.cat(ys[j, part])
-            layer[part] = _fit_stats(x, y) if method == "stats" else _fit_ridge(x, y)
+            layer[part] = how.fit(x, y)
         maps.append(layer)
     return Alignment(sender.fingerprint, receiver.fingerprint, method, sources, inv_s, inv_r, maps)
 
 
-def _fit_stats(x: torch.Tensor, y: torch.Tensor) -> tuple[Moments, Moments]:
-    per_channel = x.shape[-1] == y.shape[-1]
-    if not per_channel:
-        x = _resize(x, y.shape[-1])
-    return Moments.of(x, per_channel), Moments.of(y, per_channel)
+class StatsMap:
+    """`stats`: the z-score transfer, per channel when the feature sizes agree, scalar otherwise
+    (features tiled or cut to the receiver's size first). Fitted on all tokens of each model;
+    saved as JSON (the moments)."""
+
+    name, suffix, paired = "stats", ".json", False
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> tuple[Moments, Moments]:
+        per_channel = x.shape[-1] == y.shape[-1]
+        if not per_channel:
+            x = _resize(x, y.shape[-1])
+        return Moments.of(x, per_channel), Moments.of(y, per_channel)
+
+    def mapper(self, fitted: tuple[Moments, Moments], size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        scale, shift = _affine(*fitted)  # (x - mu_s)/sd_s * sd_r + mu_r as one affine map
+        return lambda x: (x if x.shape[-1] == size else _resize(x, size)) * scale + shift
+
+    def save(self, path: Path, head: dict, inv_s: torch.Tensor, inv_r: torch.Tensor, maps: list[dict]) -> None:
+        layers = [{p: {"sender": asdict(m[p][0]), "receiver": asdict(m[p][1])} for p in ("k", "v")} for m in maps]
+        body = {**head, "sender_inv_freq": inv_s.tolist(), "receiver_inv_freq": inv_r.tolist(), "layers": layers}
+        path.write_text(json.dumps(body, indent=1))
+
+    def load(self, path: Path) -> tuple[dict, torch.Tensor, torch.Tensor, list[dict]]:
+        body = json.loads(path.read_text())
+        maps = [{p: (Moments(**m[p]["sender"]), Moments(**m[p]["receiver"])) for p in ("k", "v")} for m in body["layers"]]
+        return body, torch.tensor(body["sender_inv_freq"]), torch.tensor(body["receiver_inv_freq"]), maps
 
 
-def _fit_ridge(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Weights [features_x + 1, features_y] (last row: bias); the strength is picked on a held-out fifth."""
-    x, y = x.double(), y.double()
-    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-    cut = len(x) * 4 // 5
-    scale = x.var(0).mean().item() or 1.0
+class RidgeMap:
+    """`ridge`: a linear map with bias, fitted by ridge regression on token pairs of the two
+    models aligned by character offsets (the strength picked on a held-out fifth); saved as
+    safetensors (the weights), with the header fields as metadata."""
 
-    def solve(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-        reg = torch.eye(a.shape[1], dtype=a.dtype) * alpha * scale * len(a)
-        reg[-1, -1] = 0  # the bias is not shrunk
-        return torch.linalg.solve(a.T @ a + reg, a.T @ b)
+    name, suffix, paired = "ridge", ".safetensors", True
 
-    errors = {a: ((xb[cut:] @ solve(xb[:cut], y[:cut], a) - y[cut:]) ** 2).mean().item() for a in _ALPHAS}
-    return solve(xb, y, min(errors, key=errors.get)).float()
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Weights [features_x + 1, features_y] (last row: bias)."""
+        x, y = x.double(), y.double()
+        xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        cut = len(x) * 4 // 5
+        scale = x.var(0).mean().item() or 1.0
+
+        def solve(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+            reg = torch.eye(a.shape[1], dtype=a.dtype) * alpha * scale * len(a)
+            reg[-1, -1] = 0  # the bias is not shrunk
+            return torch.linalg.solve(a.T @ a + reg, a.T @ b)
+
+        errors = {a: ((xb[cut:] @ solve(xb[:cut], y[:cut], a) - y[cut:]) ** 2).mean().item() for a in _ALPHAS}
+        return solve(xb, y, min(errors, key=errors.get)).float()
+
+    def mapper(self, w: torch.Tensor, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: x @ w[:-1] + w[-1]
+
+    def save(self, path: Path, head: dict, inv_s: torch.Tensor, inv_r: torch.Tensor, maps: list[dict]) -> None:
+        tensors = {"sender_inv_freq": inv_s, "receiver_inv_freq": inv_r}
+        for j, m in enumerate(maps):
+            tensors[f"layer{j}.k"], tensors[f"layer{j}.v"] = m["k"].contiguous(), m["v"].contiguous()
+        save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in head.items()})
+
+    def load(self, path: Path) -> tuple[dict, torch.Tensor, torch.Tensor, list[dict]]:
+        from safetensors import safe_open  # noqa: PLC0415
+
+        with safe_open(str(path), "pt") as f:
+            head = {k: json.loads(v) for k, v in f.metadata().items()}
+        tensors = load_file(str(path))
+        maps = [{p: tensors[f"layer{j}.{p}"] for p in ("k", "v")} for j in range(len(head["sources"]))]
+        return head, tensors["sender_inv_freq"], tensors["receiver_inv_freq"], maps
+
+
+METHODS = {m.name: m for m in (StatsMap(), RidgeMap())}

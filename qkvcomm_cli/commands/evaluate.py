@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from qkv_core.model.loading import load_model  # noqa: PLC0415
-    from qkv_eval.evaluate import EvalConfig, run  # noqa: PLC0415
+    from qkv_eval.evaluate import run  # noqa: PLC0415
+    from qkv_eval.run_config import EvalConfig  # noqa: PLC0415
 
     cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
                      args.facts, args.layers, args.layer_method, args.relevance, args.sender_model, args.alignment)

@@ -1,0 +1,57 @@
+"""The configuration of one evaluation run, typed, and how it survives JSON (a result's `config`).
+
+Kept free of the model and engine imports, so `qkvcomm report` reads results without loading torch.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+MODES = ("baseline", "skyline", "text", "kv", "facts")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: Path
+    mode: str = "kv"
+    codec: str = "fp16"
+    limit: int = 0  # 0: all rows
+    max_new_tokens: int = 32
+    context_field: str = "context"
+    hops: int = 1  # kv: handoffs along a chain of agents before the answer
+    facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
+    layers: float = 1.0  # kv: share of layers the card carries
+    layer_method: str = "combined"
+    relevance: bool = True  # MiniLM relevance per row; off, `rescore` fills it in later
+    sender_model: str = ""  # kv: the sender's model when it is not the receiver's (cross-model handoff)
+    alignment: str = ""  # cross-model: stats, ridge (the pair's calibrated file) or an alignment file
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.hops < 1 or (self.hops > 1 and self.mode != "kv"):
+            raise ValueError("hops must be >= 1, and above 1 only in kv mode")
+        if self.layers < 1 and (self.mode != "kv" or self.hops > 1):
+            raise ValueError("a layer ratio below 1 applies to single-hop kv cards")
+        if self.facts and (self.mode not in ("kv", "facts") or self.hops > 1):
+            raise ValueError("facts go with single-hop kv cards (or alone, in facts mode)")
+        if self.mode == "facts" and not self.facts:
+            raise ValueError("facts mode needs a fact method")
+        if self.sender_model and (self.mode != "kv" or self.hops > 1 or self.layers < 1 or self.facts or not self.alignment):
+            raise ValueError("a cross-model eval is single-hop kv with all layers, no facts, and an --alignment")
+
+    def to_json(self) -> dict:
+        """The fields as JSON values (the data path as a string): a result's `config`."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, config: dict) -> "EvalConfig":
+        """The configuration of a saved result; results written before configs were typed hold every
+        value as a string, and both read back the same. Keys that are no field (date, machine) are left."""
+        values: dict = {}
+        for f in fields(cls):
+            if f.name not in config:
+                continue
+            raw, kind = config[f.name], type(f.default) if f.default is not MISSING else Path
+            values[f.name] = raw in (True, "True", "true", "1") if kind is bool else kind(raw)
+        return cls(**values)
