@@ -5,10 +5,13 @@ import asyncio
 import dataclasses
 import json
 import threading
+import urllib.request
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
+from qkvcomm.v1 import services_pb2_grpc
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -19,6 +22,7 @@ from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import LoadedModel, load_model, wrap
 from qkv_core.types import KVCache
+from service_common.server import GRPC_OPTIONS
 
 QA_DIR = data_dir()
 CORPUS = [
@@ -108,3 +112,16 @@ def services(embedded: LoadedModel) -> Iterator[Services]:
     run(receiver.stop(1))
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def receiver_stub(services: Services) -> Iterator[services_pb2_grpc.ReceiverStub]:
+    """A client stub of the live receiver (one channel for the session)."""
+    with grpc.insecure_channel(services.receiver, options=GRPC_OPTIONS) as channel:
+        yield services_pb2_grpc.ReceiverStub(channel)
+
+
+def gauge(port: int, name: str) -> float:
+    """One unlabelled metric's value from a service's /metrics endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))

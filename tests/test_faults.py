@@ -3,11 +3,10 @@ killed mid-push, SIGTERM during a generation."""
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
-from conftest import qa_rows
+from conftest import gauge, qa_rows
 from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.wire import pb
@@ -20,11 +19,6 @@ SHORT = ("The museum opens at 9:30 and closes at 17:00. Entry costs 12 euros.", 
 
 def _long_context() -> str:
     return "\n\n".join(r["context"] for r in qa_rows("squad.jsonl", 240)[::24][:9])  # ~1,500 tokens
-
-
-def _gauge(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 def _wait_for(predicate, timeout_s: float = 60.0) -> bool:
@@ -58,7 +52,7 @@ def test_receiver_killed_mid_push_then_restarted_and_the_next_ask_succeeds():
     try:
         assert SHORT[2] in ask(sender.address, *SHORT[:2], codec="int8").text
         pushing = _ask_in_background(sender.address)
-        assert _wait_for(lambda: _gauge(receiver.metrics_port, "qkvcomm_intakes_in_flight") >= 1)
+        assert _wait_for(lambda: gauge(receiver.metrics_port, "qkvcomm_intakes_in_flight") >= 1)
         receiver.process.send_signal(signal.SIGKILL)
         receiver.process.wait()
         pushing["thread"].join(60)
@@ -77,13 +71,13 @@ def test_sender_killed_mid_push_frees_the_receivers_intake():
     try:
         pushing = _ask_in_background(sender.address)
         port = receiver.metrics_port
-        assert _wait_for(lambda: _gauge(port, "qkvcomm_intakes_in_flight") >= 1)
-        assert _gauge(port, "qkvcomm_intake_bytes_in_flight") > 0
+        assert _wait_for(lambda: gauge(port, "qkvcomm_intakes_in_flight") >= 1)
+        assert gauge(port, "qkvcomm_intake_bytes_in_flight") > 0
         sender.process.send_signal(signal.SIGKILL)
         sender.process.wait()
         pushing["thread"].join(60)
-        assert _wait_for(lambda: _gauge(port, "qkvcomm_intakes_in_flight") == 0, 30)
-        assert _gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
+        assert _wait_for(lambda: gauge(port, "qkvcomm_intakes_in_flight") == 0, 30)
+        assert gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
         with grpc.insecure_channel(receiver.address) as channel:  # and it still takes cards
             assert not services_pb2_grpc.ReceiverStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64)).present
     finally:

@@ -5,7 +5,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import FORMAT_VERSION
@@ -13,7 +12,6 @@ from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.wire import pb
 from qkvcomm_cli.client import ask
-from service_common.server import GRPC_OPTIONS
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -64,12 +62,6 @@ def test_same_card_is_not_sent_twice(services):
     second = ask(services.sender, context + " Extra.", question, codec="fp16")
     assert not first.stats.card_reused and second.stats.card_reused and second.stats.wire_bytes == 0
     assert second.text == first.text
-
-
-@pytest.fixture(scope="module")
-def receiver_stub(services):
-    with grpc.insecure_channel(services.receiver, options=GRPC_OPTIONS) as channel:
-        yield services_pb2_grpc.ReceiverStub(channel)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,10 @@
 streams, undecodable bytes; each gets a clear status, nothing leaks, the server keeps serving."""
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
-from qkvcomm.v1 import services_pb2_grpc
+from conftest import gauge
 
 from qkv_core.card.framing import frames
 from qkv_core.config import Limits
@@ -14,26 +13,14 @@ from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.wire import pb
 from qkvcomm_cli.client import ask
-from service_common.server import GRPC_OPTIONS
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 CONTEXT = "The vault code is 7731. The vault is in Geneva and opens at noon."
 
 
 @pytest.fixture(scope="module")
-def stub(services):
-    with grpc.insecure_channel(services.receiver, options=GRPC_OPTIONS) as channel:
-        yield services_pb2_grpc.ReceiverStub(channel)
-
-
-@pytest.fixture(scope="module")
 def card(embedded):
     return SenderEngine(embedded).prepare(CONTEXT, "fp16")
-
-
-def _gauge(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
 
 
 def _fails(call, code, match):
@@ -51,21 +38,21 @@ def test_a_megabyte_context_is_refused_before_prefill_and_the_sender_serves_on(s
     assert "7731" in ask(services.sender, CONTEXT, "What is the vault code?", codec="int8").text
 
 
-def test_a_card_of_nan_values_with_valid_checksums_is_refused_and_not_stored(stub, card):
+def test_a_card_of_nan_values_with_valid_checksums_is_refused_and_not_stored(receiver_stub, card):
     blobs = [bytearray(b) for b in card.blobs]
     blobs[3][10:12] = b"\x00\x7e"  # fp16 NaN in layer 3's keys; frames() recomputes CRCs and digest
-    _fails(lambda: stub.PushCard(frames(card.header, [bytes(b) for b in blobs]), timeout=60),
+    _fails(lambda: receiver_stub.PushCard(frames(card.header, [bytes(b) for b in blobs]), timeout=60),
            grpc.StatusCode.INVALID_ARGUMENT, "non-finite")
-    assert not stub.HasCard(pb.HasCardRequest(card_id=card.header.card_id)).present
+    assert not receiver_stub.HasCard(pb.HasCardRequest(card_id=card.header.card_id)).present
 
 
-def test_headers_that_claim_what_the_data_does_not_hold_are_refused(stub, card):
+def test_headers_that_claim_what_the_data_does_not_hold_are_refused(receiver_stub, card):
     def push_with(**fields):
         header = pb.CardHeader()
         header.CopyFrom(card.header)
         for k, v in fields.items():
             setattr(header, k, v)
-        return lambda: stub.PushCard(frames(header, card.blobs), timeout=60)
+        return lambda: receiver_stub.PushCard(frames(header, card.blobs), timeout=60)
 
     _fails(push_with(context_tokens=10**9), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_context_tokens")
     _fails(push_with(context_tokens=card.header.context_tokens + 1), grpc.StatusCode.INVALID_ARGUMENT, "no layer holds")
@@ -82,17 +69,17 @@ def test_undecodable_bytes_are_invalid_argument_not_internal(services):
                grpc.StatusCode.INVALID_ARGUMENT, "undecodable")
 
 
-def test_generation_limits_name_the_limit(stub, card):
-    stub.PushCard(frames(card.header, card.blobs), timeout=60)
+def test_generation_limits_name_the_limit(receiver_stub, card):
+    receiver_stub.PushCard(frames(card.header, card.blobs), timeout=60)
     limit = Limits().max_new_tokens_limit
-    _fails(lambda: list(stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="Code?",
+    _fails(lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="Code?",
                                                          max_new_tokens=limit + 1), timeout=30)),
            grpc.StatusCode.RESOURCE_EXHAUSTED, "max_new_tokens_limit")
-    _fails(lambda: list(stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="why " * 20_000), timeout=30)),
+    _fails(lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="why " * 20_000), timeout=30)),
            grpc.StatusCode.RESOURCE_EXHAUSTED, "max_query_tokens")
 
 
-def test_a_stream_that_stalls_after_its_header_is_dropped_after_the_idle_timeout(stub, card):
+def test_a_stream_that_stalls_after_its_header_is_dropped_after_the_idle_timeout(receiver_stub, card):
     header = next(frames(card.header, card.blobs))
     release = threading.Event()
 
@@ -102,13 +89,13 @@ def test_a_stream_that_stalls_after_its_header_is_dropped_after_the_idle_timeout
 
     start = time.perf_counter()
     try:
-        _fails(lambda: stub.PushCard(stalled(), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED, "idle_timeout_s")
+        _fails(lambda: receiver_stub.PushCard(stalled(), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED, "idle_timeout_s")
     finally:
         release.set()
     assert 2.5 < time.perf_counter() - start < 15  # the services under test use a 3 s idle timeout
 
 
-def test_streams_held_open_stay_within_the_admission_and_are_released_when_cancelled(services, stub, card):
+def test_streams_held_open_stay_within_the_admission_and_are_released_when_cancelled(services, receiver_stub, card):
     header = next(frames(card.header, card.blobs))
     release = threading.Event()
 
@@ -117,25 +104,25 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
         release.wait(60)
 
     port, limit = services.receiver_metrics, Limits().max_intakes
-    calls = [stub.PushCard.future(held(), timeout=60) for _ in range(limit)]
+    calls = [receiver_stub.PushCard.future(held(), timeout=60) for _ in range(limit)]
     try:
         deadline = time.time() + 20
-        while _gauge(port, "qkvcomm_intakes_in_flight") < limit and time.time() < deadline:
+        while gauge(port, "qkvcomm_intakes_in_flight") < limit and time.time() < deadline:
             time.sleep(0.05)
-        assert _gauge(port, "qkvcomm_intakes_in_flight") == limit
+        assert gauge(port, "qkvcomm_intakes_in_flight") == limit
         per_card = 2 * 30 * 3 * 64 * 4 * card.header.context_tokens  # fp32 K and V, every layer
-        assert _gauge(port, "qkvcomm_intake_bytes_in_flight") == limit * per_card
-        _fails(lambda: stub.PushCard(frames(card.header, card.blobs), timeout=30),
+        assert gauge(port, "qkvcomm_intake_bytes_in_flight") == limit * per_card
+        _fails(lambda: receiver_stub.PushCard(frames(card.header, card.blobs), timeout=30),
                grpc.StatusCode.RESOURCE_EXHAUSTED, "max_intakes")
     finally:
         for call in calls:
             call.cancel()
         release.set()
     deadline = time.time() + 20
-    while _gauge(port, "qkvcomm_intakes_in_flight") and time.time() < deadline:
+    while gauge(port, "qkvcomm_intakes_in_flight") and time.time() < deadline:
         time.sleep(0.05)
-    assert _gauge(port, "qkvcomm_intakes_in_flight") == 0 and _gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
-    assert stub.PushCard(frames(card.header, card.blobs), timeout=60).card_id == card.header.card_id  # serves on
+    assert gauge(port, "qkvcomm_intakes_in_flight") == 0 and gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
+    assert receiver_stub.PushCard(frames(card.header, card.blobs), timeout=60).card_id == card.header.card_id  # serves on
 
 
 def test_a_card_larger_than_the_store_is_refused_before_its_data(embedded, card):
