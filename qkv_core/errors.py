@@ -3,6 +3,7 @@
     RequestError      the caller asked for something malformed or impossible   INVALID_ARGUMENT
     Unsupported       well-formed, but this deployment cannot do it            FAILED_PRECONDITION
     LimitExceeded     more than a configured limit allows                      RESOURCE_EXHAUSTED
+    Cancelled         the caller went away, and the work was stopped            CANCELLED
 Card checks raise qkv_core.card.header.CardError, whose kind names the status. Anything else,
 a plain ValueError included, is the server's fault: INTERNAL, logged. RequestError and
 Unsupported are ValueErrors, so library callers that catch ValueError keep working.
@@ -20,3 +21,7 @@ class Unsupported(ValueError):
 
 class LimitExceeded(Exception):
     """A request asks for more than a configured limit allows."""
+
+
+class Cancelled(Exception):
+    """The caller went away; the work stopped at its next checkpoint (CANCELLED)."""

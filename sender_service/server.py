@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -94,7 +95,14 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
 
     async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
                           timeout: float) -> pb.HandoffStats:
-        card = await asyncio.to_thread(self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers)
+        cancel = threading.Event()  # a client that goes away stops the prefill at its next chunk
+        try:
+            card = await asyncio.to_thread(
+                self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers, cancel
+            )
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
         header = card.header
         self.metrics.observe("prefill", card.prefill_s)
         self.metrics.observe("quantize", card.quantize_s)

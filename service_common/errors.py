@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from qkv_core.card.header import CardError, ErrorKind
-from qkv_core.errors import LimitExceeded, RequestError, Unsupported
+from qkv_core.errors import Cancelled, LimitExceeded, RequestError, Unsupported
 from service_common.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "limit"
     if isinstance(error, DecodeError):  # a frame that is no protobuf message of its type: the client's bytes
         return grpc.StatusCode.INVALID_ARGUMENT, f"undecodable message: {error}", "undecodable"
+    if isinstance(error, Cancelled):
+        return grpc.StatusCode.CANCELLED, str(error), "cancelled"
     if isinstance(error, IdleTimeout):
         return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), "idle"
     if isinstance(error, RequestError):

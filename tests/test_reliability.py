@@ -133,3 +133,31 @@ def test_a_card_larger_than_the_store_is_refused_before_its_data(embedded, card)
     with pytest.raises(LimitExceeded, match="store_bytes"):
         small.accept(stream)
     assert len(small.store) == 0 and small.admission.intakes == 0 and small.admission.bytes == 0
+
+
+def test_a_cancelled_prefill_stops_at_its_next_chunk_and_encodes_nothing(embedded):
+    """What the sender does when its client goes away (deadline, disconnect): the prefill of a long
+    context stops between chunks instead of running to the end."""
+    import threading
+
+    from conftest import qa_rows
+
+    from qkv_core.errors import Cancelled
+
+    long = "\n\n".join(r["context"] for r in qa_rows("squad.jsonl", 240)[:40])  # ~6,000 tokens: several chunks
+    cancel, outcome = threading.Event(), {}
+
+    def prepare():
+        try:
+            outcome["card"] = SenderEngine(embedded).prepare(long, "int8", cancel=cancel)
+        except Cancelled as e:
+            outcome["cancelled"] = str(e)
+
+    worker = threading.Thread(target=prepare)
+    worker.start()
+    time.sleep(1.0)
+    cancel.set()
+    worker.join(120)
+    assert not worker.is_alive() and "card" not in outcome
+    done, total = (int(n) for n in outcome["cancelled"].split("after ")[1].split(" tokens")[0].split(" of "))
+    assert 0 < done < total  # it stopped partway, at a chunk boundary

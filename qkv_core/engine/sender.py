@@ -15,7 +15,7 @@ from qkv_core.config import Limits
 from qkv_core.engine import calibration, selection
 from qkv_core.engine.crossmodel import layer_sources
 from qkv_core.engine.selection import SelectionConfig
-from qkv_core.errors import RequestError
+from qkv_core.errors import Cancelled, RequestError
 from qkv_core.facts import FactCache, FactConfig
 from qkv_core.model.attention import Probe, require_full_attention
 from qkv_core.model.kv import prefill
@@ -61,10 +61,12 @@ class SenderEngine:
     def context_ids(self, context: str) -> list[int]:
         return context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
 
-    def prefill(self, ids: list[int], probe: bool = False) -> tuple[KVCache, torch.Tensor | None]:
-        """The cache of `ids`, and with `probe` the attention each token receives (tokenmix)."""
+    def prefill(self, ids: list[int], probe: bool = False, cancel: threading.Event | None = None,
+                ) -> tuple[KVCache, torch.Tensor | None]:
+        """The cache of `ids`, and with `probe` the attention each token receives (tokenmix);
+        `cancel` stops a long prefill between chunks."""
         if not probe:
-            return prefill(self.lm, ids)[0], None
+            return prefill(self.lm, ids, cancel=cancel)[0], None
         attended = Probe(PROBE_QUERIES)
         kv, _ = prefill(self.lm, ids, probe=attended)
         return kv, torch.stack(attended.received).mean(dim=0)
@@ -96,11 +98,12 @@ class SenderEngine:
 
     def prepare(
         self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig(),
-        receiver_layers: int = 0,
+        receiver_layers: int = 0, cancel: threading.Event | None = None,
     ) -> PreparedCard:
         """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too.
         `receiver_layers`: the depth of a receiver running another model; the card then carries
-        the layer map and only the layers that receiver reads."""
+        the layer map and only the layers that receiver reads. `cancel`: set when the caller goes
+        away; the prefill stops at its next chunk and nothing is encoded (Cancelled)."""
         if receiver_layers and (layers.ratio < 1 or receiver_layers == self.lm.num_layers):
             raise RequestError("a cross-model card takes every layer its map reads, for a receiver of another depth")
         kind = codecs.adaptive(codec_name)
@@ -108,8 +111,10 @@ class SenderEngine:
             codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
         ids = self.context_ids(context)
         start = time.perf_counter()
-        kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe)
+        kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe, cancel=cancel)
         prefill_s = time.perf_counter() - start
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the caller went away before the card was encoded")
         start = time.perf_counter()
         plan = self.allocate(codec_name, kv, importance)
         self.select(plan, ids, layers)

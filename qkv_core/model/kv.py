@@ -7,13 +7,14 @@ tensors become a DynamicCache, and the model attends to them exactly as to its o
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
-from qkv_core.errors import RequestError
+from qkv_core.errors import Cancelled, RequestError
 from qkv_core.model import attention
 from qkv_core.model.attention import Probe
 from qkv_core.types import KVCache
@@ -22,12 +23,25 @@ if TYPE_CHECKING:
     from qkv_core.model.loading import LoadedModel
 
 
+PREFILL_CHUNK = 1024  # tokens per forward pass of a cancellable prefill
+
+
 @torch.inference_mode()
-def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None, probe: Probe | None = None) -> tuple[KVCache, torch.Tensor]:
+def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None, probe: Probe | None = None,
+            cancel: threading.Event | None = None) -> tuple[KVCache, torch.Tensor]:
     """Run the model over `ids` (after `past` when given); return the cache of everything so
-    far and the last position's logits. A `probe` collects the attention each key receives."""
+    far and the last position's logits. A `probe` collects the attention each key receives.
+    With `cancel`, a long prompt runs in chunks of PREFILL_CHUNK tokens and stops between them
+    once the event is set (Cancelled): a forward pass itself cannot be interrupted."""
     if not ids:
         raise RequestError("cannot prefill an empty prompt")
+    if cancel is not None and probe is None and len(ids) > PREFILL_CHUNK:
+        kv = past
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if cancel.is_set():
+                raise Cancelled(f"prefill stopped after {start} of {len(ids)} tokens: the caller went away")
+            kv, logits = prefill(lm, ids[start : start + PREFILL_CHUNK], kv)
+        return kv, logits
     cache = to_dynamic_cache(lm, past) if past is not None else DynamicCache(config=lm.model.config)
     out = _forward(lm, ids, cache, past, probe)
     keys = [layer.keys[0] for layer in cache.layers]
