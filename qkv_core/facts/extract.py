@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass
 
 from qkv_core.errors import RequestError
 from qkv_core.facts import entities, keyphrases, patterns
-from qkv_core.facts.context_type import Detection, detect
 from qkv_core.facts.fact import Fact
 from qkv_core.facts.text import normalize
 
@@ -33,7 +32,6 @@ class FactConfig:
 class Extraction:
     facts: list[Fact]  # what fits the budget, in the order of the text
     summary: str  # the compact string the receiver's prompt gets: fact texts joined by "; "
-    context: Detection
 
 
 def _candidates(text: str, cfg: FactConfig) -> list[Fact]:
@@ -70,7 +68,7 @@ def extract(text: str, cfg: FactConfig = FactConfig()) -> Extraction:
     """Facts of `text` under `cfg`. Any text is accepted: empty, huge, non-English, binary junk."""
     text = text.replace("\x00", " ")
     facts = _cut(_rank(_candidates(text, cfg)), cfg.budget_bytes) if text.strip() else []
-    return Extraction(facts, SEPARATOR.join(f.text for f in facts), detect(text))
+    return Extraction(facts, SEPARATOR.join(f.text for f in facts))
 
 
 class FactCache:
