@@ -98,10 +98,12 @@ class ServiceConfig:
         return dataclasses.replace(base, **nested)
 
 
-def settings(role: str) -> list[tuple[type, dataclasses.Field]]:
-    """Every configuration field of a service, nested groups flattened: what its flags are made from."""
-    return [(kind, f) for kind in (ServiceConfig, RuntimeConfig, Limits) for f in dataclasses.fields(kind)
-            if f.name not in _NESTED and f.metadata.get("role", "") in ("", role)]
+def settings(role: str) -> list[tuple[dataclasses.Field, Any]]:
+    """Every configuration field of a service with its default there, nested groups flattened:
+    what its flags are made from."""
+    defaults = ServiceConfig.from_env({}, role=role)
+    return [(f, getattr(group, f.name)) for group in (defaults, defaults.runtime, defaults.limits)
+            for f in dataclasses.fields(group) if f.name not in _NESTED and f.metadata.get("role", "") in ("", role)]
 
 
 _NESTED = {"runtime": RuntimeConfig, "limits": Limits}

@@ -25,10 +25,8 @@ def bits_per_element(summary: dict) -> float | None:
 
 
 def config_of(r: dict) -> EvalConfig:
-    """A result's run configuration, typed (the key `_config` caches it in the loaded result)."""
-    if "_config" not in r:
-        r["_config"] = EvalConfig.from_json(r["config"])
-    return r["_config"]
+    """A result's run configuration, typed."""
+    return EvalConfig.from_json(r["config"])
 
 
 def _key(r: dict) -> tuple[str, str, str]:

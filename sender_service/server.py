@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 # The channel to the receiver: idempotent lookups are retried on UNAVAILABLE (a receiver restarting),
 # and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to 120 s, so the first Ask
-# after a receiver restart finds it. PushCard is a client stream and is not retried by gRPC; a re-push
-# by card id is harmless (the receiver keeps the first copy).
+# after a receiver restart finds it. PushCard is a client stream, which gRPC does not retry; the sender
+# pushes a card again itself after a broken stream (UNAVAILABLE), once: the card id is its content.
 _RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
 _SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": m} for m in ("HasCard",)],

@@ -35,7 +35,7 @@ def test_every_setting_is_a_flag_of_its_service_and_flags_win(monkeypatch):
     monkeypatch.setenv("QKVCOMM_MAX_INTAKES", "5")
     for role in ("receiver", "sender"):
         args = parser().parse_args([f"serve-{role}"])
-        assert {f.name for _, f in settings(role)} <= set(vars(args)), role  # a flag for every setting
+        assert {f.name for f, _ in settings(role)} <= set(vars(args)), role  # a flag for every setting
     args = parser().parse_args(["serve-receiver", "--grace-s", "2", "--alignment", "a.json", "--alignment", "b.json",
                                 "--store-bytes", "1000", "--device", "cpu"])
     cfg = config(args)

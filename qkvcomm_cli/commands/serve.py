@@ -16,10 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def setting_flags(p: argparse.ArgumentParser, role: str) -> None:
-    defaults = ServiceConfig.from_env({}, role=role)
-    for kind, f in settings(role):
-        group = defaults.runtime if kind.__name__ == "RuntimeConfig" else defaults.limits if kind.__name__ == "Limits" else defaults
-        default = getattr(group, f.name)
+    for f, default in settings(role):
         flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
         help_text = f"{f.metadata['help']} (default {default!r}; QKVCOMM_{f.name.upper()})"
         if isinstance(default, bool):
@@ -31,7 +28,7 @@ def setting_flags(p: argparse.ArgumentParser, role: str) -> None:
 
 
 def config(args: argparse.Namespace) -> ServiceConfig:
-    given = {f.name: getattr(args, f.name) for _, f in settings(args.role)}
+    given = {f.name: getattr(args, f.name) for f, _ in settings(args.role)}
     if given.get("alignments") is not None:
         given["alignments"] = ",".join(given["alignments"])
     return ServiceConfig.from_env(role=args.role, **given)
