@@ -89,14 +89,17 @@ compose-config:
 	deploy/need.sh docker-compose docker-compose
 	COMPOSE_FILE=docker-compose.yml docker-compose config -q
 	docker-compose config -q  # .env: with the GPU override
-	@echo "compose files: valid (CPU, and with the GPU override)"
+	COMPOSE_FILE=docker-compose.yml:docker-compose.gpu.yml:docker-compose.tls.yml docker-compose config -q
+	@echo "compose files: valid (CPU, with the GPU override, with the TLS override)"
 
 k8s-validate: install
 	deploy/need.sh kubectl kubectl
-	@mkdir -p build; for overlay in cpu gpu; do \
-	  kubectl kustomize deploy/k8s/overlays/$$overlay > build/k8s-$$overlay.yaml || exit 1; \
-	  $(PY) -m kubernetes_validate --strict --quiet build/k8s-$$overlay.yaml || exit 1; \
-	  echo "k8s overlay $$overlay: rendered and valid"; \
+	@mkdir -p build; for overlay in overlays/cpu overlays/gpu base; do \
+	  out=build/k8s-$$(basename $$overlay).yaml; \
+	  kubectl kustomize deploy/k8s/$$overlay > $$out || exit 1; \
+	  $(PY) -m kubernetes_validate --strict --quiet $$out || exit 1; \
+	  $(PY) deploy/k8s/pod_security.py $$out || exit 1; \
+	  echo "k8s $$overlay: rendered, valid, Pod Security restricted"; \
 	done
 
 deploy-check: compose-config k8s-validate node-client-test

@@ -16,10 +16,11 @@ DEFAULT_CODEC = "int8"
 MAX_CHUNK_BYTES = 1 << 20  # one card chunk's data, and the gRPC message ceiling it implies
 
 
-def setting(default: Any, help: str, role: str = "", flag: str = "") -> Any:  # noqa: A002 - argparse's word
+def setting(default: Any, help: str, role: str = "", flag: str = "", secret: bool = False) -> Any:  # noqa: A002
     """A configuration field with what the CLI needs to make its flag: help, the service it
-    belongs to ("" both, "sender", "receiver"), and a flag name when it is not --field-name."""
-    return field(default=default, metadata={"help": help, "role": role, "flag": flag})
+    belongs to ("" both, "sender", "receiver"), and a flag name when it is not --field-name.
+    A `secret` never appears in the config's repr (nor, so, in a log line)."""
+    return field(default=default, repr=not secret, metadata={"help": help, "role": role, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,21 @@ class ServiceConfig:
     port: int = setting(50061, "gRPC port (0 picks a free one)")
     metrics_port: int = setting(9461, "/metrics HTTP port (0 picks a free one, -1 turns it off)")
     receiver: str = setting("", "HOST:PORT of the receiver", "sender")
+    tls_cert: str = setting("", "TLS certificate (PEM); with --tls-key the port speaks TLS only; re-read when it changes")
+    tls_key: str = setting("", "the TLS certificate's private key (PEM)")
+    tls_client_ca: str = setting("", "CA bundle (PEM) of client certificates; set, every client must present one (mTLS)")
+    auth_tokens: str = setting("", "token file, one 'TOKEN TENANT' per line; set, every call but health needs "
+                                   "'authorization: Bearer TOKEN'")
+    receiver_ca: str = setting("", "CA bundle (PEM) of the receiver's certificate; set, the channel speaks TLS", "sender")
+    receiver_cert: str = setting("", "client certificate (PEM) for a receiver that requires one (mTLS)", "sender")
+    receiver_key: str = setting("", "the client certificate's key (PEM)", "sender")
+    receiver_token: str = setting("", "bearer token for the receiver (its file's tenant '*': the sender relays "
+                                      "its callers' tenants)", "sender", secret=True)
+    receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of --receiver",
+                                        "sender")
     codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")
+    codec_files: str = setting("", "codec .json files requests may name (as written here), comma-separated; "
+                                   "no other file is opened", "sender")
     codec_profile: str = setting("", "calibrated codec profile (JSON); \"\" = the model's, made on first use", "sender")
     layer_ratio: float = setting(1.0, "share of layers a card carries (a request can override)", "sender", "--layers")
     layer_method: str = setting("combined", "combined, attention, prior, random, contiguous or loo", "sender")

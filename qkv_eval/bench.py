@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from qkv_core import allocator
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardPlan, build_header
+from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec.encoding import encode_tensors, layer_salient
 from qkv_core.codec.quant import dequantize
 from qkv_core.config import RuntimeConfig
@@ -21,6 +21,9 @@ from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import load_model
 from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache
+
+CODECS = ("fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
+          "budget-4", "budget-3", "budget-2.5", "tokenmix-4", "tokenmix-3")  # `bench codec`'s default: every family
 
 
 @dataclass
@@ -65,7 +68,7 @@ def _best_of(fn, repeats: int) -> float:
 def measure(kv16: KVCache, ids: list[int], fp, plan: CardPlan, repeats: int) -> Row:
     fp16_bytes = kv16.nbytes(2)
     layers, salient = plan.layers, plan.salient
-    wire = sum(f.ByteSize() for f in frames(build_header(fp, ids, kv16, plan), plan.encode(kv16)))
+    wire = sum(f.ByteSize() for f in frames(*build_card(fp, ids, kv16, plan)))
     tensors = kv16.keys + kv16.values
     tensor_codecs = [c.key for c in layers] + [c.value for c in layers]
     picks = [layer_salient(salient, kv16.tokens, t.shape[1], c) for t, c in zip(tensors, tensor_codecs)]

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from qkv_core.calibration_data import gold_answers
 from qkv_core.card.framing import frames
+from qkv_core.codec.registry import codec_files
 from qkv_core.config import qa_file
 from qkv_core.engine.crossmodel import METHODS, Alignment, default_path
 from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
@@ -117,7 +118,7 @@ def query_of(row: dict) -> str:
 def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: LoadedModel | None = None) -> Report:
     """Evaluate `lm` as the receiver (and the sender, unless `sender_lm` is another model)."""
     alignments = [_alignment(sender_lm, lm, cfg.alignment)] if sender_lm is not None else []
-    sender = SenderEngine(sender_lm or lm)
+    sender = SenderEngine(sender_lm or lm, codec_files=codec_files([cfg.codec]))  # the user's own file
     receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 40, alignments=alignments)
     report = Report(config=cfg.to_json(), model=lm.fingerprint.name)
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",

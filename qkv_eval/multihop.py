@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import build_header
+from qkv_core.card.header import build_card
 from qkv_core.codec.registry import adaptive
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
@@ -36,8 +36,7 @@ class Chain:
 def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec: str) -> StoredCard:
     """Encode the chain's cache as a card and take it in at the receiver; returns what arrived."""
     plan = sender.allocate(codec, chain.kv, None)
-    header = build_header(sender.lm.fingerprint, chain.ids, chain.kv, plan)
-    stream = list(frames(header, plan.encode(chain.kv)))
+    stream = list(frames(*build_card(sender.lm.fingerprint, chain.ids, chain.kv, plan)))
     chain.wire_bytes.append(sum(f.ByteSize() for f in stream))
     card = receiver.accept(stream)
     chain.card_id = card.header.card_id

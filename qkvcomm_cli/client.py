@@ -10,7 +10,9 @@ from google.protobuf.json_format import MessageToDict
 from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.wire import pb
+from service_common.auth import call_metadata
 from service_common.server import GRPC_OPTIONS
+from service_common.tls import ClientTLS, open_channel
 
 
 @dataclass
@@ -36,15 +38,20 @@ def ask(
     timeout_s: float = 600.0,
     layer_ratio: float = 0.0,
     layer_method: str = "",
+    tls: ClientTLS = ClientTLS(),
+    token: str = "",
+    tenant: str = "",
 ) -> Answer:
-    """Call Sender.Ask; `on_text` sees each piece of the answer as it streams in."""
+    """Call Sender.Ask; `on_text` sees each piece of the answer as it streams in. `tls`: how to
+    reach a TLS sender; `token`: its bearer token; `tenant`: for a token that may name one."""
     request = pb.AskRequest(
         context=context, question=question, codec=codec, facts=facts, max_new_tokens=max_new_tokens,
         layer_ratio=layer_ratio, layer_method=layer_method
     )
     text, stats = [], pb.HandoffStats()
-    with grpc.insecure_channel(sender, options=GRPC_OPTIONS) as channel:
-        for reply in services_pb2_grpc.SenderStub(channel).Ask(request, timeout=timeout_s):
+    with open_channel(sender, tls, GRPC_OPTIONS) as channel:
+        replies = services_pb2_grpc.SenderStub(channel).Ask(request, timeout=timeout_s, metadata=call_metadata(token, tenant))
+        for reply in replies:
             if reply.HasField("stats"):
                 stats = reply.stats
             else:
@@ -54,11 +61,11 @@ def ask(
     return Answer("".join(text), stats)
 
 
-def healthy(address: str, service: str = "", timeout_s: float = 3.0) -> bool:
-    """True when the server at `address` answers grpc.health.v1 with SERVING."""
+def healthy(address: str, service: str = "", timeout_s: float = 3.0, tls: ClientTLS = ClientTLS()) -> bool:
+    """True when the server at `address` answers grpc.health.v1 with SERVING (no token needed)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:

@@ -7,9 +7,9 @@ import sys
 
 from qkv_core import allocator
 from qkv_core.config import qa_file
-from qkvcomm_cli.commands import ask, bench, calibrate, demo, evaluate, health, serve
+from qkvcomm_cli.commands import ask, bench, calibrate, certs, demo, evaluate, health, serve
 
-COMMANDS = (serve, ask, demo, health, calibrate, evaluate, bench)
+COMMANDS = (serve, ask, demo, health, certs, calibrate, evaluate, bench)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from qkv_core.engine.crossmodel import Alignment
 from qkv_core.engine.receiver import Generation, ReceiverEngine
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
+from service_common.auth import Auth
 from service_common.errors import IdleTimeout, guarded
 from service_common.metrics import Metrics
 from service_common.server import Running, iterate_in_thread, serve_forever, start
@@ -23,13 +24,19 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 
 
 class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
-    def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig):
+    def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
         self.engine = engine
         self.metrics = metrics
         self.cfg = cfg
+        self.auth = auth
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """Whose cards a call sees (the interceptor has already refused calls it may not make)."""
+        return self.auth.tenant(context.invocation_metadata())
 
     @guarded
     async def PushCard(self, request_iterator: AsyncIterator[pb.CardFrame], context: grpc.aio.ServicerContext) -> pb.PushCardReply:
+        tenant = self._tenant(context)
         frames = aiter(request_iterator)
         idle_s = self.cfg.limits.idle_timeout_s
         with self.engine.intake() as intake:
@@ -51,7 +58,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
             finally:
                 self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
             card = intake.finish(self.engine.lm.num_layers)
-        evicted = self.engine.store.put(card)
+        evicted = self.engine.store.put(card, tenant)
         if evicted:
             log.info("evicted %d cards to make room", len(evicted))
         m = self.metrics
@@ -67,7 +74,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateReply]:
         stats = Generation(request.card_id)
         max_new = request.max_new_tokens or self.cfg.max_new_tokens
-        pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats)
+        pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats, self._tenant(context))
         async for piece in iterate_in_thread(pieces):
             yield pb.GenerateReply(text=piece)
         self.metrics.observe("ttft", stats.ttft_s)
@@ -80,7 +87,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
     async def PushText(self, request: pb.PushTextRequest, context: grpc.aio.ServicerContext) -> pb.PushCardReply:
         wire = request.ByteSize()
         self.metrics.wire_bytes_received.inc(wire)
-        card, prefill_s = await asyncio.to_thread(self.engine.accept_text, request.context)
+        card, prefill_s = await asyncio.to_thread(self.engine.accept_text, request.context, self._tenant(context))
         m = self.metrics
         m.observe("prefill", prefill_s)
         m.cards_held.set(len(self.engine.store))
@@ -89,21 +96,21 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
 
     @guarded
     async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardReply:
-        card = self.engine.store.get(request.card_id)
+        card = self.engine.store.get(request.card_id, self._tenant(context))
         if card is None:
             return pb.HasCardReply(present=False)
         return pb.HasCardReply(present=True, context_tokens=card.header.context_tokens)
 
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
-    metrics = Metrics("receiver")
+    metrics, auth = Metrics("receiver"), Auth(cfg.auth_tokens)
     alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
     engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes, alignments, cfg.limits)
     metrics.intakes.set_function(lambda: engine.admission.intakes)
     metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
-    servicer = ReceiverServicer(engine, metrics, cfg)
+    servicer = ReceiverServicer(engine, metrics, cfg, auth)
     return await start(
-        "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics
+        "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics, auth
     )
 
 

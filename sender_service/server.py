@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -14,6 +15,7 @@ from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import text_card_id
+from qkv_core.codec.registry import codec_files
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.receiver import TEXT
 from qkv_core.engine.selection import SelectionConfig
@@ -22,9 +24,11 @@ from qkv_core.errors import RequestError
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
+from service_common.auth import Auth, call_metadata
 from service_common.errors import guarded
 from service_common.metrics import Metrics
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
+from service_common.tls import ClientTLS, open_channel
 
 log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
@@ -47,12 +51,26 @@ RECEIVER_CHANNEL_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """How one request calls the receiver: its deadline and metadata (the sender's token, the
+    caller's tenant)."""
+
+    timeout: float
+    metadata: list[tuple[str, str]]
+
+    def remaining(self, since: float) -> "Upstream":
+        return Upstream(max(0.0, self.timeout - (time.perf_counter() - since)), self.metadata)
+
+
 class SenderServicer(services_pb2_grpc.SenderServicer):
-    def __init__(self, engine: SenderEngine, receiver: services_pb2_grpc.ReceiverStub, metrics: Metrics, cfg: ServiceConfig):
+    def __init__(self, engine: SenderEngine, receiver: services_pb2_grpc.ReceiverStub, metrics: Metrics, cfg: ServiceConfig,
+                 auth: Auth):
         self.engine = engine
         self.receiver = receiver
         self.metrics = metrics
         self.cfg = cfg
+        self.auth = auth
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
         SelectionConfig(cfg.layer_ratio, cfg.layer_method)
 
@@ -67,13 +85,16 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
     def _layers(self, request: pb.ShareRequest | pb.AskRequest) -> SelectionConfig:
         return SelectionConfig(request.layer_ratio or self.cfg.layer_ratio, request.layer_method or self.cfg.layer_method)
 
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """Deadline of a call to the receiver: the setting, or the client's remaining time if sooner."""
+    def _upstream(self, context: grpc.aio.ServicerContext) -> Upstream:
+        """Calls to the receiver on this request's behalf: the deadline is the setting, or the
+        client's remaining time if sooner; the tenant is the caller's."""
         remaining = context.time_remaining()
         limit = self.cfg.limits.receiver_timeout_s
-        return limit if remaining is None else max(0.0, min(limit, remaining))
+        timeout = limit if remaining is None else max(0.0, min(limit, remaining))
+        tenant = self.auth.tenant(context.invocation_metadata())
+        return Upstream(timeout, call_metadata(self.cfg.receiver_token, tenant))
 
-    async def _share(self, request: pb.ShareRequest | pb.AskRequest, timeout: float) -> tuple[pb.HandoffStats, bool]:
+    async def _share(self, request: pb.ShareRequest | pb.AskRequest, up: Upstream) -> tuple[pb.HandoffStats, bool]:
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
         context, codec = request.context, request.codec or self.cfg.codec
@@ -81,8 +102,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         layers = self._layers(request)
         if codec == TEXT and layers.ratio < 1:
             raise RequestError("the text handoff has no layers to select")
-        stats = await (self._share_text(context, timeout) if codec == TEXT
-                       else self._share_card(context, codec, facts, layers, timeout))
+        stats = await (self._share_text(context, up) if codec == TEXT
+                       else self._share_card(context, codec, facts, layers, up))
         if not stats.card_reused:
             m = self.metrics
             m.wire_bytes_sent.inc(stats.wire_bytes)
@@ -94,7 +115,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         return stats, facts is not None
 
     async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
-                          timeout: float) -> pb.HandoffStats:
+                          up: Upstream) -> pb.HandoffStats:
         cancel = threading.Event()  # a client that goes away stops the prefill at its next chunk
         try:
             card = await asyncio.to_thread(
@@ -113,7 +134,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
             prefill_s=card.prefill_s, quantize_s=card.quantize_s, facts_s=card.facts_s, facts=len(header.facts),
         )
-        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id), timeout=timeout)
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id), timeout=up.timeout,
+                                           metadata=up.metadata)
         stats.card_reused = held.present
         if held.present:
             return stats
@@ -129,7 +151,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         for attempt in range(PUSH_ATTEMPTS):
             sent = 0
             try:
-                reply = await self.receiver.PushCard(counted(), timeout=max(0.0, timeout - (time.perf_counter() - t0)))
+                left = up.remaining(since=t0)
+                reply = await self.receiver.PushCard(counted(), timeout=left.timeout, metadata=left.metadata)
                 break
             except grpc.aio.AioRpcError as e:  # a broken stream: push the card again, whole (its id is its content)
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUSH_ATTEMPTS - 1:
@@ -141,7 +164,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         _count_wire(stats, sent)
         return stats
 
-    async def _share_text(self, context: str, timeout: float) -> pb.HandoffStats:
+    async def _share_text(self, context: str, up: Upstream) -> pb.HandoffStats:
         """The text baseline: the receiver prefills the context itself."""
         ids = self.engine.context_ids(context)
         fp = self.engine.lm.fingerprint
@@ -149,13 +172,14 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
             kv_fp16_bytes=fp.kv_bytes(len(ids), 2), kv_fp32_bytes=fp.kv_bytes(len(ids), 4),
         )
-        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=stats.card_id), timeout=timeout)
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=stats.card_id), timeout=up.timeout,
+                                           metadata=up.metadata)
         stats.card_reused = held.present
         if held.present:
             return stats
         request = pb.PushTextRequest(context=context)
         t0 = time.perf_counter()
-        reply = await self.receiver.PushText(request, timeout=timeout)
+        reply = await self.receiver.PushText(request, timeout=up.timeout, metadata=up.metadata)
         stats.transfer_s = time.perf_counter() - t0 - reply.prefill_s
         stats.prefill_s = reply.prefill_s
         stats.card_id = reply.card_id
@@ -164,7 +188,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
 
     @guarded
     async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
-        stats, _ = await self._share(request, self._timeout(context))
+        stats, _ = await self._share(request, self._upstream(context))
         return pb.ShareReply(stats=stats)
 
     @guarded
@@ -172,11 +196,12 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         if not request.question.strip():
             raise RequestError("the question is empty")
         start = time.perf_counter()
-        stats, facts = await self._share(request, self._timeout(context))
+        stats, facts = await self._share(request, self._upstream(context))
         query = pb.GenerateRequest(
             card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=facts
         )
-        async for reply in self.receiver.Generate(query, timeout=self._timeout(context)):
+        up = self._upstream(context)
+        async for reply in self.receiver.Generate(query, timeout=up.timeout, metadata=up.metadata):
             if reply.HasField("stats"):
                 stats.ttft_s = reply.stats.ttft_s
                 stats.generated_tokens = reply.stats.generated_tokens
@@ -200,12 +225,14 @@ def _count_wire(stats: pb.HandoffStats, sent: int) -> None:
 async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:
     if not cfg.receiver:
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
-    metrics = Metrics("sender")
-    channel = grpc.aio.insecure_channel(cfg.receiver, options=RECEIVER_CHANNEL_OPTIONS)
-    engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits)
-    servicer = SenderServicer(engine, services_pb2_grpc.ReceiverStub(channel), metrics, cfg)
+    metrics, auth = Metrics("sender"), Auth(cfg.auth_tokens)
+    tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name)
+    channel = open_channel(cfg.receiver, tls, RECEIVER_CHANNEL_OPTIONS, aio=True)
+    files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
+    engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files)
+    servicer = SenderServicer(engine, services_pb2_grpc.ReceiverStub(channel), metrics, cfg, auth)
     running = await start(
-        "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics
+        "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics, auth
     )
     return running, channel
 

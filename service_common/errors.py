@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.errors import Cancelled, LimitExceeded, RequestError, Unsupported
+from service_common.auth import Denied
 from service_common.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ _CODES = {
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
 }
+_MISCONFIGURED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class IdleTimeout(Exception):
@@ -47,6 +49,11 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(error), "invalid"
     if isinstance(error, Unsupported):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error), "precondition"
+    if isinstance(error, Denied):
+        return error.code, str(error), error.code.name.lower()
+    if isinstance(error, grpc.aio.AioRpcError) and error.code() in _MISCONFIGURED:
+        # the receiver refused the sender's own credentials: the sender's configuration, not the client's doing
+        return grpc.StatusCode.INTERNAL, f"the receiver refused this sender's credentials: {error.details()}", "upstream_auth"
     if isinstance(error, grpc.aio.AioRpcError):  # a peer's status, passed on
         return error.code(), f"receiver: {error.details()}", f"upstream_{error.code().name.lower()}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", "internal"

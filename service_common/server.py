@@ -1,4 +1,5 @@
-"""Run a grpc.aio server with health, reflection, /metrics and graceful shutdown."""
+"""Run a grpc.aio server with health, reflection, /metrics, TLS and tokens (when configured) and
+graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
+from service_common.auth import Auth, AuthInterceptor
 from service_common.metrics import Metrics
+from service_common.tls import is_loopback, server_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,8 +53,12 @@ async def start(
     add_servicer: Callable[[grpc.aio.Server], None],
     cfg: ServiceConfig,
     metrics: Metrics,
+    auth: Auth,
 ) -> Running:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    def denied(code: grpc.StatusCode) -> None:
+        metrics.errors.labels(reason=code.name.lower()).inc()
+
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[AuthInterceptor(auth, denied)])
     add_servicer(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -59,7 +66,16 @@ async def start(
         (full_service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert or cfg.tls_key:
+        port = server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+    else:
+        if cfg.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked over TLS")
+        if not is_loopback(cfg.host):
+            log.warning("%s listens on %s without TLS: anyone who can reach it reads the cards (contexts) it "
+                        "carries; set --tls-cert and --tls-key", name, address)
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"{name}: cannot listen on {cfg.host}:{cfg.port}")
     await server.start()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import threading
@@ -16,12 +17,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import build_header
+from qkv_core.card.header import build_card
 from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import LoadedModel, load_model, wrap
 from qkv_core.types import KVCache
+from service_common.certs import DevCerts
 from service_common.server import GRPC_OPTIONS
 
 QA_DIR = data_dir()
@@ -39,7 +41,7 @@ def card_round_trip(
     """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
     plan = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
     receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
-    return receiver.accept(frames(build_header(lm.fingerprint, ids, kv, plan), plan.encode(kv))).kv
+    return receiver.accept(frames(*build_card(lm.fingerprint, ids, kv, plan))).kv
 
 
 def qa_rows(name: str, limit: int) -> list[dict]:
@@ -89,9 +91,10 @@ class Services:
     sender_metrics: int
 
 
-@pytest.fixture(scope="session")
-def services(embedded: LoadedModel) -> Iterator[Services]:
-    """A real Receiver and Sender on loopback gRPC, served from a background event loop."""
+@contextlib.contextmanager
+def serve_pair(lm: LoadedModel, receiver_cfg: ServiceConfig, sender_cfg: ServiceConfig) -> Iterator[Services]:
+    """A real Receiver and Sender on loopback gRPC, served from a background event loop; the
+    sender's `receiver` setting is filled in."""
     from receiver_service.server import start_receiver
     from sender_service.server import start_sender
 
@@ -102,16 +105,55 @@ def services(embedded: LoadedModel) -> Iterator[Services]:
     def run(coro):  # noqa: ANN001, ANN202
         return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
 
-    # A short idle timeout, so the test of streams that stall after their header runs in seconds.
-    cfg = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, max_new_tokens=24, limits=Limits(idle_timeout_s=3.0))
-    receiver = run(start_receiver(cfg, embedded))
-    sender, channel = run(start_sender(dataclasses.replace(cfg, receiver=f"127.0.0.1:{receiver.port}"), embedded))
-    yield Services(f"127.0.0.1:{receiver.port}", f"127.0.0.1:{sender.port}", receiver.metrics_port, sender.metrics_port)
-    run(sender.stop(1))
-    run(channel.close())
-    run(receiver.stop(1))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    receiver = run(start_receiver(receiver_cfg, lm))
+    sender, channel = run(start_sender(dataclasses.replace(sender_cfg, receiver=f"127.0.0.1:{receiver.port}"), lm))
+    try:
+        yield Services(f"127.0.0.1:{receiver.port}", f"127.0.0.1:{sender.port}", receiver.metrics_port, sender.metrics_port)
+    finally:
+        run(sender.stop(1))
+        run(channel.close())
+        run(receiver.stop(1))
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+# A short idle timeout, so the test of streams that stall after their header runs in seconds.
+TEST_CONFIG = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, max_new_tokens=24, limits=Limits(idle_timeout_s=3.0))
+
+
+@pytest.fixture(scope="session")
+def services(embedded: LoadedModel) -> Iterator[Services]:
+    """The plaintext pair, as `make run` starts it."""
+    with serve_pair(embedded, TEST_CONFIG, TEST_CONFIG) as pair:
+        yield pair
+
+
+TOKENS = {"alice": "alice-token-3f9c", "bob": "bob-token-81d2", "*": "relay-token-5e07"}
+
+
+@dataclasses.dataclass
+class SecureServices(Services):
+    certs: DevCerts
+
+
+@pytest.fixture(scope="session")
+def secure_services(embedded: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureServices]:
+    """The pair as a deployment runs it: both serve TLS with certificates made now; the receiver
+    requires client certificates (mTLS) and takes the sender's relay token; the sender takes the
+    tokens of tenants alice and bob."""
+    from service_common.certs import make_dev_certs
+
+    root = tmp_path_factory.mktemp("secure")
+    certs = make_dev_certs(root / "certs")
+    tokens = certs.write_tokens(TOKENS)
+    tls = dict(tls_cert=str(certs.cert("server")), tls_key=str(certs.key("server")), auth_tokens=str(tokens))
+    receiver_cfg = dataclasses.replace(TEST_CONFIG, **tls, tls_client_ca=str(certs.ca))
+    sender_cfg = dataclasses.replace(
+        TEST_CONFIG, **tls, receiver_ca=str(certs.ca), receiver_cert=str(certs.cert("client")),
+        receiver_key=str(certs.key("client")), receiver_token=TOKENS["*"],
+    )
+    with serve_pair(embedded, receiver_cfg, sender_cfg) as pair:
+        yield SecureServices(**dataclasses.asdict(pair), certs=certs)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from conftest import card_round_trip, tiny_model
 from qkv_core import calibration_data
 from qkv_core.codec import allocation
 from qkv_core.codec.quant import FP16_BITS, encoded_size
-from qkv_core.codec.registry import resolve, save_layers
+from qkv_core.codec.registry import codec_files, resolve, save_layers
 from qkv_core.engine import calibration
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.kv import prefill
@@ -136,6 +136,7 @@ def test_codec_files_carry_an_allocation(profile, tmp_path):
     layers = allocation.budget(profile, 3.5, [(2, 300, 16)] * 3)
     path = tmp_path / "alloc.json"
     save_layers(path, layers, note="budget-3.5")
-    assert resolve(str(path), 3) == layers
+    files = codec_files([str(path)])
+    assert resolve(str(path), 3, files) == layers
     with pytest.raises(ValueError, match="has 3 layers"):
-        resolve(str(path), 4)
+        resolve(str(path), 4, files)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import FORMAT_VERSION, CardError, CardPlan, ErrorKind, build_header
+from qkv_core.card.header import FORMAT_VERSION, CardError, CardPlan, ErrorKind, build_card
 from qkv_core.card.reader import CardReader
 from qkv_core.codec import registry as codecs
 from qkv_core.config import MAX_CHUNK_BYTES
@@ -22,7 +22,7 @@ def made(tiny):
     kv, _ = prefill(tiny, ids)
     layer_codecs = codecs.resolve("int8", tiny.num_layers)
     plan = CardPlan("int8", layer_codecs)
-    return ids, kv, build_header(tiny.fingerprint, ids, kv, plan), plan.encode(kv)
+    return ids, kv, *build_card(tiny.fingerprint, ids, kv, plan)
 
 
 def read(tiny, stream, max_card_bytes=1 << 30):
@@ -53,9 +53,22 @@ def test_round_trip_small_chunks(tiny, made):
 
 def test_card_id_is_a_content_hash(tiny, made):
     ids, kv, header, _ = made
-    again = build_header(tiny.fingerprint, ids, kv, CardPlan("int8", codecs.resolve("int8", tiny.num_layers)))
-    other = build_header(tiny.fingerprint, ids, kv, CardPlan("fp16", codecs.resolve("fp16", tiny.num_layers)))
+    again, _ = build_card(tiny.fingerprint, ids, kv, CardPlan("int8", codecs.resolve("int8", tiny.num_layers)))
+    other, _ = build_card(tiny.fingerprint, ids, kv, CardPlan("fp16", codecs.resolve("fp16", tiny.num_layers)))
     assert again.card_id == header.card_id != other.card_id
+
+
+def test_an_id_names_its_content_only(tiny, made):
+    """A card relabelled with another card's id, or with its data swapped under a real header, is
+    refused at the trailer even when its framing (CRCs, digest) is made honestly for the lie."""
+    ids, kv, header, blobs = made
+    other, other_blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("fp16", codecs.resolve("fp16", tiny.num_layers)))
+    relabelled = pb.CardHeader()
+    relabelled.CopyFrom(other)
+    relabelled.card_id = header.card_id
+    _expect(tiny, frames(relabelled, other_blobs), ErrorKind.INVALID, "id does not match its content")
+    swapped = [bytes(len(b)) for b in blobs]  # same sizes, other data, under the real header
+    _expect(tiny, frames(header, swapped), ErrorKind.INVALID, "id does not match its content")
 
 
 def _expect(tiny, stream, kind, match, **kw):
@@ -85,7 +98,7 @@ def test_digest_mismatch(tiny, made):
 def test_unknown_version(tiny, made):
     stream = list(frames(*made[2:]))
     stream[0].header.format_version = FORMAT_VERSION + 1
-    _expect(tiny, stream, ErrorKind.PRECONDITION, "version 2 is not supported")
+    _expect(tiny, stream, ErrorKind.PRECONDITION, f"version {FORMAT_VERSION + 1} is not supported")
 
 
 def test_wrong_model(tiny, made):

@@ -1,10 +1,12 @@
 """The Node.js client (clients/node, installed by `make test` with `npm ci`) against real services."""
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TOKENS
 
 from qkvcomm_cli.commands.demo import DEMO_CONTEXT, DEMO_QUESTION
 
@@ -41,3 +43,14 @@ def test_node_client_streams_text_and_reports_errors(services):
     bad = _ask(services.sender, "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--codec", "int4")
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stderr and "unknown codec" in bad.stderr
+
+
+def test_node_client_completes_a_tls_and_token_handoff(secure_services):
+    s = secure_services
+    tls = ["--ca", str(s.certs.ca), "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--json"]
+    done = subprocess.run(["node", str(NODE_DIR / "ask.js"), "--sender", s.sender, *tls],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "QKVCOMM_TOKEN": TOKENS["alice"]})
+    assert done.returncode == 0, done.stderr
+    assert "600" in json.loads(done.stdout)["answer"]
+    refused = _ask(s.sender, *tls, "--token", "not-a-token")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr

@@ -24,3 +24,14 @@ def test_a_card_larger_than_the_budget_is_kept_alone():
     store.put(card("a", 1))
     assert store.put(card("big", 50)) == ["a"]
     assert store.get("big") is not None
+
+
+def test_tenants_see_only_their_own_cards_and_the_first_writer_wins():
+    store = CardStore(budget_bytes=1 << 20)
+    first, forged = card("a", 2), card("a", 3)
+    store.put(first, tenant="alice")
+    assert store.get("a", tenant="bob") is None and store.get("a") is None
+    store.put(forged, tenant="alice")  # the same id again: the held card stays
+    assert store.get("a", tenant="alice") is first
+    store.put(forged, tenant="bob")  # another tenant's entry, beside alice's
+    assert store.get("a", tenant="bob") is forged and store.get("a", tenant="alice") is first and len(store) == 2

@@ -1,8 +1,11 @@
 #!/usr/bin/env node
 // Ask a Q-KVComm sender a question about a context: node ask.js --sender HOST:PORT
 //   (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--max-new-tokens N] [--json]
+//   [--ca PEM [--cert PEM --key PEM] [--server-name NAME]] [--token TOKEN | QKVCOMM_TOKEN=...] [--tenant T]
+//   [--timeout-s SECONDS]
 // The answer streams to stdout as it is generated; the handoff stats follow on stderr
 // (or, with --json, one JSON object on stdout). Loads the same proto/ files as the services.
+// With --ca (or --cert) the channel speaks TLS; the token travels as 'authorization: Bearer ...'.
 'use strict';
 const fs = require('fs');
 const path = require('path');
@@ -12,22 +15,36 @@ const protoLoader = require('@grpc/proto-loader');
 
 const PROTO_DIR = process.env.QKVCOMM_PROTO_DIR || path.resolve(__dirname, '..', '..', 'proto');
 
-function loadSender(address) {
+function credentials({ ca, cert, key }) {
+  if (!ca && !cert) return grpc.credentials.createInsecure();
+  if (Boolean(cert) !== Boolean(key)) throw new Error('a client certificate needs its key, and a key its certificate');
+  const read = (file) => (file ? fs.readFileSync(file) : null);
+  return grpc.credentials.createSsl(read(ca), read(key), read(cert));
+}
+
+function loadSender(address, tls) {
   const definition = protoLoader.loadSync('qkvcomm/v1/services.proto', {
     includeDirs: [PROTO_DIR], keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true,
   });
   const { Sender } = grpc.loadPackageDefinition(definition).qkvcomm.v1;
   // Card frames are at most 1 MiB; answers are small. Match the services' limits.
-  return new Sender(address, grpc.credentials.createInsecure(), {
-    'grpc.max_receive_message_length': 4 * 1024 * 1024,
-  });
+  const options = { 'grpc.max_receive_message_length': 4 * 1024 * 1024 };
+  if (tls.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
+  return new Sender(address, credentials(tls), options);
 }
 
-function ask(client, request, onText) {
+function callMetadata(token, tenant) {
+  const metadata = new grpc.Metadata();
+  if (token) metadata.set('authorization', `Bearer ${token}`);
+  if (tenant) metadata.set('x-qkvcomm-tenant', tenant);
+  return metadata;
+}
+
+function ask(client, request, onText, metadata, timeoutS) {
   return new Promise((resolve, reject) => {
     let text = '';
     let stats = null;
-    const call = client.Ask(request);
+    const call = client.Ask(request, metadata, { deadline: Date.now() + timeoutS * 1000 });
     call.on('data', (reply) => {
       if (reply.reply === 'text') {
         text += reply.text;
@@ -47,6 +64,9 @@ async function main() {
       sender: { type: 'string' }, context: { type: 'string' }, 'context-file': { type: 'string' },
       question: { type: 'string' }, codec: { type: 'string', default: '' },
       'max-new-tokens': { type: 'string', default: '0' }, json: { type: 'boolean', default: false },
+      ca: { type: 'string' }, cert: { type: 'string' }, key: { type: 'string' }, 'server-name': { type: 'string' },
+      token: { type: 'string', default: process.env.QKVCOMM_TOKEN || '' }, tenant: { type: 'string', default: '' },
+      'timeout-s': { type: 'string', default: '600' },
     },
   });
   const context = values.context ?? (values['context-file'] && fs.readFileSync(values['context-file'], 'utf8'));
@@ -54,13 +74,15 @@ async function main() {
     console.error('usage: ask.js --sender HOST:PORT (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--json]');
     process.exit(2);
   }
-  const client = loadSender(values.sender);
+  const client = loadSender(values.sender,
+    { ca: values.ca, cert: values.cert, key: values.key, serverName: values['server-name'] });
   const request = {
     context, question: values.question, codec: values.codec,
     max_new_tokens: Number(values['max-new-tokens']),
   };
   try {
-    const answer = await ask(client, request, values.json ? null : (t) => process.stdout.write(t));
+    const answer = await ask(client, request, values.json ? null : (t) => process.stdout.write(t),
+      callMetadata(values.token, values.tenant), Number(values['timeout-s']));
     if (values.json) {
       console.log(JSON.stringify({ answer: answer.text.trim(), ...answer.stats }));
     } else {

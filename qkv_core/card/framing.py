@@ -1,11 +1,11 @@
 """A card as a stream of frames: header, chunks of at most MAX_CHUNK_BYTES in layer order, each
-with its CRC32C, then the trailer with the totals and the SHA-256 of header and data."""
+with its CRC32C, then the trailer with the totals and the content hash of header and data
+(header.content_hash: the digest the card id names)."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
-from qkv_core.card.header import crc32c
+from qkv_core.card.header import content_hash, crc32c
 from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.wire import pb
 
@@ -17,7 +17,7 @@ def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHU
     header = pb.CardHeader(num_chunks=0)
     header.CopyFrom(source)
     header.num_chunks = sum(-(-len(b) // chunk_bytes) for b in blobs)
-    digest = hashlib.sha256(header.SerializeToString(deterministic=True))
+    digest = content_hash(header)
     yield pb.CardFrame(header=header)
     index = 0
     for layer, blob in enumerate(blobs):

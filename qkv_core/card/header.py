@@ -14,7 +14,6 @@ import enum
 import hashlib
 import re
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import google_crc32c
@@ -25,7 +24,7 @@ from qkv_core.codec.registry import LayerCodec
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the card id and the trailer digest are the content hash
 CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
 
 
@@ -74,20 +73,16 @@ def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
 
 
-def card_id(
-    fp: Fingerprint, context_ids: list[int], layers: list[pb.LayerSpec], facts: str, salient: Sequence[int] = (),
-    sources: Sequence[int] = (),
-) -> str:
-    """Content hash: the same model, tokens, codec, facts and layer map always give the same card."""
-    h = hashlib.sha256()
-    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
-    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
-    h.update(struct.pack(f"<{len(salient)}I", *salient))
-    h.update(struct.pack(f"<{len(sources)}I", *sources))
-    for layer in layers:
-        h.update(layer.SerializeToString(deterministic=True))
-    h.update(facts.encode())
-    return h.hexdigest()
+def content_hash(header: pb.CardHeader) -> "hashlib._Hash":
+    """The running hash that names a card: SHA-256 over the header as sent, with card_id and
+    num_chunks cleared, then every layer's data in order. The sender names its card with its
+    digest and the trailer repeats it; the receiver computes it from what arrives, so an id
+    cannot be claimed by other content. The same model, tokens, codec, facts and layer map
+    always give the same id."""
+    bare = pb.CardHeader()
+    bare.CopyFrom(header)
+    bare.card_id, bare.num_chunks = "", 0
+    return hashlib.sha256(b"qkvcomm-card\0" + bare.SerializeToString(deterministic=True))
 
 
 def text_card_id(fp: Fingerprint, context_ids: list[int]) -> str:
@@ -120,7 +115,18 @@ class CardPlan:
         return encode_layers(kv, self.layers, self.sent(), self.salient)
 
 
-def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
+def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> tuple[pb.CardHeader, list[bytes]]:
+    """The card of `kv` under `plan`: its header, named by its content, and its layer blobs."""
+    header = _header(fp, context_ids, kv, plan)
+    blobs = plan.encode(kv)
+    digest = content_hash(header)
+    for blob in blobs:
+        digest.update(blob)
+    header.card_id = digest.hexdigest()
+    return header, blobs
+
+
+def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
     if len(plan.layers) != kv.num_layers:
         raise ValueError(f"{len(plan.layers)} layer codecs for {kv.num_layers} layers")
     layers = []
@@ -135,7 +141,6 @@ def build_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: Car
         ))
     return pb.CardHeader(
         format_version=FORMAT_VERSION,
-        card_id=card_id(fp, context_ids, layers, plan.fact_summary, salient, plan.sources),
         salient_tokens=salient,
         model=fingerprint_to_pb(fp),
         context_tokens=n,

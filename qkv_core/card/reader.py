@@ -1,9 +1,9 @@
 """The validating reader of a card stream: each frame is checked as it arrives (order, sizes,
-CRC32C, the header against the receiver's model and limits, the digest), and each complete
+CRC32C, the header against the receiver's model and limits, the digest, the card id against
+the content it names), and each complete
 layer is dequantized and checked for non-finite values."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +16,7 @@ from qkv_core.card.header import (
     CardError,
     ErrorKind,
     codec_from_pb,
+    content_hash,
     crc32c,
     fingerprint_from_pb,
 )
@@ -57,7 +58,7 @@ class CardReader:
         self.wire_bytes = 0
         self._next_chunk = 0
         self._layer = 0
-        self._digest = hashlib.sha256()
+        self._digest = None  # the content hash, from the header on
         self._done = False
 
     def feed(self, frame: pb.CardFrame) -> int | None:
@@ -154,7 +155,7 @@ class CardReader:
         if total > self.max_card_bytes:
             raise CardError(ErrorKind.TOO_LARGE, f"card of {total} bytes exceeds this receiver's limit of {self.max_card_bytes}")
         self.header = h
-        self._digest.update(h.SerializeToString(deterministic=True))
+        self._digest = content_hash(h)
         self._skip_empty_layers()
 
     def _skip_empty_layers(self) -> None:
@@ -193,8 +194,11 @@ class CardReader:
             raise CardError(ErrorKind.DATA_LOSS, f"trailer counts {t.num_chunks} chunks, {self._next_chunk} arrived")
         if t.payload_bytes != self.header.payload_bytes:
             raise CardError(ErrorKind.INVALID, "trailer payload size differs from the header's")
-        if t.sha256 != self._digest.digest():
+        digest = self._digest.digest()
+        if t.sha256 != digest:
             raise CardError(ErrorKind.DATA_LOSS, "card digest mismatch")
+        if self.header.card_id != digest.hex():  # intact, but named for other content: a forged or relabelled card
+            raise CardError(ErrorKind.INVALID, "the card's id does not match its content")
         self._done = True
 
     def decoded_bytes(self, dtype: torch.dtype) -> int:

@@ -13,7 +13,9 @@ A codec name is a preset, a spec string, or a JSON file:
                       SPEC is BITS/GRANULARITY[/GROUP]: 4/channel, 8/token, 3/group/32,
                       2/tensor, or fp16 / fp32 alone; the same for every layer
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
-                      (what `qkvcomm calibrate codec --allocate` writes)
+                      (what `qkvcomm calibrate codec --allocate` writes); only the files the
+                      caller lists in `files` are opened: a service lists those of its
+                      configuration, so a request names codecs, never paths on the server
 
 The first five and specs resolve here; the adaptive ones need the model (qkv_core.allocation).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +86,11 @@ def save_layers(path: Path, layers: list[LayerCodec], note: str = "") -> None:
     path.write_text(json.dumps({"note": note, "layers": entries}, indent=1) + "\n")
 
 
+def codec_files(paths: Iterable[str]) -> dict[str, Path]:
+    """The codec files a caller allows, each selected by the name it was given as."""
+    return {p: Path(p) for p in paths if p.endswith(".json")}
+
+
 def _load_layers(path: Path, num_layers: int) -> list[LayerCodec]:
     try:
         entries = json.loads(path.read_text())["layers"]
@@ -118,8 +126,9 @@ def adaptive(name: str) -> Adaptive | None:
     return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family])
 
 
-def resolve(name: str, num_layers: int) -> list[LayerCodec]:
-    """The per-layer codecs a static codec name stands for; ValueError with the options if unknown."""
+def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[LayerCodec]:  # noqa: B006 - read only
+    """The per-layer codecs a static codec name stands for; RequestError with the options if unknown.
+    `files`: the codec files that may be opened, by the name that selects them."""
     if name in ("fp16", "fp32"):
         return [LayerCodec(*[TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS)] * 2)] * num_layers
     if name == "int8":
@@ -130,11 +139,14 @@ def resolve(name: str, num_layers: int) -> list[LayerCodec]:
         return [KIVI(int(m[1]))] * num_layers
     if "=" in name:
         return [_parse_spec(name)] * num_layers
+    if name in files:
+        return _load_layers(files[name], num_layers)
     if name.endswith(".json"):
-        return _load_layers(Path(name), num_layers)
+        raise RequestError(f"codec file {name!r} is not one this service offers: it opens only the codec files "
+                           "of its configuration (codec_files, QKVCOMM_CODEC_FILES)")
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
         f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, seed-adaptive, budget-B, tokenmix-B, "
-        "a spec like 'k=4/channel;v=4/token' or a codec .json file"
+        "a spec like 'k=4/channel;v=4/token' or a configured codec .json file"
     )

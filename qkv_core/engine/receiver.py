@@ -17,7 +17,7 @@ from qkv_core.card.header import CardError, ErrorKind, fingerprint_to_pb, text_c
 from qkv_core.card.reader import CardReader
 from qkv_core.config import Limits
 from qkv_core.engine.crossmodel import Alignment
-from qkv_core.engine.store import CardStore, StoredCard
+from qkv_core.engine.store import DEFAULT_TENANT, CardStore, StoredCard
 from qkv_core.errors import LimitExceeded, RequestError
 from qkv_core.model.attention import require_full_attention
 from qkv_core.model.kv import generate, prefill, stream_text
@@ -175,18 +175,19 @@ class ReceiverEngine:
             raise CardError(ErrorKind.PRECONDITION, f"the card's shared prefix is {tokens} tokens; this receiver's chat header is {length}")
         return kv
 
-    def accept(self, stream: Iterable[pb.CardFrame], intake: Intake | None = None) -> StoredCard:
+    def accept(self, stream: Iterable[pb.CardFrame], intake: Intake | None = None, tenant: str = DEFAULT_TENANT,
+               ) -> StoredCard:
         """Take a whole card in one blocking call (the service streams frames through `intake` instead);
-        pass an `intake` to read its statistics afterwards."""
+        pass an `intake` to read its statistics afterwards. Keeps it for `tenant`."""
         with intake or self.intake() as intake:
             for frame in stream:
                 if (ready := intake.feed(frame)) is not None:
                     intake.decode(ready)
             card = intake.finish(self.lm.num_layers)
-        self.store.put(card)
+        self.store.put(card, tenant)
         return card
 
-    def accept_text(self, context: str) -> tuple[StoredCard, float]:
+    def accept_text(self, context: str, tenant: str = DEFAULT_TENANT) -> tuple[StoredCard, float]:
         """The text handoff: prefill the context here and keep its cache like a card's.
         Returns the stored entry and the prefill time."""
         ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
@@ -198,22 +199,23 @@ class ReceiverEngine:
             model=fingerprint_to_pb(self.lm.fingerprint),
         )
         card = StoredCard(header, kv)
-        self.store.put(card)
+        self.store.put(card, tenant)
         return card, prefill_s
 
-    def card(self, card_id: str) -> StoredCard:
-        card = self.store.get(card_id)
+    def card(self, card_id: str, tenant: str = DEFAULT_TENANT) -> StoredCard:
+        card = self.store.get(card_id, tenant)
         if card is None:
             raise CardError(ErrorKind.NOT_FOUND, f"no card {card_id!r} here; push it first")
         return card
 
-    def generate(self, card_id: str, query: str, max_new_tokens: int, facts: bool, stats: Generation) -> Iterator[str]:
-        """Stream the answer to `query` over the card's cache; fills `stats` as it goes."""
+    def generate(self, card_id: str, query: str, max_new_tokens: int, facts: bool, stats: Generation,
+                 tenant: str = DEFAULT_TENANT) -> Iterator[str]:
+        """Stream the answer to `query` over `tenant`'s card; fills `stats` as it goes."""
         if not query.strip():
             raise RequestError("the query is empty")
         self.limits.check("max_new_tokens_limit", max_new_tokens, "max_new_tokens")
         self.limits.check("max_query_tokens", len(query) // CHARS_PER_TOKEN_MAX, "the query (characters / 16)")
-        card = self.card(card_id)
+        card = self.card(card_id, tenant)
         summary = card.header.fact_summary if facts else ""
         ids = encode(self.lm.tokenizer, self.prompt.query_part(query, summary))
         self.limits.check("max_query_tokens", len(ids), "the query with its fact summary (tokens)")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from qkv_core.card.header import CardPlan, build_header
+from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec import allocation
 from qkv_core.codec import registry as codecs
 from qkv_core.config import Limits
@@ -40,8 +41,10 @@ class PreparedCard:
 
 class SenderEngine:
     def __init__(self, lm: LoadedModel, profile_path: Path | None = None, layer_profile_path: Path | None = None,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), codec_files: Mapping[str, Path] = {}):  # noqa: B006 - read only
+        """`codec_files`: the codec files a codec name may select (registry.resolve); no others are opened."""
         self.lm = lm
+        self.codec_files = dict(codec_files)
         self.limits = limits
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.profile_path = profile_path
@@ -82,7 +85,7 @@ class SenderEngine:
         """The per-layer codecs (and tokenmix's salient positions) for this cache."""
         kind = codecs.adaptive(codec_name)
         if kind is None:
-            return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers))
+            return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers, self.codec_files))
         profile = self.profile() if kind.needs_profile else None
         return CardPlan(codec_name, *allocation.allocate(kind, profile, [tuple(k.shape) for k in kv.keys], importance))
 
@@ -108,7 +111,7 @@ class SenderEngine:
             raise RequestError("a cross-model card takes every layer its map reads, for a receiver of another depth")
         kind = codecs.adaptive(codec_name)
         if kind is None:
-            codecs.resolve(codec_name, self.lm.num_layers)  # a bad name fails before the prefill
+            codecs.resolve(codec_name, self.lm.num_layers, self.codec_files)  # a bad name fails before the prefill
         ids = self.context_ids(context)
         start = time.perf_counter()
         kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe, cancel=cancel)
@@ -127,7 +130,6 @@ class SenderEngine:
             plan.facts = [pb.Fact(**asdict(f)) for f in extracted.facts]
             plan.fact_summary = extracted.summary
         facts_s = time.perf_counter() - facts_start
-        header = build_header(self.lm.fingerprint, ids, kv, plan)
-        blobs = plan.encode(kv)
+        header, blobs = build_card(self.lm.fingerprint, ids, kv, plan)
         quantize_s = time.perf_counter() - start - facts_s
         return PreparedCard(header, blobs, kv.nbytes(2), kv.nbytes(4), prefill_s, quantize_s, facts_s)

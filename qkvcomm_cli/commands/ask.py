@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qkvcomm_cli.commands.common import print_stats
+from qkvcomm_cli.commands.common import client_tls, connection_flags, print_stats
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    connection_flags(p)
     p.set_defaults(run=run)
 
 
@@ -29,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     context = args.context if args.context is not None else args.context_file.read_text()
     on_text = None if args.json else (lambda t: print(t, end="", flush=True))
     answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text,
-                 layer_ratio=args.layers, layer_method=args.layer_method)
+                 layer_ratio=args.layers, layer_method=args.layer_method, tls=client_tls(args), token=args.token,
+                 tenant=args.tenant)
     if args.json:
         print(answer.to_json())
     else:

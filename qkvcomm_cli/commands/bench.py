@@ -1,4 +1,4 @@
-"""`qkvcomm bench codec|ttft|facts|fuzz|load`: benchmarks, not tests (qkv_eval holds them)."""
+"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls`: benchmarks, not tests (qkv_eval holds them)."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +9,14 @@ from qkv_core.config import RuntimeConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
-                       "`bench fuzz`, `bench load`")
-    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load"])
+                       "`bench fuzz`, `bench load`, `bench tls`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls"])
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
     p.add_argument("--seed", type=int, default=0, help="fuzz: mutation seed")
     p.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
     p.add_argument("--minutes", type=float, default=10.0, help="load: how long the clients run")
     p.add_argument("--datasets", default="squad.jsonl,narrativeqa.jsonl", help="facts: files beside --data")
-    p.add_argument("--limit", type=int, default=100, help="facts: rows per file")
+    p.add_argument("--limit", type=int, default=100, help="facts: rows per file; tls: rows")
     p.add_argument("--budget", type=int, default=400, help="facts: summary budget in bytes")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
     p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
@@ -26,10 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
     p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--codecs", default=",".join([
-        "fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
-        "budget-4", "budget-3", "budget-2.5", "tokenmix-4", "tokenmix-3",
-    ]))
+    p.add_argument("--codecs", default="", help="codec: the codecs to measure (default: every family); "
+                   "tls: int8,kivi-4,fp16")
     p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3)")
     p.set_defaults(run=run)
 
@@ -54,8 +52,14 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
         return 0
-    from qkv_eval.bench import run_codec_bench, table  # noqa: PLC0415
+    if args.what == "tls":
+        from qkv_eval import bench_tls  # noqa: PLC0415
 
-    rows = run_codec_bench(args.model, args.data, args.tokens, args.codecs.split(","), args.repeats or 10)
+        print(bench_tls.run(args))
+        return 0
+    from qkv_eval.bench import CODECS, run_codec_bench, table  # noqa: PLC0415
+
+    codecs = args.codecs.split(",") if args.codecs else list(CODECS)
+    rows = run_codec_bench(args.model, args.data, args.tokens, codecs, args.repeats or 10)
     print(table(rows, args.tokens, args.model))
     return 0

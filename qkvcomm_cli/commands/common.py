@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from qkv_core.config import RuntimeConfig
+from service_common.tls import ClientTLS
 
 
 def runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -18,6 +20,22 @@ def runtime(args: argparse.Namespace, model: str | None = None) -> RuntimeConfig
     """The runtime flags of a one-shot command (eval, calibrate); `model` overrides --model."""
     given = {f.name: v for f in dataclasses.fields(RuntimeConfig) if (v := getattr(args, f.name, None))}
     return RuntimeConfig(**{**given, **({"model": model} if model else {})})
+
+
+def connection_flags(p: argparse.ArgumentParser, token: bool = True) -> None:
+    """How a client command reaches a service: TLS files, a server name, a token."""
+    p.add_argument("--ca", default="", help="CA bundle (PEM) of the server's certificate; set, the client speaks TLS")
+    p.add_argument("--cert", default="", help="client certificate (PEM), for a server that requires one (mTLS)")
+    p.add_argument("--key", default="", help="the client certificate's key (PEM)")
+    p.add_argument("--server-name", default="", help="name the server's certificate must carry, when not the host dialled")
+    if token:
+        p.add_argument("--token", default=os.environ.get("QKVCOMM_TOKEN", ""),
+                       help="bearer token (default QKVCOMM_TOKEN, which keeps it out of the process list)")
+        p.add_argument("--tenant", default="", help="tenant to act for (a token of tenant '*' only)")
+
+
+def client_tls(args: argparse.Namespace) -> ClientTLS:
+    return ClientTLS(args.ca, args.cert, args.key, args.server_name)
 
 
 def print_stats(answer: object) -> None:

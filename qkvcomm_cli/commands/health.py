@@ -5,17 +5,20 @@ import argparse
 import os
 import sys
 
+from qkvcomm_cli.commands.common import client_tls, connection_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("health", help="exit 0 when a service answers gRPC health checks with SERVING")
     p.add_argument("--address", default=f"127.0.0.1:{os.environ.get('QKVCOMM_PORT', '50061')}", help="HOST:PORT")
     p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    connection_flags(p, token=False)  # health is open: probes carry no token
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from qkvcomm_cli.client import healthy  # noqa: PLC0415
 
-    ok = healthy(args.address, args.service)
+    ok = healthy(args.address, args.service, tls=client_tls(args))
     print("SERVING" if ok else "NOT SERVING", file=sys.stderr)
     return 0 if ok else 1
