@@ -10,7 +10,7 @@ export TORCH_INDEX   ?=
 # The project is installed as a wheel, the way the image installs it, so a file missing from
 # the package fails here first; any source change reinstalls it.
 SOURCES := pyproject.toml setup.py $(wildcard proto/qkvcomm/v1/*.proto) \
-           $(shell git ls-files '*.py' 2>/dev/null | grep -E '^(qkv_core|service_common|sender_service|receiver_service|qkvcomm_cli)/') \
+           $(shell find qkv_core qkv_eval service_common sender_service receiver_service qkvcomm_cli -name '*.py') \
            $(wildcard qkv_core/data/*)
 NODE_MODULES := clients/node/node_modules/.package-lock.json
 # The Node client test needs npm; without it `make test` skips that test (with its reason).

@@ -8,11 +8,14 @@ Every row's question goes to each pair in turn (interleaved, so drift in the mac
 hits all three alike), with a one-token answer so the handoff dominates. Reported per codec and
 mode: the median of the client's latency (a new channel per call, so a TLS handshake included)
 and of the sender's transfer time to the receiver (HasCard + PushCard on its long-lived channel),
-and their ratios to plaintext.
+and their ratios to plaintext. Then, on the mtls receiver, `HasCard` timed for another tenant's
+card against an absent one (and the owner's own, for scale), interleaved: tenants must not learn
+what others hold from the time a lookup takes.
 """
 from __future__ import annotations
 
 import argparse
+import secrets
 import statistics
 import tempfile
 import time
@@ -21,14 +24,18 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from qkvcomm.v1 import services_pb2_grpc
 from tqdm import tqdm
 
+from qkv_core.wire import pb
 from qkv_eval.bench import machine
 from qkv_eval.evaluate import load_rows
 from qkvcomm_cli.client import ask
 from qkvcomm_cli.launch import Child, spawn
+from service_common.auth import call_metadata
 from service_common.certs import DevCerts, make_dev_certs
-from service_common.tls import ClientTLS
+from service_common.server import GRPC_OPTIONS
+from service_common.tls import ClientTLS, open_channel
 
 MODES = ("plaintext", "tls", "mtls")
 CODECS = ("int8", "kivi-4", "fp16")
@@ -37,8 +44,8 @@ RELAY = "bench-relay-token"
 
 
 @contextmanager
-def _pair(mode: str, certs: DevCerts, runtime: list[str]) -> Iterator[tuple[Child, ClientTLS, str]]:
-    """A receiver and a sender in `mode`; yields the sender, how to reach it and the token to send."""
+def _pair(mode: str, certs: DevCerts, runtime: list[str]) -> Iterator[tuple[Child, Child, ClientTLS, str]]:
+    """A receiver and a sender in `mode`; yields both, how to reach the sender and the token to send."""
     server = ["--tls-cert", str(certs.cert("server")), "--tls-key", str(certs.key("server"))]
     tokens = ["--auth-tokens", str(certs.directory / "tokens")]
     receiver_args = {"plaintext": [], "tls": [], "mtls": [*server, "--tls-client-ca", str(certs.ca), *tokens]}[mode]
@@ -52,7 +59,7 @@ def _pair(mode: str, certs: DevCerts, runtime: list[str]) -> Iterator[tuple[Chil
         sender = spawn("sender", "--receiver", receiver.address, *runtime, *sender_args, env=env)
         stack.callback(sender.stop)
         secure = mode != "plaintext"
-        yield sender, ClientTLS(str(certs.ca)) if secure else ClientTLS(), TOKEN if secure else ""
+        yield receiver, sender, ClientTLS(str(certs.ca)) if secure else ClientTLS(), TOKEN if secure else ""
 
 
 def run(args: argparse.Namespace) -> str:
@@ -62,13 +69,14 @@ def run(args: argparse.Namespace) -> str:
     client: dict[tuple[str, str], list[float]] = defaultdict(list)
     transfer: dict[tuple[str, str], list[float]] = defaultdict(list)
     wire: dict[str, list[int]] = defaultdict(list)
+    held: list[str] = []  # the mtls receiver's cards, all of tenant "bench"
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         certs = make_dev_certs(Path(tmp) / "certs")
         certs.write_tokens({"bench": TOKEN, "*": RELAY})
         pairs = {mode: stack.enter_context(_pair(mode, certs, runtime)) for mode in MODES}
         for row in tqdm(rows, desc="bench tls", unit="row"):
             for codec in codecs:
-                for mode, (sender, tls, token) in pairs.items():
+                for mode, (_, sender, tls, token) in pairs.items():
                     start = time.perf_counter()
                     answer = ask(sender.address, row["context"], row["question"], codec=codec, max_new_tokens=1,
                                  tls=tls, token=token, timeout_s=600)
@@ -76,7 +84,38 @@ def run(args: argparse.Namespace) -> str:
                     transfer[codec, mode].append(answer.stats.transfer_s)
                     if mode == "plaintext":
                         wire[codec].append(answer.stats.wire_bytes)
-    return table(codecs, rows, client, transfer, wire, args)
+                    if mode == "mtls":
+                        held.append(answer.stats.card_id)
+        lookups = lookup_times(pairs["mtls"][0].address, certs, held)
+    return table(codecs, rows, client, transfer, wire, args) + "\n\n" + lookup_table(lookups)
+
+
+def lookup_times(receiver: str, certs: DevCerts, held: list[str], rounds: int = 2000) -> dict[str, list[float]]:
+    """HasCard latency (s) over mTLS as the relay: the owner's card, another tenant's, an absent one."""
+    tls = ClientTLS(str(certs.ca), str(certs.cert("client")), str(certs.key("client")))
+    cases = {"owner's card (present)": ("bench", True), "another tenant's card": ("other", True),
+             "absent card": ("other", False)}
+    times: dict[str, list[float]] = defaultdict(list)
+    with open_channel(receiver, tls, GRPC_OPTIONS) as channel:
+        stub = services_pb2_grpc.ReceiverStub(channel)
+        for i in range(rounds):
+            for case, (tenant, present) in cases.items():
+                card_id = held[i % len(held)] if present else secrets.token_hex(32)
+                start = time.perf_counter()
+                reply = stub.HasCard(pb.HasCardRequest(card_id=card_id), metadata=call_metadata(RELAY, tenant))
+                times[case].append(time.perf_counter() - start)
+                assert reply.present == (tenant == "bench"), case
+    return times
+
+
+def lookup_table(times: dict[str, list[float]]) -> str:
+    def q(xs: list[float], p: int) -> float:
+        return statistics.quantiles(xs, n=100, method="inclusive")[p - 1] * 1e6
+
+    lines = [f"`HasCard` over mTLS, {len(next(iter(times.values())))} interleaved rounds (microseconds)", "",
+             "| lookup | p50 | p90 | p99 |", "|---|---|---|---|"]
+    lines += [f"| {case} | {q(xs, 50):,.0f} | {q(xs, 90):,.0f} | {q(xs, 99):,.0f} |" for case, xs in times.items()]
+    return "\n".join(lines)
 
 
 def table(codecs: list[str], rows: list[dict], client: dict, transfer: dict, wire: dict, args: argparse.Namespace) -> str:
