@@ -45,6 +45,9 @@ run: install
 	$(PY) -m qkvcomm_cli demo
 
 test: install data $(if $(NPM),$(NODE_MODULES))
+	@# The shared-store tests start a real redis-server; without one (and no root to install
+	@# Debian's package) they skip with that reason.
+	-@deploy/need.sh redis-server redis-server
 	$(PY) -m pytest -q
 
 # The long runs of the reliability suites (the test suite runs short versions): a PushCard fuzz
@@ -90,7 +93,8 @@ compose-config:
 	COMPOSE_FILE=docker-compose.yml docker-compose config -q
 	docker-compose config -q  # .env: with the GPU override
 	COMPOSE_FILE=docker-compose.yml:docker-compose.gpu.yml:docker-compose.tls.yml docker-compose config -q
-	@echo "compose files: valid (CPU, with the GPU override, with the TLS override)"
+	COMPOSE_FILE=docker-compose.yml:docker-compose.scale.yml docker-compose config -q
+	@echo "compose files: valid (CPU, with the GPU, TLS and scale-out overrides)"
 
 k8s-validate: install
 	deploy/need.sh kubectl kubectl

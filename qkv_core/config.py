@@ -56,6 +56,29 @@ class Limits:
             raise LimitExceeded(f"{what} is {value:,}; the limit is {limit}={allowed:,} (QKVCOMM_{limit.upper()})")
 
 
+@dataclass(frozen=True)
+class StoreConfig:
+    """The receiver's card store (qkv_core.store): compact cards in memory, their decoded caches in
+    a hot tier, and optionally a disk tier, a Redis tier shared by receivers, encryption at rest."""
+
+    store_bytes: int = setting(2 << 30, "memory tier: cards as received (compact), in bytes", "receiver")
+    hot_bytes: int = setting(1 << 30, "hot tier: decoded caches of recently used cards, in bytes", "receiver")
+    store_high_water: float = setting(0.8, "memory tier: eviction starts above this share of store_bytes", "receiver")
+    store_low_water: float = setting(0.6, "memory tier: eviction frees down to this share", "receiver")
+    store_dir: str = setting("", "disk tier: a directory; accepted cards are written there and served after a restart",
+                             "receiver")
+    store_disk_bytes: int = setting(20 << 30, "disk tier: its budget in bytes (oldest files go first)", "receiver")
+    store_redis: str = setting("", "shared tier: redis://HOST:PORT/DB (or rediss://); receivers serve each other's cards",
+                               "receiver")
+    store_redis_ttl_s: int = setting(86400, "shared tier: how long a card lives in Redis", "receiver")
+    store_key: str = setting("", "encryption at rest: a file holding a 32-byte AES key (64 hex digits); disk and Redis "
+                             "entries are sealed with AES-GCM", "receiver")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.store_low_water <= self.store_high_water <= 1:
+            raise ValueError("the store's water marks need 0 < store_low_water <= store_high_water <= 1")
+
+
 # Ports by service: the dataclass defaults are the receiver's; the sender's differ.
 ROLE_DEFAULTS = {"receiver": {}, "sender": {"port": 50062, "metrics_port": 9462}}
 
@@ -79,6 +102,8 @@ class ServiceConfig:
     receiver_key: str = setting("", "the client certificate's key (PEM)", "sender")
     receiver_token: str = setting("", "bearer token for the receiver (its file's tenant '*': the sender relays "
                                       "its callers' tenants)", "sender", secret=True)
+    receiver_balance: str = setting("pick_first", "pick_first (one receiver per sender) or round_robin (every address "
+                                    "of --receiver; needs receivers that share a store tier)", "sender")
     receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of --receiver",
                                         "sender")
     codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")
@@ -93,18 +118,18 @@ class ServiceConfig:
     facts_method: str = setting("hybrid", "simple, yake, spacy or hybrid", "sender")
     facts_budget_bytes: int = setting(400, "size of the fact summary", "sender")
     max_new_tokens: int = setting(48, "answer length of a request that names none")
-    store_bytes: int = setting(2 << 30, "budget of the in-memory card store (dequantized KV)", "receiver")
     max_card_bytes: int = setting(1 << 30, "largest card accepted (wire bytes)", "receiver")
     alignments: str = setting("", "alignment files (`calibrate pair`), comma-separated; cards of other models need one",
                               "receiver", "--alignment")
     grace_s: float = setting(5.0, "graceful shutdown: time for in-flight calls to finish")
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> "ServiceConfig":
         """Defaults (the `role`'s), then QKVCOMM_* variables, then explicit overrides (None means not
-        given). The nested groups (runtime, limits) take their fields' names flat: QKVCOMM_DEVICE."""
+        given). The nested groups (runtime, limits, store) take their fields' names flat: QKVCOMM_DEVICE."""
         env = os.environ if env is None else env
         nested = {name: _from_env(kind, env, {k: v for k, v in overrides.items() if k in _names(kind)})
                   for name, kind in _NESTED.items()}
@@ -117,11 +142,11 @@ def settings(role: str) -> list[tuple[dataclasses.Field, Any]]:
     """Every configuration field of a service with its default there, nested groups flattened:
     what its flags are made from."""
     defaults = ServiceConfig.from_env({}, role=role)
-    return [(f, getattr(group, f.name)) for group in (defaults, defaults.runtime, defaults.limits)
+    return [(f, getattr(group, f.name)) for group in (defaults, defaults.runtime, defaults.limits, defaults.store)
             for f in dataclasses.fields(group) if f.name not in _NESTED and f.metadata.get("role", "") in ("", role)]
 
 
-_NESTED = {"runtime": RuntimeConfig, "limits": Limits}
+_NESTED = {"runtime": RuntimeConfig, "limits": Limits, "store": StoreConfig}
 
 
 def cache_dir() -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from qkv_core.card.framing import frames
-from qkv_core.config import RuntimeConfig
+from qkv_core.config import RuntimeConfig, StoreConfig
 from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import load_model
@@ -61,7 +61,7 @@ def measure(sender: SenderEngine, receiver: ReceiverEngine, context: str, codec:
 def run_ttft_bench(cfg: RuntimeConfig, data: Path, lengths: list[int], codec: str, repeats: int) -> list[Row]:
     lm = load_model(cfg)
     sender = SenderEngine(lm)
-    receiver = ReceiverEngine(lm, store_bytes=1 << 34, max_card_bytes=1 << 40)
+    receiver = ReceiverEngine(lm, StoreConfig(store_bytes=1 << 34, hot_bytes=1 << 34), max_card_bytes=1 << 40)
     limit = lm.model.config.max_position_embeddings - 64  # room for the question
     rows = []
     for tokens in tqdm(lengths, desc="bench ttft", disable=None, leave=False):

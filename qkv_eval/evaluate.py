@@ -36,7 +36,7 @@ from tqdm import tqdm
 from qkv_core.calibration_data import gold_answers
 from qkv_core.card.framing import frames
 from qkv_core.codec.registry import codec_files
-from qkv_core.config import qa_file
+from qkv_core.config import StoreConfig, qa_file
 from qkv_core.engine.crossmodel import METHODS, Alignment, default_path
 from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
 from qkv_core.engine.selection import SelectionConfig
@@ -119,7 +119,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
     """Evaluate `lm` as the receiver (and the sender, unless `sender_lm` is another model)."""
     alignments = [_alignment(sender_lm, lm, cfg.alignment)] if sender_lm is not None else []
     sender = SenderEngine(sender_lm or lm, codec_files=codec_files([cfg.codec]))  # the user's own file
-    receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 40, alignments=alignments)
+    receiver = ReceiverEngine(lm, StoreConfig(store_bytes=1 << 34, hot_bytes=1 << 34), max_card_bytes=1 << 40, alignments=alignments)
     report = Report(config=cfg.to_json(), model=lm.fingerprint.name)
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
                          device=str(lm.device), dtype=str(lm.dtype))

@@ -15,10 +15,10 @@ from qkv_core.card.header import build_card
 from qkv_core.codec.registry import adaptive
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.engine.store import StoredCard
 from qkv_core.errors import RequestError
 from qkv_core.model.kv import generate, prefill
 from qkv_core.model.prompt import encode
+from qkv_core.store.records import StoredCard
 from qkv_core.types import KVCache
 
 NOTE_TOKENS = 12

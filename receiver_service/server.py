@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.config import ServiceConfig
@@ -58,14 +59,11 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
             finally:
                 self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
             card = intake.finish(self.engine.lm.num_layers)
-        evicted = self.engine.store.put(card, tenant)
-        if evicted:
-            log.info("evicted %d cards to make room", len(evicted))
+            record = intake.record()
+        await asyncio.to_thread(self.engine.store.put, card, record, tenant)  # writes through to disk and Redis
         m = self.metrics
         m.cards_received.inc()
         m.observe("dequantize", intake.dequantize_s)
-        m.cards_held.set(len(self.engine.store))
-        m.store_bytes.set(self.engine.store.nbytes)
         return pb.PushCardReply(
             card_id=card.header.card_id, wire_bytes=intake.reader.wire_bytes, dequantize_s=intake.dequantize_s
         )
@@ -88,30 +86,45 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
         wire = request.ByteSize()
         self.metrics.wire_bytes_received.inc(wire)
         card, prefill_s = await asyncio.to_thread(self.engine.accept_text, request.context, self._tenant(context))
-        m = self.metrics
-        m.observe("prefill", prefill_s)
-        m.cards_held.set(len(self.engine.store))
-        m.store_bytes.set(self.engine.store.nbytes)
+        self.metrics.observe("prefill", prefill_s)
         return pb.PushCardReply(card_id=card.header.card_id, wire_bytes=wire, prefill_s=prefill_s)
 
     @guarded
     async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardReply:
-        card = self.engine.store.get(request.card_id, self._tenant(context))
-        if card is None:
+        # a card on disk or in Redis is brought up (and verified) here: off the event loop
+        header = await asyncio.to_thread(self.engine.store.has, request.card_id, self._tenant(context))
+        if header is None:
             return pb.HasCardReply(present=False)
-        return pb.HasCardReply(present=True, context_tokens=card.header.context_tokens)
+        return pb.HasCardReply(present=True, context_tokens=header.context_tokens)
 
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics, auth = Metrics("receiver"), Auth(cfg.auth_tokens)
     alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
-    engine = ReceiverEngine(lm, cfg.store_bytes, cfg.max_card_bytes, alignments, cfg.limits)
+    engine = ReceiverEngine(lm, cfg.store, cfg.max_card_bytes, alignments, cfg.limits)
     metrics.intakes.set_function(lambda: engine.admission.intakes)
     metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
+    metrics.watch_store(engine.store)
     servicer = ReceiverServicer(engine, metrics, cfg, auth)
-    return await start(
+    running = await start(
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics, auth
     )
+    await _report_tiers(running, engine)
+    return running
+
+
+async def _report_tiers(running: Running, engine: ReceiverEngine) -> None:
+    """Each optional store tier as a health service of its own (qkvcomm.store.disk, qkvcomm.store.redis):
+    NOT_SERVING while it is down. The receiver itself stays SERVING: it serves from its other tiers."""
+    loop = asyncio.get_running_loop()
+
+    def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus:
+        return health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    for tier, ok in engine.store.stats.up.items():
+        await running.health.set(f"qkvcomm.store.{tier}", status(ok))
+    engine.store.stats.listeners.append(  # called from worker threads
+        lambda tier, ok: asyncio.run_coroutine_threadsafe(running.health.set(f"qkvcomm.store.{tier}", status(ok)), loop))
 
 
 async def main(cfg: ServiceConfig) -> None:

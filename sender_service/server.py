@@ -38,17 +38,25 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 # pushes a card again itself after a broken stream (UNAVAILABLE), once: the card id is its content.
 _RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
-_SERVICE_CONFIG = {"methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": m} for m in ("HasCard",)],
-                                     "retryPolicy": _RETRY}]}
 PUSH_ATTEMPTS = 2
-RECEIVER_CHANNEL_OPTIONS = [
-    *GRPC_OPTIONS,
-    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
-    ("grpc.enable_retries", 1),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+
+
+def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
+    """`balance`: gRPC's load-balancing policy over the receiver's addresses. pick_first keeps a
+    card and its questions on one receiver; round_robin spreads calls over every address the name
+    resolves to (a headless Service), which is right only when the receivers share a store tier."""
+    if balance not in ("pick_first", "round_robin"):
+        raise ValueError(f"receiver_balance must be pick_first or round_robin, not {balance!r}")
+    config = {"loadBalancingConfig": [{balance: {}}],
+              "methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": "HasCard"}], "retryPolicy": _RETRY}]}
+    return [
+        *GRPC_OPTIONS,
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.enable_retries", 1),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
 
 
 @dataclass(frozen=True)
@@ -227,7 +235,7 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
     metrics, auth = Metrics("sender"), Auth(cfg.auth_tokens)
     tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name)
-    channel = open_channel(cfg.receiver, tls, RECEIVER_CHANNEL_OPTIONS, aio=True)
+    channel = open_channel(cfg.receiver, tls, receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
     engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files)
     servicer = SenderServicer(engine, services_pb2_grpc.ReceiverStub(channel), metrics, cfg, auth)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import grpc
 
-from qkv_core.engine.store import DEFAULT_TENANT
+from qkv_core.store.records import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from qkv_core.store.tiered import CardStore
 
 STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "ttft", "generate")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -34,13 +38,20 @@ class Metrics:
             "qkvcomm_stage_seconds", "Latency of one pipeline stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.errors = Counter("qkvcomm_errors_total", "Requests refused or failed, by reason", ["reason"], registry=r)
-        self.cards_held = Gauge("qkvcomm_cards_held", "Cards in the receiver's store", registry=r)
-        self.store_bytes = Gauge("qkvcomm_store_bytes", "Bytes of dequantized KV held by the receiver", registry=r)
+        self.cards_held = Gauge("qkvcomm_cards_held", "Cards the receiver holds in RAM (memory and hot tiers)", registry=r)
+        self.store_bytes = Gauge("qkvcomm_store_bytes", "Bytes the receiver's store holds in RAM (memory and hot tiers)",
+                                 registry=r)
         self.intakes = Gauge("qkvcomm_intakes_in_flight", "Cards arriving now (receiver)", registry=r)
         self.intake_bytes = Gauge(
             "qkvcomm_intake_bytes_in_flight", "Decoded bytes admitted for the cards arriving now (receiver)", registry=r
         )
         self.service = service
+
+    def watch_store(self, store: CardStore) -> None:
+        """Export the receiver's store: RAM totals, and per tier its bytes, cards, events and health."""
+        self.cards_held.set_function(lambda: len(store))
+        self.store_bytes.set_function(lambda: store.nbytes)
+        self.registry.register(_StoreCollector(store))
 
     def observe(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(seconds)
@@ -49,3 +60,30 @@ class Metrics:
         """Start the /metrics HTTP endpoint in a thread; `.server_port` is the bound port."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+class _StoreCollector(Collector):
+    """The store's own counters (qkv_core.store.stats), read at each scrape."""
+
+    def __init__(self, store: CardStore):
+        self.store = store
+
+    def collect(self):  # noqa: ANN201 - prometheus_client's protocol
+        store = self.store
+        events = CounterMetricFamily("qkvcomm_store_events", "Card store events by tier: hit, miss, write, spill, "
+                                     "evict, reload, corrupt, reencode, error", labels=["tier", "event"])
+        for (tier, event), n in sorted(store.stats.snapshot().items()):
+            events.add_metric([tier, event], n)
+        yield events
+        sizes = GaugeMetricFamily("qkvcomm_store_tier_bytes", "Bytes held per store tier", labels=["tier"])
+        cards = GaugeMetricFamily("qkvcomm_store_tier_cards", "Cards held per store tier", labels=["tier"])
+        for tier, nbytes, count in (("hot", store.hot.nbytes, len(store.hot)), ("memory", store.memory.nbytes, len(store.memory)),
+                                    *((("disk", store.disk.used, len(store.disk)),) if store.disk else ())):
+            sizes.add_metric([tier], nbytes)
+            cards.add_metric([tier], count)
+        yield sizes
+        yield cards
+        up = GaugeMetricFamily("qkvcomm_store_tier_up", "1 while an optional store tier (disk, redis) works", labels=["tier"])
+        for tier, ok in store.stats.up.items():
+            up.add_metric([tier], 1.0 if ok else 0.0)
+        yield up

@@ -40,7 +40,7 @@ def card_round_trip(
 ) -> KVCache:
     """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
     plan = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
-    receiver = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
+    receiver = ReceiverEngine(lm)
     return receiver.accept(frames(*build_card(lm.fingerprint, ids, kv, plan))).kv
 
 

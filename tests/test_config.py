@@ -40,7 +40,7 @@ def test_every_setting_is_a_flag_of_its_service_and_flags_win(monkeypatch):
                                 "--store-bytes", "1000", "--device", "cpu"])
     cfg = config(args)
     assert cfg.grace_s == 2.0 and cfg.limits.max_intakes == 5  # the flag over the variable; the variable alone
-    assert cfg.alignments == "a.json,b.json" and cfg.store_bytes == 1000 and cfg.runtime.device == "cpu"
+    assert cfg.alignments == "a.json,b.json" and cfg.store.store_bytes == 1000 and cfg.runtime.device == "cpu"
     assert (cfg.port, cfg.metrics_port) == (50061, 9461)
     sender = config(parser().parse_args(["serve-sender", "--facts", "--layers", "0.5", "--receiver-timeout-s", "3"]))
     assert (sender.port, sender.metrics_port) == (50062, 9462)  # each service has its own default ports

@@ -66,15 +66,15 @@ def test_receiver_takes_another_models_card_only_with_an_alignment(method):
     stream = list(frames(card.header, card.blobs))
 
     with pytest.raises(CardError) as refused:
-        ReceiverEngine(receiver_lm, 1 << 30, 1 << 30).accept(stream)
+        ReceiverEngine(receiver_lm).accept(stream)
     assert refused.value.kind == ErrorKind.PRECONDITION and "calibrate pair" in str(refused.value)
 
     alignment = fit(sender_lm, receiver_lm, TEXTS, method)
-    stored = ReceiverEngine(receiver_lm, 1 << 30, 1 << 30, [alignment]).accept(stream)
+    stored = ReceiverEngine(receiver_lm, alignments=[alignment]).accept(stream)
     mapped = SenderEngine(sender_lm).prepare(CORPUS[0], "kivi-4", receiver_layers=receiver_lm.num_layers)
     assert list(mapped.header.layer_sources) == alignment.sources
     assert [spec.sender_layer for spec in mapped.header.layers] == sorted(set(alignment.sources))
-    via_map = ReceiverEngine(receiver_lm, 1 << 30, 1 << 30, [alignment]).accept(frames(mapped.header, mapped.blobs))
+    via_map = ReceiverEngine(receiver_lm, alignments=[alignment]).accept(frames(mapped.header, mapped.blobs))
     for a, b in zip(via_map.kv.keys + via_map.kv.values, stored.kv.keys + stored.kv.values):
         assert torch.equal(a, b)
     fp = receiver_lm.fingerprint
@@ -83,9 +83,9 @@ def test_receiver_takes_another_models_card_only_with_an_alignment(method):
     assert len(list(generate(receiver_lm, stored.kv, encode(receiver_lm.tokenizer, " Q:"), 3))) == 3
 
     with pytest.raises(ValueError, match="another receiver"):
-        ReceiverEngine(sender_lm, 1 << 30, 1 << 30, [alignment])
+        ReceiverEngine(sender_lm, alignments=[alignment])
     with pytest.raises(CardError, match="mapped for a receiver"):  # a mapped card reaching its own model
-        ReceiverEngine(sender_lm, 1 << 30, 1 << 30).accept(frames(mapped.header, mapped.blobs))
+        ReceiverEngine(sender_lm).accept(frames(mapped.header, mapped.blobs))
 
 
 def test_a_card_for_a_shallower_receiver_carries_only_the_layers_it_reads():

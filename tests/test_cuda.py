@@ -60,7 +60,7 @@ def test_cuda_receiver_matches_cpu_receiver(preset, layers):
     ids = encode(cpu_lm.tokenizer, "Q: when is the summit?\nA:")
     logits = []
     for lm in (cpu_lm, gpu_lm):
-        stored = ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30).accept(stream)
+        stored = ReceiverEngine(lm).accept(stream)
         assert all(k.device.type == lm.device.type for k in stored.kv.keys)
         logits.append(next_logits(lm, stored.kv, ids).cpu())
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)

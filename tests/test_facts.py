@@ -109,7 +109,7 @@ def test_the_card_carries_the_facts_and_the_receiver_reads_the_summary_first(tin
     from qkv_core.model.kv import generate, prefill
     from qkv_core.model.prompt import encode
 
-    sender, receiver = SenderEngine(tiny), ReceiverEngine(tiny, store_bytes=1 << 30, max_card_bytes=1 << 30)
+    sender, receiver = SenderEngine(tiny), ReceiverEngine(tiny)
     card = sender.prepare(API, "fp32", FactConfig(method="simple"))
     header = card.header
     assert [f.text for f in header.facts] == header.fact_summary.split("; ") and "600 requests per minute" in header.fact_summary

@@ -10,7 +10,7 @@ CONTEXT = "The rate limit is 600 requests per minute. Bulk exports moved to the 
 
 
 def _engines(lm):
-    return SenderEngine(lm), ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
+    return SenderEngine(lm), ReceiverEngine(lm)
 
 
 def test_each_hop_appends_a_note_and_relays_the_grown_cache(tiny):

@@ -8,7 +8,7 @@ import pytest
 from conftest import gauge
 
 from qkv_core.card.framing import frames
-from qkv_core.config import Limits
+from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.wire import pb
@@ -128,9 +128,9 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
 def test_a_card_larger_than_the_store_is_refused_before_its_data(embedded, card):
     from qkv_core.errors import LimitExceeded
 
-    small = ReceiverEngine(embedded, store_bytes=1 << 10, max_card_bytes=1 << 30)
+    small = ReceiverEngine(embedded, StoreConfig(hot_bytes=1 << 10))
     stream = frames(card.header, card.blobs)
-    with pytest.raises(LimitExceeded, match="store_bytes"):
+    with pytest.raises(LimitExceeded, match="hot_bytes"):
         small.accept(stream)
     assert len(small.store) == 0 and small.admission.intakes == 0 and small.admission.bytes == 0
 

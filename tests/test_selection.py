@@ -57,7 +57,7 @@ def test_methods_pick_what_they_promise():
 def _engines(lm, tmp_path, profile):
     sender = SenderEngine(lm, layer_profile_path=tmp_path / "layers.json")
     profile.save(tmp_path / "layers.json")
-    return sender, ReceiverEngine(lm, store_bytes=1 << 30, max_card_bytes=1 << 30)
+    return sender, ReceiverEngine(lm)
 
 
 def test_unselected_layers_cost_nothing_and_get_the_shared_prefix(lm, profile, tmp_path):

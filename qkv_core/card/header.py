@@ -56,7 +56,7 @@ def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
     return Fingerprint(**{f: getattr(msg, f) for f in Fingerprint.__dataclass_fields__})
 
 
-def _codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
+def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
     return pb.TensorCodec(
         bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
         sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
@@ -119,11 +119,16 @@ def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardP
     """The card of `kv` under `plan`: its header, named by its content, and its layer blobs."""
     header = _header(fp, context_ids, kv, plan)
     blobs = plan.encode(kv)
+    name_card(header, blobs)
+    return header, blobs
+
+
+def name_card(header: pb.CardHeader, blobs: list[bytes]) -> None:
+    """Set header.card_id to the content hash of the header and these layer blobs."""
     digest = content_hash(header)
     for blob in blobs:
         digest.update(blob)
     header.card_id = digest.hexdigest()
-    return header, blobs
 
 
 def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
@@ -134,7 +139,7 @@ def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan
     for i in plan.sent():
         c, (heads, tokens, dim) = plan.layers[i], kv.keys[i].shape
         layers.append(pb.LayerSpec(
-            sender_layer=i, receiver_layer=i, key=_codec_to_pb(c.key), value=_codec_to_pb(c.value),
+            sender_layer=i, receiver_layer=i, key=codec_to_pb(c.key), value=codec_to_pb(c.value),
             key_bytes=encoded_size(c.key, heads, tokens, dim, salient_count(salient, n, tokens, c.key)),
             value_bytes=encoded_size(c.value, heads, tokens, dim, salient_count(salient, n, tokens, c.value)),
             tokens=tokens,

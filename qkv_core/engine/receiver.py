@@ -15,14 +15,15 @@ import torch
 from qkv_core import allocator
 from qkv_core.card.header import CardError, ErrorKind, fingerprint_to_pb, text_card_id
 from qkv_core.card.reader import CardReader
-from qkv_core.config import Limits
+from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.crossmodel import Alignment
-from qkv_core.engine.store import DEFAULT_TENANT, CardStore, StoredCard
 from qkv_core.errors import LimitExceeded, RequestError
 from qkv_core.model.attention import require_full_attention
 from qkv_core.model.kv import generate, prefill, stream_text
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
+from qkv_core.store.records import DEFAULT_TENANT, CardRecord, StoredCard
+from qkv_core.store.tiered import CardStore
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
@@ -73,9 +74,10 @@ class Intake:
     dtype: torch.dtype
     shared_prefix: Callable[[int], KVCache]  # the receiver's own KV of the first N tokens
     admission: Admission
-    store_budget: int  # a card that would not fit the store is refused before its data
+    hot_budget: int  # a card whose decoded cache would not fit the hot tier is refused before its data
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
+    blobs: list[bytes] = field(default_factory=list)  # each sent layer as received: the store's compact form
     dequantize_s: float = 0.0
     reserved: int = 0  # decoded bytes admitted for this card
 
@@ -95,19 +97,25 @@ class Intake:
         ready = self.reader.feed(frame)
         if first and self.reader.header is not None:  # admit the card's decoded size before any of its data
             nbytes = self.reader.decoded_bytes(self.dtype)
-            if nbytes > self.store_budget:
-                raise LimitExceeded(f"the card decodes to {nbytes:,} bytes, more than this receiver's store budget "
-                                    f"store_bytes={self.store_budget:,} (QKVCOMM_STORE_BYTES)")
+            if nbytes > self.hot_budget:
+                raise LimitExceeded(f"the card decodes to {nbytes:,} bytes, more than this receiver's hot tier "
+                                    f"hot_bytes={self.hot_budget:,} (QKVCOMM_HOT_BYTES)")
+            self.blobs = [b""] * len(self.reader.layers)
             self.admission.reserve(nbytes)
             self.reserved = nbytes
         return ready
 
     def decode(self, index: int) -> None:
         start = time.perf_counter()
+        self.blobs[index] = bytes(self.reader.layers[index].buf)
         k, v = self.reader.decode_layer(index, self.device, self.dtype)
         receiver_layer = self.reader.layers[index].spec.receiver_layer
         self.keys[receiver_layer], self.values[receiver_layer] = k, v
         self.dequantize_s += time.perf_counter() - start
+
+    def record(self) -> CardRecord:
+        """The card as received, once `finish` has validated it."""
+        return CardRecord(self.reader.finish(), self.blobs)
 
     def finish(self, num_layers: int) -> StoredCard:
         """The card's cache; layers it does not carry get only the shared prefix (a ragged cache)."""
@@ -142,8 +150,8 @@ class Generation:
 
 
 class ReceiverEngine:
-    def __init__(self, lm: LoadedModel, store_bytes: int, max_card_bytes: int, alignments: Sequence[Alignment] = (),
-                 limits: Limits = Limits()):
+    def __init__(self, lm: LoadedModel, store: StoreConfig = StoreConfig(), max_card_bytes: int = 1 << 30,
+                 alignments: Sequence[Alignment] = (), limits: Limits = Limits()):
         self.lm = lm
         self.limits = limits
         self.admission = Admission(limits)
@@ -152,14 +160,14 @@ class ReceiverEngine:
                 raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
         self.alignments = {a.sender.weights_sha256: a for a in alignments}
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
-        self.store = CardStore(store_bytes)
+        self.store = CardStore(store, lm.fingerprint.weights_sha256[:16], self.decode)
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
 
     def intake(self) -> Intake:
         """A new card's intake; enter it (`with`) to be admitted."""
         reader = CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments, self.limits)
-        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, self.admission, self.store.budget_bytes)
+        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, self.admission, self.store.cfg.hot_bytes)
 
     def shared_prefix(self, tokens: int) -> KVCache:
         """This model's KV of its chat header, which a layer-selected card leaves to the receiver."""
@@ -179,13 +187,22 @@ class ReceiverEngine:
                ) -> StoredCard:
         """Take a whole card in one blocking call (the service streams frames through `intake` instead);
         pass an `intake` to read its statistics afterwards. Keeps it for `tenant`."""
-        with intake or self.intake() as intake:
+        record, card = self._take(stream, intake or self.intake())
+        self.store.put(card, record, tenant)
+        return card
+
+    def decode(self, stream: Iterable[pb.CardFrame]) -> tuple[CardRecord, KVCache]:
+        """A card validated and decoded, not kept: how the store reads its own tiers."""
+        record, card = self._take(stream, self.intake())
+        return record, card.kv
+
+    def _take(self, stream: Iterable[pb.CardFrame], intake: Intake) -> tuple[CardRecord, StoredCard]:
+        with intake:
             for frame in stream:
                 if (ready := intake.feed(frame)) is not None:
                     intake.decode(ready)
             card = intake.finish(self.lm.num_layers)
-        self.store.put(card, tenant)
-        return card
+            return intake.record(), card
 
     def accept_text(self, context: str, tenant: str = DEFAULT_TENANT) -> tuple[StoredCard, float]:
         """The text handoff: prefill the context here and keep its cache like a card's.
@@ -199,7 +216,7 @@ class ReceiverEngine:
             model=fingerprint_to_pb(self.lm.fingerprint),
         )
         card = StoredCard(header, kv)
-        self.store.put(card, tenant)
+        self.store.put(card, None, tenant)
         return card, prefill_s
 
     def card(self, card_id: str, tenant: str = DEFAULT_TENANT) -> StoredCard:

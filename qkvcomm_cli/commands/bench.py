@@ -1,4 +1,4 @@
-"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls`: benchmarks, not tests (qkv_eval holds them)."""
+"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls|store`: benchmarks, not tests (qkv_eval holds them)."""
 from __future__ import annotations
 
 import argparse
@@ -9,14 +9,16 @@ from qkv_core.config import RuntimeConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
-                       "`bench fuzz`, `bench load`, `bench tls`")
-    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls"])
+                       "`bench fuzz`, `bench load`, `bench tls`, `bench store`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store"])
+    p.add_argument("--cards", type=int, default=200, help="store: distinct cards pushed into a small budget")
+    p.add_argument("--budget-mb", type=int, default=32, help="store: store_bytes and hot_bytes of that run, in MiB")
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
     p.add_argument("--seed", type=int, default=0, help="fuzz: mutation seed")
     p.add_argument("--clients", type=int, default=16, help="load: concurrent clients")
     p.add_argument("--minutes", type=float, default=10.0, help="load: how long the clients run")
     p.add_argument("--datasets", default="squad.jsonl,narrativeqa.jsonl", help="facts: files beside --data")
-    p.add_argument("--limit", type=int, default=100, help="facts: rows per file; tls: rows")
+    p.add_argument("--limit", type=int, default=100, help="facts: rows per file; tls: rows; store: cards timed")
     p.add_argument("--budget", type=int, default=400, help="facts: summary budget in bytes")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
     p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
@@ -52,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
         return 0
-    if args.what == "tls":
-        from qkv_eval import bench_tls  # noqa: PLC0415
+    if args.what in ("tls", "store"):
+        from qkv_eval import bench_store, bench_tls  # noqa: PLC0415
 
-        print(bench_tls.run(args))
+        print((bench_tls if args.what == "tls" else bench_store).run(args))
         return 0
     from qkv_eval.bench import CODECS, run_codec_bench, table  # noqa: PLC0415
 

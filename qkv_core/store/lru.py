@@ -1,0 +1,79 @@
+"""A byte-counted LRU map (thread-safe): the memory and hot tiers."""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from qkv_core.store.records import Key
+
+V = TypeVar("V")
+
+
+class ByteLRU(Generic[V]):
+    """Entries with their sizes; the least recently used is `coldest`. A key already held is never
+    replaced (`add` returns False): the first writer wins."""
+
+    def __init__(self, size: Callable[[V], int]):
+        self._size = size
+        self._items: OrderedDict[Key, V] = OrderedDict()
+        self.nbytes = 0
+        self.lock = threading.RLock()
+
+    def add(self, key: Key, value: V) -> bool:
+        with self.lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return False
+            self._items[key] = value
+            self.nbytes += self._size(value)
+            return True
+
+    def replace(self, key: Key, value: V) -> None:
+        """Swap an entry's value in place (its recency unchanged): a re-encoded card."""
+        with self.lock:
+            self.nbytes += self._size(value) - self._size(self._items[key])
+            self._items[key] = value
+
+    def get(self, key: Key) -> V | None:
+        with self.lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def peek(self, key: Key) -> V | None:
+        """An entry without making it recent."""
+        with self.lock:
+            return self._items.get(key)
+
+    def pop(self, key: Key) -> V | None:
+        with self.lock:
+            value = self._items.pop(key, None)
+            if value is not None:
+                self.nbytes -= self._size(value)
+            return value
+
+    def coldest(self) -> list[Key]:
+        """Keys from the least recently used on."""
+        with self.lock:
+            return list(self._items)
+
+    def shrink_to(self, budget: int, keep: Key | None = None) -> list[Key]:
+        """Drop the least recently used until at most `budget` bytes are held (never `keep`)."""
+        dropped = []
+        with self.lock:
+            for key in list(self._items):
+                if self.nbytes <= budget:
+                    break
+                if key != keep:
+                    self.pop(key)
+                    dropped.append(key)
+        return dropped
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,130 @@
+"""The shared tier: cards in Redis (or Valkey), so that any receiver of a model can serve a card
+another receiver accepted.
+
+An entry is a card file's bytes (qkv_core.store.cardfile, sealed when the store has a key) in
+chunks of at most 1 MiB under KEY:0 .. KEY:N-1, then KEY itself holding "N LENGTH SHA256",
+written last, so that a reader never takes a partial entry for a card. Every key carries the TTL.
+
+    KEY = qkvcomm:card:MODEL:TENANT:CARD_ID     (MODEL: 16 hex digits of the weights hash;
+                                                 TENANT: its name in hex, "-" for the default)
+
+Reads check the length and the SHA-256 before the card's own checks. Redis being down never fails
+a call: the failing call is counted and logged, the tier is marked down and skipped for RETRY_S
+seconds, then tried again; meanwhile the receiver serves from its local tiers.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import redis
+
+from qkv_core.card.header import CardError, ErrorKind
+from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
+from qkv_core.store.records import CardRecord, Key
+from qkv_core.store.stats import StoreStats
+from qkv_core.wire import pb
+
+log = logging.getLogger(__name__)
+CHUNK_BYTES = 1 << 20
+RETRY_S = 5.0
+TIMEOUT_S = 1.0
+
+
+class RedisTier:
+    def __init__(self, url: str, model: str, ttl_s: int, sealer: Sealer | None, stats: StoreStats):
+        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        self.url = url.split("@")[-1]  # what is logged: never a password in the URL
+        self.model, self.ttl_s, self.sealer, self.stats = model, ttl_s, sealer, stats
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        stats.set_up("redis", True)
+
+    def key(self, key: Key) -> str:
+        tenant, card_id = key
+        return f"qkvcomm:card:{self.model}:{tenant.encode().hex() or '-'}:{card_id}"
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, what: str, error: Exception) -> None:
+        with self._lock:
+            was_up = self.stats.up["redis"]
+            self._down_until = time.monotonic() + RETRY_S
+        self.stats.set_up("redis", False)
+        self.stats.count("redis", "error")
+        if was_up:
+            log.warning("shared tier %s is unavailable (%s: %s); serving from the local tiers, retrying every %gs",
+                        self.url, what, error, RETRY_S)
+
+    def _recovered(self) -> None:
+        if not self.stats.up["redis"]:
+            self.stats.set_up("redis", True)
+            log.info("shared tier %s is back", self.url)
+
+    def write(self, key: Key, record: CardRecord) -> bool:
+        if not self._available():
+            return False
+        data = to_bytes(record, self.model, key, self.sealer)
+        name = self.key(key)
+        chunks = [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for i, chunk in enumerate(chunks):
+                    pipe.set(f"{name}:{i}", chunk, ex=self.ttl_s)
+                pipe.set(name, f"{len(chunks)} {len(data)} {hashlib.sha256(data).hexdigest()}", ex=self.ttl_s)
+                pipe.execute()
+        except redis.RedisError as e:
+            self._failed("write", e)
+            return False
+        self._recovered()
+        self.stats.count("redis", "write")
+        return True
+
+    def exists(self, key: Key) -> bool:
+        if not self._available():
+            return False
+        try:
+            found = bool(self.client.exists(self.key(key)))
+        except redis.RedisError as e:
+            self._failed("exists", e)
+            return False
+        self._recovered()
+        return found
+
+    def read(self, key: Key) -> Iterator[pb.CardFrame] | None:
+        """The card's frames, or None when Redis has no such card (or is down); DATA_LOSS when the
+        entry is incomplete or its digest does not match."""
+        if not self._available():
+            return None
+        name = self.key(key)
+        try:
+            meta = self.client.get(name)
+            if meta is None:
+                return None
+            count, length, digest = meta.decode().split()
+            chunks = self.client.mget([f"{name}:{i}" for i in range(int(count))]) if int(count) else []
+        except redis.RedisError as e:
+            self._failed("read", e)
+            return None
+        except ValueError:
+            raise CardError(ErrorKind.DATA_LOSS, "shared entry has a malformed index") from None
+        self._recovered()
+        if any(c is None for c in chunks):
+            raise CardError(ErrorKind.DATA_LOSS, "shared entry lost chunks (expired or evicted)")
+        data = b"".join(chunks)
+        if len(data) != int(length) or hashlib.sha256(data).hexdigest() != digest:
+            raise CardError(ErrorKind.DATA_LOSS, "shared entry fails its length or SHA-256 check")
+        return from_bytes(data, self.model, key, self.sealer)
+
+    def drop(self, key: Key) -> None:
+        name = self.key(key)
+        try:
+            meta = self.client.get(name)
+            count = int(meta.decode().split()[0]) if meta else 0
+            self.client.delete(name, *[f"{name}:{i}" for i in range(count)])
+        except (redis.RedisError, ValueError) as e:
+            self._failed("drop", e)
