@@ -53,7 +53,8 @@ class Limits:
         """LimitExceeded unless value <= the limit named `limit`."""
         allowed = getattr(self, limit)
         if value > allowed:
-            raise LimitExceeded(f"{what} is {value:,}; the limit is {limit}={allowed:,} (QKVCOMM_{limit.upper()})")
+            raise LimitExceeded(f"{what} is {value:,}; the limit is {limit}={allowed:,} (QKVCOMM_{limit.upper()})",
+                                {"limit": limit, "value": str(value), "allowed": str(allowed)})
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
 from service_common.auth import Auth
 from service_common.errors import IdleTimeout, guarded
+from service_common.info import build_info
 from service_common.metrics import Metrics
 from service_common.server import Running, iterate_in_thread, serve_forever, start
 
@@ -30,6 +31,9 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
         self.metrics = metrics
         self.cfg = cfg
         self.auth = auth
+        store = engine.store
+        tiers = ["hot", "memory", *(["disk"] if store.disk else []), *(["redis"] if store.shared else [])]
+        self.info = build_info("receiver", engine.lm, cfg, [a.sender for a in engine.alignments.values()], tiers)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """Whose cards a call sees (the interceptor has already refused calls it may not make)."""
@@ -75,8 +79,9 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
         pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats, self._tenant(context))
         async for piece in iterate_in_thread(pieces):
             yield pb.GenerateReply(text=piece)
-        self.metrics.observe("ttft", stats.ttft_s)
+        self.metrics.ttft.observe(stats.ttft_s)
         self.metrics.observe("generate", stats.total_s)
+        self.metrics.generation_tokens.inc(stats.tokens)
         yield pb.GenerateReply(stats=pb.GenerateStats(
             ttft_s=stats.ttft_s, total_s=stats.total_s, generated_tokens=stats.tokens
         ))
@@ -87,7 +92,12 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
         self.metrics.wire_bytes_received.inc(wire)
         card, prefill_s = await asyncio.to_thread(self.engine.accept_text, request.context, self._tenant(context))
         self.metrics.observe("prefill", prefill_s)
+        self.metrics.prompt_tokens.inc(card.header.context_tokens)
         return pb.PushCardReply(card_id=card.header.card_id, wire_bytes=wire, prefill_s=prefill_s)
+
+    @guarded
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return self.info
 
     @guarded
     async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardReply:
@@ -99,7 +109,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
 
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
-    metrics, auth = Metrics("receiver"), Auth(cfg.auth_tokens)
+    metrics, auth = Metrics("receiver", lm.fingerprint.name), Auth(cfg.auth_tokens)
     alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
     engine = ReceiverEngine(lm, cfg.store, cfg.max_card_bytes, alignments, cfg.limits)
     metrics.intakes.set_function(lambda: engine.admission.intakes)

@@ -14,18 +14,19 @@ import grpc
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import text_card_id
+from qkv_core.card.header import fingerprint_from_pb, model_details, text_card_id
 from qkv_core.codec.registry import codec_files
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.receiver import TEXT
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.errors import RequestError
+from qkv_core.errors import RequestError, Unsupported
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
 from service_common.auth import Auth, call_metadata
 from service_common.errors import guarded
+from service_common.info import build_info
 from service_common.metrics import Metrics
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
 from service_common.tls import ClientTLS, open_channel
@@ -39,6 +40,7 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 _RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
 PUSH_ATTEMPTS = 2
+INFO_TTL_S = 30.0  # how long the receiver's Info is trusted before the next handoff asks again
 
 
 def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
@@ -79,6 +81,8 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         self.metrics = metrics
         self.cfg = cfg
         self.auth = auth
+        self.info = build_info("sender", engine.lm, cfg)
+        self._receiver_info: tuple[float, pb.InfoResponse | None] | None = None  # (when fetched, what)
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
         SelectionConfig(cfg.layer_ratio, cfg.layer_method)
 
@@ -122,8 +126,35 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
 
+    async def receiver_info(self, up: Upstream) -> pb.InfoResponse | None:
+        """The receiver's Info, fetched again after INFO_TTL_S; None from a receiver without the RPC."""
+        now = time.monotonic()
+        if self._receiver_info is None or now - self._receiver_info[0] > INFO_TTL_S:
+            try:
+                info = await self.receiver.Info(pb.InfoRequest(), timeout=min(up.timeout, 10.0), metadata=up.metadata)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                info = None
+            self._receiver_info = (now, info)
+        return self._receiver_info[1]
+
+    async def check_receiver(self, up: Upstream) -> None:
+        """FAILED_PRECONDITION, before any prefill, when the receiver cannot take this sender's cards:
+        another model, and no alignment for this one."""
+        info = await self.receiver_info(up)
+        if info is None:
+            return
+        mine, theirs = self.engine.lm.fingerprint, fingerprint_from_pb(info.model)
+        if not theirs.mismatch(mine) or any(fingerprint_from_pb(a) == mine for a in info.features.alignments):
+            return
+        raise Unsupported(f"this sender runs {mine.name!r} and its receiver {theirs.name!r} (they differ in "
+                          f"{', '.join(theirs.mismatch(mine))}), and the receiver holds no alignment for this sender's "
+                          "model: its cards would be refused", model_details(mine, theirs))
+
     async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
                           up: Upstream) -> pb.HandoffStats:
+        await self.check_receiver(up)
         cancel = threading.Event()  # a client that goes away stops the prefill at its next chunk
         try:
             card = await asyncio.to_thread(
@@ -134,6 +165,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             raise
         header = card.header
         self.metrics.observe("prefill", card.prefill_s)
+        self.metrics.prompt_tokens.inc(card.header.context_tokens)
         self.metrics.observe("quantize", card.quantize_s)
         if facts:
             self.metrics.observe("facts", card.facts_s)
@@ -195,6 +227,10 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         return stats
 
     @guarded
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return self.info
+
+    @guarded
     async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
         stats, _ = await self._share(request, self._upstream(context))
         return pb.ShareReply(stats=stats)
@@ -209,14 +245,17 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             card_id=stats.card_id, query=request.question, max_new_tokens=request.max_new_tokens, facts=facts
         )
         up = self._upstream(context)
+        first = True
         async for reply in self.receiver.Generate(query, timeout=up.timeout, metadata=up.metadata):
             if reply.HasField("stats"):
                 stats.ttft_s = reply.stats.ttft_s
                 stats.generated_tokens = reply.stats.generated_tokens
             else:
+                if first:  # what the client waited for its first token: the handoff and the receiver's TTFT
+                    self.metrics.ask_ttft.observe(time.perf_counter() - start)
+                    first = False
                 yield pb.AskReply(text=reply.text)
         stats.total_s = time.perf_counter() - start
-        self.metrics.observe("ttft", stats.ttft_s)
         yield pb.AskReply(stats=stats)
 
 
@@ -233,7 +272,7 @@ def _count_wire(stats: pb.HandoffStats, sent: int) -> None:
 async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:
     if not cfg.receiver:
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
-    metrics, auth = Metrics("sender"), Auth(cfg.auth_tokens)
+    metrics, auth = Metrics("sender", lm.fingerprint.name), Auth(cfg.auth_tokens)
     tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name)
     channel = open_channel(cfg.receiver, tls, receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
@@ -242,6 +281,12 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
     running = await start(
         "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics, auth
     )
+    try:  # tell the operator now; every handoff checks again (cached), so a fixed receiver is picked up
+        await servicer.check_receiver(Upstream(5.0, call_metadata(cfg.receiver_token, "")))
+    except Unsupported as e:
+        log.error("the receiver at %s cannot take this sender's cards: %s", cfg.receiver, e)
+    except grpc.aio.AioRpcError as e:  # nothing was cached: the first handoff asks
+        log.warning("the receiver at %s did not answer Info yet (%s); handoffs will ask it", cfg.receiver, e.code().name)
     return running, channel
 
 

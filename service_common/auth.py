@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from qkv_core.store.records import DEFAULT_TENANT
+from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _refusal(handler: grpc.RpcMethodHandler, denied: Denied) -> grpc.RpcMethodHa
     """A handler of the same kind as `handler` that ends the call with `denied`'s status."""
 
     async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(denied.code, str(denied))
+        await context.abort(denied.code, str(denied), error_metadata(denied.code, str(denied), denied.code.name))
 
     kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}

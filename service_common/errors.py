@@ -13,9 +13,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from qkv_core.card.header import CardError, ErrorKind
-from qkv_core.errors import Cancelled, LimitExceeded, RequestError, Unsupported
+from qkv_core.errors import Cancelled, Detailed, LimitExceeded, RequestError, Unsupported
 from service_common.auth import Denied
 from service_common.metrics import Metrics
+from service_common.status import error_info, error_metadata
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,15 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", "internal"
 
 
+def details_of(error: Exception) -> dict[str, str]:
+    """The ErrorInfo metadata of a refusal: its own details, or a receiver's passed on."""
+    if isinstance(error, Detailed):
+        return error.details
+    if isinstance(error, grpc.aio.AioRpcError) and (upstream := error_info(error)) is not None:
+        return {**upstream.metadata, "upstream_reason": upstream.reason}
+    return {}
+
+
 async def abort(context: grpc.aio.ServicerContext, error: Exception, metrics: Metrics) -> None:
     if context.cancelled():  # the client went away (a truncated stream is its doing, not data loss)
         metrics.errors.labels(reason="cancelled").inc()
@@ -67,39 +77,64 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception, metrics: Me
     metrics.errors.labels(reason=reason).inc()
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=error)
-    await context.abort(code, message)
+    await context.abort(code, message, error_metadata(code, message, reason, details_of(error)))
+
+
+class _Served:
+    """One RPC in the request metrics: in flight while it runs, then counted by its final status."""
+
+    def __init__(self, metrics: Metrics, method: str):
+        self.metrics, self.method, self.status = metrics, method, "OK"
+
+    def __enter__(self) -> "_Served":
+        self.metrics.in_flight.labels(self.metrics.model_name, self.method).inc()
+        return self
+
+    def failed(self, error: BaseException) -> None:
+        self.status = "CANCELLED" if isinstance(error, asyncio.CancelledError) else status_of(error)[0].name  # type: ignore[arg-type]
+
+    def __exit__(self, *exc: object) -> None:
+        m = self.metrics
+        m.in_flight.labels(m.model_name, self.method).dec()
+        m.requests.labels(m.model_name, self.method, self.status).inc()
 
 
 def guarded(method: Callable) -> Callable:
-    """Servicer method decorator: any exception becomes a clear status, counted by reason.
-    The servicer holds its Metrics as `self.metrics`."""
+    """Servicer method decorator: any exception becomes a clear status, counted by reason, and
+    every call is counted by method and status. The servicer holds its Metrics as `self.metrics`."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (grpc.aio.AbortError, GeneratorExit):
-                raise
-            except asyncio.CancelledError:
-                self.metrics.errors.labels(reason="cancelled").inc()
-                raise
-            except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
-                await abort(context, e, self.metrics)
+            with _Served(self.metrics, method.__name__) as served:
+                try:
+                    async for item in method(self, request, context):
+                        yield item
+                except (grpc.aio.AbortError, GeneratorExit):
+                    raise
+                except asyncio.CancelledError as e:
+                    served.failed(e)
+                    self.metrics.errors.labels(reason="cancelled").inc()
+                    raise
+                except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
+                    served.failed(e)
+                    await abort(context, e, self.metrics)
 
         return stream
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            self.metrics.errors.labels(reason="cancelled").inc()
-            raise
-        except Exception as e:  # noqa: BLE001
-            await abort(context, e, self.metrics)
+        with _Served(self.metrics, method.__name__) as served:
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError as e:
+                served.failed(e)
+                self.metrics.errors.labels(reason="cancelled").inc()
+                raise
+            except Exception as e:  # noqa: BLE001
+                served.failed(e)
+                await abort(context, e, self.metrics)
 
     return unary

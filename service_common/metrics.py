@@ -12,15 +12,35 @@ from prometheus_client.registry import Collector
 
 from qkv_core.store.tiered import CardStore
 
-STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "ttft", "generate")
+STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "generate")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RATIO_BUCKETS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
 
 
 class Metrics:
-    def __init__(self, service: str):
+    def __init__(self, service: str, model_name: str = ""):
         self.registry = CollectorRegistry()
         r = self.registry
+        self.model_name = model_name
+        # As serving engines export them (vLLM's set is the reference): per request, with the model.
+        Gauge("qkvcomm_model_info", "The model this service runs (value 1)", ["model_name", "role"],
+              registry=r).labels(model_name, service).set(1)
+        self.requests = Counter("qkvcomm_requests_total", "RPCs served, by method and final status",
+                                ["model_name", "method", "status"], registry=r)
+        self.in_flight = Gauge("qkvcomm_requests_in_flight", "RPCs being served now", ["model_name", "method"], registry=r)
+        self.prompt_tokens = Counter("qkvcomm_prompt_tokens_total", "Context tokens prefilled (sender: into cards; "
+                                     "receiver: text handoffs)", ["model_name"], registry=r).labels(model_name)
+        # Time to first token, each service its own series: the receiver's from Generate to the first token,
+        # the sender's from Ask to the first token (the handoff included): nothing counted twice.
+        if service == "receiver":
+            self.generation_tokens = Counter("qkvcomm_generation_tokens_total", "Tokens generated", ["model_name"],
+                                             registry=r).labels(model_name)
+            self.ttft = Histogram("qkvcomm_time_to_first_token_seconds", "Generate call to its first token",
+                                  ["model_name"], buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+        else:
+            self.ask_ttft = Histogram("qkvcomm_ask_time_to_first_token_seconds", "Ask call to its first token "
+                                      "(prefill, handoff and the receiver's first token)", ["model_name"],
+                                      buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
         self.wire_bytes_sent = Counter("qkvcomm_wire_bytes_sent_total", "Card bytes sent (serialized frames)", registry=r)
         self.wire_bytes_received = Counter(
             "qkvcomm_wire_bytes_received_total", "Card bytes received (serialized frames)", registry=r

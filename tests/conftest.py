@@ -7,7 +7,7 @@ import dataclasses
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -92,29 +92,37 @@ class Services:
 
 
 @contextlib.contextmanager
-def serve_pair(lm: LoadedModel, receiver_cfg: ServiceConfig, sender_cfg: ServiceConfig) -> Iterator[Services]:
-    """A real Receiver and Sender on loopback gRPC, served from a background event loop; the
-    sender's `receiver` setting is filled in."""
-    from receiver_service.server import start_receiver
-    from sender_service.server import start_sender
-
+def service_loop() -> Iterator[Callable]:
+    """A background event loop for in-process services; yields `run(coroutine)`, which waits for it."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-
-    def run(coro):  # noqa: ANN001, ANN202
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
-
-    receiver = run(start_receiver(receiver_cfg, lm))
-    sender, channel = run(start_sender(dataclasses.replace(sender_cfg, receiver=f"127.0.0.1:{receiver.port}"), lm))
     try:
-        yield Services(f"127.0.0.1:{receiver.port}", f"127.0.0.1:{sender.port}", receiver.metrics_port, sender.metrics_port)
+        yield lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(60)
     finally:
-        run(sender.stop(1))
-        run(channel.close())
-        run(receiver.stop(1))
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def serve_pair(lm: LoadedModel, receiver_cfg: ServiceConfig, sender_cfg: ServiceConfig,
+               sender_lm: LoadedModel | None = None) -> Iterator[Services]:
+    """A real Receiver and Sender (of `sender_lm`, if given) on loopback gRPC, served from a
+    background event loop; the sender's `receiver` setting is filled in."""
+    from receiver_service.server import start_receiver
+    from sender_service.server import start_sender
+
+    with service_loop() as run:
+        receiver = run(start_receiver(receiver_cfg, lm))
+        sender, channel = run(start_sender(dataclasses.replace(sender_cfg, receiver=f"127.0.0.1:{receiver.port}"),
+                                           sender_lm or lm))
+        try:
+            yield Services(f"127.0.0.1:{receiver.port}", f"127.0.0.1:{sender.port}", receiver.metrics_port,
+                           sender.metrics_port)
+        finally:
+            run(sender.stop(1))
+            run(channel.close())
+            run(receiver.stop(1))
 
 
 # A short idle timeout, so the test of streams that stall after their header runs in seconds.

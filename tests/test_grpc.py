@@ -165,7 +165,7 @@ def test_health_and_reflection(services):
             assert {name, "grpc.health.v1.Health"} <= names
 
 
-def test_metrics_endpoints(services):
+def test_metrics_endpoints(services, embedded):
     ask(services.sender, FACTS[2][0], FACTS[2][1], codec="int8")
     sender = urllib.request.urlopen(f"http://127.0.0.1:{services.sender_metrics}/metrics").read().decode()
     receiver = urllib.request.urlopen(f"http://127.0.0.1:{services.receiver_metrics}/metrics").read().decode()
@@ -177,11 +177,21 @@ def test_metrics_endpoints(services):
     assert value(sender, "qkvcomm_wire_bytes_sent_total") <= value(receiver, "qkvcomm_wire_bytes_received_total")
     assert value(sender, "qkvcomm_cards_sent_total") >= 1
     assert value(sender, "qkvcomm_compression_ratio_count") >= 1
-    for stage in ("prefill", "quantize", "transfer", "ttft"):
+    for stage in ("prefill", "quantize", "transfer"):
         assert f'qkvcomm_stage_seconds_count{{stage="{stage}"}}' in sender
-    for stage in ("dequantize", "ttft"):
-        assert f'qkvcomm_stage_seconds_count{{stage="{stage}"}}' in receiver
+    assert 'qkvcomm_stage_seconds_count{stage="dequantize"}' in receiver
     assert value(receiver, "qkvcomm_cards_held") >= 1
+    # as serving engines export them: the model, requests by method and status, tokens, TTFT once per service
+    model = f'model_name="{embedded.fingerprint.name}"'
+    assert f'qkvcomm_model_info{{{model}' in receiver and 'role="receiver"' in receiver
+    oks = [line for line in sender.splitlines() if line.startswith("qkvcomm_requests_total{") and 'method="Ask"' in line]
+    assert any('status="OK"' in line and float(line.split()[-1]) >= 1 for line in oks)
+    assert any('status="INVALID_ARGUMENT"' in line for line in oks)  # the refused asks of other tests
+    assert value(receiver, "qkvcomm_generation_tokens_total") >= 1 and value(sender, "qkvcomm_prompt_tokens_total") >= 1
+    assert value(receiver, "qkvcomm_time_to_first_token_seconds_count") >= 1
+    assert value(sender, "qkvcomm_ask_time_to_first_token_seconds_count") >= 1
+    assert "qkvcomm_time_to_first_token_seconds_count" not in sender and 'stage="ttft"' not in sender + receiver
+    assert value(sender, "qkvcomm_requests_in_flight") == 0 and value(receiver, "qkvcomm_requests_in_flight") == 0
 
 
 def test_health_check_command_sees_serving_and_absent_servers(services):

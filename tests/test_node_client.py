@@ -42,7 +42,7 @@ def test_node_client_streams_text_and_reports_errors(services):
     assert "600" in done.stdout and "vs fp16 KV" in done.stderr
     bad = _ask(services.sender, "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--codec", "int4")
     assert bad.returncode == 1
-    assert "INVALID_ARGUMENT" in bad.stderr and "unknown codec" in bad.stderr
+    assert "INVALID_ARGUMENT INVALID: unknown codec" in bad.stderr  # the status, its ErrorInfo reason, the message
 
 
 def test_node_client_completes_a_tls_and_token_handoff(secure_services):
@@ -53,4 +53,4 @@ def test_node_client_completes_a_tls_and_token_handoff(secure_services):
     assert done.returncode == 0, done.stderr
     assert "600" in json.loads(done.stdout)["answer"]
     refused = _ask(s.sender, *tls, "--token", "not-a-token")
-    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    assert refused.returncode == 1 and "UNAUTHENTICATED UNAUTHENTICATED: unknown token" in refused.stderr

@@ -26,6 +26,12 @@ def test_cli_ask_json_against_service_processes():
             for key in ("wire_bytes", "kv_fp16_bytes", "compression_ratio", "context_tokens", "ttft_s"):
                 assert result[key] > 0, key
             assert result["compression_ratio"] == pytest.approx(result["kv_fp16_bytes"] / result["wire_bytes"])
+            refused = subprocess.run(
+                [sys.executable, "-m", "qkvcomm_cli", "ask", "--sender", sender.address, "--context", "Some text.",
+                 "--question", "Who?", "--codec", "int4"], capture_output=True, text=True, timeout=120,
+            )
+            assert refused.returncode == 1  # a status with its ErrorInfo reason, not a traceback
+            assert "INVALID_ARGUMENT INVALID: unknown codec 'int4'" in refused.stderr and "Traceback" not in refused.stderr
         finally:
             assert sender.stop() == 0  # SIGTERM: graceful shutdown, clean exit
     finally:

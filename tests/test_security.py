@@ -20,6 +20,7 @@ from qkvcomm_cli.client import ask
 from service_common.auth import Auth, Denied, call_metadata, parse_tokens
 from service_common.certs import make_dev_certs
 from service_common.server import GRPC_OPTIONS
+from service_common.status import error_info
 from service_common.tls import ClientTLS, open_channel
 
 pytestmark = pytest.mark.e2e
@@ -70,8 +71,9 @@ def test_plaintext_and_untrusted_clients_are_refused(secure_services, tmp_path):
 def test_tokens_are_required_and_checked(secure_services):
     s = secure_services
     for token in ("", "alice-token-3f9d", TOKENS["alice"] + "x"):
-        assert _code(lambda: ask(s.sender, CONTEXT, QUESTION, tls=_tls(s), token=token, timeout_s=10)) \
-            == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            ask(s.sender, CONTEXT, QUESTION, tls=_tls(s), token=token, timeout_s=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and error_info(err.value).reason == "UNAUTHENTICATED"
     channel, stub, _ = _receiver(s, "alice")
     with channel:
         assert _code(lambda: stub.HasCard(pb.HasCardRequest(card_id="0" * 64), timeout=5)) == grpc.StatusCode.UNAUTHENTICATED

@@ -139,36 +139,29 @@ def test_the_receiver_reports_redis_down_in_health_and_metrics_and_keeps_serving
 def test_a_sender_balancing_over_two_receivers_that_share_redis_answers_every_question(embedded, server):
     """round_robin sends a card's push and its question to different receivers: the shared tier
     is what lets the second one answer."""
-    import asyncio
     import dataclasses
-    import threading
 
-    from conftest import TEST_CONFIG, gauge
+    from conftest import TEST_CONFIG, gauge, service_loop
 
     from qkvcomm_cli.client import ask
     from receiver_service.server import start_receiver
     from sender_service.server import start_sender
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    run = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(60)  # noqa: E731
     cfg = dataclasses.replace(TEST_CONFIG, store=StoreConfig(store_redis=server.url))
-    receivers = [run(start_receiver(cfg, embedded)) for _ in range(2)]
-    target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in receivers)
-    sender, channel = run(start_sender(dataclasses.replace(TEST_CONFIG, receiver=target, receiver_balance="round_robin"),
-                                       embedded))
-    try:
-        for i, code in enumerate(("7731", "4052", "9186", "2640")):
-            context = f"Vault {i} is in Geneva. The code of vault {i} is {code}."
-            answer = ask(f"127.0.0.1:{sender.port}", context, f"What is the code of vault {i}?", codec="int8")
-            assert code in answer.text, (i, answer.text)
-        pushed = [gauge(r.metrics_port, "qkvcomm_cards_received_total") for r in receivers]
-        assert all(n >= 1 for n in pushed), pushed  # both receivers took cards
-    finally:
-        run(sender.stop(0))
-        run(channel.close())
-        for r in receivers:
-            run(r.stop(0))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with service_loop() as run:
+        receivers = [run(start_receiver(cfg, embedded)) for _ in range(2)]
+        target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in receivers)
+        sender, channel = run(start_sender(dataclasses.replace(TEST_CONFIG, receiver=target, receiver_balance="round_robin"),
+                                           embedded))
+        try:
+            for i, code in enumerate(("7731", "4052", "9186", "2640")):
+                context = f"Vault {i} is in Geneva. The code of vault {i} is {code}."
+                answer = ask(f"127.0.0.1:{sender.port}", context, f"What is the code of vault {i}?", codec="int8")
+                assert code in answer.text, (i, answer.text)
+            pushed = [gauge(r.metrics_port, "qkvcomm_cards_received_total") for r in receivers]
+            assert all(n >= 1 for n in pushed), pushed  # both receivers took cards
+        finally:
+            run(sender.stop(0))
+            run(channel.close())
+            for r in receivers:
+                run(r.stop(0))

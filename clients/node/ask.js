@@ -12,6 +12,7 @@ const path = require('path');
 const { parseArgs } = require('util');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
 
 const PROTO_DIR = process.env.QKVCOMM_PROTO_DIR || path.resolve(__dirname, '..', '..', 'proto');
 
@@ -31,6 +32,27 @@ function loadSender(address, tls) {
   const options = { 'grpc.max_receive_message_length': 4 * 1024 * 1024 };
   if (tls.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
   return new Sender(address, credentials(tls), options);
+}
+
+// google.rpc.Status and ErrorInfo, as the services put them in 'grpc-status-details-bin'.
+const RPC = protobuf.Root.fromJSON({ nested: { google: { nested: {
+  rpc: { nested: {
+    Status: { fields: { code: { type: 'int32', id: 1 }, message: { type: 'string', id: 2 },
+      details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 } } },
+    ErrorInfo: { fields: { reason: { type: 'string', id: 1 }, domain: { type: 'string', id: 2 },
+      metadata: { keyType: 'string', type: 'string', id: 3 } } },
+  } },
+  protobuf: { nested: { Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } } } },
+} } } });
+const Status = RPC.lookupType('google.rpc.Status');
+const ErrorInfo = RPC.lookupType('google.rpc.ErrorInfo');
+
+// The ErrorInfo (reason, domain, metadata) a failed call carries, or null.
+function errorInfo(err) {
+  const raw = err.metadata && err.metadata.get('grpc-status-details-bin')[0];
+  if (!raw) return null;
+  const detail = Status.decode(raw).details.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
+  return detail ? ErrorInfo.toObject(ErrorInfo.decode(detail.value)) : null;
 }
 
 function callMetadata(token, tenant) {
@@ -92,7 +114,9 @@ async function main() {
         `${s.compression_ratio.toFixed(2)}x vs fp16 KV, ttft ${(s.ttft_s * 1e3).toFixed(0)} ms`);
     }
   } catch (err) {
-    console.error(`error: ${grpc.status[err.code] ?? err.code}: ${err.details || err.message}`);
+    const info = errorInfo(err);
+    const why = info ? ` ${info.reason}${Object.keys(info.metadata || {}).length ? ' ' + JSON.stringify(info.metadata) : ''}` : '';
+    console.error(`error: ${grpc.status[err.code] ?? err.code}${why}: ${err.details || err.message}`);
     process.exitCode = 1;
   } finally {
     client.close();

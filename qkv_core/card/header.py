@@ -21,6 +21,7 @@ import google_crc32c
 from qkv_core.codec.encoding import encode_layers, salient_count
 from qkv_core.codec.quant import Granularity, TensorCodec, encoded_size
 from qkv_core.codec.registry import LayerCodec
+from qkv_core.errors import Detailed
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
@@ -36,9 +37,9 @@ class ErrorKind(enum.Enum):
     NOT_FOUND = "not found"
 
 
-class CardError(Exception):
-    def __init__(self, kind: ErrorKind, message: str):
-        super().__init__(message)
+class CardError(Detailed):
+    def __init__(self, kind: ErrorKind, message: str, details: dict[str, str] | None = None):
+        super().__init__(message, details)
         self.kind = kind
 
 
@@ -47,6 +48,13 @@ def crc32c(data: bytes) -> int:
 
 
 # --- header -------------------------------------------------------------------------------
+
+def model_details(sender: Fingerprint, receiver: Fingerprint) -> dict[str, str]:
+    """The ErrorInfo metadata of a model mismatch: both models, by name and weights hash."""
+    return {"sender_model": sender.name, "sender_weights": sender.weights_sha256[:16],
+            "receiver_model": receiver.name, "receiver_weights": receiver.weights_sha256[:16],
+            "differ_in": ",".join(receiver.mismatch(sender))}
+
 
 def fingerprint_to_pb(fp: Fingerprint) -> pb.ModelFingerprint:
     return pb.ModelFingerprint(**fp.__dict__)

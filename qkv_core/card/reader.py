@@ -19,6 +19,7 @@ from qkv_core.card.header import (
     content_hash,
     crc32c,
     fingerprint_from_pb,
+    model_details,
 )
 from qkv_core.codec.encoding import layer_salient, salient_count
 from qkv_core.codec.quant import TensorCodec, dequantize, encoded_size
@@ -108,6 +109,7 @@ class CardReader:
                     f"they differ in {', '.join(differ)}, and no calibration for this pair is loaded (fit one with "
                     f"`qkvcomm calibrate pair --sender-model {theirs.name} --receiver-model {self.fingerprint.name}` "
                     "and start the receiver with --alignment FILE)",
+                    model_details(theirs, self.fingerprint),
                 )
             if h.layer_sources and list(h.layer_sources) != self.alignment.sources:
                 raise CardError(

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec
+from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec, encoded_size
 from qkv_core.errors import RequestError
 
 _GRANULARITIES = {
@@ -150,3 +150,24 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
         f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, seed-adaptive, budget-B, tokenmix-B, "
         "a spec like 'k=4/channel;v=4/token' or a configured codec .json file"
     )
+
+
+# The names a request may use, with what they are (a service's Info lists them).
+PRESETS = {
+    "fp32": "lossless passthrough",
+    "fp16": "fp16 passthrough",
+    "int8": "8-bit asymmetric, per token, K and V",
+    **{f"seed-{b}": f"{b}-bit per tensor, K and V (the seed paper's quantizer)" for b in range(2, 9)},
+    **{f"kivi-{b}": f"{b}-bit, K per channel and V per token (KIVI)" for b in range(1, 9)},
+}
+ADAPTIVE = {
+    "seed-adaptive": "per-tensor 8/6/4 bits by layer sensitivity (calibrated profile)",
+    "budget-B": "per-tensor widths that fit B bits per element on the wire (calibrated profile)",
+    "tokenmix-B": "sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits",
+}
+
+
+def wire_bits(layers: list[LayerCodec], heads: int, tokens: int, dim: int) -> float:
+    """Bits per element on the wire of a cache encoded with `layers` (scales and zero points included)."""
+    total = sum(encoded_size(c.key, heads, tokens, dim) + encoded_size(c.value, heads, tokens, dim) for c in layers)
+    return 8 * total / (2 * len(layers) * heads * tokens * dim)

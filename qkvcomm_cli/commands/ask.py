@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from qkvcomm_cli.commands.common import client_tls, connection_flags, print_stats
@@ -25,13 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkvcomm_cli.client import ask  # noqa: PLC0415 - keep `qkvcomm --help` fast
+    import grpc  # noqa: PLC0415 - keep `qkvcomm --help` fast
+
+    from qkvcomm_cli.client import ask  # noqa: PLC0415
+    from service_common.status import error_info  # noqa: PLC0415
 
     context = args.context if args.context is not None else args.context_file.read_text()
     on_text = None if args.json else (lambda t: print(t, end="", flush=True))
-    answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text,
-                 layer_ratio=args.layers, layer_method=args.layer_method, tls=client_tls(args), token=args.token,
-                 tenant=args.tenant)
+    try:
+        answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text,
+                     layer_ratio=args.layers, layer_method=args.layer_method, tls=client_tls(args), token=args.token,
+                     tenant=args.tenant)
+    except grpc.RpcError as e:  # the status, its ErrorInfo reason and metadata, and the message
+        info = error_info(e)
+        why = f" {info.reason} {dict(info.metadata) if info.metadata else ''}".rstrip() if info else ""
+        print(f"qkvcomm ask: {e.code().name}{why}: {e.details()}", file=sys.stderr)
+        return 1
     if args.json:
         print(answer.to_json())
     else:

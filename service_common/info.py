@@ -1,0 +1,43 @@
+"""The Info RPC's answer: what a service runs and offers, built from its model and configuration."""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from qkv_core.card.header import fingerprint_to_pb
+from qkv_core.codec import registry
+from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
+from qkv_core.model.loading import LoadedModel
+from qkv_core.types import Fingerprint
+from qkv_core.wire import pb
+
+INFO_TOKENS = 1024  # codec costs are quoted at this context length
+
+
+def package_version() -> str:
+    try:
+        return version("qkvcomm")
+    except PackageNotFoundError:  # run from a checkout without an install
+        return "0+unknown"
+
+
+def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
+    out = [pb.CodecInfo(name="text", description="the context as text: the receiver prefills it")]
+    for name, what in registry.PRESETS.items():
+        bits = registry.wire_bits(registry.resolve(name, fp.num_layers), fp.num_kv_heads, INFO_TOKENS, fp.head_dim)
+        out.append(pb.CodecInfo(name=name, bits_per_element=bits, description=what))
+    out += [pb.CodecInfo(name=name, description=what) for name, what in registry.ADAPTIVE.items()]
+    return out
+
+
+def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[Fingerprint] = (),
+               store_tiers: list[str] = ()) -> pb.InfoResponse:
+    limits = cfg.limits
+    return pb.InfoResponse(
+        version=package_version(), role=role, model=fingerprint_to_pb(lm.fingerprint), device=str(lm.device),
+        dtype=str(lm.dtype).removeprefix("torch."), codecs=codecs(lm.fingerprint),
+        limits=pb.ServiceLimits(max_card_bytes=cfg.max_card_bytes, max_context_tokens=limits.max_context_tokens,
+                                max_new_tokens=limits.max_new_tokens_limit, chunk_bytes=MAX_CHUNK_BYTES),
+        features=pb.ServiceFeatures(
+            facts=cfg.facts, layer_selection=True, sessions=False, alignments=[fingerprint_to_pb(a) for a in alignments],
+            tls=bool(cfg.tls_cert), auth=bool(cfg.auth_tokens), store_tiers=list(store_tiers)),
+    )
