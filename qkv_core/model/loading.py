@@ -79,14 +79,25 @@ def embedded_gguf(name: str) -> Path:
     return path
 
 
+def _gguf_key(gguf: Path, edge: int = 1 << 20) -> str:
+    """The file's identity by content (size, first and last MiB), not by path or mtime: every
+    reinstall of the same model package reuses one conversion instead of adding ~0.5 GB."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(edge))
+        f.seek(max(0, size - edge))
+        h.update(f.read(edge))
+    return h.hexdigest()[:16]
+
+
 def _converted_dir(gguf: Path) -> Path:
     """A Hugging Face directory converted once from a GGUF file, reused on later loads.
 
     Dequantizing a GGUF and building its tokenizer takes ~30 s on 2 cores; loading the
     converted safetensors takes a few seconds.
     """
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = _gguf_key(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
