@@ -17,7 +17,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data fuzz load link-faults image-smoke lint-dockerfile node-client node-client-test compose-config k8s-validate deploy-check clean
+.PHONY: install run test data fuzz load link-faults image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -88,6 +88,17 @@ node-client-test: install $(NODE_MODULES)
 
 # Deployment files, validated offline. Debian's docker-compose (the PyPI one does not
 # install on Python 3.11) and kubectl are installed on first use where we may.
+# The v1 contract: buf lint (STANDARD) and no breaking change against the previous commit
+# (buf from npm, pinned in tools/buf).
+BUF := tools/buf/node_modules/.bin/buf
+$(BUF): tools/buf/package-lock.json
+	cd tools/buf && npm ci --no-audit --no-fund --silent
+
+proto-check: $(BUF)
+	$(BUF) lint
+	$(BUF) breaking --against '.git#ref=HEAD~1'
+	@echo "proto: buf lint clean, no breaking change against HEAD~1"
+
 compose-config:
 	deploy/need.sh docker-compose docker-compose
 	COMPOSE_FILE=docker-compose.yml docker-compose config -q
@@ -106,7 +117,7 @@ k8s-validate: install
 	  echo "k8s $$overlay: rendered, valid, Pod Security restricted"; \
 	done
 
-deploy-check: compose-config k8s-validate node-client-test
+deploy-check: proto-check compose-config k8s-validate node-client-test
 
 clean:
 	rm -rf .pytest_cache .hypothesis build *.egg-info clients/node/node_modules data/qa/squad_longctx.jsonl

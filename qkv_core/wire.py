@@ -5,6 +5,7 @@ outputs, never edited or committed.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from types import SimpleNamespace
 
 try:
@@ -16,3 +17,9 @@ pb = SimpleNamespace(
     **{name: getattr(card_pb2, name) for name in card_pb2.DESCRIPTOR.message_types_by_name},
     **{name: getattr(services_pb2, name) for name in services_pb2.DESCRIPTOR.message_types_by_name},
 )
+
+
+def push_requests(frames: Iterable[pb.CardFrame]) -> Iterator[pb.PushCardRequest]:  # type: ignore[name-defined]
+    """A card's frames as ReceiverService.PushCard's request stream."""
+    for frame in frames:
+        yield pb.PushCardRequest(frame=frame)

@@ -97,7 +97,7 @@ def lookup_times(receiver: str, certs: DevCerts, held: list[str], rounds: int = 
              "absent card": ("other", False)}
     times: dict[str, list[float]] = defaultdict(list)
     with open_channel(receiver, tls, GRPC_OPTIONS) as channel:
-        stub = services_pb2_grpc.ReceiverStub(channel)
+        stub = services_pb2_grpc.ReceiverServiceStub(channel)
         for i in range(rounds):
             for case, (tenant, present) in cases.items():
                 card_id = held[i % len(held)] if present else secrets.token_hex(32)

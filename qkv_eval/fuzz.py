@@ -1,6 +1,7 @@
 """PushCard fuzzing: a structured mutator over real cards (and raw bytes) against a live receiver.
 
-Each case is one PushCard stream of serialized frames, built from a real card by one mutation:
+Each case is one PushCard stream of serialized frames (each wrapped in a well-formed PushCardRequest),
+built from a real card by one mutation:
 
     unsigned  bit flips in chunk data, reordered / duplicated / dropped chunks, a truncated
               stream, a second header, a tampered trailer: the checksums no longer hold, so the
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.internal.encoder import _VarintBytes
 
 from qkv_core.card.framing import frames
 from qkv_core.engine.sender import PreparedCard
@@ -225,6 +227,12 @@ class Report:
         return "\n".join(lines) + f"\n\n{self.cases} cases in {self.seconds:.0f} s: {verdict}"
 
 
+def as_request(frame: bytes) -> bytes:
+    """A PushCardRequest holding these frame bytes (field 1, length-delimited), parseable or not:
+    the mutations act on the frame, the wrapper stays well-formed."""
+    return b"\x0a" + _VarintBytes(len(frame)) + frame
+
+
 def run(receiver: str, cards: list[PreparedCard], cases: int, seed: int = 0, timeout_s: float = 30.0,
         progress: bool = False) -> Report:
     """`cases` mutated pushes against the receiver at `receiver` (HOST:PORT), round robin over `cards`."""
@@ -235,8 +243,8 @@ def run(receiver: str, cards: list[PreparedCard], cases: int, seed: int = 0, tim
     report = Report()
     start = time.perf_counter()
     with grpc.insecure_channel(receiver, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-        push = channel.stream_unary("/qkvcomm.v1.Receiver/PushCard", request_serializer=None,
-                                    response_deserializer=pb.PushCardReply.FromString)
+        push = channel.stream_unary("/qkvcomm.v1.ReceiverService/PushCard", request_serializer=None,
+                                    response_deserializer=pb.PushCardResponse.FromString)
         for n in tqdm(range(cases), desc="fuzz PushCard", disable=not progress, mininterval=2):
             card = cards[n % len(cards)]
             mutate = rng.choice(MUTATIONS)
@@ -244,7 +252,7 @@ def run(receiver: str, cards: list[PreparedCard], cases: int, seed: int = 0, tim
                 mutate = flip_chunk_bit
             stream = mutate(rng, card)
             try:
-                push(iter(stream), timeout=timeout_s)
+                push(iter(map(as_request, stream)), timeout=timeout_s)
                 status = "OK"
             except grpc.RpcError as e:
                 status = e.code().name
@@ -264,7 +272,7 @@ def run(receiver: str, cards: list[PreparedCard], cases: int, seed: int = 0, tim
         if health.status != health_pb2.HealthCheckResponse.SERVING:
             report.fail("receiver not SERVING after the run")
         clean = cards[0]
-        if push(iter(_signed(clean.header, clean.blobs)), timeout=timeout_s).card_id != clean.header.card_id:
+        if push(iter(map(as_request, _signed(clean.header, clean.blobs))), timeout=timeout_s).card_id != clean.header.card_id:
             report.fail("a clean card was not accepted after the run")
     report.seconds = time.perf_counter() - start
     return report

@@ -50,7 +50,7 @@ def ask(
     )
     text, stats = [], pb.HandoffStats()
     with open_channel(sender, tls, GRPC_OPTIONS) as channel:
-        replies = services_pb2_grpc.SenderStub(channel).Ask(request, timeout=timeout_s, metadata=call_metadata(token, tenant))
+        replies = services_pb2_grpc.SenderServiceStub(channel).Ask(request, timeout=timeout_s, metadata=call_metadata(token, tenant))
         for reply in replies:
             if reply.HasField("stats"):
                 stats = reply.stats

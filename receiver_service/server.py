@@ -22,33 +22,31 @@ from service_common.metrics import Metrics
 from service_common.server import Running, iterate_in_thread, serve_forever, start
 
 log = logging.getLogger(__name__)
-SERVICE = services_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
+SERVICE = services_pb2.DESCRIPTOR.services_by_name["ReceiverService"].full_name
 
 
-class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
+class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
     def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
         self.engine = engine
         self.metrics = metrics
         self.cfg = cfg
         self.auth = auth
-        store = engine.store
-        tiers = ["hot", "memory", *(["disk"] if store.disk else []), *(["redis"] if store.shared else [])]
-        self.info = build_info("receiver", engine.lm, cfg, [a.sender for a in engine.alignments.values()], tiers)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """Whose cards a call sees (the interceptor has already refused calls it may not make)."""
         return self.auth.tenant(context.invocation_metadata())
 
     @guarded
-    async def PushCard(self, request_iterator: AsyncIterator[pb.CardFrame], context: grpc.aio.ServicerContext) -> pb.PushCardReply:
+    async def PushCard(self, request_iterator: AsyncIterator[pb.PushCardRequest], context: grpc.aio.ServicerContext,
+                       ) -> pb.PushCardResponse:
         tenant = self._tenant(context)
-        frames = aiter(request_iterator)
+        requests = aiter(request_iterator)
         idle_s = self.cfg.limits.idle_timeout_s
         with self.engine.intake() as intake:
             try:
                 while True:
                     try:
-                        frame = await asyncio.wait_for(anext(frames), idle_s)
+                        frame = (await asyncio.wait_for(anext(requests), idle_s)).frame
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
@@ -68,44 +66,40 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServicer):
         m = self.metrics
         m.cards_received.inc()
         m.observe("dequantize", intake.dequantize_s)
-        return pb.PushCardReply(
+        return pb.PushCardResponse(
             card_id=card.header.card_id, wire_bytes=intake.reader.wire_bytes, dequantize_s=intake.dequantize_s
         )
 
     @guarded
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateReply]:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         stats = Generation(request.card_id)
         max_new = request.max_new_tokens or self.cfg.max_new_tokens
         pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats, self._tenant(context))
         async for piece in iterate_in_thread(pieces):
-            yield pb.GenerateReply(text=piece)
+            yield pb.GenerateResponse(text=piece)
         self.metrics.ttft.observe(stats.ttft_s)
         self.metrics.observe("generate", stats.total_s)
         self.metrics.generation_tokens.inc(stats.tokens)
-        yield pb.GenerateReply(stats=pb.GenerateStats(
+        yield pb.GenerateResponse(stats=pb.GenerateStats(
             ttft_s=stats.ttft_s, total_s=stats.total_s, generated_tokens=stats.tokens
         ))
 
     @guarded
-    async def PushText(self, request: pb.PushTextRequest, context: grpc.aio.ServicerContext) -> pb.PushCardReply:
+    async def PushText(self, request: pb.PushTextRequest, context: grpc.aio.ServicerContext) -> pb.PushTextResponse:
         wire = request.ByteSize()
         self.metrics.wire_bytes_received.inc(wire)
         card, prefill_s = await asyncio.to_thread(self.engine.accept_text, request.context, self._tenant(context))
         self.metrics.observe("prefill", prefill_s)
         self.metrics.prompt_tokens.inc(card.header.context_tokens)
-        return pb.PushCardReply(card_id=card.header.card_id, wire_bytes=wire, prefill_s=prefill_s)
+        return pb.PushTextResponse(card_id=card.header.card_id, wire_bytes=wire, prefill_s=prefill_s)
 
     @guarded
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return self.info
-
-    @guarded
-    async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardReply:
+    async def HasCard(self, request: pb.HasCardRequest, context: grpc.aio.ServicerContext) -> pb.HasCardResponse:
         # a card on disk or in Redis is brought up (and verified) here: off the event loop
         header = await asyncio.to_thread(self.engine.store.has, request.card_id, self._tenant(context))
         if header is None:
-            return pb.HasCardReply(present=False)
-        return pb.HasCardReply(present=True, context_tokens=header.context_tokens)
+            return pb.HasCardResponse(present=False)
+        return pb.HasCardResponse(present=True, context_tokens=header.context_tokens)
 
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
@@ -116,8 +110,12 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
     metrics.watch_store(engine.store)
     servicer = ReceiverServicer(engine, metrics, cfg, auth)
+    store = engine.store
+    tiers = ["hot", "memory", *(["disk"] if store.disk else []), *(["redis"] if store.shared else [])]
+    info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers)
     running = await start(
-        "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServicer_to_server(servicer, s), cfg, metrics, auth
+        "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServiceServicer_to_server(servicer, s), cfg, metrics,
+        auth, info,
     )
     await _report_tiers(running, engine)
     return running

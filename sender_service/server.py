@@ -23,7 +23,7 @@ from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
-from qkv_core.wire import pb
+from qkv_core.wire import pb, push_requests
 from service_common.auth import Auth, call_metadata
 from service_common.errors import guarded
 from service_common.info import build_info
@@ -32,7 +32,7 @@ from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
 from service_common.tls import ClientTLS, open_channel
 
 log = logging.getLogger(__name__)
-SERVICE = services_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
+SERVICE = services_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
 # The channel to the receiver: idempotent lookups are retried on UNAVAILABLE (a receiver restarting),
 # and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to 120 s, so the first Ask
 # after a receiver restart finds it. PushCard is a client stream, which gRPC does not retry; the sender
@@ -50,7 +50,7 @@ def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
     if balance not in ("pick_first", "round_robin"):
         raise ValueError(f"receiver_balance must be pick_first or round_robin, not {balance!r}")
     config = {"loadBalancingConfig": [{balance: {}}],
-              "methodConfig": [{"name": [{"service": "qkvcomm.v1.Receiver", "method": "HasCard"}], "retryPolicy": _RETRY}]}
+              "methodConfig": [{"name": [{"service": "qkvcomm.v1.ReceiverService", "method": "HasCard"}], "retryPolicy": _RETRY}]}
     return [
         *GRPC_OPTIONS,
         ("grpc.service_config", json.dumps(config)),
@@ -73,15 +73,14 @@ class Upstream:
         return Upstream(max(0.0, self.timeout - (time.perf_counter() - since)), self.metadata)
 
 
-class SenderServicer(services_pb2_grpc.SenderServicer):
-    def __init__(self, engine: SenderEngine, receiver: services_pb2_grpc.ReceiverStub, metrics: Metrics, cfg: ServiceConfig,
-                 auth: Auth):
+class SenderServicer(services_pb2_grpc.SenderServiceServicer):
+    def __init__(self, engine: SenderEngine, channel: grpc.aio.Channel, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
         self.engine = engine
-        self.receiver = receiver
+        self.receiver = services_pb2_grpc.ReceiverServiceStub(channel)
+        self.receiver_meta = services_pb2_grpc.InfoServiceStub(channel)
         self.metrics = metrics
         self.cfg = cfg
         self.auth = auth
-        self.info = build_info("sender", engine.lm, cfg)
         self._receiver_info: tuple[float, pb.InfoResponse | None] | None = None  # (when fetched, what)
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
         SelectionConfig(cfg.layer_ratio, cfg.layer_method)
@@ -131,7 +130,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         now = time.monotonic()
         if self._receiver_info is None or now - self._receiver_info[0] > INFO_TTL_S:
             try:
-                info = await self.receiver.Info(pb.InfoRequest(), timeout=min(up.timeout, 10.0), metadata=up.metadata)
+                info = await self.receiver_meta.Info(pb.InfoRequest(), timeout=min(up.timeout, 10.0), metadata=up.metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -192,7 +191,7 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
             sent = 0
             try:
                 left = up.remaining(since=t0)
-                reply = await self.receiver.PushCard(counted(), timeout=left.timeout, metadata=left.metadata)
+                reply = await self.receiver.PushCard(push_requests(counted()), timeout=left.timeout, metadata=left.metadata)
                 break
             except grpc.aio.AioRpcError as e:  # a broken stream: push the card again, whole (its id is its content)
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUSH_ATTEMPTS - 1:
@@ -227,16 +226,12 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
         return stats
 
     @guarded
-    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return self.info
-
-    @guarded
-    async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareReply:
+    async def Share(self, request: pb.ShareRequest, context: grpc.aio.ServicerContext) -> pb.ShareResponse:
         stats, _ = await self._share(request, self._upstream(context))
-        return pb.ShareReply(stats=stats)
+        return pb.ShareResponse(stats=stats)
 
     @guarded
-    async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskReply]:
+    async def Ask(self, request: pb.AskRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AskResponse]:
         if not request.question.strip():
             raise RequestError("the question is empty")
         start = time.perf_counter()
@@ -254,9 +249,9 @@ class SenderServicer(services_pb2_grpc.SenderServicer):
                 if first:  # what the client waited for its first token: the handoff and the receiver's TTFT
                     self.metrics.ask_ttft.observe(time.perf_counter() - start)
                     first = False
-                yield pb.AskReply(text=reply.text)
+                yield pb.AskResponse(text=reply.text)
         stats.total_s = time.perf_counter() - start
-        yield pb.AskReply(stats=stats)
+        yield pb.AskResponse(stats=stats)
 
 
 def _path(setting: str) -> Path | None:
@@ -277,9 +272,10 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
     channel = open_channel(cfg.receiver, tls, receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
     engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files)
-    servicer = SenderServicer(engine, services_pb2_grpc.ReceiverStub(channel), metrics, cfg, auth)
+    servicer = SenderServicer(engine, channel, metrics, cfg, auth)
     running = await start(
-        "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServicer_to_server(servicer, s), cfg, metrics, auth
+        "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServiceServicer_to_server(servicer, s), cfg, metrics, auth,
+        build_info("sender", lm, cfg),
     )
     try:  # tell the operator now; every handoff checks again (cached), so a fixed receiver is picked up
         await servicer.check_receiver(Upstream(5.0, call_metadata(cfg.receiver_token, "")))

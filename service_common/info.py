@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+import grpc
+from qkvcomm.v1 import services_pb2_grpc
+
 from qkv_core.card.header import fingerprint_to_pb
 from qkv_core.codec import registry
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
@@ -41,3 +44,13 @@ def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[
             facts=cfg.facts, layer_selection=True, sessions=False, alignments=[fingerprint_to_pb(a) for a in alignments],
             tls=bool(cfg.tls_cert), auth=bool(cfg.auth_tokens), store_tiers=list(store_tiers)),
     )
+
+
+class InfoServicer(services_pb2_grpc.InfoServiceServicer):
+    """qkvcomm.v1.InfoService, served by both services: their answer, built once at start."""
+
+    def __init__(self, info: pb.InfoResponse):
+        self.info = info
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return self.info

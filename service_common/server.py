@@ -14,9 +14,12 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
+from qkv_core.wire import pb
 from service_common.auth import Auth, AuthInterceptor
+from service_common.info import InfoServicer
 from service_common.metrics import Metrics
 from service_common.tls import is_loopback, server_credentials
 
@@ -29,6 +32,7 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+INFO_SERVICE = services_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name
 READY = "ready"  # first word of the line a service prints once it listens
 
 
@@ -54,16 +58,19 @@ async def start(
     cfg: ServiceConfig,
     metrics: Metrics,
     auth: Auth,
+    info: pb.InfoResponse,
 ) -> Running:
     def denied(code: grpc.StatusCode) -> None:
         metrics.errors.labels(reason=code.name.lower()).inc()
 
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[AuthInterceptor(auth, denied)])
     add_servicer(server)
+    services_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(info), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (full_service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        (full_service_name, INFO_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
         server,
     )
     address = f"{cfg.host}:{cfg.port}"

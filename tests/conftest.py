@@ -165,10 +165,10 @@ def secure_services(embedded: LoadedModel, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="session")
-def receiver_stub(services: Services) -> Iterator[services_pb2_grpc.ReceiverStub]:
+def receiver_stub(services: Services) -> Iterator[services_pb2_grpc.ReceiverServiceStub]:
     """A client stub of the live receiver (one channel for the session)."""
     with grpc.insecure_channel(services.receiver, options=GRPC_OPTIONS) as channel:
-        yield services_pb2_grpc.ReceiverStub(channel)
+        yield services_pb2_grpc.ReceiverServiceStub(channel)
 
 
 def gauge(port: int, name: str) -> float:

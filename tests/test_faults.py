@@ -79,7 +79,7 @@ def test_sender_killed_mid_push_frees_the_receivers_intake():
         assert _wait_for(lambda: gauge(port, "qkvcomm_intakes_in_flight") == 0, 30)
         assert gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
         with grpc.insecure_channel(receiver.address) as channel:  # and it still takes cards
-            assert not services_pb2_grpc.ReceiverStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64)).present
+            assert not services_pb2_grpc.ReceiverServiceStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64)).present
     finally:
         sender.stop()
         receiver.stop()
@@ -90,7 +90,7 @@ def test_sigterm_during_a_long_generation_ends_the_receiver_within_its_grace():
     receiver = spawn("receiver", env={"QKVCOMM_GRACE_S": str(grace_s)})
     try:
         with grpc.insecure_channel(receiver.address) as channel:
-            stub = services_pb2_grpc.ReceiverStub(channel)
+            stub = services_pb2_grpc.ReceiverServiceStub(channel)
             card = stub.PushText(pb.PushTextRequest(context=SHORT[0]), timeout=60)
             stream = stub.Generate(pb.GenerateRequest(card_id=card.card_id, query="Tell me a very long story.",
                                                       max_new_tokens=1000), timeout=120)

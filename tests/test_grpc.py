@@ -10,7 +10,7 @@ from qkv_core.card.framing import frames
 from qkv_core.card.header import FORMAT_VERSION
 from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.wire import pb
+from qkv_core.wire import pb, push_requests
 from qkvcomm_cli.client import ask
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -73,13 +73,13 @@ def card_frames(embedded):
 
 def _push_fails(stub, stream, code, match):
     with pytest.raises(grpc.RpcError) as err:
-        stub.PushCard(iter(stream), timeout=60)
+        stub.PushCard(push_requests(iter(stream)), timeout=60)
     assert err.value.code() == code, err.value.details()
     assert match in err.value.details()
 
 
 def _still_serving(stub, card_frames):
-    reply = stub.PushCard(iter(card_frames), timeout=60)
+    reply = stub.PushCard(push_requests(iter(card_frames)), timeout=60)
     assert stub.HasCard(pb.HasCardRequest(card_id=reply.card_id)).present
 
 
@@ -153,7 +153,7 @@ def test_facts_ride_in_the_card_and_reach_the_receivers_prompt(services):
 
 
 def test_health_and_reflection(services):
-    for address, name in [(services.receiver, "qkvcomm.v1.Receiver"), (services.sender, "qkvcomm.v1.Sender")]:
+    for address, name in [(services.receiver, "qkvcomm.v1.ReceiverService"), (services.sender, "qkvcomm.v1.SenderService")]:
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", name):
@@ -162,7 +162,7 @@ def test_health_and_reflection(services):
             refl = reflection_pb2_grpc.ServerReflectionStub(channel)
             reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
             names = {s.name for s in reply.list_services_response.service}
-            assert {name, "grpc.health.v1.Health"} <= names
+            assert {name, "qkvcomm.v1.InfoService", "grpc.health.v1.Health"} <= names
 
 
 def test_metrics_endpoints(services, embedded):

@@ -9,7 +9,7 @@ from conftest import TEST_CONFIG, serve_pair, tiny_model
 from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.card.header import FORMAT_VERSION
-from qkv_core.wire import pb
+from qkv_core.wire import pb, push_requests
 from qkvcomm_cli.client import ask
 from service_common.server import GRPC_OPTIONS
 from service_common.status import error_info
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.e2e
 def test_info_describes_the_loaded_model_and_the_configuration(services, embedded):
     fp = embedded.fingerprint
     with grpc.insecure_channel(services.receiver, options=GRPC_OPTIONS) as channel:
-        info = services_pb2_grpc.ReceiverStub(channel).Info(pb.InfoRequest(), timeout=10)
+        info = services_pb2_grpc.InfoServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
     with grpc.insecure_channel(services.sender, options=GRPC_OPTIONS) as channel:
-        sender = services_pb2_grpc.SenderStub(channel).Info(pb.InfoRequest(), timeout=10)
+        sender = services_pb2_grpc.InfoServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
     assert (info.role, sender.role) == ("receiver", "sender")
     m = info.model
     assert (m.name, m.num_layers, m.num_kv_heads, m.head_dim, m.weights_sha256) == (
@@ -64,11 +64,11 @@ def test_every_refusal_carries_its_error_info(services, receiver_stub, call, cod
         do = lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id="0" * 64, query="Who?",  # noqa: E731
                                                                     max_new_tokens=10**6)))
     elif call == "future_card":
-        do = lambda: receiver_stub.PushCard(iter([pb.CardFrame(header=pb.CardHeader(format_version=FORMAT_VERSION + 9))]))  # noqa: E731
+        do = lambda: receiver_stub.PushCard(push_requests(iter([pb.CardFrame(header=pb.CardHeader(format_version=FORMAT_VERSION + 9))])))  # noqa: E731
     else:
         with grpc.insecure_channel(services.receiver) as channel:
-            push = channel.stream_unary("/qkvcomm.v1.Receiver/PushCard", request_serializer=lambda b: b,
-                                        response_deserializer=pb.PushCardReply.FromString)
+            push = channel.stream_unary("/qkvcomm.v1.ReceiverService/PushCard", request_serializer=lambda b: b,
+                                        response_deserializer=pb.PushCardResponse.FromString)
             with pytest.raises(grpc.RpcError) as err:
                 push(iter([b"\xff\xfe garbage"]), timeout=10)
         do = None

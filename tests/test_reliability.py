@@ -11,7 +11,7 @@ from qkv_core.card.framing import frames
 from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.wire import pb
+from qkv_core.wire import pb, push_requests
 from qkvcomm_cli.client import ask
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -41,7 +41,7 @@ def test_a_megabyte_context_is_refused_before_prefill_and_the_sender_serves_on(s
 def test_a_card_of_nan_values_with_valid_checksums_is_refused_and_not_stored(receiver_stub, card):
     blobs = [bytearray(b) for b in card.blobs]
     blobs[3][10:12] = b"\x00\x7e"  # fp16 NaN in layer 3's keys; frames() recomputes CRCs and digest
-    _fails(lambda: receiver_stub.PushCard(frames(card.header, [bytes(b) for b in blobs]), timeout=60),
+    _fails(lambda: receiver_stub.PushCard(push_requests(frames(card.header, [bytes(b) for b in blobs])), timeout=60),
            grpc.StatusCode.INVALID_ARGUMENT, "non-finite")
     assert not receiver_stub.HasCard(pb.HasCardRequest(card_id=card.header.card_id)).present
 
@@ -52,7 +52,7 @@ def test_headers_that_claim_what_the_data_does_not_hold_are_refused(receiver_stu
         header.CopyFrom(card.header)
         for k, v in fields.items():
             setattr(header, k, v)
-        return lambda: receiver_stub.PushCard(frames(header, card.blobs), timeout=60)
+        return lambda: receiver_stub.PushCard(push_requests(frames(header, card.blobs)), timeout=60)
 
     _fails(push_with(context_tokens=10**9), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_context_tokens")
     _fails(push_with(context_tokens=card.header.context_tokens + 1), grpc.StatusCode.INVALID_ARGUMENT, "no layer holds")
@@ -63,14 +63,14 @@ def test_headers_that_claim_what_the_data_does_not_hold_are_refused(receiver_stu
 
 def test_undecodable_bytes_are_invalid_argument_not_internal(services):
     with grpc.insecure_channel(services.receiver) as channel:
-        push = channel.stream_unary("/qkvcomm.v1.Receiver/PushCard", request_serializer=None,
-                                    response_deserializer=pb.PushCardReply.FromString)
+        push = channel.stream_unary("/qkvcomm.v1.ReceiverService/PushCard", request_serializer=None,
+                                    response_deserializer=pb.PushCardResponse.FromString)
         _fails(lambda: push(iter([b"\xff\xff\xff\xff\x0f garbage"]), timeout=30),
                grpc.StatusCode.INVALID_ARGUMENT, "undecodable")
 
 
 def test_generation_limits_name_the_limit(receiver_stub, card):
-    receiver_stub.PushCard(frames(card.header, card.blobs), timeout=60)
+    receiver_stub.PushCard(push_requests(frames(card.header, card.blobs)), timeout=60)
     limit = Limits().max_new_tokens_limit
     _fails(lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="Code?",
                                                          max_new_tokens=limit + 1), timeout=30)),
@@ -89,7 +89,7 @@ def test_a_stream_that_stalls_after_its_header_is_dropped_after_the_idle_timeout
 
     start = time.perf_counter()
     try:
-        _fails(lambda: receiver_stub.PushCard(stalled(), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED, "idle_timeout_s")
+        _fails(lambda: receiver_stub.PushCard(push_requests(stalled()), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED, "idle_timeout_s")
     finally:
         release.set()
     assert 2.5 < time.perf_counter() - start < 15  # the services under test use a 3 s idle timeout
@@ -104,7 +104,7 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
         release.wait(60)
 
     port, limit = services.receiver_metrics, Limits().max_intakes
-    calls = [receiver_stub.PushCard.future(held(), timeout=60) for _ in range(limit)]
+    calls = [receiver_stub.PushCard.future(push_requests(held()), timeout=60) for _ in range(limit)]
     try:
         deadline = time.time() + 20
         while gauge(port, "qkvcomm_intakes_in_flight") < limit and time.time() < deadline:
@@ -112,7 +112,7 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
         assert gauge(port, "qkvcomm_intakes_in_flight") == limit
         per_card = 2 * 30 * 3 * 64 * 4 * card.header.context_tokens  # fp32 K and V, every layer
         assert gauge(port, "qkvcomm_intake_bytes_in_flight") == limit * per_card
-        _fails(lambda: receiver_stub.PushCard(frames(card.header, card.blobs), timeout=30),
+        _fails(lambda: receiver_stub.PushCard(push_requests(frames(card.header, card.blobs)), timeout=30),
                grpc.StatusCode.RESOURCE_EXHAUSTED, "max_intakes")
     finally:
         for call in calls:
@@ -122,7 +122,7 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
     while gauge(port, "qkvcomm_intakes_in_flight") and time.time() < deadline:
         time.sleep(0.05)
     assert gauge(port, "qkvcomm_intakes_in_flight") == 0 and gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
-    assert receiver_stub.PushCard(frames(card.header, card.blobs), timeout=60).card_id == card.header.card_id  # serves on
+    assert receiver_stub.PushCard(push_requests(frames(card.header, card.blobs)), timeout=60).card_id == card.header.card_id  # serves on
 
 
 def test_a_card_larger_than_the_store_is_refused_before_its_data(embedded, card):

@@ -15,7 +15,7 @@ from qkvcomm.v1 import services_pb2_grpc
 from qkv_core.card.framing import frames
 from qkv_core.codec import registry as codecs
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.wire import pb
+from qkv_core.wire import pb, push_requests
 from qkvcomm_cli.client import ask
 from service_common.auth import Auth, Denied, call_metadata, parse_tokens
 from service_common.certs import make_dev_certs
@@ -42,7 +42,7 @@ def _code(call) -> grpc.StatusCode:  # noqa: ANN001
 def _receiver(s, tenant: str, tls: ClientTLS | None = None):  # noqa: ANN202
     """A receiver stub calling as `tenant` (its own token) over mTLS."""
     channel = open_channel(s.receiver, tls or _tls(s, client=True), GRPC_OPTIONS)
-    return channel, services_pb2_grpc.ReceiverStub(channel), call_metadata(TOKENS[tenant], "")
+    return channel, services_pb2_grpc.ReceiverServiceStub(channel), call_metadata(TOKENS[tenant], "")
 
 
 def test_a_tls_handoff_with_a_token_answers(secure_services):
@@ -113,9 +113,9 @@ def test_a_forged_card_neither_replaces_a_card_nor_reaches_another_tenant(secure
     forged.header.card_id = real.header.card_id
     channel, stub, alice = _receiver(s, "alice")
     with channel:
-        stub.PushCard(frames(real.header, real.blobs), metadata=alice)
+        stub.PushCard(push_requests(frames(real.header, real.blobs)), metadata=alice)
         for tenant in ("alice", "bob"):
-            code = _code(lambda: stub.PushCard(frames(forged.header, forged.blobs), metadata=call_metadata(TOKENS[tenant], "")))
+            code = _code(lambda: stub.PushCard(push_requests(frames(forged.header, forged.blobs)), metadata=call_metadata(TOKENS[tenant], "")))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
         query = pb.GenerateRequest(card_id=real.header.card_id, query=QUESTION, max_new_tokens=12)
         answer = "".join(r.text for r in stub.Generate(query, metadata=alice))

@@ -111,7 +111,7 @@ def test_the_receiver_reports_redis_down_in_health_and_metrics_and_keeps_serving
     def probe(port: int, metrics_port: int) -> tuple[int, int, bool, str]:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            held = services_pb2_grpc.ReceiverStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64), timeout=10)
+            held = services_pb2_grpc.ReceiverServiceStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64), timeout=10)
             overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
             tier = health.Check(health_pb2.HealthCheckRequest(service="qkvcomm.store.redis"), timeout=5).status
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()

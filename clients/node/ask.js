@@ -27,11 +27,11 @@ function loadSender(address, tls) {
   const definition = protoLoader.loadSync('qkvcomm/v1/services.proto', {
     includeDirs: [PROTO_DIR], keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true,
   });
-  const { Sender } = grpc.loadPackageDefinition(definition).qkvcomm.v1;
+  const { SenderService } = grpc.loadPackageDefinition(definition).qkvcomm.v1;
   // Card frames are at most 1 MiB; answers are small. Match the services' limits.
   const options = { 'grpc.max_receive_message_length': 4 * 1024 * 1024 };
   if (tls.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
-  return new Sender(address, credentials(tls), options);
+  return new SenderService(address, credentials(tls), options);
 }
 
 // google.rpc.Status and ErrorInfo, as the services put them in 'grpc-status-details-bin'.
