@@ -1,4 +1,4 @@
-"""A Python client of the Sender service."""
+"""A Python client of the SenderService."""
 from __future__ import annotations
 
 import json
@@ -42,7 +42,7 @@ def ask(
     token: str = "",
     tenant: str = "",
 ) -> Answer:
-    """Call Sender.Ask; `on_text` sees each piece of the answer as it streams in. `tls`: how to
+    """Call SenderService.Ask; `on_text` sees each piece of the answer as it streams in. `tls`: how to
     reach a TLS sender; `token`: its bearer token; `tenant`: for a token that may name one."""
     request = pb.AskRequest(
         context=context, question=question, codec=codec, facts=facts, max_new_tokens=max_new_tokens,

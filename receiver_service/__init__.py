@@ -1,1 +1,1 @@
-"""gRPC Receiver service: accepts cards, keeps them, generates answers over them."""
+"""gRPC ReceiverService (and InfoService): accepts cards, keeps them, generates answers over them."""

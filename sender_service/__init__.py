@@ -1,1 +1,1 @@
-"""gRPC Sender service: turns contexts into cards and streams them to a receiver."""
+"""gRPC SenderService (and InfoService): turns contexts into cards and streams them to a receiver."""

@@ -9,7 +9,7 @@ from qkv_core.config import ServiceConfig, settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    for role, what in (("receiver", "the Receiver service"), ("sender", "the Sender service")):
+    for role, what in (("receiver", "the ReceiverService"), ("sender", "the SenderService")):
         p = sub.add_parser(f"serve-{role}", help=f"run {what}")
         setting_flags(p, role)
         p.set_defaults(run=run, role=role)
