@@ -54,3 +54,32 @@ def test_node_client_completes_a_tls_and_token_handoff(secure_services):
     assert "600" in json.loads(done.stdout)["answer"]
     refused = _ask(s.sender, *tls, "--token", "not-a-token")
     assert refused.returncode == 1 and "UNAUTHENTICATED UNAUTHENTICATED: unknown token" in refused.stderr
+
+
+def test_the_node_package_installs_outside_the_repo_and_its_library_asks(services, tmp_path):
+    """npm pack (the protos packed inside), npm install in an empty directory, then the library:
+    info, ask, and the ErrorInfo of a refusal."""
+    packed = subprocess.run(["npm", "pack", "--silent", "--pack-destination", str(tmp_path)], cwd=NODE_DIR,
+                            capture_output=True, text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
+    app = tmp_path / "app"
+    app.mkdir()
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefer-offline", "--silent", str(tmp_path / packed)],
+                   cwd=app, capture_output=True, text=True, timeout=300, check=True)
+    script = """
+const { connect, errorInfo } = require('qkvcomm-node-client');
+(async () => {
+  const client = connect(process.argv[1], { timeoutS: 120 });
+  const info = await client.info();
+  const answer = await client.ask({ context: process.argv[2], question: process.argv[3], codec: 'kivi-4' });
+  let refused = null;
+  try { await client.ask({ context: 'Some text.', question: 'Who?', codec: 'int4' }); } catch (err) { refused = errorInfo(err); }
+  client.close();
+  console.log(JSON.stringify({ model: info.model.name, answer: answer.text, codec: answer.stats.codec, refused }));
+})();
+"""
+    done = subprocess.run(["node", "-e", script, services.sender, DEMO_CONTEXT, DEMO_QUESTION], cwd=app,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "QKVCOMM_PROTO_DIR": ""})
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["model"] == "smollm2-135m" and "600" in out["answer"] and out["codec"] == "kivi-4"
+    assert out["refused"]["reason"] == "INVALID" and out["refused"]["domain"] == "qkvcomm.v1"

@@ -4,81 +4,13 @@
 //   [--ca PEM [--cert PEM --key PEM] [--server-name NAME]] [--token TOKEN | QKVCOMM_TOKEN=...] [--tenant T]
 //   [--timeout-s SECONDS]
 // The answer streams to stdout as it is generated; the handoff stats follow on stderr
-// (or, with --json, one JSON object on stdout). Loads the same proto/ files as the services.
+// (or, with --json, one JSON object on stdout). A command line over index.js (the library).
 // With --ca (or --cert) the channel speaks TLS; the token travels as 'authorization: Bearer ...'.
 'use strict';
 const fs = require('fs');
-const path = require('path');
 const { parseArgs } = require('util');
 const grpc = require('@grpc/grpc-js');
-const protoLoader = require('@grpc/proto-loader');
-const protobuf = require('protobufjs');
-
-const PROTO_DIR = process.env.QKVCOMM_PROTO_DIR || path.resolve(__dirname, '..', '..', 'proto');
-
-function credentials({ ca, cert, key }) {
-  if (!ca && !cert) return grpc.credentials.createInsecure();
-  if (Boolean(cert) !== Boolean(key)) throw new Error('a client certificate needs its key, and a key its certificate');
-  const read = (file) => (file ? fs.readFileSync(file) : null);
-  return grpc.credentials.createSsl(read(ca), read(key), read(cert));
-}
-
-function loadSender(address, tls) {
-  const definition = protoLoader.loadSync('qkvcomm/v1/services.proto', {
-    includeDirs: [PROTO_DIR], keepCase: true, longs: Number, enums: String, defaults: true, oneofs: true,
-  });
-  const { SenderService } = grpc.loadPackageDefinition(definition).qkvcomm.v1;
-  // Card frames are at most 1 MiB; answers are small. Match the services' limits.
-  const options = { 'grpc.max_receive_message_length': 4 * 1024 * 1024 };
-  if (tls.serverName) options['grpc.ssl_target_name_override'] = tls.serverName;
-  return new SenderService(address, credentials(tls), options);
-}
-
-// google.rpc.Status and ErrorInfo, as the services put them in 'grpc-status-details-bin'.
-const RPC = protobuf.Root.fromJSON({ nested: { google: { nested: {
-  rpc: { nested: {
-    Status: { fields: { code: { type: 'int32', id: 1 }, message: { type: 'string', id: 2 },
-      details: { rule: 'repeated', type: 'google.protobuf.Any', id: 3 } } },
-    ErrorInfo: { fields: { reason: { type: 'string', id: 1 }, domain: { type: 'string', id: 2 },
-      metadata: { keyType: 'string', type: 'string', id: 3 } } },
-  } },
-  protobuf: { nested: { Any: { fields: { type_url: { type: 'string', id: 1 }, value: { type: 'bytes', id: 2 } } } } },
-} } } });
-const Status = RPC.lookupType('google.rpc.Status');
-const ErrorInfo = RPC.lookupType('google.rpc.ErrorInfo');
-
-// The ErrorInfo (reason, domain, metadata) a failed call carries, or null.
-function errorInfo(err) {
-  const raw = err.metadata && err.metadata.get('grpc-status-details-bin')[0];
-  if (!raw) return null;
-  const detail = Status.decode(raw).details.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
-  return detail ? ErrorInfo.toObject(ErrorInfo.decode(detail.value)) : null;
-}
-
-function callMetadata(token, tenant) {
-  const metadata = new grpc.Metadata();
-  if (token) metadata.set('authorization', `Bearer ${token}`);
-  if (tenant) metadata.set('x-qkvcomm-tenant', tenant);
-  return metadata;
-}
-
-function ask(client, request, onText, metadata, timeoutS) {
-  return new Promise((resolve, reject) => {
-    let text = '';
-    let stats = null;
-    const call = client.Ask(request, metadata, { deadline: Date.now() + timeoutS * 1000 });
-    call.on('data', (reply) => {
-      if (reply.reply === 'text') {
-        text += reply.text;
-        if (onText) onText(reply.text);
-      } else if (reply.reply === 'stats') {
-        stats = reply.stats;
-      }
-    });
-    call.on('error', reject);
-    call.on('end', () => resolve({ text, stats }));
-  });
-}
+const { connect, errorInfo } = require('./index');
 
 async function main() {
   const { values } = parseArgs({
@@ -96,15 +28,16 @@ async function main() {
     console.error('usage: ask.js --sender HOST:PORT (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--json]');
     process.exit(2);
   }
-  const client = loadSender(values.sender,
-    { ca: values.ca, cert: values.cert, key: values.key, serverName: values['server-name'] });
+  const client = connect(values.sender, {
+    ca: values.ca, cert: values.cert, key: values.key, serverName: values['server-name'],
+    token: values.token, tenant: values.tenant, timeoutS: Number(values['timeout-s']),
+  });
   const request = {
     context, question: values.question, codec: values.codec,
     max_new_tokens: Number(values['max-new-tokens']),
   };
   try {
-    const answer = await ask(client, request, values.json ? null : (t) => process.stdout.write(t),
-      callMetadata(values.token, values.tenant), Number(values['timeout-s']));
+    const answer = await client.ask(request, values.json ? null : (t) => process.stdout.write(t));
     if (values.json) {
       console.log(JSON.stringify({ answer: answer.text.trim(), ...answer.stats }));
     } else {
