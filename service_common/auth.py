@@ -54,6 +54,11 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def format_tokens(tokens: dict[str, str]) -> str:
+    """A token file's text from {tenant: token}: what parse_tokens reads."""
+    return "".join(f"{token} {tenant}\n" for tenant, token in tokens.items())
+
+
 def parse_tokens(text: str, where: str = "token file") -> list[tuple[bytes, str]]:
     """(SHA-256 of the token, tenant) per line; ValueError naming the line (never the token)."""
     entries = []

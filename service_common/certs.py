@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from qkv_core.atomic import write_atomic
+from service_common.auth import format_tokens
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1", "receiver", "sender")  # the compose service names too
 
@@ -42,7 +44,7 @@ class DevCerts:
     def write_tokens(self, tokens: dict[str, str]) -> Path:
         """DIR/tokens, a token file (service_common.auth) of {tenant: token}, owner-readable only."""
         path = self.directory / "tokens"
-        _write(path, "".join(f"{token} {tenant}\n" for tenant, token in tokens.items()).encode(), private=True)
+        write_atomic(path, format_tokens(tokens).encode(), private=True)
         return path
 
 
@@ -61,8 +63,8 @@ def make_dev_certs(directory: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, clie
                                      encipher_only=False, decipher_only=False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(directory / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
-    _write(directory / "ca.key", _key_pem(ca_key), private=True)
+    write_atomic(directory / "ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+    write_atomic(directory / "ca.key", _key_pem(ca_key), private=True)
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -80,8 +82,8 @@ def make_dev_certs(directory: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, clie
         for extension in extra:
             builder = builder.add_extension(extension, critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        _write(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM))
-        _write(directory / f"{stem}.key", _key_pem(key), private=True)
+        write_atomic(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM))
+        write_atomic(directory / f"{stem}.key", _key_pem(key), private=True)
     return DevCerts(directory)
 
 
@@ -98,12 +100,3 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurve
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write atomically (a watcher never reads half a file), keys readable by their owner only."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -69,19 +69,9 @@ def details_of(error: Exception) -> dict[str, str]:
     return {}
 
 
-async def abort(context: grpc.aio.ServicerContext, error: Exception, metrics: Metrics) -> None:
-    if context.cancelled():  # the client went away (a truncated stream is its doing, not data loss)
-        metrics.errors.labels(reason="cancelled").inc()
-        return
-    code, message, reason = status_of(error)
-    metrics.errors.labels(reason=reason).inc()
-    if code == grpc.StatusCode.INTERNAL:
-        log.exception("internal error", exc_info=error)
-    await context.abort(code, message, error_metadata(code, message, reason, details_of(error)))
-
-
 class _Served:
-    """One RPC in the request metrics: in flight while it runs, then counted by its final status."""
+    """One RPC in the metrics: in flight while it runs, then counted by its final status; a
+    failure is counted by reason and ends the call with its status and ErrorInfo."""
 
     def __init__(self, metrics: Metrics, method: str):
         self.metrics, self.method, self.status = metrics, method, "OK"
@@ -90,8 +80,20 @@ class _Served:
         self.metrics.in_flight.labels(self.metrics.model_name, self.method).inc()
         return self
 
-    def failed(self, error: BaseException) -> None:
-        self.status = "CANCELLED" if isinstance(error, asyncio.CancelledError) else status_of(error)[0].name  # type: ignore[arg-type]
+    def cancelled(self) -> None:
+        self.status = "CANCELLED"
+        self.metrics.errors.labels(reason="cancelled").inc()
+
+    async def abort(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        if context.cancelled():  # the client went away (a truncated stream is its doing, not data loss)
+            self.cancelled()
+            return
+        code, message, reason = status_of(error)
+        self.status = code.name
+        self.metrics.errors.labels(reason=reason).inc()
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("internal error", exc_info=error)
+        await context.abort(code, message, error_metadata(code, message, reason, details_of(error)))
 
     def __exit__(self, *exc: object) -> None:
         m = self.metrics
@@ -112,13 +114,11 @@ def guarded(method: Callable) -> Callable:
                         yield item
                 except (grpc.aio.AbortError, GeneratorExit):
                     raise
-                except asyncio.CancelledError as e:
-                    served.failed(e)
-                    self.metrics.errors.labels(reason="cancelled").inc()
+                except asyncio.CancelledError:
+                    served.cancelled()
                     raise
                 except Exception as e:  # noqa: BLE001 - every failure must reach the client as a status
-                    served.failed(e)
-                    await abort(context, e, self.metrics)
+                    await served.abort(context, e)
 
         return stream
 
@@ -129,12 +129,10 @@ def guarded(method: Callable) -> Callable:
                 return await method(self, request, context)
             except grpc.aio.AbortError:
                 raise
-            except asyncio.CancelledError as e:
-                served.failed(e)
-                self.metrics.errors.labels(reason="cancelled").inc()
+            except asyncio.CancelledError:
+                served.cancelled()
                 raise
             except Exception as e:  # noqa: BLE001
-                served.failed(e)
-                await abort(context, e, self.metrics)
+                await served.abort(context, e)
 
     return unary

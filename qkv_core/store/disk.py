@@ -3,19 +3,19 @@
     DIR/MODEL/TENANT/CARD_ID.card      MODEL: 16 hex digits of the weights hash; TENANT: the
                                        tenant's name in hex ("-" for the default tenant)
 
-written atomically (a temporary file, then a rename). What is on disk is indexed at start, so a
+written atomically (qkv_core.atomic). What is on disk is indexed at start, so a
 receiver restarted on the same directory serves its cards again. The budget counts file bytes;
 past it the oldest files go first.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+from qkv_core.atomic import write_atomic
 from qkv_core.card.header import CARD_ID
 from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
 from qkv_core.store.records import CardRecord, Key
@@ -82,15 +82,9 @@ class DiskTier:
                 self.stats.count("disk", "evict")
             path = self.path(key)
             path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
+                write_atomic(path, data)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 self.stats.count("disk", "error")
                 log.warning("disk tier: cannot write %s: %s", path, e)
                 return False
