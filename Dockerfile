@@ -5,18 +5,20 @@
 # the NVIDIA container toolkit. The install and build-time steps are the scripts in
 # deploy/docker/, which `make image-smoke` replays in a fresh virtualenv (no Docker engine needed).
 
-# Stage 1: the wheel (the build hook generates the gRPC stubs into it).
+# Stage 1: the wheels: the light client (its build hook generates the gRPC stubs into it) and the
+# services over it.
 FROM python:3.11-slim AS wheel
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml setup.py README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE ./
 COPY proto ./proto
+COPY clients/python ./clients/python
 COPY qkv_core ./qkv_core
 COPY service_common ./service_common
 COPY sender_service ./sender_service
 COPY receiver_service ./receiver_service
 COPY qkvcomm_cli ./qkvcomm_cli
-RUN pip wheel --no-deps --wheel-dir /dist .
+RUN pip wheel --no-deps --wheel-dir /dist ./clients/python .
 
 # Stage 2: the runtime, installed from that wheel at the versions in constraints.txt.
 FROM python:3.11-slim

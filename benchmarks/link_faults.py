@@ -70,11 +70,11 @@ def in_sender_ns(code: str) -> str:
 
 ASK = """
 import json, time, grpc
-from qkvcomm_cli.client import ask
+from qkvcomm_client import SenderClient
 ctx = open({path!r}).read()
 t = time.perf_counter()
 try:
-    a = ask("127.0.0.1:50062", ctx, "What is the first paragraph about?", codec="fp16", timeout_s=90)
+    a = SenderClient("127.0.0.1:50062", timeout_s=90).ask(ctx, "What is the first paragraph about?", codec="fp16")
     print(json.dumps({{"status": "OK", "s": time.perf_counter() - t, "reused": a.stats.card_reused,
                       "prefill_s": a.stats.prefill_s, "transfer_s": a.stats.transfer_s}}))
 except grpc.RpcError as e:

@@ -20,11 +20,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import grpc
+from qkvcomm_client import SenderClient
 
 from qkv_eval import fuzz
 from qkv_eval.bench import machine
 from qkv_eval.evaluate import load_rows
-from qkvcomm_cli.client import ask
 from qkvcomm_cli.launch import Child, spawn
 
 MIXES = (("int8", 1.0), ("kivi-4", 0.5))  # (codec, layer ratio): full cards and layer-selected ones
@@ -87,27 +87,28 @@ def run_load(sender: str, rows: list[dict], clients: int, seconds: float, proces
 
     def client(k: int) -> None:
         i = k
-        while time.monotonic() < end:
-            row = rows[i % len(rows)]
-            codec, ratio = MIXES[i % len(MIXES)]
-            i += clients
-            start = time.perf_counter()
-            try:
-                answer = ask(sender, row["context"], row["question"], codec=codec, layer_ratio=ratio,
-                             layer_method="prior", max_new_tokens=16, timeout_s=300)
-            except grpc.RpcError as e:
+        with SenderClient(sender, timeout_s=300) as user:  # one channel per client, as agents hold them
+            while time.monotonic() < end:
+                row = rows[i % len(rows)]
+                codec, ratio = MIXES[i % len(MIXES)]
+                i += clients
+                start = time.perf_counter()
+                try:
+                    answer = user.ask(row["context"], row["question"], codec=codec, layer_ratio=ratio,
+                                      layer_method="prior", max_new_tokens=16)
+                except grpc.RpcError as e:
+                    with report.lock:
+                        report.statuses[e.code().name] += 1
+                    continue
+                elapsed = time.perf_counter() - start
+                key = (row["id"], codec, ratio)
                 with report.lock:
-                    report.statuses[e.code().name] += 1
-                continue
-            elapsed = time.perf_counter() - start
-            key = (row["id"], codec, ratio)
-            with report.lock:
-                report.statuses["OK"] += 1
-                report.latencies["client"].append(elapsed)
-                for stage in STAGES[1:]:
-                    report.latencies[stage].append(getattr(answer.stats, stage))
-                first = report.answers.setdefault(key, answer.text)
-                report.crossed += first != answer.text
+                    report.statuses["OK"] += 1
+                    report.latencies["client"].append(elapsed)
+                    for stage in STAGES[1:]:
+                        report.latencies[stage].append(getattr(answer.stats, stage))
+                    first = report.answers.setdefault(key, answer.text)
+                    report.crossed += first != answer.text
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

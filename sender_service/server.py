@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
+from qkvcomm_client import ClientTLS, call_metadata, open_channel
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import fingerprint_from_pb, model_details, text_card_id
@@ -24,12 +25,11 @@ from qkv_core.errors import RequestError, Unsupported
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb, push_requests
-from service_common.auth import Auth, call_metadata
+from service_common.auth import Auth
 from service_common.errors import guarded
 from service_common.info import build_info
 from service_common.metrics import Metrics
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
-from service_common.tls import ClientTLS, open_channel
 
 log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name

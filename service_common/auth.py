@@ -29,13 +29,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
 import grpc
+from qkvcomm_client.channel import TENANT_HEADER
 
 from qkv_core.store.records import DEFAULT_TENANT
 from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
 
-TENANT_HEADER = "x-qkvcomm-tenant"
 RELAY = "*"
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable without a token
 TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -132,12 +132,6 @@ class Auth:
         if named and named != owner:
             raise Denied(grpc.StatusCode.PERMISSION_DENIED, "this token may not act for another tenant")
         return owner
-
-
-def call_metadata(token: str, tenant: str) -> list[tuple[str, str]]:
-    """What a client (or a relaying sender) sends: its token and, when there is one, the tenant."""
-    metadata = [("authorization", f"Bearer {token}")] if token else []
-    return metadata + ([(TENANT_HEADER, tenant)] if tenant else [])
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

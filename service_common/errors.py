@@ -11,12 +11,13 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from qkvcomm_client import error_info
 
 from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.errors import Cancelled, Detailed, LimitExceeded, RequestError, Unsupported
 from service_common.auth import Denied
 from service_common.metrics import Metrics
-from service_common.status import error_info, error_metadata
+from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ trailing metadata (grpc-status-details-bin) whose one detail is a google.rpc.Err
     reason    UPPER_SNAKE, one per kind of refusal (the README's error table): INVALID, LIMIT, ...
     domain    "qkvcomm.v1"
     metadata  machine-readable facts, e.g. sender_model / receiver_model, limit / allowed
-Clients read it with grpc_status.rpc_status.from_call (Python) or by decoding that header (Node).
+Clients read it with qkvcomm_client.error_info (Python; the sender reads its receiver's refusals
+the same way) or by decoding that header (Node).
 """
 from __future__ import annotations
 
@@ -24,13 +25,3 @@ def error_metadata(code: grpc.StatusCode, message: str, reason: str, details: di
     status = status_pb2.Status(code=code.value[0], message=message, details=[info])
     return tuple(rpc_status.to_status(status).trailing_metadata)
 
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo a failed call carries, if any."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None

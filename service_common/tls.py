@@ -7,15 +7,13 @@ certificate (cert-manager, a Secret update) is served without a restart. A half-
 rotation (a key that does not match its certificate, an unreadable file) keeps the previous
 configuration and is logged; the next handshake tries again.
 
-Clients: `ClientTLS` holds what a channel needs (CA bundle, optional client certificate and key,
-an optional server name override for certificates that do not name the address dialled).
+Clients (the CLI, the sender's channel to its receiver) use `qkvcomm_client.ClientTLS` and
+`open_channel`, the light client's, so there is one definition of how a channel is opened.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -83,35 +81,3 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
     files = _ReloadingFiles(Path(cert), Path(key), Path(client_ca) if client_ca else None)
     return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
                                                require_client_authentication=client_ca != "")
-
-
-@dataclass(frozen=True)
-class ClientTLS:
-    """How a client reaches a server: plaintext when nothing is set; TLS when a CA or a client
-    certificate is given (no CA: the system's roots)."""
-
-    ca: str = ""  # CA bundle (PEM) that signed the server's certificate
-    cert: str = ""  # client certificate (PEM), for servers that require one (mTLS)
-    key: str = ""  # its key
-    server_name: str = ""  # the name to check the server's certificate against, when not the host dialled
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.ca or self.cert)
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        if bool(self.cert) != bool(self.key):
-            raise ValueError("a client certificate needs its key, and a key its certificate")
-        read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
-        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
-
-    def options(self) -> list[tuple[str, str]]:
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-
-
-def open_channel(target: str, tls: ClientTLS, options: Sequence[tuple[str, object]] = (), aio: bool = False):
-    """A channel to `target`, TLS when `tls` is enabled; `aio` for a grpc.aio channel."""
-    module = grpc.aio if aio else grpc
-    if not tls.enabled:
-        return module.insecure_channel(target, options=list(options))
-    return module.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])

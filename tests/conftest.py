@@ -13,6 +13,7 @@ import grpc
 import pytest
 import torch
 from qkvcomm.v1 import services_pb2_grpc
+from qkvcomm_client import Answer, ClientTLS, SenderClient
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -32,6 +33,13 @@ CORPUS = [
     "Context: a quick brown fox jumps over the lazy dog. Question: what jumps? Answer: the fox.",
     "Bulk exports moved to the /v4/exports endpoint; maintenance is every Sunday at 02:00 UTC.",
 ]
+
+
+def ask(sender: str, context: str, question: str, *, tls: ClientTLS = ClientTLS(), token: str = "",
+        tenant: str = "", timeout_s: float = 600.0, **settings) -> Answer:
+    """One Ask through the light client, on a channel of its own."""
+    with SenderClient(sender, tls=tls, token=token, tenant=tenant, timeout_s=timeout_s) as client:
+        return client.ask(context, question, **settings)
 
 
 def card_round_trip(

@@ -6,11 +6,10 @@ import time
 
 import grpc
 import pytest
-from conftest import gauge, qa_rows
+from conftest import ask, gauge, qa_rows
 from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core.wire import pb
-from qkvcomm_cli.client import ask
 from qkvcomm_cli.launch import spawn
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]

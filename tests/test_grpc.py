@@ -3,6 +3,7 @@ import urllib.request
 
 import grpc
 import pytest
+from conftest import ask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -11,7 +12,6 @@ from qkv_core.card.header import FORMAT_VERSION
 from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.wire import pb, push_requests
-from qkvcomm_cli.client import ask
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -195,12 +195,16 @@ def test_metrics_endpoints(services, embedded):
 
 
 def test_health_check_command_sees_serving_and_absent_servers(services):
-    from qkvcomm_cli.client import healthy
+    from qkvcomm_client import ReceiverClient, SenderClient
+
     from qkvcomm_cli.main import main
 
-    assert healthy(services.receiver) and healthy(services.sender)
+    with ReceiverClient(services.receiver) as receiver, SenderClient(services.sender) as sender:
+        assert receiver.healthy() and sender.healthy()
     assert main(["health", "--address", services.sender]) == 0
-    assert not healthy("127.0.0.1:1", timeout_s=0.5)
+    with ReceiverClient("127.0.0.1:1") as absent:
+        assert not absent.healthy(timeout_s=0.5)
+    assert main(["health", "--address", "127.0.0.1:1"]) == 1
 
 
 def test_layer_selection_over_grpc_sends_half_the_layers(services):

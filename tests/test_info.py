@@ -5,14 +5,13 @@ import urllib.request
 
 import grpc
 import pytest
-from conftest import TEST_CONFIG, serve_pair, tiny_model
+from conftest import TEST_CONFIG, ask, serve_pair, tiny_model
 from qkvcomm.v1 import services_pb2_grpc
+from qkvcomm_client import error_info
 
 from qkv_core.card.header import FORMAT_VERSION
 from qkv_core.wire import pb, push_requests
-from qkvcomm_cli.client import ask
 from service_common.server import GRPC_OPTIONS
-from service_common.status import error_info
 
 pytestmark = pytest.mark.e2e
 

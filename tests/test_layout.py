@@ -1,7 +1,9 @@
 """The dependency rule, read from the imports (ast), as the README's architecture section states it:
 no import cycles; qkv_core never imports evaluation, the CLI or the services; the card and codec
-layers never reach a model library (transformers), directly or through what they import."""
+layers never reach a model library (transformers), directly or through what they import; the
+light client imports grpc, protobuf, its stubs and the standard library only."""
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,18 @@ def test_the_card_and_codec_layers_never_reach_transformers():
         if m.startswith(("qkv_core.card", "qkv_core.codec")):
             reached = {i for dep in _closure(m) for i in GRAPH[dep]}
             assert not {i for i in reached if i.split(".")[0] == "transformers"}, f"{m} reaches transformers"
+
+
+def test_the_light_client_imports_only_grpc_protobuf_and_the_standard_library():
+    client = ROOT / "clients/python/qkvcomm_client"
+    allowed = {"grpc", "google", "qkvcomm", "qkvcomm_client", *sys.stdlib_module_names}
+    seen = set()
+    for path in client.glob("*.py"):
+        tops = {i.split(".")[0] for i in _runtime_imports(path, f"qkvcomm_client.{path.stem}")}
+        assert tops <= allowed, f"{path.name} imports {sorted(tops - allowed)}"
+        seen |= {i for i in _runtime_imports(path, "") if i.startswith("google.")}
+    assert seen <= {"google.protobuf", "google.protobuf.json_format", "google.protobuf.message"}, seen
+    assert (client / "sync.py").exists() and "grpc" in _runtime_imports(client / "sync.py", "qkvcomm_client.sync")
 
 
 def test_the_rules_see_real_imports():

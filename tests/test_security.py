@@ -8,20 +8,18 @@ import shutil
 
 import grpc
 import pytest
-from conftest import TEST_CONFIG, TOKENS
+from conftest import TEST_CONFIG, TOKENS, ask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from qkvcomm.v1 import services_pb2_grpc
+from qkvcomm_client import ClientTLS, call_metadata, error_info, open_channel
 
 from qkv_core.card.framing import frames
 from qkv_core.codec import registry as codecs
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.wire import pb, push_requests
-from qkvcomm_cli.client import ask
-from service_common.auth import Auth, Denied, call_metadata, parse_tokens
+from service_common.auth import Auth, Denied, parse_tokens
 from service_common.certs import make_dev_certs
 from service_common.server import GRPC_OPTIONS
-from service_common.status import error_info
-from service_common.tls import ClientTLS, open_channel
 
 pytestmark = pytest.mark.e2e
 CONTEXT = "The vault code is 7731. The vault is in Geneva, under the old observatory."

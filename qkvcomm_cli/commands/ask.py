@@ -21,26 +21,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the call (default 600)")
     connection_flags(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import grpc  # noqa: PLC0415 - keep `qkvcomm --help` fast
-
-    from qkvcomm_cli.client import ask  # noqa: PLC0415
-    from service_common.status import error_info  # noqa: PLC0415
+    from qkvcomm_client import QKVCommError, SenderClient  # noqa: PLC0415 - keep `qkvcomm --help` fast
 
     context = args.context if args.context is not None else args.context_file.read_text()
     on_text = None if args.json else (lambda t: print(t, end="", flush=True))
     try:
-        answer = ask(args.sender, context, args.question, args.codec, args.facts, args.max_new_tokens, on_text,
-                     layer_ratio=args.layers, layer_method=args.layer_method, tls=client_tls(args), token=args.token,
-                     tenant=args.tenant)
-    except grpc.RpcError as e:  # the status, its ErrorInfo reason and metadata, and the message
-        info = error_info(e)
-        why = f" {info.reason} {dict(info.metadata) if info.metadata else ''}".rstrip() if info else ""
-        print(f"qkvcomm ask: {e.code().name}{why}: {e.details()}", file=sys.stderr)
+        with SenderClient(args.sender, tls=client_tls(args), token=args.token, tenant=args.tenant,
+                          timeout_s=args.timeout_s) as sender:
+            answer = sender.ask(context, args.question, codec=args.codec, facts=args.facts,
+                                max_new_tokens=args.max_new_tokens, layer_ratio=args.layers,
+                                layer_method=args.layer_method, on_text=on_text)
+    except QKVCommError as e:  # the status, its ErrorInfo reason and metadata, and the message
+        print(f"qkvcomm ask: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(answer.to_json())

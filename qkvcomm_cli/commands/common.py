@@ -6,8 +6,9 @@ import dataclasses
 import os
 import sys
 
+from qkvcomm_client import ClientTLS
+
 from qkv_core.config import RuntimeConfig
-from service_common.tls import ClientTLS
 
 
 def runtime_flags(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkvcomm_cli.client import ask  # noqa: PLC0415
+    from qkvcomm_client import SenderClient  # noqa: PLC0415
+
     from qkvcomm_cli.launch import spawn  # noqa: PLC0415
 
     runtime = [f"--{k}={v}" for k in ("model", "revision", "device", "dtype") if (v := getattr(args, k))]
@@ -36,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"receiver {receiver.address} (metrics :{receiver.metrics_port}), "
                   f"sender {sender.address} (metrics :{sender.metrics_port})", file=sys.stderr)
             print(f"context: {args.context}\nquestion: {args.question}\nanswer: ", end="", flush=True)
-            answer = ask(sender.address, args.context, args.question, args.codec,
-                         on_text=lambda t: print(t, end="", flush=True))
+            with SenderClient(sender.address) as client:
+                answer = client.ask(args.context, args.question, codec=args.codec,
+                                    on_text=lambda t: print(t, end="", flush=True))
             print()
             print_stats(answer)
         finally:

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkvcomm_cli.client import healthy  # noqa: PLC0415
+    from qkvcomm_client import ReceiverClient  # noqa: PLC0415 - any service answers health
 
-    ok = healthy(args.address, args.service, tls=client_tls(args))
+    with ReceiverClient(args.address, tls=client_tls(args)) as service:
+        ok = service.healthy(args.service)
     print("SERVING" if ok else "NOT SERVING", file=sys.stderr)
     return 0 if ok else 1
