@@ -18,7 +18,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data fuzz load link-faults image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
+.PHONY: install run test data fuzz load link-faults bench-auto bench-auto-short image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -63,6 +63,16 @@ fuzz: install
 
 load: install
 	$(PY) -m qkvcomm_cli bench load --clients 16 --minutes 10
+
+# codec auto against text, fp16, kivi-4 and budget-3 over a real link: two network namespaces, a veth
+# pair shaped with tbf to 10 Mbit/s, 100 Mbit/s, 1 Gbit/s and unshaped, 20 contexts of 500-4,000
+# tokens (root; about 40 minutes on 2 cores). The short version (CI): one rate, three contexts.
+bench-auto: install data
+	$(PY) benchmarks/auto_link.py
+
+bench-auto-short: install data
+	$(PY) benchmarks/auto_link.py --rates 100mbit --contexts 3 --max-tokens 1000 \
+	  --out build/auto_link_short.json --chart build/auto_link_short.png
 
 # Sender and receiver in two network namespaces over a tbf-shaped veth link, cut mid-card (root).
 link-faults: install

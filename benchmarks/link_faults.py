@@ -18,54 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-SND, RCV = "qkvnet-snd", "qkvnet-rcv"
-SND_IP, RCV_IP = "10.231.0.1", "10.231.0.2"  # inside the namespaces only
+from netns import RCV, RCV_IP, SND, SND_IP, in_sender_ns, serve, setup, sh, stop, teardown
+
 IDLE_S = 10.0
-
-
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=check, capture_output=True, text=True)
-
-
-def setup(rate: str) -> None:
-    teardown()
-    for ns in (SND, RCV):
-        sh("ip", "netns", "add", ns)
-        sh("ip", "-n", ns, "link", "set", "lo", "up")
-    sh("ip", "link", "add", "qkv-snd0", "netns", SND, "type", "veth", "peer", "name", "qkv-rcv0", "netns", RCV)
-    sh("ip", "-n", SND, "addr", "add", f"{SND_IP}/24", "dev", "qkv-snd0")
-    sh("ip", "-n", RCV, "addr", "add", f"{RCV_IP}/24", "dev", "qkv-rcv0")
-    sh("ip", "-n", SND, "link", "set", "qkv-snd0", "up")
-    sh("ip", "-n", RCV, "link", "set", "qkv-rcv0", "up")
-    sh("ip", "netns", "exec", SND, "tc", "qdisc", "add", "dev", "qkv-snd0", "root", "tbf", "rate", rate,
-       "burst", "64kb", "latency", "200ms")
-
-
-def teardown() -> None:
-    for ns in (SND, RCV):
-        sh("ip", "netns", "del", ns, check=False)
-
-
-def serve(ns: str, role: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "qkvcomm_cli", f"serve-{role}", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-    for line in proc.stdout:
-        if line.startswith(f"ready {role}"):
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            return proc
-    raise RuntimeError(f"{role} did not start")
-
-
-def in_sender_ns(code: str) -> str:
-    """Run a Python snippet inside the sender's namespace (where the sender listens on loopback)."""
-    out = sh("ip", "netns", "exec", SND, sys.executable, "-c", code)
-    return out.stdout.strip()
 
 
 ASK = """
@@ -136,13 +96,7 @@ def main() -> int:
             print(f"| {cut:g} s | {result.get('status')} | {result.get('s', 0):.1f} | {result.get('transfer_s', 0):.1f} "
                   f"| {intakes:g} | {stored} | {after['status']} | {after['s']:.1f} |", flush=True)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(*procs)
         teardown()
         context.unlink(missing_ok=True)
     return 0

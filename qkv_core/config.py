@@ -13,6 +13,8 @@ T = TypeVar("T")
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CODEC = "int8"
+AUTO_CODECS = "text,fp16,kivi-8,kivi-4,kivi-3,budget-3,kivi-2"
+MAX_QUALITY_LOSS = 0.1  # nats of predicted next-token KL: kivi-4, budget-3 in; kivi-3, kivi-2 out (README)
 MAX_CHUNK_BYTES = 1 << 20  # one card chunk's data, and the gRPC message ceiling it implies
 
 
@@ -108,6 +110,14 @@ class ServiceConfig:
     receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of --receiver",
                                         "sender")
     codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")
+    context_cache_bytes: int = setting(1 << 30, "KV of recent contexts the sender keeps (the model's dtype), so a "
+                                       "context handed on again is not prefilled again; 0: none", "sender")
+    auto_codecs: str = setting(AUTO_CODECS, "candidates of codec auto, comma-separated: text, fp16, kivi-B, budget-B",
+                               "sender")
+    max_quality_loss: float = setting(MAX_QUALITY_LOSS, "codec auto never picks an option whose predicted next-token "
+                                      "KL (nats, from the codec profile) exceeds this", "sender")
+    performance_tokens: int = setting(512, "context length of the start-up speed measurement the receiver reports in "
+                                      "Info (0: none; senders need it for codec auto)", "receiver")
     codec_files: str = setting("", "codec .json files requests may name (as written here), comma-separated; "
                                    "no other file is opened", "sender")
     codec_profile: str = setting("", "calibrated codec profile (JSON); \"\" = the model's, made on first use", "sender")

@@ -12,12 +12,13 @@ from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.crossmodel import Alignment
+from qkv_core.engine.performance import measure
 from qkv_core.engine.receiver import Generation, ReceiverEngine
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
 from service_common.auth import Auth
 from service_common.errors import IdleTimeout, guarded
-from service_common.info import build_info
+from service_common.info import InfoServicer, build_info
 from service_common.metrics import Metrics
 from service_common.server import Running, iterate_in_thread, serve_forever, start
 
@@ -112,10 +113,19 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     servicer = ReceiverServicer(engine, metrics, cfg, auth)
     store = engine.store
     tiers = ["hot", "memory", *(["disk"] if store.disk else []), *(["redis"] if store.shared else [])]
-    info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers)
+    # measured before the port opens: the device is otherwise idle now, and senders read it from the first Info
+    speed = await asyncio.to_thread(measure, engine, cfg.performance_tokens) if cfg.performance_tokens else None
+    info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers, speed)
+    if speed:
+        log.info("receiver speed: prefill %.0f tokens/s, first token %.0f ms, card decoding %.0f MB/s (fp16 KV)",
+                 speed.prefill_tokens_per_s, speed.first_token_s * 1e3, speed.dequantize_bytes_per_s / 1e6)
+
+    def refresh(reply: pb.InfoResponse) -> None:
+        reply.store_free_bytes = max(0, cfg.store.store_bytes - store.nbytes)
+
     running = await start(
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServiceServicer_to_server(servicer, s), cfg, metrics,
-        auth, info,
+        auth, InfoServicer(info, refresh),
     )
     await _report_tiers(running, engine)
     return running

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,10 +25,13 @@ from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
+from qkv_core.policy.auto import AUTO, AutoPolicy
+from qkv_core.policy.decide import Receiver
+from qkv_core.policy.estimates import PROBE_BYTES
 from qkv_core.wire import pb, push_requests
 from service_common.auth import Auth
 from service_common.errors import guarded
-from service_common.info import build_info
+from service_common.info import InfoServicer, build_info
 from service_common.metrics import Metrics
 from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
 
@@ -83,6 +87,9 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         self.auth = auth
         self._receiver_info: tuple[float, pb.InfoResponse | None] | None = None  # (when fetched, what)
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
+        self._reprobe: asyncio.Task | None = None
+        self.auto = AutoPolicy(engine.lm.fingerprint, engine.profile, cfg.auto_codecs.split(","), cfg.max_quality_loss)
+        metrics.watch_auto(self.auto)
         SelectionConfig(cfg.layer_ratio, cfg.layer_method)
 
     def _facts(self, asked: bool, codec: str) -> FactConfig | None:
@@ -109,6 +116,10 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
         context, codec = request.context, request.codec or self.cfg.codec
+        auto = None
+        if codec == AUTO:  # text only where the request can take it: no facts asked for, every layer
+            text_ok = not request.facts and self._layers(request).ratio >= 1
+            codec, auto = await self._choose(context, up, text_ok)
         facts = self._facts(request.facts, codec)
         layers = self._layers(request)
         if codec == TEXT and layers.ratio < 1:
@@ -119,11 +130,56 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             m = self.metrics
             m.wire_bytes_sent.inc(stats.wire_bytes)
             m.observe("transfer", stats.transfer_s)
+            self.auto.link.observe_transfer(stats.wire_bytes, stats.transfer_s)
             if codec != TEXT:  # the text baseline is no card: keep it out of the card statistics
                 m.kv_fp16_bytes.inc(stats.kv_fp16_bytes)
                 m.compression_ratio.observe(stats.compression_ratio)
+        if codec != TEXT:
+            self.auto.rates.observe(codec, stats.kv_fp16_bytes, stats.quantize_s)
+        if auto is not None:
+            stats.auto.CopyFrom(auto)
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
+
+    async def _choose(self, context: str, up: Upstream, text_ok: bool) -> tuple[str, pb.AutoChoice]:
+        """codec auto: the option with the lowest predicted time to first token (qkv_core.policy)."""
+        info = await self.receiver_info(up)
+        speed = info.performance if info is not None else None
+        if speed is None or not speed.measured_tokens:
+            raise Unsupported("codec auto needs the receiver's measured speed, and this receiver reports none "
+                              "(its performance_tokens is 0): name a codec instead")
+        if not self.auto.link.known:
+            await self._probe(up)
+        elif self.auto.link.stale() and (self._reprobe is None or self._reprobe.done()):
+            self._reprobe = asyncio.create_task(self._probe(up, quiet=True))  # this request uses the estimate it has
+        tokens = len(self.engine.context_ids(context))
+        receiver = Receiver(speed.prefill_tokens_per_s, speed.first_token_s, speed.dequantize_bytes_per_s)
+        decision = await asyncio.to_thread(self.auto.choose, context, tokens, receiver, text_ok)
+        link = self.auto.link
+        choice = pb.AutoChoice(
+            options=[pb.AutoOption(codec=s.option.name, predicted_s=s.predicted_s, wire_bytes=s.option.wire_bytes,
+                                   quality_loss=s.option.quality_loss, eligible=s.eligible) for s in decision.scored],
+            predicted_s=decision.chosen.predicted_s, throughput_bytes_per_s=link.throughput.value, rtt_s=link.rtt_s.value,
+            receiver_prefill_tokens_per_s=speed.prefill_tokens_per_s, max_quality_loss=self.auto.max_quality_loss,
+        )
+        self.metrics.auto_choices.labels(decision.chosen.option.name).inc()
+        return decision.chosen.option.name, choice
+
+    async def _probe(self, up: Upstream, quiet: bool = False) -> None:
+        """A link estimate: a round trip (Info), then PROBE_BYTES timed (InfoService.Probe). `quiet`:
+        in the background, where a failure is logged (the next handoff measures the link anyway)."""
+        try:
+            start = time.perf_counter()
+            await self.receiver_meta.Info(pb.InfoRequest(), timeout=up.timeout, metadata=up.metadata)
+            self.auto.link.observe_rtt(time.perf_counter() - start)
+            payload = os.urandom(PROBE_BYTES)
+            start = time.perf_counter()
+            await self.receiver_meta.Probe(pb.ProbeRequest(payload=payload), timeout=up.timeout, metadata=up.metadata)
+            self.auto.link.observe_transfer(len(payload), time.perf_counter() - start, force=True)
+        except grpc.aio.AioRpcError as e:
+            if not quiet:
+                raise
+            log.warning("link probe failed (%s); the estimate stays as it was", e.code().name)
 
     async def receiver_info(self, up: Upstream) -> pb.InfoResponse | None:
         """The receiver's Info, fetched again after INFO_TTL_S; None from a receiver without the RPC."""
@@ -173,8 +229,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
             prefill_s=card.prefill_s, quantize_s=card.quantize_s, facts_s=card.facts_s, facts=len(header.facts),
         )
-        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=header.card_id), timeout=up.timeout,
-                                           metadata=up.metadata)
+        held = await self._has_card(header.card_id, up)
         stats.card_reused = held.present
         if held.present:
             return stats
@@ -203,6 +258,13 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         _count_wire(stats, sent)
         return stats
 
+    async def _has_card(self, card_id: str, up: Upstream) -> pb.HasCardResponse:
+        """HasCard, timed: a small call, so its time is the link's round trip (for codec auto)."""
+        start = time.perf_counter()
+        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=card_id), timeout=up.timeout, metadata=up.metadata)
+        self.auto.link.observe_rtt(time.perf_counter() - start)
+        return held
+
     async def _share_text(self, context: str, up: Upstream) -> pb.HandoffStats:
         """The text baseline: the receiver prefills the context itself."""
         ids = self.engine.context_ids(context)
@@ -211,8 +273,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
             kv_fp16_bytes=fp.kv_bytes(len(ids), 2), kv_fp32_bytes=fp.kv_bytes(len(ids), 4),
         )
-        held = await self.receiver.HasCard(pb.HasCardRequest(card_id=stats.card_id), timeout=up.timeout,
-                                           metadata=up.metadata)
+        held = await self._has_card(stats.card_id, up)
         stats.card_reused = held.present
         if held.present:
             return stats
@@ -247,7 +308,10 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
                 stats.generated_tokens = reply.stats.generated_tokens
             else:
                 if first:  # what the client waited for its first token: the handoff and the receiver's TTFT
-                    self.metrics.ask_ttft.observe(time.perf_counter() - start)
+                    waited = time.perf_counter() - start
+                    self.metrics.ask_ttft.observe(waited)
+                    if stats.HasField("auto"):  # measured as predicted: the sender's own prefill excluded
+                        stats.auto.measured_s = waited - (0.0 if stats.codec == TEXT else stats.prefill_s)
                     first = False
                 yield pb.AskResponse(text=reply.text)
         stats.total_s = time.perf_counter() - start
@@ -271,11 +335,12 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
     tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name)
     channel = open_channel(cfg.receiver, tls, receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
-    engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files)
+    engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files,
+                          cfg.context_cache_bytes)
     servicer = SenderServicer(engine, channel, metrics, cfg, auth)
     running = await start(
         "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServiceServicer_to_server(servicer, s), cfg, metrics, auth,
-        build_info("sender", lm, cfg),
+        InfoServicer(build_info("sender", lm, cfg)),
     )
     try:  # tell the operator now; every handoff checks again (cached), so a fixed receiver is picked up
         await servicer.check_receiver(Upstream(5.0, call_metadata(cfg.receiver_token, "")))

@@ -1,6 +1,7 @@
 """The Info RPC's answer: what a service runs and offers, built from its model and configuration."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc
@@ -9,6 +10,7 @@ from qkvcomm.v1 import services_pb2_grpc
 from qkv_core.card.header import fingerprint_to_pb
 from qkv_core.codec import registry
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
+from qkv_core.engine.performance import Performance
 from qkv_core.model.loading import LoadedModel
 from qkv_core.types import Fingerprint
 from qkv_core.wire import pb
@@ -24,7 +26,9 @@ def package_version() -> str:
 
 
 def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
-    out = [pb.CodecInfo(name="text", description="the context as text: the receiver prefills it")]
+    out = [pb.CodecInfo(name="text", description="the context as text: the receiver prefills it"),
+           pb.CodecInfo(name="auto", description="the sender picks text or a codec: the lowest predicted time to "
+                                                 "first token within its quality floor")]
     for name, what in registry.PRESETS.items():
         bits = registry.wire_bits(registry.resolve(name, fp.num_layers), fp.num_kv_heads, INFO_TOKENS, fp.head_dim)
         out.append(pb.CodecInfo(name=name, bits_per_element=bits, description=what))
@@ -33,8 +37,9 @@ def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
 
 
 def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[Fingerprint] = (),
-               store_tiers: list[str] = ()) -> pb.InfoResponse:
+               store_tiers: list[str] = (), performance: Performance | None = None) -> pb.InfoResponse:
     limits = cfg.limits
+    speed = pb.ServicePerformance(**vars(performance)) if performance else None
     return pb.InfoResponse(
         version=package_version(), role=role, model=fingerprint_to_pb(lm.fingerprint), device=str(lm.device),
         dtype=str(lm.dtype).removeprefix("torch."), codecs=codecs(lm.fingerprint),
@@ -43,14 +48,25 @@ def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[
         features=pb.ServiceFeatures(
             facts=cfg.facts, layer_selection=True, sessions=False, alignments=[fingerprint_to_pb(a) for a in alignments],
             tls=bool(cfg.tls_cert), auth=bool(cfg.auth_tokens), store_tiers=list(store_tiers)),
+        performance=speed,
     )
 
 
 class InfoServicer(services_pb2_grpc.InfoServiceServicer):
-    """qkvcomm.v1.InfoService, served by both services: their answer, built once at start."""
+    """qkvcomm.v1.InfoService, served by both services: their answer, built once at start;
+    `refresh` fills in what changes (a receiver's free store bytes) on each call."""
 
-    def __init__(self, info: pb.InfoResponse):
-        self.info = info
+    def __init__(self, info: pb.InfoResponse, refresh: Callable[[pb.InfoResponse], None] | None = None):
+        self.info, self.refresh = info, refresh
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
-        return self.info
+        if self.refresh is None:
+            return self.info
+        reply = pb.InfoResponse()
+        reply.CopyFrom(self.info)
+        self.refresh(reply)
+        return reply
+
+    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:
+        # the payload is bounded by the server's message limit (MAX_MESSAGE_BYTES); nothing is kept
+        return pb.ProbeResponse(received_bytes=len(request.payload))

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from qkv_core.policy.auto import AutoPolicy
 from qkv_core.store.tiered import CardStore
 
 STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "generate")
@@ -41,6 +42,8 @@ class Metrics:
             self.ask_ttft = Histogram("qkvcomm_ask_time_to_first_token_seconds", "Ask call to its first token "
                                       "(prefill, handoff and the receiver's first token)", ["model_name"],
                                       buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+            self.auto_choices = Counter("qkvcomm_auto_choices_total", "What codec auto chose, by option", ["codec"],
+                                        registry=r)
         self.wire_bytes_sent = Counter("qkvcomm_wire_bytes_sent_total", "Card bytes sent (serialized frames)", registry=r)
         self.wire_bytes_received = Counter(
             "qkvcomm_wire_bytes_received_total", "Card bytes received (serialized frames)", registry=r
@@ -72,6 +75,17 @@ class Metrics:
         self.cards_held.set_function(lambda: len(store))
         self.store_bytes.set_function(lambda: store.nbytes)
         self.registry.register(_StoreCollector(store))
+
+    def watch_auto(self, auto: AutoPolicy) -> None:
+        """Export the inputs of codec auto's prediction: the link estimate (NaN until measured)."""
+        value = lambda ewma: ewma.value if ewma.value is not None else float("nan")  # noqa: E731
+        Gauge("qkvcomm_link_throughput_bytes_per_second", "Sender to receiver throughput (EWMA of transfers)",
+              registry=self.registry).set_function(lambda: value(auto.link.throughput))
+        Gauge("qkvcomm_link_rtt_seconds", "Sender to receiver round trip (EWMA of small calls)",
+              registry=self.registry).set_function(lambda: value(auto.link.rtt_s))
+        Gauge("qkvcomm_receiver_prefill_tokens_per_second", "The receiver's prefill rate, as its Info reports it",
+              registry=self.registry).set_function(
+                  lambda: auto.receiver.prefill_tokens_per_s if auto.receiver else float("nan"))
 
     def observe(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(seconds)

@@ -17,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
-from qkv_core.wire import pb
 from service_common.auth import Auth, AuthInterceptor
 from service_common.info import InfoServicer
 from service_common.metrics import Metrics
@@ -58,14 +57,14 @@ async def start(
     cfg: ServiceConfig,
     metrics: Metrics,
     auth: Auth,
-    info: pb.InfoResponse,
+    info: InfoServicer,
 ) -> Running:
     def denied(code: grpc.StatusCode) -> None:
         metrics.errors.labels(reason=code.name.lower()).inc()
 
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[AuthInterceptor(auth, denied)])
     add_servicer(server)
-    services_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(info), server)
+    services_pb2_grpc.add_InfoServiceServicer_to_server(info, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

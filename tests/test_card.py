@@ -130,3 +130,20 @@ def test_frames_out_of_order_or_malformed(tiny, made):
     bad.header.layers[0].key_bytes += 1
     _expect(tiny, [bad], ErrorKind.INVALID, "sizes do not match")
     _expect(tiny, [stream[0], pb.CardFrame()], ErrorKind.INVALID, "empty frame")
+
+
+def test_the_sender_keeps_recent_contexts_and_their_cards_stay_the_same(tiny, monkeypatch):
+    from qkv_core.engine import sender
+
+    calls = []
+    monkeypatch.setattr(sender, "prefill", lambda *a, **k: calls.append(1) or prefill(*a, **k))
+    keeping, fresh = sender.SenderEngine(tiny, cache_bytes=1 << 20), sender.SenderEngine(tiny)
+    first, again = keeping.prepare(CONTEXT, "int8"), keeping.prepare(CONTEXT, "int8")
+    assert len(calls) == 1  # the second is a lookup
+    other = fresh.prepare(CONTEXT, "int8")
+    assert first.header.card_id == again.header.card_id == other.header.card_id  # the same KV, bit for bit
+    assert keeping._prefilled.nbytes > 0 and not fresh._prefilled.nbytes
+    small = sender.SenderEngine(tiny, cache_bytes=keeping._prefilled.nbytes)  # room for one context
+    small.prepare(CONTEXT, "int8")
+    small.prepare(CONTEXT + " More.", "int8")
+    assert len(small._prefilled) == 1 and small._prefilled.nbytes <= keeping._prefilled.nbytes + 4096

@@ -31,6 +31,7 @@ def test_info_describes_the_loaded_model_and_the_configuration(services, embedde
     assert bits["fp16"] == 16 and 4 < bits["kivi-4"] < 5 and 8 < bits["int8"] < 9 and "budget-B" in bits
     assert info.limits.max_card_bytes == TEST_CONFIG.max_card_bytes and info.limits.chunk_bytes == 1 << 20
     assert list(info.features.store_tiers) == ["hot", "memory"] and not info.features.tls and info.version
+    assert 0 < info.store_free_bytes <= TEST_CONFIG.store.store_bytes and not info.performance.measured_tokens
 
 
 def test_a_sender_facing_another_model_refuses_before_prefill_naming_both(tiny):

@@ -1,8 +1,10 @@
 """The sender's work: prefill a context and turn its KV cache into a card."""
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from array import array
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from qkv_core.model.attention import Probe, require_full_attention
 from qkv_core.model.kv import prefill
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import PromptFormat, context_ids
+from qkv_core.store.lru import ByteLRU
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
@@ -39,10 +42,16 @@ class PreparedCard:
     facts_s: float = 0.0
 
 
+def _nbytes(kv: KVCache) -> int:
+    return sum(t.numel() * t.element_size() for t in (*kv.keys, *kv.values))
+
+
 class SenderEngine:
     def __init__(self, lm: LoadedModel, profile_path: Path | None = None, layer_profile_path: Path | None = None,
-                 limits: Limits = Limits(), codec_files: Mapping[str, Path] = {}):  # noqa: B006 - read only
-        """`codec_files`: the codec files a codec name may select (registry.resolve); no others are opened."""
+                 limits: Limits = Limits(), codec_files: Mapping[str, Path] = {},  # noqa: B006 - read only
+                 cache_bytes: int = 0):
+        """`codec_files`: the codec files a codec name may select (registry.resolve); no others are opened.
+        `cache_bytes`: the KV of recent contexts kept, so a context handed on again is not prefilled again."""
         self.lm = lm
         self.codec_files = dict(codec_files)
         self.limits = limits
@@ -53,6 +62,8 @@ class SenderEngine:
         self._layer_profile: selection.LayerProfile | None = None
         self._profile_lock = threading.Lock()  # profiles are calibrated once, by the first request that needs one
         self.facts = FactCache()
+        self.cache_bytes = cache_bytes
+        self._prefilled: ByteLRU[tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda entry: _nbytes(entry[0]))
 
     def profile(self) -> allocation.Profile:
         """The codec profile, calibrated on first use if no saved one exists."""
@@ -67,12 +78,21 @@ class SenderEngine:
     def prefill(self, ids: list[int], probe: bool = False, cancel: threading.Event | None = None,
                 ) -> tuple[KVCache, torch.Tensor | None]:
         """The cache of `ids`, and with `probe` the attention each token receives (tokenmix);
-        `cancel` stops a long prefill between chunks."""
+        `cancel` stops a long prefill between chunks. Recent ones come from the context cache (the
+        card path only reads them)."""
+        key = ("probe" if probe else "", hashlib.sha256(array("l", ids).tobytes()).hexdigest())
+        if (held := self._prefilled.get(key)) is not None:
+            return held
         if not probe:
-            return prefill(self.lm, ids, cancel=cancel)[0], None
-        attended = Probe(PROBE_QUERIES)
-        kv, _ = prefill(self.lm, ids, probe=attended)
-        return kv, torch.stack(attended.received).mean(dim=0)
+            entry = prefill(self.lm, ids, cancel=cancel)[0], None
+        else:
+            attended = Probe(PROBE_QUERIES)
+            kv, _ = prefill(self.lm, ids, probe=attended)
+            entry = kv, torch.stack(attended.received).mean(dim=0)
+        if self.cache_bytes and not (cancel is not None and cancel.is_set()) and _nbytes(entry[0]) <= self.cache_bytes:
+            self._prefilled.add(key, entry)
+            self._prefilled.shrink_to(self.cache_bytes, keep=key)
+        return entry
 
     def layer_profile(self) -> selection.LayerProfile:
         """The layer-selection profile, calibrated on first use if no saved one exists."""

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--context", help="the context text")
     src.add_argument("--context-file", type=Path, help="a file holding the context")
     p.add_argument("--question", required=True)
-    p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B or a spec (default: the sender's)")
+    p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B, budget-B, a spec, text, or auto: the sender picks by predicted time to first token (default: the sender's)")
     p.add_argument("--facts", action="store_true", help="extract facts into the card; the receiver reads their summary first")
     p.add_argument("--layers", type=float, default=0.0, help="share of layers to send, (0, 1] (default: the sender's)")
     p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")

@@ -1,4 +1,4 @@
-"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls|store`: benchmarks, not tests (qkv_eval holds them)."""
+"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls|store|policy`: benchmarks, not tests (qkv_eval holds them)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,8 @@ from qkv_core.config import RuntimeConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
-                       "`bench fuzz`, `bench load`, `bench tls`, `bench store`")
-    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store"])
+                       "`bench fuzz`, `bench load`, `bench tls`, `bench store`, `bench policy --simulate`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store", "policy"])
     p.add_argument("--cards", type=int, default=200, help="store: distinct cards pushed into a small budget")
     p.add_argument("--budget-mb", type=int, default=32, help="store: store_bytes and hot_bytes of that run, in MiB")
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
@@ -24,6 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
     p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
     p.add_argument("--json", type=Path, help="ttft: also write the rows here, for `qkvcomm report`'s TTFT chart")
+    p.add_argument("--simulate", action="store_true", help="policy: codec auto's model on paper (the measured run "
+                   "is `make bench-auto`)")
+    p.add_argument("--preset", default="h100-8b", help="policy: h100-8b or h100-135m (model shape and speeds)")
+    p.add_argument("--context-tokens", type=int, default=8192, help="policy: context length")
+    p.add_argument("--links", default="1,10,100", help="policy: link speeds in Gbit/s")
+    p.add_argument("--rtt-ms", type=float, default=0.2, help="policy: round trip")
+    p.add_argument("--codec-gbps", type=float, default=0.0, help="policy: what-if codec speed at both ends, GB/s "
+                   "(default: the preset's measured speeds)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
@@ -53,6 +61,13 @@ def run(args: argparse.Namespace) -> int:
         print(bench_ttft.table(rows, args.model, args.codec, args.device))
         if args.json:
             args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
+        return 0
+    if args.what == "policy":
+        if not args.simulate:
+            raise SystemExit("bench policy: --simulate is the paper model; the measured run is `make bench-auto` (root)")
+        from qkv_eval import bench_policy  # noqa: PLC0415
+
+        print(bench_policy.run(args))
         return 0
     if args.what in ("tls", "store"):
         from qkv_eval import bench_store, bench_tls  # noqa: PLC0415

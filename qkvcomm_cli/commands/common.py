@@ -49,3 +49,8 @@ def print_stats(answer: object) -> None:
         f"dequantize {s.dequantize_s * 1e3:.0f} ms  ttft {s.ttft_s * 1e3:.0f} ms  total {s.total_s * 1e3:.0f} ms",
         file=sys.stderr,
     )
+    if s.HasField("auto"):
+        a = s.auto
+        print(f"auto: chose {s.codec} (predicted {a.predicted_s * 1e3:.0f} ms, measured {a.measured_s * 1e3:.0f} ms; "
+              f"link {a.throughput_bytes_per_s / 1e6:.1f} MB/s, rtt {a.rtt_s * 1e3:.1f} ms, receiver prefill "
+              f"{a.receiver_prefill_tokens_per_s:.0f} tokens/s)", file=sys.stderr)

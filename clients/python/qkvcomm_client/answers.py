@@ -25,13 +25,23 @@ class Answer:
         stats = {}
         if self.stats is not None:
             stats = MessageToDict(self.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            for f in self.stats.DESCRIPTOR.fields:
-                if f.name in stats and f.type == f.TYPE_UINT64:
-                    stats[f.name] = int(stats[f.name])
+            _uint64_as_int(self.stats.DESCRIPTOR, stats)
         return {"answer": self.text.strip(), **stats}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+
+def _uint64_as_int(descriptor: Any, data: dict[str, Any]) -> None:
+    """Proto3 JSON spells 64-bit integers as strings; make them numbers again, nested messages included."""
+    for f in descriptor.fields:
+        if f.name not in data:
+            continue
+        if f.type in (f.TYPE_UINT64, f.TYPE_INT64):
+            data[f.name] = [int(v) for v in data[f.name]] if isinstance(data[f.name], list) else int(data[f.name])
+        elif f.message_type is not None:
+            for item in data[f.name] if isinstance(data[f.name], list) else [data[f.name]]:
+                _uint64_as_int(f.message_type, item)
 
 
 class _Pieces:

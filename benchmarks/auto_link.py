@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""codec auto on a real shaped link (root; `make bench-auto`, a short version `make bench-auto-short`).
+
+Sender and receiver run in two network namespaces joined by a veth pair (benchmarks/netns.py);
+the sender-to-receiver direction is shaped with `tc ... tbf` to each rate in turn (and left
+unshaped). At each rate, every option hands over the same contexts of QA text (SQuAD paragraphs,
+distinct per context, lengths log-spaced between --min-tokens and --max-tokens) and asks one
+question with one new token. The receiver is restarted before each option, so no option finds a
+card another one left; the sender keeps its contexts' KV (context cache) across options.
+
+Time to first token here is the handoff's, as codec auto predicts it: the client's time from the
+call to the first piece of the answer, less the sender's own prefill of the context (an agent has
+read its context before it hands it on; text handoffs do not prefill at the sender). Prints one
+markdown table per rate, the summary (auto against the best fixed option: total time over the
+contexts), writes the rows as JSON and the chart (time to first token against link speed).
+
+    sudo .venv/bin/python benchmarks/auto_link.py [--rates 10mbit,100mbit,1gbit,none] [--contexts 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from netns import RCV, RCV_IP, SND, serve, setup, sh, shape, stop, teardown
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = "What is the first paragraph about?"
+FIXED = ("text", "fp16", "kivi-4", "budget-3")
+
+# Runs inside the sender's namespace: one option over every context, one JSON line per Ask.
+CLIENT = r"""
+import json, sys, time
+from qkvcomm_client import SenderClient
+option, contexts = sys.argv[1], json.load(open(sys.argv[2]))
+with SenderClient("127.0.0.1:50062", timeout_s=900) as sender:
+    for i, context in enumerate(contexts):
+        start, first = time.perf_counter(), []
+        answer = sender.ask(context, sys.argv[3], codec=option, max_new_tokens=1,
+                            on_text=lambda _: first or first.append(time.perf_counter()))
+        s = answer.stats
+        waited = (first[0] if first else time.perf_counter()) - start
+        row = {"option": option, "context": i, "tokens": s.context_tokens, "codec": s.codec, "wire_bytes": s.wire_bytes,
+               "client_s": waited, "sender_prefill_s": s.prefill_s if s.codec != "text" else 0.0,
+               "ttft_s": waited - (s.prefill_s if s.codec != "text" else 0.0), "reused": s.card_reused}
+        if s.HasField("auto"):
+            a = s.auto
+            row["auto"] = {"predicted_s": a.predicted_s, "measured_s": a.measured_s, "throughput": a.throughput_bytes_per_s,
+                           "rtt_s": a.rtt_s, "floor": a.max_quality_loss,
+                           "loss": next(o.quality_loss for o in a.options if o.codec == s.codec)}
+        print(json.dumps(row), flush=True)
+"""
+
+
+def contexts(count: int, low: int, high: int) -> list[str]:
+    """`count` contexts of distinct SQuAD paragraphs, their lengths log-spaced in [low, high] tokens."""
+    sys.path.insert(0, str(ROOT))
+    from qkv_core.config import RuntimeConfig, qa_file  # noqa: PLC0415
+    from qkv_core.model.loading import load_model  # noqa: PLC0415
+
+    tokenizer = load_model(RuntimeConfig(device="cpu")).tokenizer
+    paragraphs = list(dict.fromkeys(json.loads(line)["context"] for line in qa_file("squad.jsonl").read_text().splitlines()))
+    out, at = [], 0
+    for i in range(count):
+        target = low * (high / low) ** (i / max(1, count - 1))
+        parts: list[str] = []
+        while len(tokenizer("\n".join(parts)).input_ids) < target:
+            parts.append(paragraphs[at % len(paragraphs)])
+            at += 1
+        out.append("\n".join(parts))
+    return out
+
+
+def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str]) -> list[dict]:
+    shape(rate)
+    rows = []
+    sender = serve(SND, "sender", "--host", "127.0.0.1", "--port", "50062", "--metrics-port", "-1",
+                   "--receiver", f"{RCV_IP}:50061", env=env)
+    try:
+        for option in options:
+            receiver = serve(RCV, "receiver", "--host", RCV_IP, "--port", "50061", "--metrics-port", "-1", env=env)
+            try:
+                out = sh("ip", "netns", "exec", SND, sys.executable, "-c", CLIENT, option, str(path), QUESTION)
+            finally:
+                stop(receiver)
+            for line in out.stdout.splitlines():
+                rows.append({**json.loads(line), "rate": rate or "unshaped"})
+            done = [r for r in rows if r["option"] == option]
+            print(f"  {rate or 'unshaped'} {option}: median {statistics.median(r['ttft_s'] for r in done):.2f} s",
+                  file=sys.stderr, flush=True)
+    finally:
+        stop(sender)
+    return rows
+
+
+def tables(rows: list[dict], options: list[str]) -> str:
+    by = defaultdict(list)
+    for r in rows:
+        by[r["rate"], r["option"]].append(r)
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
+    lines = ["| link | " + " | ".join(f"{o} (s)" for o in options) + " | auto chose | auto / best fixed | auto below floor |",
+             "|---|" + "---|" * (len(options) + 3)]
+    for rate in rates:
+        total = {o: sum(r["ttft_s"] for r in by[rate, o]) for o in options}
+        fixed = {o: t for o, t in total.items() if o != "auto"}
+        best = min(fixed, key=fixed.get)
+        chose = defaultdict(int)
+        for r in by[rate, "auto"]:
+            chose[r["codec"]] += 1
+        below = sum(r["auto"]["loss"] > r["auto"]["floor"] for r in by[rate, "auto"])
+        cells = [f"{statistics.median(r['ttft_s'] for r in by[rate, o]):.2f}" for o in options]
+        ratio = total["auto"] / fixed[best] if "auto" in total else math.nan
+        lines.append(f"| {rate} | " + " | ".join(cells) + f" | {', '.join(f'{c} {n}' for c, n in sorted(chose.items()))} "
+                     f"| {ratio:.2f} (best: {best}) | {below} |")
+    n = len({r['context'] for r in rows})
+    tokens = sorted({r["tokens"] for r in rows if r["option"] == "text"})
+    return (f"Median handoff time to first token over {n} contexts of {tokens[0]}-{tokens[-1]} tokens; "
+            "'auto / best fixed': auto's total over the contexts against the fixed option with the lowest total.\n\n"
+            + "\n".join(lines))
+
+
+def chart(rows: list[dict], options: list[str], path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    speeds = {"10mbit": 10, "100mbit": 100, "1gbit": 1000, "unshaped": 10_000}
+    rates = [r for r in dict.fromkeys(x["rate"] for x in rows) if r in speeds]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for option in options:
+        ys = [statistics.mean(r["ttft_s"] for r in rows if r["rate"] == rate and r["option"] == option) for rate in rates]
+        style = dict(lw=3, color="black", marker="o") if option == "auto" else dict(lw=1.2, marker=".")
+        ax.plot([speeds[r] for r in rates], ys, label=option, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks([speeds[r] for r in rates], [r for r in rates])
+    ax.set_xlabel("sender to receiver link (tbf); 'unshaped' = veth")
+    ax.set_ylabel("mean handoff time to first token (s)")
+    ax.set_title("codec auto against fixed options, SmolLM2-135M on 2 CPU cores")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default="10mbit,100mbit,1gbit,none", help="tc rates; 'none' = unshaped")
+    ap.add_argument("--options", default=",".join((*FIXED, "auto")))
+    ap.add_argument("--contexts", type=int, default=20)
+    ap.add_argument("--min-tokens", type=int, default=500)
+    ap.add_argument("--max-tokens", type=int, default=4000)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "auto_link.json")
+    ap.add_argument("--chart", type=Path, default=ROOT / "auto_link.png")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("auto_link.py needs root (network namespaces, tc)")
+    options = args.options.split(",")
+    path = Path("/tmp/qkvnet-contexts.json")
+    path.write_text(json.dumps(contexts(args.contexts, args.min_tokens, args.max_tokens)))
+    # the sender keeps every context's KV; the receiver's store holds what one option sends
+    env = {"QKVCOMM_CONTEXT_CACHE_BYTES": str(8 << 30), "QKVCOMM_STORE_BYTES": str(4 << 30),
+           "QKVCOMM_HOT_BYTES": str(2 << 30)}
+    rows: list[dict] = []
+    start = time.time()
+    setup(None)
+    try:
+        for rate in args.rates.split(","):
+            rows += run_rate(None if rate == "none" else rate, options, path, env)
+    finally:
+        teardown()
+        path.unlink(missing_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sys.path.insert(0, str(ROOT))
+    from qkv_eval.bench import machine  # noqa: PLC0415
+
+    print(f"codec auto over a shaped veth link: {machine()}; {time.time() - start:.0f} s\n")
+    print(tables(rows, options))
+    if "auto" not in options:
+        return 0
+    chart(rows, options, args.chart)
+    below = [r for r in rows if r["option"] == "auto" and r["auto"]["loss"] > r["auto"]["floor"]]
+    if below:
+        print(f"auto chose an option below its quality floor {len(below)} times", file=sys.stderr)
+    return 1 if below else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

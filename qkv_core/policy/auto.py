@@ -1,0 +1,82 @@
+"""`codec = "auto"` for one sender: its candidates, its estimates, and the decision per request.
+
+The candidates' wire bytes and quality come from quality.py, the link and the sender's own
+quantization rates from estimates.py (a codec the sender has not used yet is timed once on a
+random cache of PRIOR_TOKENS tokens), the receiver's speeds from its Info; decide.py chooses.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from qkv_core.card.header import CardPlan
+from qkv_core.codec import registry
+from qkv_core.codec.allocation import Profile
+from qkv_core.errors import RequestError
+from qkv_core.policy.decide import TEXT, Decision, Link, Option, Receiver, Request, decide
+from qkv_core.policy.estimates import LinkEstimate, Rates
+from qkv_core.policy.quality import candidate_layers, quality_loss, wire_bytes
+from qkv_core.types import Fingerprint, KVCache
+
+AUTO = "auto"
+PRIOR_TOKENS = 256
+
+
+def check_candidates(names: list[str]) -> list[str]:
+    """The configured candidates, or a clear error for one auto cannot predict."""
+    for name in names:
+        kind = registry.adaptive(name)
+        known = name in (TEXT, "fp16", "fp32") or name.startswith("kivi-") or (kind and kind.allocator == "budget")
+        if not known or name == AUTO:
+            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B and budget-B only")
+        if kind is None and name != TEXT:
+            registry.resolve(name, 1)  # kivi-9 and the like fail here, at start
+    if TEXT not in names and "fp16" not in names and "fp32" not in names:
+        raise ValueError("auto candidates need a lossless option (text, fp16 or fp32) so that one is always eligible")
+    return names
+
+
+class AutoPolicy:
+    def __init__(self, fp: Fingerprint, profile: Callable[[], Profile], candidates: list[str], max_quality_loss: float):
+        self.fp, self.profile = fp, profile
+        self.candidates = check_candidates(candidates)
+        self.max_quality_loss = max_quality_loss
+        self.link, self.rates = LinkEstimate(), Rates()
+        self.receiver: Receiver | None = None  # as its last Info reported it
+
+    def options(self, context: str, tokens: int, text: bool = True) -> list[Option]:
+        """Every candidate that applies to this context (a budget below its smallest allocation does not;
+        text does not when the request needs a card: facts asked for, or a layer selection)."""
+        out = []
+        for name in self.candidates:
+            if name == TEXT and not text:
+                continue
+            if name == TEXT:
+                out.append(Option(TEXT, len(context.encode())))
+                continue
+            try:
+                layers = candidate_layers(name, self.profile(), self.fp, tokens)
+            except RequestError:
+                continue
+            out.append(Option(name, wire_bytes(layers, self.fp, tokens), quality_loss(layers, self.profile()),
+                              self.quantize_rate(name, layers)))
+        return out
+
+    def quantize_rate(self, name: str, layers: list) -> float:
+        """The sender's rate on `name` (fp16 KV bytes/s): measured on its past cards, else timed now."""
+        if (rate := self.rates.get(name)) is None:
+            kv = KVCache([torch.randn(self.fp.num_kv_heads, PRIOR_TOKENS, self.fp.head_dim) for _ in layers],
+                         [torch.randn(self.fp.num_kv_heads, PRIOR_TOKENS, self.fp.head_dim) for _ in layers])
+            start = time.perf_counter()
+            CardPlan(name, layers).encode(kv)
+            self.rates.observe(name, kv.nbytes(2), time.perf_counter() - start)
+            rate = self.rates.get(name)
+        return rate
+
+    def choose(self, context: str, tokens: int, receiver: Receiver, text: bool = True) -> Decision:
+        self.receiver = receiver
+        request = Request(tokens, self.fp.num_layers, self.fp.kv_bytes(tokens, 2))
+        link = Link(self.link.throughput.value, self.link.rtt_s.value)
+        return decide(self.options(context, tokens, text), request, link, receiver, self.max_quality_loss)
