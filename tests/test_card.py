@@ -147,3 +147,11 @@ def test_the_sender_keeps_recent_contexts_and_their_cards_stay_the_same(tiny, mo
     small.prepare(CONTEXT, "int8")
     small.prepare(CONTEXT + " More.", "int8")
     assert len(small._prefilled) == 1 and small._prefilled.nbytes <= keeping._prefilled.nbytes + 4096
+
+
+def test_a_card_names_its_context_by_the_digest_of_its_token_ids(tiny, made):
+    from qkv_core.card.header import context_digest
+
+    ids, _, header, _ = made
+    assert len(header.context_ids_sha256) == 32 and header.context_ids_sha256 == context_digest(ids)
+    assert context_digest(ids[:-1]) != header.context_ids_sha256 and context_digest([]) != context_digest([0])

@@ -165,6 +165,13 @@ def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan
         shared_prefix_tokens=plan.shared_prefix,
         layer_selection=plan.selection,
         layer_sources=plan.sources,
+        context_ids_sha256=context_digest(context_ids),
     )
+
+
+def context_digest(ids: list[int]) -> bytes:
+    """SHA-256 of token ids as little-endian uint32: what a card's context_ids_sha256 holds, so that a
+    reader (the vLLM connector) can check that a prompt begins with the card's context."""
+    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest()
 
 

@@ -30,6 +30,13 @@ def _tenant_dir(tenant: str) -> str:
     return tenant.encode().hex() or "-"
 
 
+def card_path(store_dir: Path, model: str, key: Key) -> Path:
+    """Where a receiver's disk tier keeps a card: STORE_DIR/MODEL/TENANT/CARD_ID.card (also read by
+    the vLLM connector, integrations/vllm)."""
+    tenant, card_id = key
+    return store_dir / model / _tenant_dir(tenant) / f"{card_id}{SUFFIX}"
+
+
 class DiskTier:
     def __init__(self, root: Path, model: str, budget: int, sealer: Sealer | None, stats: StoreStats):
         self.root, self.model, self.budget, self.sealer, self.stats = root / model, model, budget, sealer, stats
@@ -51,8 +58,7 @@ class DiskTier:
             log.info("disk tier %s: %d cards (%d bytes) from before", self.root, len(found), self.used)
 
     def path(self, key: Key) -> Path:
-        tenant, card_id = key
-        return self.root / _tenant_dir(tenant) / f"{card_id}{SUFFIX}"
+        return card_path(self.root.parent, self.model, key)
 
     @property
     def used(self) -> int:
