@@ -77,7 +77,8 @@ def contexts(count: int, low: int, high: int) -> list[str]:
     return out
 
 
-def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str]) -> list[dict]:
+def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str], out) -> list[dict]:
+    """Every option at one rate; each option's rows are appended to `out` as soon as they are in."""
     shape(rate)
     rows = []
     sender = serve(SND, "sender", "--host", "127.0.0.1", "--port", "50062", "--metrics-port", "-1",
@@ -86,12 +87,13 @@ def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, st
         for option in options:
             receiver = serve(RCV, "receiver", "--host", RCV_IP, "--port", "50061", "--metrics-port", "-1", env=env)
             try:
-                out = sh("ip", "netns", "exec", SND, sys.executable, "-c", CLIENT, option, str(path), QUESTION)
+                asked = sh("ip", "netns", "exec", SND, sys.executable, "-c", CLIENT, option, str(path), QUESTION)
             finally:
                 stop(receiver)
-            for line in out.stdout.splitlines():
-                rows.append({**json.loads(line), "rate": rate or "unshaped"})
-            done = [r for r in rows if r["option"] == option]
+            done = [{**json.loads(line), "rate": rate or "unshaped"} for line in asked.stdout.splitlines()]
+            rows += done
+            out.write("".join(json.dumps(r) + "\n" for r in done))
+            out.flush()
             print(f"  {rate or 'unshaped'} {option}: median {statistics.median(r['ttft_s'] for r in done):.2f} s",
                   file=sys.stderr, flush=True)
     finally:
@@ -169,15 +171,15 @@ def main() -> int:
            "QKVCOMM_HOT_BYTES": str(2 << 30)}
     rows: list[dict] = []
     start = time.time()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     setup(None)
     try:
-        for rate in args.rates.split(","):
-            rows += run_rate(None if rate == "none" else rate, options, path, env)
+        with open(args.out, "w") as out:
+            for rate in args.rates.split(","):
+                rows += run_rate(None if rate == "none" else rate, options, path, env, out)
     finally:
         teardown()
         path.unlink(missing_ok=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     sys.path.insert(0, str(ROOT))
     from qkv_eval.bench import machine  # noqa: PLC0415
 
