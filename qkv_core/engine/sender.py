@@ -63,6 +63,7 @@ class SenderEngine:
         self._profile_lock = threading.Lock()  # profiles are calibrated once, by the first request that needs one
         self.facts = FactCache()
         self.cache_bytes = cache_bytes
+        self._ids: dict[str, list[int]] = {}
         self._prefilled: ByteLRU[tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda entry: _nbytes(entry[0]))
 
     def profile(self) -> allocation.Profile:
@@ -73,7 +74,11 @@ class SenderEngine:
             return self._profile
 
     def context_ids(self, context: str) -> list[int]:
-        return context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
+        """The context's prompt tokens; the last few are remembered (codec auto tokenizes before prepare)."""
+        if (ids := self._ids.get(context)) is None:
+            ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
+            self._ids = {**dict(list(self._ids.items())[-7:]), context: ids}
+        return ids
 
     def prefill(self, ids: list[int], probe: bool = False, cancel: threading.Event | None = None,
                 ) -> tuple[KVCache, torch.Tensor | None]:

@@ -45,6 +45,17 @@ class AutoPolicy:
         self.max_quality_loss = max_quality_loss
         self.link, self.rates = LinkEstimate(), Rates()
         self.receiver: Receiver | None = None  # as its last Info reported it
+        self._layers: dict[tuple[str, int], list] = {}  # (candidate, token bucket) -> its layer codecs
+
+    def layers(self, name: str, tokens: int) -> list:
+        """A candidate's layer codecs, allocated once per power-of-two token bucket: a budget's
+        allocation shifts with the length only through the weight of its scales, and the decision
+        runs on every request (the card itself is allocated at its exact length)."""
+        bucket = 1 << max(0, tokens - 1).bit_length()
+        key = (name, bucket)
+        if key not in self._layers:
+            self._layers[key] = candidate_layers(name, self.profile(), self.fp, min(tokens, bucket))
+        return self._layers[key]
 
     def options(self, context: str, tokens: int, text: bool = True) -> list[Option]:
         """Every candidate that applies to this context (a budget below its smallest allocation does not;
@@ -57,7 +68,7 @@ class AutoPolicy:
                 out.append(Option(TEXT, len(context.encode())))
                 continue
             try:
-                layers = candidate_layers(name, self.profile(), self.fp, tokens)
+                layers = self.layers(name, tokens)
             except RequestError:
                 continue
             out.append(Option(name, wire_bytes(layers, self.fp, tokens), quality_loss(layers, self.profile()),
