@@ -56,10 +56,10 @@ OPTIONS = (TEXT, "fp16", "kivi-4", "budget-3", "kivi-3", "kivi-2")
 def options(hw: Hardware, tokens: int) -> list[Option]:
     out = [Option(TEXT, int(tokens * BYTES_PER_TOKEN_OF_TEXT))]
     for name in OPTIONS[1:]:
-        kind = registry.adaptive(name)
-        bits = kind.bits if kind else registry.wire_bits(registry.resolve(name, hw.layers), hw.kv_heads, tokens, hw.head_dim)
-        elements = 2 * hw.layers * hw.kv_heads * tokens * hw.head_dim
-        out.append(Option(name, int(bits * elements / 8), QUALITY[name], hw.quantize_gbps[name] * 1e9))
+        kind = registry.adaptive(name)  # budget-B: B bits per element, at most (no profile of this model here)
+        size = (int(kind.bits * 2 * hw.layers * hw.kv_heads * tokens * hw.head_dim / 8) if kind else
+                registry.wire_bytes(registry.resolve(name, hw.layers), hw.kv_heads, tokens, hw.head_dim))
+        out.append(Option(name, size, QUALITY[name], hw.quantize_gbps[name] * 1e9))
     return out
 
 

@@ -116,12 +116,11 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
         context, codec = request.context, request.codec or self.cfg.codec
+        layers = self._layers(request)
         auto = None
         if codec == AUTO:  # text only where the request can take it: no facts asked for, every layer
-            text_ok = not request.facts and self._layers(request).ratio >= 1
-            codec, auto = await self._choose(context, up, text_ok)
+            codec, auto = await self._choose(context, up, text_ok=not request.facts and layers.ratio >= 1)
         facts = self._facts(request.facts, codec)
-        layers = self._layers(request)
         if codec == TEXT and layers.ratio < 1:
             raise RequestError("the text handoff has no layers to select")
         stats = await (self._share_text(context, up) if codec == TEXT

@@ -7,11 +7,12 @@ import math
 import pytest
 
 from qkv_core.codec import allocation
+from qkv_core.codec.registry import wire_bytes as registry_wire_bytes
 from qkv_core.errors import RequestError
 from qkv_core.policy.auto import AutoPolicy, check_candidates
 from qkv_core.policy.decide import TEXT, Link, Option, Receiver, Request, decide, predict
 from qkv_core.policy.estimates import MIN_TRANSFER_BYTES, LinkEstimate
-from qkv_core.policy.quality import candidate_layers, quality_loss, wire_bytes
+from qkv_core.policy.quality import candidate_layers, quality_loss
 from qkv_core.types import Fingerprint
 
 RECEIVER = Receiver(prefill_tokens_per_s=600.0, first_token_s=0.05, dequantize_bytes_per_s=1e9)
@@ -84,6 +85,10 @@ def profile():
                    for k in allocation.KINDS}
     errors = {f: sensitivity for f in allocation.FAMILIES}
     return allocation.Profile("synthetic", "0" * 64, 1, 1, errors, sensitivity)
+
+
+def wire_bytes(layers, fp: "Fingerprint", tokens: int) -> int:
+    return registry_wire_bytes(layers, fp.num_kv_heads, tokens, fp.head_dim)
 
 
 FP = Fingerprint("synthetic", "llama", 4, 2, 64, "{}", "0" * 64, "0" * 64)

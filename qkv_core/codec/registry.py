@@ -167,7 +167,11 @@ ADAPTIVE = {
 }
 
 
+def wire_bytes(layers: list[LayerCodec], heads: int, tokens: int, dim: int) -> int:
+    """Payload bytes of a cache encoded with `layers`: codes, scales, zero points, fp16 windows."""
+    return sum(encoded_size(c.key, heads, tokens, dim) + encoded_size(c.value, heads, tokens, dim) for c in layers)
+
+
 def wire_bits(layers: list[LayerCodec], heads: int, tokens: int, dim: int) -> float:
     """Bits per element on the wire of a cache encoded with `layers` (scales and zero points included)."""
-    total = sum(encoded_size(c.key, heads, tokens, dim) + encoded_size(c.value, heads, tokens, dim) for c in layers)
-    return 8 * total / (2 * len(layers) * heads * tokens * dim)
+    return 8 * wire_bytes(layers, heads, tokens, dim) / (2 * len(layers) * heads * tokens * dim)

@@ -63,7 +63,7 @@ class SenderEngine:
         self._profile_lock = threading.Lock()  # profiles are calibrated once, by the first request that needs one
         self.facts = FactCache()
         self.cache_bytes = cache_bytes
-        self._ids: dict[str, list[int]] = {}
+        self._last_ids: tuple[str, list[int]] | None = None
         self._prefilled: ByteLRU[tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda entry: _nbytes(entry[0]))
 
     def profile(self) -> allocation.Profile:
@@ -74,10 +74,13 @@ class SenderEngine:
             return self._profile
 
     def context_ids(self, context: str) -> list[int]:
-        """The context's prompt tokens; the last few are remembered (codec auto tokenizes before prepare)."""
-        if (ids := self._ids.get(context)) is None:
-            ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
-            self._ids = {**dict(list(self._ids.items())[-7:]), context: ids}
+        """The context's prompt tokens; the last context's are remembered (codec auto tokenizes it just
+        before prepare does)."""
+        last = self._last_ids
+        if last is not None and last[0] == context:
+            return last[1]
+        ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
+        self._last_ids = (context, ids)
         return ids
 
     def prefill(self, ids: list[int], probe: bool = False, cancel: threading.Event | None = None,

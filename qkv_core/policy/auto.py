@@ -17,7 +17,7 @@ from qkv_core.codec.allocation import Profile
 from qkv_core.errors import RequestError
 from qkv_core.policy.decide import TEXT, Decision, Link, Option, Receiver, Request, decide
 from qkv_core.policy.estimates import LinkEstimate, Rates
-from qkv_core.policy.quality import candidate_layers, quality_loss, wire_bytes
+from qkv_core.policy.quality import candidate_layers, quality_loss
 from qkv_core.types import Fingerprint, KVCache
 
 AUTO = "auto"
@@ -45,17 +45,17 @@ class AutoPolicy:
         self.max_quality_loss = max_quality_loss
         self.link, self.rates = LinkEstimate(), Rates()
         self.receiver: Receiver | None = None  # as its last Info reported it
-        self._layers: dict[tuple[str, int], list] = {}  # (candidate, token bucket) -> its layer codecs
+        self._candidates: dict[tuple[str, int], tuple[list, float]] = {}  # (name, token bucket) -> layers, loss
 
-    def layers(self, name: str, tokens: int) -> list:
-        """A candidate's layer codecs, allocated once per power-of-two token bucket: a budget's
-        allocation shifts with the length only through the weight of its scales, and the decision
-        runs on every request (the card itself is allocated at its exact length)."""
-        bucket = 1 << max(0, tokens - 1).bit_length()
-        key = (name, bucket)
-        if key not in self._layers:
-            self._layers[key] = candidate_layers(name, self.profile(), self.fp, min(tokens, bucket))
-        return self._layers[key]
+    def candidate(self, name: str, tokens: int) -> tuple[list, float]:
+        """A candidate's layer codecs and predicted loss, made once per power-of-two token bucket: a
+        budget's allocation shifts with the length only through the weight of its scales, and the
+        decision runs on every request (the card itself is allocated at its exact length)."""
+        key = (name, 1 << max(0, tokens - 1).bit_length())
+        if key not in self._candidates:
+            layers = candidate_layers(name, self.profile(), self.fp, tokens)
+            self._candidates[key] = layers, quality_loss(layers, self.profile())
+        return self._candidates[key]
 
     def options(self, context: str, tokens: int, text: bool = True) -> list[Option]:
         """Every candidate that applies to this context (a budget below its smallest allocation does not;
@@ -68,11 +68,11 @@ class AutoPolicy:
                 out.append(Option(TEXT, len(context.encode())))
                 continue
             try:
-                layers = self.layers(name, tokens)
+                layers, loss = self.candidate(name, tokens)
             except RequestError:
                 continue
-            out.append(Option(name, wire_bytes(layers, self.fp, tokens), quality_loss(layers, self.profile()),
-                              self.quantize_rate(name, layers)))
+            size = registry.wire_bytes(layers, self.fp.num_kv_heads, tokens, self.fp.head_dim)
+            out.append(Option(name, size, loss, self.quantize_rate(name, layers)))
         return out
 
     def quantize_rate(self, name: str, layers: list) -> float:

@@ -1,4 +1,5 @@
-"""What each candidate of `codec = "auto"` costs on the wire and in quality, for one context.
+"""What each candidate of `codec = "auto"` is, and costs in quality, for one context (its wire bytes:
+qkv_core.codec.registry.wire_bytes).
 
 Quality is the calibrated codec profile's: for every layer and K/V, the next-token KL (nats) with
 only that tensor KIVI-quantized at a width (qkv_core.codec.allocation.Profile.sensitivity). A
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 from qkv_core.codec import registry
 from qkv_core.codec.allocation import BITS, KINDS, Profile, budget
-from qkv_core.codec.quant import encoded_size
 from qkv_core.codec.registry import KIVI, LayerCodec
 from qkv_core.errors import RequestError
 from qkv_core.types import Fingerprint
@@ -40,8 +40,3 @@ def quality_loss(layers: list[LayerCodec], profile: Profile) -> float:
             total += profile.sensitivity[kind][str(codec.bits)][index]
     return total
 
-
-def wire_bytes(layers: list[LayerCodec], fp: Fingerprint, tokens: int) -> int:
-    """The card's payload (codes, scales, zero points, fp16 windows); headers and framing excluded."""
-    shape = (fp.num_kv_heads, tokens, fp.head_dim)
-    return sum(encoded_size(c.key, *shape) + encoded_size(c.value, *shape) for c in layers)
