@@ -74,6 +74,8 @@ class StoreConfig:
     store_redis: str = setting("", "shared tier: redis://HOST:PORT/DB (or rediss://); receivers serve each other's cards",
                                "receiver")
     store_redis_ttl_s: int = setting(86400, "shared tier: how long a card lives in Redis", "receiver")
+    prefix_blocks: int = setting(1 << 18, "prefix index: block hashes (16 tokens each) remembered for FindPrefix, "
+                                 "so senders can send delta cards", "receiver")
     store_key: str = setting("", "encryption at rest: a file holding a 32-byte AES key (64 hex digits); disk and Redis "
                              "entries are sealed with AES-GCM", "receiver")
 
@@ -112,6 +114,10 @@ class ServiceConfig:
     codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")
     context_cache_bytes: int = setting(1 << 30, "KV of recent contexts the sender keeps (the model's dtype), so a "
                                        "context handed on again is not prefilled again; 0: none", "sender")
+    delta_min_tokens: int = setting(64, "a held prefix is extended by a delta card only when it is at least this "
+                                    "long (the prompt's own head is shared by every context); 0: never", "sender")
+    session_bytes: int = setting(64 << 20, "text of the open sessions the sender keeps (least recently used dropped "
+                                 "past it)", "sender")
     auto_codecs: str = setting(AUTO_CODECS, "candidates of codec auto, comma-separated: text, fp16, kivi-B, budget-B",
                                "sender")
     max_quality_loss: float = setting(MAX_QUALITY_LOSS, "codec auto never picks an option whose predicted next-token "

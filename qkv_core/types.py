@@ -58,3 +58,12 @@ class KVCache:
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "KVCache":
         return KVCache([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
+
+    def span(self, start: int, stop: int | None = None) -> "KVCache":
+        """Tokens start..stop of every layer (views: nothing is copied)."""
+        return KVCache([k[:, start:stop] for k in self.keys], [v[:, start:stop] for v in self.values])
+
+    def extended(self, tail: "KVCache") -> "KVCache":
+        """This cache followed by `tail`'s tokens, layer by layer (a new cache)."""
+        return KVCache([torch.cat((a, b), dim=1) for a, b in zip(self.keys, tail.keys)],
+                       [torch.cat((a, b), dim=1) for a, b in zip(self.values, tail.values)])

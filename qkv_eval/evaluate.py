@@ -124,7 +124,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
                          device=str(lm.device), dtype=str(lm.dtype))
     rows = list(load_rows(cfg.data, cfg.limit))
-    label = cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "")
+    label = cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "") + ("/deltas" if cfg.deltas else "")
     label += f"/layers {cfg.layer_method}@{cfg.layers:g}" if cfg.layers < 1 else ""
     facts = FactConfig(method=cfg.facts) if cfg.facts else None
     layers = SelectionConfig(cfg.layers, cfg.layer_method)
@@ -152,7 +152,7 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
             extra = {"context_tokens": tokens, "wire_bytes": wire, "kv_fp16_bytes": lm.fingerprint.kv_bytes(tokens),
                      "prefill_s": prefill_s}
         elif cfg.hops > 1:
-            chain = run_chain(sender, receiver, context, cfg.codec, cfg.hops)
+            chain = run_chain(sender, receiver, context, cfg.codec, cfg.hops, cfg.deltas)
             text = "".join(receiver.generate(chain.card_id, question, cfg.max_new_tokens, False, stats))
             extra = {"context_tokens": len(chain.ids), "wire_bytes": chain.wire_bytes[-1],
                      "kv_fp16_bytes": chain.kv.nbytes(2)}

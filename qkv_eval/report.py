@@ -220,19 +220,23 @@ def layers_table(results: list[dict]) -> str:
 
 
 def hops_table(results: list[dict]) -> str:
-    """The multi-hop relay: F1 by number of hops, one row per (dataset, rows, codec)."""
-    chains: dict[tuple[str, str, int, str], dict[int, float]] = defaultdict(dict)
+    """The multi-hop relay: F1 by number of hops, one row per (dataset, rows, codec, relay): each hop
+    re-encoding the whole cache, or sending only its own turn (deltas). One hop is both."""
+    chains: dict[tuple[str, str, int, str, str], dict[int, float]] = defaultdict(dict)
     for r in results:
         c = config_of(r)
         if _same_model_card(r) and c.layers >= 1:
-            chains[(r["model"], c.data.stem, r["summary"]["rows"], c.codec)][c.hops] = r["summary"]["f1"]
+            relays = ("re-encode", "deltas") if c.hops == 1 else ("deltas" if c.deltas else "re-encode",)
+            for relay in relays:
+                chains[(r["model"], c.data.stem, r["summary"]["rows"], c.codec, relay)][c.hops] = r["summary"]["f1"]
     chains = {k: v for k, v in chains.items() if len(v) > 1}
     if not chains:
         return ""
     hops = sorted({h for v in chains.values() for h in v})
-    out = ["| model | data | codec | " + " | ".join(f"{h} hop{'s' * (h > 1)}" for h in hops) + " |", "|" + "---|" * (len(hops) + 3)]
-    for (model, data, rows, codec), f1 in sorted(chains.items()):
-        out.append(f"| {model} | {data}[{rows}] | {codec} | " + " | ".join(_fmt(f1.get(h), ".1f") for h in hops) + " |")
+    out = ["| model | data | codec | relay | " + " | ".join(f"{h} hop{'s' * (h > 1)}" for h in hops) + " |",
+           "|" + "---|" * (len(hops) + 4)]
+    for (model, data, rows, codec, relay), f1 in sorted(chains.items()):
+        out.append(f"| {model} | {data}[{rows}] | {codec} | {relay} | " + " | ".join(_fmt(f1.get(h), ".1f") for h in hops) + " |")
     return "\n".join(out)
 
 
@@ -275,6 +279,7 @@ def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
     if datasets := datasets_table(results):
         parts += ["", "## Every dataset: baseline, skyline and the card (F1)", "", datasets]
     if hops := hops_table(results):
-        parts += ["", "## Multi-hop relay: F1 by number of hops (each hop re-quantizes the whole cache)", "", hops]
+        parts += ["", "## Multi-hop relay: F1 by number of hops (re-encode: each hop re-quantizes the whole cache; "
+                  "deltas: each hop sends only its own turn)", "", hops]
     parts += [f"\n![{p.stem}]({p.name})" for p in charts]
     return "\n".join(parts) + "\n"

@@ -19,6 +19,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     context_field: str = "context"
     hops: int = 1  # kv: handoffs along a chain of agents before the answer
+    deltas: bool = False  # hops > 1: each later hop sends only its own turn (a delta card), not the whole cache
     facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
     layers: float = 1.0  # kv: share of layers the card carries
     layer_method: str = "combined"
@@ -31,6 +32,8 @@ class EvalConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.hops < 1 or (self.hops > 1 and self.mode != "kv"):
             raise ValueError("hops must be >= 1, and above 1 only in kv mode")
+        if self.deltas and self.hops < 2:
+            raise ValueError("deltas apply to a relay of two or more hops")
         if self.layers < 1 and (self.mode != "kv" or self.hops > 1):
             raise ValueError("a layer ratio below 1 applies to single-hop kv cards")
         if self.facts and (self.mode not in ("kv", "facts") or self.hops > 1):

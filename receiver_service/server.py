@@ -43,7 +43,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         tenant = self._tenant(context)
         requests = aiter(request_iterator)
         idle_s = self.cfg.limits.idle_timeout_s
-        with self.engine.intake() as intake:
+        with self.engine.intake(tenant) as intake:
             try:
                 while True:
                     try:
@@ -66,6 +66,10 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         await asyncio.to_thread(self.engine.store.put, card, record, tenant)  # writes through to disk and Redis
         m = self.metrics
         m.cards_received.inc()
+        if card.header.parent_card_id:
+            m.delta_cards.inc()
+            m.card_tokens.labels("reused").inc(card.header.parent_tokens)
+        m.card_tokens.labels("sent").inc(card.header.context_tokens - card.header.parent_tokens)
         m.observe("dequantize", intake.dequantize_s)
         return pb.PushCardResponse(
             card_id=card.header.card_id, wire_bytes=intake.reader.wire_bytes, dequantize_s=intake.dequantize_s
@@ -101,6 +105,14 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         if header is None:
             return pb.HasCardResponse(present=False)
         return pb.HasCardResponse(present=True, context_tokens=header.context_tokens)
+
+    @guarded
+    async def FindPrefix(self, request: pb.FindPrefixRequest, context: grpc.aio.ServicerContext) -> pb.FindPrefixResponse:
+        found = await asyncio.to_thread(self.engine.find_prefix, request.block_hashes, self._tenant(context),
+                                        request.codecs)
+        if found is None:
+            return pb.FindPrefixResponse()
+        return pb.FindPrefixResponse(card_id=found[0], tokens=found[1])
 
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:

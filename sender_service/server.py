@@ -13,15 +13,18 @@ from pathlib import Path
 
 import grpc
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
-from qkvcomm_client import ClientTLS, call_metadata, open_channel
+from qkvcomm_client import ClientTLS, call_metadata, error_info, open_channel
 
+from qkv_core.card.blocks import extendable
 from qkv_core.card.framing import frames
 from qkv_core.card.header import fingerprint_from_pb, model_details, text_card_id
 from qkv_core.codec.registry import codec_files
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.receiver import TEXT
 from qkv_core.engine.selection import SelectionConfig
-from qkv_core.engine.sender import SenderEngine
+from qkv_core.engine.sender import Parent, PreparedCard, SenderEngine
+from qkv_core.engine.sent import Sent, SentCards
+from qkv_core.engine.sessions import Sessions
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.facts import FactConfig
 from qkv_core.model.loading import LoadedModel, load_model
@@ -44,7 +47,8 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
 _RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
           "retryableStatusCodes": ["UNAVAILABLE"]}
 PUSH_ATTEMPTS = 2
-INFO_TTL_S = 30.0  # how long the receiver's Info is trusted before the next handoff asks again
+INFO_TTL_S = 30.0
+LOSSLESS = (TEXT, "fp32", "fp16")  # parents any delta may extend: no coarser than the fp16 KV ratios are quoted against  # how long the receiver's Info is trusted before the next handoff asks again
 
 
 def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
@@ -72,9 +76,10 @@ class Upstream:
 
     timeout: float
     metadata: list[tuple[str, str]]
+    tenant: str = ""
 
     def remaining(self, since: float) -> "Upstream":
-        return Upstream(max(0.0, self.timeout - (time.perf_counter() - since)), self.metadata)
+        return Upstream(max(0.0, self.timeout - (time.perf_counter() - since)), self.metadata, self.tenant)
 
 
 class SenderServicer(services_pb2_grpc.SenderServiceServicer):
@@ -88,6 +93,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         self._receiver_info: tuple[float, pb.InfoResponse | None] | None = None  # (when fetched, what)
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
         self._reprobe: asyncio.Task | None = None
+        self.sessions = Sessions(cfg.session_bytes)
+        self.sent = SentCards()
         self.auto = AutoPolicy(engine.lm.fingerprint, engine.profile, cfg.auto_codecs.split(","), cfg.max_quality_loss)
         metrics.watch_auto(self.auto)
         SelectionConfig(cfg.layer_ratio, cfg.layer_method)
@@ -110,12 +117,14 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         limit = self.cfg.limits.receiver_timeout_s
         timeout = limit if remaining is None else max(0.0, min(limit, remaining))
         tenant = self.auth.tenant(context.invocation_metadata())
-        return Upstream(timeout, call_metadata(self.cfg.receiver_token, tenant))
+        return Upstream(timeout, call_metadata(self.cfg.receiver_token, tenant), tenant)
 
     async def _share(self, request: pb.ShareRequest | pb.AskRequest, up: Upstream) -> tuple[pb.HandoffStats, bool]:
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
         context, codec = request.context, request.codec or self.cfg.codec
+        if request.session:
+            context = self.sessions.context(up.tenant, request.session, context)
         layers = self._layers(request)
         auto = None
         if codec == AUTO:  # text only where the request can take it: no facts asked for, every layer
@@ -137,6 +146,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             self.auto.rates.observe(codec, stats.kv_fp16_bytes, stats.quantize_s)
         if auto is not None:
             stats.auto.CopyFrom(auto)
+        if request.session:
+            self.sessions.commit(up.tenant, request.session, context)
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
 
@@ -208,35 +219,100 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
 
     async def _share_card(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
                           up: Upstream) -> pb.HandoffStats:
+        """A card of the context: nothing when the receiver holds the card this request made last time;
+        else a delta card when the receiver holds a prefix of the context, else the whole card."""
         await self.check_receiver(up)
+        memo = self.sent.key(up.tenant, context, (codec, facts, layers))
+        if (known := self.sent.get(memo)) is not None:
+            if (await self._has_card(known.card_id, up)).present:
+                return self._reused(known, codec)
+            self.sent.forget(memo)
+        parent = await self._find_parent(context, codec, layers, up)
+        card = await self._prepare(context, codec, facts, layers, parent)
+        held = await self._has_card(card.header.card_id, up)
+        reply, sent, transfer_s = None, 0, 0.0
+        if not held.present:
+            try:
+                reply, sent, transfer_s = await self._push(card, up)
+            except grpc.aio.AioRpcError as e:
+                if parent is None or not _parent_missing(e):
+                    raise
+                log.info("the receiver no longer holds %s, which card %s extends; pushing the whole card",
+                         parent.card_id[:12], card.header.card_id[:12])
+                card = await self._prepare(context, codec, facts, layers, None)
+                reply, sent, transfer_s = await self._push(card, up)
+        header = card.header
+        stats = pb.HandoffStats(
+            card_id=header.card_id, codec=header.codec, context_tokens=header.context_tokens,
+            kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
+            prefill_s=card.prefill_s, quantize_s=card.quantize_s, facts_s=card.facts_s, facts=len(header.facts),
+            card_reused=held.present, delta=bool(header.parent_card_id), parent_card_id=header.parent_card_id,
+            reused_tokens=header.context_tokens if held.present else header.parent_tokens,
+        )
+        self.sent.add(memo, Sent(header.card_id, header.context_tokens, header.parent_card_id, header.parent_tokens))
+        if reply is None:
+            return stats
+        stats.transfer_s, stats.dequantize_s = transfer_s, reply.dequantize_s
+        _count_wire(stats, sent)
+        m = self.metrics
+        m.cards_sent.inc()
+        m.card_tokens.labels("sent").inc(header.context_tokens - header.parent_tokens)
+        if header.parent_card_id:
+            m.delta_cards.inc()
+            m.card_tokens.labels("reused").inc(header.parent_tokens)
+            m.delta_saved_bytes.inc(sent * header.parent_tokens / (header.context_tokens - header.parent_tokens))
+        return stats
+
+    def _reused(self, known: Sent, codec: str) -> pb.HandoffStats:
+        """The stats of a request whose card the receiver still holds: nothing was prefilled or sent."""
+        fp, own = self.engine.lm.fingerprint, known.context_tokens - known.parent_tokens
+        return pb.HandoffStats(
+            card_id=known.card_id, codec=codec, context_tokens=known.context_tokens, kv_fp16_bytes=fp.kv_bytes(own, 2),
+            kv_fp32_bytes=fp.kv_bytes(own, 4), card_reused=True, delta=bool(known.parent_card_id),
+            parent_card_id=known.parent_card_id, reused_tokens=known.context_tokens,
+        )
+
+    async def _find_parent(self, context: str, codec: str, layers: SelectionConfig, up: Upstream) -> Parent | None:
+        """The held prefix a delta card can extend (FindPrefix), if the receiver takes deltas and this
+        card can be one."""
+        info = await self.receiver_info(up)
+        if (not self.cfg.delta_min_tokens or info is None or not info.features.sessions
+                or not self.engine.can_extend(codec, layers, self.cfg.receiver_layers)):
+            return None
+        ids = self.engine.context_ids(context)
+        hashes = self.engine.block_hashes(ids)
+        if not hashes:
+            return None
+        parents = dict.fromkeys([codec, *LOSSLESS])  # a delta never rests on a coarser prefix than its own codec
+        found = await self.receiver.FindPrefix(pb.FindPrefixRequest(block_hashes=hashes, codecs=parents),
+                                               timeout=up.timeout, metadata=up.metadata)
+        tokens = extendable(found.tokens, len(ids))
+        return Parent(found.card_id, tokens) if found.card_id and tokens >= max(1, self.cfg.delta_min_tokens) else None
+
+    async def _prepare(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
+                       parent: Parent | None) -> PreparedCard:
         cancel = threading.Event()  # a client that goes away stops the prefill at its next chunk
         try:
             card = await asyncio.to_thread(
-                self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers, cancel
+                self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers, cancel, parent
             )
         except asyncio.CancelledError:
             cancel.set()
             raise
-        header = card.header
         self.metrics.observe("prefill", card.prefill_s)
         self.metrics.prompt_tokens.inc(card.header.context_tokens)
         self.metrics.observe("quantize", card.quantize_s)
         if facts:
             self.metrics.observe("facts", card.facts_s)
-        stats = pb.HandoffStats(
-            card_id=header.card_id, codec=header.codec, context_tokens=header.context_tokens,
-            kv_fp16_bytes=card.kv_fp16_bytes, kv_fp32_bytes=card.kv_fp32_bytes,
-            prefill_s=card.prefill_s, quantize_s=card.quantize_s, facts_s=card.facts_s, facts=len(header.facts),
-        )
-        held = await self._has_card(header.card_id, up)
-        stats.card_reused = held.present
-        if held.present:
-            return stats
+        return card
+
+    async def _push(self, card: PreparedCard, up: Upstream) -> tuple[pb.PushCardResponse, int, float]:
+        """PushCard: the receiver's reply, the bytes sent and the time it took."""
         sent = 0
 
         def counted() -> Iterator[pb.CardFrame]:
             nonlocal sent
-            for frame in frames(header, card.blobs):
+            for frame in frames(card.header, card.blobs):
                 sent += frame.ByteSize()
                 yield frame
 
@@ -246,16 +322,13 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             try:
                 left = up.remaining(since=t0)
                 reply = await self.receiver.PushCard(push_requests(counted()), timeout=left.timeout, metadata=left.metadata)
-                break
+                return reply, sent, time.perf_counter() - t0
             except grpc.aio.AioRpcError as e:  # a broken stream: push the card again, whole (its id is its content)
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUSH_ATTEMPTS - 1:
                     raise
-                log.warning("card %s: the stream to the receiver broke (%s); pushing it again", header.card_id[:12], e.details())
-        stats.transfer_s = time.perf_counter() - t0
-        stats.dequantize_s = reply.dequantize_s
-        self.metrics.cards_sent.inc()
-        _count_wire(stats, sent)
-        return stats
+                log.warning("card %s: the stream to the receiver broke (%s); pushing it again",
+                            card.header.card_id[:12], e.details())
+        raise AssertionError("unreachable")
 
     async def _has_card(self, card_id: str, up: Upstream) -> pb.HasCardResponse:
         """HasCard, timed: a small call, so its time is the link's round trip (for codec auto)."""
@@ -319,6 +392,12 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
 
 def _path(setting: str) -> Path | None:
     return Path(setting) if setting else None
+
+
+def _parent_missing(error: grpc.aio.AioRpcError) -> bool:
+    """The receiver refused a delta card because it does not hold its parent (any more)."""
+    info = error_info(error)
+    return error.code() == grpc.StatusCode.FAILED_PRECONDITION and info is not None and info.reason == "PARENT_MISSING"
 
 
 def _count_wire(stats: pb.HandoffStats, sent: int) -> None:

@@ -27,6 +27,7 @@ _CODES = {
     ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
     ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.PARENT_MISSING: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _MISCONFIGURED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 

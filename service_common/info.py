@@ -46,7 +46,7 @@ def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[
         limits=pb.ServiceLimits(max_card_bytes=cfg.max_card_bytes, max_context_tokens=limits.max_context_tokens,
                                 max_new_tokens=limits.max_new_tokens_limit, chunk_bytes=MAX_CHUNK_BYTES),
         features=pb.ServiceFeatures(
-            facts=cfg.facts, layer_selection=True, sessions=False, alignments=[fingerprint_to_pb(a) for a in alignments],
+            facts=cfg.facts, layer_selection=True, sessions=True, alignments=[fingerprint_to_pb(a) for a in alignments],
             tls=bool(cfg.tls_cert), auth=bool(cfg.auth_tokens), store_tiers=list(store_tiers)),
         performance=speed,
     )

@@ -50,6 +50,12 @@ class Metrics:
         )
         self.cards_sent = Counter("qkvcomm_cards_sent_total", "Cards pushed to a receiver", registry=r)
         self.cards_received = Counter("qkvcomm_cards_received_total", "Cards accepted", registry=r)
+        self.delta_cards = Counter("qkvcomm_delta_cards_total", "Delta cards sent (sender) or accepted (receiver): "
+                                   "only the tokens after a held prefix", registry=r)
+        self.card_tokens = Counter("qkvcomm_card_tokens_total", "Context tokens of the cards, by part: sent (in the "
+                                   "card) or reused (a held prefix a delta extends)", ["part"], registry=r)
+        self.delta_saved_bytes = Counter("qkvcomm_delta_saved_bytes_total", "Wire bytes the delta cards saved: the "
+                                         "reused tokens at the bytes per token of the delta itself", registry=r)
         self.kv_fp16_bytes = Counter(
             "qkvcomm_kv_fp16_bytes_total", "fp16 size of all layers of the KV the cards stand for", registry=r
         )
@@ -105,7 +111,7 @@ class _StoreCollector(Collector):
     def collect(self):  # noqa: ANN201 - prometheus_client's protocol
         store = self.store
         events = CounterMetricFamily("qkvcomm_store_events", "Card store events by tier: hit, miss, write, spill, "
-                                     "evict, reload, corrupt, reencode, error", labels=["tier", "event"])
+                                     "evict, reload, corrupt, reencode, orphan, error", labels=["tier", "event"])
         for (tier, event), n in sorted(store.stats.snapshot().items()):
             events.add_metric([tier, event], n)
         yield events

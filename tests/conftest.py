@@ -181,7 +181,12 @@ def receiver_stub(services: Services) -> Iterator[services_pb2_grpc.ReceiverServ
         yield services_pb2_grpc.ReceiverServiceStub(channel)
 
 
-def gauge(port: int, name: str) -> float:
-    """One unlabelled metric's value from a service's /metrics endpoint."""
+def gauge(port: int, name: str, **labels: str) -> float:
+    """One metric's value from a service's /metrics endpoint; with `labels` (in the metric's label
+    exposition order: alphabetical), that series, 0 while it has not appeared."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+    series = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+    values = [float(line.split()[1]) for line in text.splitlines() if line.startswith(series + " ")]
+    if not values and not labels:
+        raise KeyError(f"no metric {name} at port {port}")
+    return values[0] if values else 0.0

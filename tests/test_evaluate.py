@@ -89,11 +89,13 @@ def test_hops_table_lines_up_f1_by_hop_count():
                 "summary": {"rows": 30, "f1": f1}}
 
     runs = [run("fp16", 1, 9.4), run("fp16", 5, 10.1), run("kivi-4", 1, 9.0), run("kivi-4", 3, 8.0),
+            run("kivi-4", 3, 8.7, deltas=True),
             run("seed-4", 1, 5.0), run("kivi-4", 1, 1.0, facts="hybrid")]  # one hop only / with facts: not a chain
     table = hops_table(runs)
-    assert "| m | squad[30] | fp16 | 9.4 | - | 10.1 |" in table
-    assert "| m | squad[30] | kivi-4 | 9.0 | 8.0 | - |" in table
-    assert "seed-4" not in table and "1.0" not in table
+    assert "| m | squad[30] | fp16 | re-encode | 9.4 | - | 10.1 |" in table
+    assert "| m | squad[30] | kivi-4 | re-encode | 9.0 | 8.0 | - |" in table
+    assert "| m | squad[30] | kivi-4 | deltas | 9.0 | 8.7 | - |" in table  # one hop is the same run for both
+    assert "fp16 | deltas" not in table and "seed-4" not in table and "1.0" not in table
 
 
 def test_layers_table_and_chart_line_up_methods_by_ratio(tmp_path):

@@ -11,6 +11,7 @@ from qkv_core.card.framing import frames
 from qkv_core.card.header import FORMAT_VERSION
 from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.engine.sender import SenderEngine
+from qkv_core.facts import FactConfig
 from qkv_core.wire import pb, push_requests
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -140,7 +141,7 @@ def test_empty_context_and_unknown_codec_are_invalid(services):
     assert "600" in ask(services.sender, *FACTS[0][:2]).text  # and it still answers
 
 
-def test_facts_ride_in_the_card_and_reach_the_receivers_prompt(services):
+def test_facts_ride_in_the_card_and_reach_the_receivers_prompt(services, embedded):
     context = ("Release notes for the Atlas API, version 4.2. The rate limit is 600 requests per minute per key. "
                "Bulk exports moved to the /v4/exports endpoint.")
     plain = ask(services.sender, context, "Which endpoint serves bulk exports?", codec="kivi-2")
@@ -148,8 +149,11 @@ def test_facts_ride_in_the_card_and_reach_the_receivers_prompt(services):
     s = with_facts.stats
     assert s.facts >= 3 and s.facts_s > 0
     assert s.card_id != plain.stats.card_id  # facts are part of the card's content
-    assert s.wire_bytes > plain.stats.wire_bytes  # and of its bytes on the wire
+    # (the second card extends the first, held, as a delta: its header carries the facts of the whole context)
     assert with_facts.text != plain.text  # the receiver's prompt changed (tests/test_facts.py checks how)
+    sender = SenderEngine(embedded)
+    cards = [sender.prepare(context, "kivi-2", facts) for facts in (None, FactConfig())]
+    assert cards[1].header.ByteSize() > cards[0].header.ByteSize() + 50  # and of its bytes on the wire
 
 
 def test_health_and_reflection(services):

@@ -41,3 +41,17 @@ def test_lossy_relays_compound_and_tokenmix_is_refused(tiny):
     assert drift(3) > drift(1) > 0
     with pytest.raises(ValueError, match="tokenmix"):
         run_chain(sender, receiver, CONTEXT, "tokenmix-3", hops=2)
+
+
+def test_a_relay_of_deltas_quantizes_each_token_once(tiny):
+    """Each later hop sends only its note: the context's cache is agent 1's card, never re-encoded."""
+    sender, receiver = _engines(tiny)
+    n = len(sender.context_ids(CONTEXT))
+    once = receiver.card(run_chain(sender, receiver, CONTEXT, "kivi-2", 1).card_id).kv
+    chain = run_chain(sender, receiver, CONTEXT, "kivi-2", 3, deltas=True)
+    relayed = receiver.card(chain.card_id).kv
+    assert all(torch.equal(a[:, :n], b) for a, b in zip(relayed.keys + relayed.values, once.keys + once.values))
+    assert relayed.tokens == len(chain.ids)
+    reencoded = run_chain(sender, receiver, CONTEXT, "kivi-2", 3)
+    assert chain.wire_bytes[0] == reencoded.wire_bytes[0]
+    assert all(chain.wire_bytes[hop] < reencoded.wire_bytes[hop] / 2 for hop in (1, 2))

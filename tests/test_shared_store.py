@@ -137,11 +137,12 @@ def test_the_receiver_reports_redis_down_in_health_and_metrics_and_keeps_serving
 
 
 def test_a_sender_balancing_over_two_receivers_that_share_redis_answers_every_question(embedded, server):
-    """round_robin sends a card's push and its question to different receivers: the shared tier
-    is what lets the second one answer."""
+    """round_robin spreads a card's calls over both receivers: the shared tier is what lets the one
+    that did not take the push answer on it (and each receiver answers on every card)."""
     import dataclasses
 
     from conftest import TEST_CONFIG, ask, gauge, service_loop
+    from qkvcomm_client import ReceiverClient
 
     from receiver_service.server import start_receiver
     from sender_service.server import start_sender
@@ -153,12 +154,19 @@ def test_a_sender_balancing_over_two_receivers_that_share_redis_answers_every_qu
         sender, channel = run(start_sender(dataclasses.replace(TEST_CONFIG, receiver=target, receiver_balance="round_robin"),
                                            embedded))
         try:
+            cards = []
             for i, code in enumerate(("7731", "4052", "9186", "2640")):
                 context = f"Vault {i} is in Geneva. The code of vault {i} is {code}."
                 answer = ask(f"127.0.0.1:{sender.port}", context, f"What is the code of vault {i}?", codec="int8")
                 assert code in answer.text, (i, answer.text)
+                cards.append((i, code, answer.stats.card_id))
+            for r in receivers:
+                with ReceiverClient(f"127.0.0.1:{r.port}") as client:
+                    for i, code, card_id in cards:
+                        assert code in client.generate(card_id, f"What is the code of vault {i}?").text
             pushed = [gauge(r.metrics_port, "qkvcomm_cards_received_total") for r in receivers]
-            assert all(n >= 1 for n in pushed), pushed  # both receivers took cards
+            shared = [gauge(r.metrics_port, "qkvcomm_store_events_total", event="hit", tier="redis") for r in receivers]
+            assert sum(pushed) == 4 and sum(shared) >= 4 - min(pushed), (pushed, shared)
         finally:
             run(sender.stop(0))
             run(channel.close())

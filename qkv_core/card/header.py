@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import google_crc32c
 
+from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
 from qkv_core.codec.encoding import encode_layers, salient_count
 from qkv_core.codec.quant import Granularity, TensorCodec, encoded_size
 from qkv_core.codec.registry import LayerCodec
@@ -35,6 +36,7 @@ class ErrorKind(enum.Enum):
     DATA_LOSS = "data loss"  # checksum, digest or truncation
     TOO_LARGE = "resource exhausted"
     NOT_FOUND = "not found"
+    PARENT_MISSING = "parent missing"  # a delta card whose parent the receiver does not hold: send the whole card
 
 
 class CardError(Detailed):
@@ -114,6 +116,8 @@ class CardPlan:
     sources: list[int] = field(default_factory=list)  # cross-model: receiver layer j reads layer sources[j]
     facts: list[pb.Fact] = field(default_factory=list)
     fact_summary: str = ""
+    parent_card_id: str = ""  # a delta card: the held card whose first parent_tokens tokens it extends
+    parent_tokens: int = 0  # the cache encoded holds only the tokens after these
 
     def sent(self) -> list[int]:
         return list(range(len(self.layers))) if self.selected is None else self.selected
@@ -124,7 +128,8 @@ class CardPlan:
 
 
 def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> tuple[pb.CardHeader, list[bytes]]:
-    """The card of `kv` under `plan`: its header, named by its content, and its layer blobs."""
+    """The card of `kv` under `plan`: its header, named by its content, and its layer blobs. A delta
+    plan (parent_card_id) takes the cache of the tokens after parent_tokens only."""
     header = _header(fp, context_ids, kv, plan)
     blobs = plan.encode(kv)
     name_card(header, blobs)
@@ -142,8 +147,11 @@ def name_card(header: pb.CardHeader, blobs: list[bytes]) -> None:
 def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
     if len(plan.layers) != kv.num_layers:
         raise ValueError(f"{len(plan.layers)} layer codecs for {kv.num_layers} layers")
-    layers = []
     n, salient = len(context_ids), plan.salient
+    if plan.parent_card_id and (plan.salient or plan.selected is not None or plan.sources
+                                or kv.tokens != n - plan.parent_tokens or kv.is_ragged):
+        raise ValueError("a delta card holds every layer's tokens after its parent's, and no salient tokens")
+    layers = []
     for i in plan.sent():
         c, (heads, tokens, dim) = plan.layers[i], kv.keys[i].shape
         layers.append(pb.LayerSpec(
@@ -166,6 +174,9 @@ def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan
         layer_selection=plan.selection,
         layer_sources=plan.sources,
         context_ids_sha256=context_digest(context_ids),
+        block_hashes=block_hashes(fp, context_ids)[plan.parent_tokens // BLOCK_TOKENS :],  # the blocks ending after the parent
+        parent_card_id=plan.parent_card_id,
+        parent_tokens=plan.parent_tokens,
     )
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES
 from qkv_core.card.header import (
     CARD_ID,
     FORMAT_VERSION,
@@ -125,8 +126,10 @@ class CardReader:
             raise CardError(ErrorKind.INVALID, "card_id must be 64 lowercase hex digits (a SHA-256)")
         self.limits.check("max_context_tokens", h.context_tokens, "the card's context")
         self.limits.check("max_fact_summary_bytes", len(h.fact_summary.encode()), "the card's fact summary (bytes)")
-        if max(spec.tokens for spec in h.layers) != h.context_tokens:
-            raise CardError(ErrorKind.INVALID, f"no layer holds the card's {h.context_tokens} context tokens")
+        self._check_blocks(h)
+        own = h.context_tokens - h.parent_tokens  # the tokens the card's layers hold (a delta: after its parent's)
+        if max(spec.tokens for spec in h.layers) != own:
+            raise CardError(ErrorKind.INVALID, f"no layer holds the card's {own} tokens")
         if h.shared_prefix_tokens >= h.context_tokens:
             raise CardError(ErrorKind.INVALID, "the shared prefix must be shorter than the context")
         fp = self.source
@@ -138,12 +141,12 @@ class CardReader:
             if spec.receiver_layer >= fp.num_layers or spec.receiver_layer in seen:
                 raise CardError(ErrorKind.INVALID, f"bad or repeated receiver layer {spec.receiver_layer}")
             seen.add(spec.receiver_layer)
-            if not 0 < spec.tokens <= h.context_tokens:
+            if not 0 < spec.tokens <= own or (h.parent_card_id and spec.tokens != own):
                 raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} holds {spec.tokens} tokens")
             key, value = codec_from_pb(spec.key), codec_from_pb(spec.value)
             try:
                 expected = tuple(
-                    encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, h.context_tokens, spec.tokens, c))
+                    encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, own, spec.tokens, c))
                     for c in (key, value)
                 )
             except ValueError as e:
@@ -159,6 +162,22 @@ class CardReader:
         self.header = h
         self._digest = content_hash(h)
         self._skip_empty_layers()
+
+    def _check_blocks(self, h: pb.CardHeader) -> None:
+        """The block hashes and, for a delta card, its parent: well-formed (the parent itself is the
+        receiver's to find)."""
+        if h.parent_card_id or h.parent_tokens:
+            if not CARD_ID.fullmatch(h.parent_card_id) or not 0 < h.parent_tokens < h.context_tokens:
+                raise CardError(ErrorKind.INVALID, "a delta card names its parent by card id and extends 1 to "
+                                "context_tokens - 1 of its tokens")
+            if self.alignment is not None:
+                raise CardError(ErrorKind.PRECONDITION, "a delta card must come from the receiver's own model")
+            if h.shared_prefix_tokens or h.salient_tokens:
+                raise CardError(ErrorKind.INVALID, "a delta card holds every layer, and no shared prefix or salient tokens")
+        expected = h.context_tokens // BLOCK_TOKENS - h.parent_tokens // BLOCK_TOKENS
+        if h.block_hashes and (len(h.block_hashes) != expected or any(len(b) != HASH_BYTES for b in h.block_hashes)):
+            raise CardError(ErrorKind.INVALID, f"the card names {len(h.block_hashes)} block hashes; its tokens make "
+                            f"{expected} of {HASH_BYTES} bytes")
 
     def _skip_empty_layers(self) -> None:
         while self._layer < len(self.layers) and self.layers[self._layer].size == 0:
@@ -206,7 +225,8 @@ class CardReader:
     def decoded_bytes(self, dtype: torch.dtype) -> int:
         """Memory the card's layers take once dequantized to `dtype` (what the receiver will hold)."""
         per_token = 2 * self.source.num_kv_heads * self.source.head_dim * dtype.itemsize
-        return per_token * sum(layer.spec.tokens for layer in self.layers)
+        parent = self.header.parent_tokens if self.header is not None else 0  # a delta is stitched onto a copy of them
+        return per_token * sum(layer.spec.tokens + parent for layer in self.layers)
 
     def decode_layer(self, index: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize one complete layer into (K, V) of shape [heads, tokens, dim]; INVALID if a value

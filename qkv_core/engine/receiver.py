@@ -5,6 +5,7 @@ the context: the context reaches the model only as the card's keys and values.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from qkv_core import allocator
-from qkv_core.card.header import CardError, ErrorKind, fingerprint_to_pb, text_card_id
+from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES, block_hashes
+from qkv_core.card.header import CardError, ErrorKind, fingerprint_from_pb, fingerprint_to_pb, text_card_id
 from qkv_core.card.reader import CardReader
 from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.crossmodel import Alignment
@@ -73,6 +75,7 @@ class Intake:
     device: torch.device
     dtype: torch.dtype
     shared_prefix: Callable[[int], KVCache]  # the receiver's own KV of the first N tokens
+    parent: Callable[[pb.CardHeader], KVCache]  # a delta card's parent: the cache of its first parent_tokens
     admission: Admission
     hot_budget: int  # a card whose decoded cache would not fit the hot tier is refused before its data
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -80,6 +83,7 @@ class Intake:
     blobs: list[bytes] = field(default_factory=list)  # each sent layer as received: the store's compact form
     dequantize_s: float = 0.0
     reserved: int = 0  # decoded bytes admitted for this card
+    prefix: KVCache | None = None  # a delta card's parent tokens, found when its header arrives
 
     def __enter__(self) -> "Intake":
         self.admission.enter()
@@ -88,6 +92,7 @@ class Intake:
     def __exit__(self, kind: type | None, *exc: object) -> None:
         self.keys.clear()
         self.values.clear()
+        self.prefix = None
         self.admission.leave(self.reserved, failed=kind is not None)
         self.reserved = 0
 
@@ -96,6 +101,8 @@ class Intake:
         first = self.reader.header is None
         ready = self.reader.feed(frame)
         if first and self.reader.header is not None:  # admit the card's decoded size before any of its data
+            if self.reader.header.parent_card_id:  # a delta without its parent fails before any of its data too
+                self.prefix = self.parent(self.reader.header)
             nbytes = self.reader.decoded_bytes(self.dtype)
             if nbytes > self.hot_budget:
                 raise LimitExceeded(f"the card decodes to {nbytes:,} bytes, more than this receiver's hot tier "
@@ -138,7 +145,8 @@ class Intake:
             for i in missing:
                 self.keys[i], self.values[i] = prefix.keys[i], prefix.values[i]
         order = range(num_layers)
-        return StoredCard(header, KVCache([self.keys[i] for i in order], [self.values[i] for i in order]))
+        kv = KVCache([self.keys[i] for i in order], [self.values[i] for i in order])
+        return StoredCard(header, kv if self.prefix is None else self.prefix.extended(kv))
 
 
 @dataclass
@@ -164,10 +172,37 @@ class ReceiverEngine:
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
 
-    def intake(self) -> Intake:
-        """A new card's intake; enter it (`with`) to be admitted."""
+    def intake(self, tenant: str = DEFAULT_TENANT) -> Intake:
+        """A new card's intake for `tenant` (whose cards a delta's parent is looked up among); enter it
+        (`with`) to be admitted."""
         reader = CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments, self.limits)
-        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, self.admission, self.store.cfg.hot_bytes)
+        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, functools.partial(self.parent, tenant=tenant),
+                      self.admission, self.store.cfg.hot_bytes)
+
+    def parent(self, header: pb.CardHeader, tenant: str = DEFAULT_TENANT) -> KVCache:
+        """The cache a delta card extends: the first parent_tokens tokens of the tenant's card
+        parent_card_id. PARENT_MISSING when the tenant does not hold it (evicted, or never sent)."""
+        held = self.store.get(header.parent_card_id, tenant)
+        if held is None:
+            raise CardError(ErrorKind.PARENT_MISSING, f"this receiver does not hold the delta card's parent "
+                            f"{header.parent_card_id[:12]} (evicted, or never pushed): send the whole card",
+                            {"parent_card_id": header.parent_card_id})
+        if held.header.layer_sources or held.kv.is_ragged or fingerprint_from_pb(held.header.model) != self.lm.fingerprint:
+            raise CardError(ErrorKind.PRECONDITION, "a delta card extends only a card of this receiver's model "
+                            "with every layer (not a layer-selected or cross-model one)")
+        if header.parent_tokens > held.header.context_tokens:
+            raise CardError(ErrorKind.INVALID, f"the delta extends {header.parent_tokens} tokens of a parent that "
+                            f"holds {held.header.context_tokens}")
+        return held.kv.span(0, header.parent_tokens)
+
+    def find_prefix(self, hashes: Sequence[bytes], tenant: str = DEFAULT_TENANT, codecs: Sequence[str] = (),
+                    ) -> tuple[str, int] | None:
+        """The held card (of `codecs`, if named) sharing the longest prefix with a context named by its
+        block hashes, and the tokens in common (FindPrefix)."""
+        self.limits.check("max_context_tokens", len(hashes) * BLOCK_TOKENS, "the context's block hashes x 16 (tokens)")
+        if any(len(h) != HASH_BYTES for h in hashes):
+            raise RequestError(f"block hashes are {HASH_BYTES} bytes each")
+        return self.store.find_prefix(list(hashes), tenant, set(codecs))
 
     def shared_prefix(self, tokens: int) -> KVCache:
         """This model's KV of its chat header, which a layer-selected card leaves to the receiver."""
@@ -187,13 +222,13 @@ class ReceiverEngine:
                ) -> StoredCard:
         """Take a whole card in one blocking call (the service streams frames through `intake` instead);
         pass an `intake` to read its statistics afterwards. Keeps it for `tenant`."""
-        record, card = self._take(stream, intake or self.intake())
+        record, card = self._take(stream, intake or self.intake(tenant))
         self.store.put(card, record, tenant)
         return card
 
-    def decode(self, stream: Iterable[pb.CardFrame]) -> tuple[CardRecord, KVCache]:
+    def decode(self, stream: Iterable[pb.CardFrame], tenant: str = DEFAULT_TENANT) -> tuple[CardRecord, KVCache]:
         """A card validated and decoded, not kept: how the store reads its own tiers."""
-        record, card = self._take(stream, self.intake())
+        record, card = self._take(stream, self.intake(tenant))
         return record, card.kv
 
     def _take(self, stream: Iterable[pb.CardFrame], intake: Intake) -> tuple[CardRecord, StoredCard]:
@@ -211,10 +246,9 @@ class ReceiverEngine:
         start = time.perf_counter()
         kv, _ = prefill(self.lm, ids)
         prefill_s = time.perf_counter() - start
-        header = pb.CardHeader(
-            card_id=text_card_id(self.lm.fingerprint, ids), codec=TEXT, context_tokens=len(ids),
-            model=fingerprint_to_pb(self.lm.fingerprint),
-        )
+        fp = self.lm.fingerprint
+        header = pb.CardHeader(card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
+                               model=fingerprint_to_pb(fp), block_hashes=block_hashes(fp, ids))
         card = StoredCard(header, kv)
         self.store.put(card, None, tenant)
         return card, prefill_s

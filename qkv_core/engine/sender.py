@@ -1,4 +1,10 @@
-"""The sender's work: prefill a context and turn its KV cache into a card."""
+"""The sender's work: prefill a context and turn its KV cache into a card.
+
+The context cache keeps the KV of recent contexts (context_cache_bytes). A context that begins
+with one of them (a dialogue's next turn, the same document with another question) is prefilled
+from the longest such prefix on, whole blocks of BLOCK_TOKENS: only its new tokens go through
+the model. A card can be a delta: only the tokens after a prefix the receiver holds (`Parent`).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
 from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec import allocation
 from qkv_core.codec import registry as codecs
@@ -31,11 +38,19 @@ from qkv_core.wire import pb
 PROBE_QUERIES = 32  # tokenmix: attention from the context's last tokens ranks its tokens
 
 
+@dataclass(frozen=True)
+class Parent:
+    """A card the receiver holds, whose first `tokens` tokens a delta card extends."""
+
+    card_id: str
+    tokens: int
+
+
 @dataclass
 class PreparedCard:
     header: pb.CardHeader
     blobs: list[bytes]
-    kv_fp16_bytes: int  # the fp16 KV of all layers of these tokens: the headline baseline
+    kv_fp16_bytes: int  # the fp16 KV of all layers of the tokens in the card (a delta's own): the headline baseline
     kv_fp32_bytes: int
     prefill_s: float
     quantize_s: float  # allocation included
@@ -65,6 +80,9 @@ class SenderEngine:
         self.cache_bytes = cache_bytes
         self._last_ids: tuple[str, list[int]] | None = None
         self._prefilled: ByteLRU[tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda entry: _nbytes(entry[0]))
+        self._blocks: dict[bytes, tuple[str, str]] = {}  # block hash -> the cached context it begins
+        self._blocks_of: dict[tuple[str, str], list[bytes]] = {}
+        self._blocks_lock = threading.Lock()
 
     def profile(self) -> allocation.Profile:
         """The codec profile, calibrated on first use if no saved one exists."""
@@ -83,24 +101,51 @@ class SenderEngine:
         self._last_ids = (context, ids)
         return ids
 
+    def block_hashes(self, ids: list[int]) -> list[bytes]:
+        return block_hashes(self.lm.fingerprint, ids)
+
     def prefill(self, ids: list[int], probe: bool = False, cancel: threading.Event | None = None,
                 ) -> tuple[KVCache, torch.Tensor | None]:
         """The cache of `ids`, and with `probe` the attention each token receives (tokenmix);
         `cancel` stops a long prefill between chunks. Recent ones come from the context cache (the
-        card path only reads them)."""
+        card path only reads them); without `probe`, a cached prefix is extended."""
         key = ("probe" if probe else "", hashlib.sha256(array("l", ids).tobytes()).hexdigest())
         if (held := self._prefilled.get(key)) is not None:
             return held
+        hashes = self.block_hashes(ids)
         if not probe:
-            entry = prefill(self.lm, ids, cancel=cancel)[0], None
+            past, start = self._cached_prefix(hashes, len(ids))
+            entry = prefill(self.lm, ids[start:], past, cancel=cancel)[0], None
         else:
             attended = Probe(PROBE_QUERIES)
             kv, _ = prefill(self.lm, ids, probe=attended)
             entry = kv, torch.stack(attended.received).mean(dim=0)
         if self.cache_bytes and not (cancel is not None and cancel.is_set()) and _nbytes(entry[0]) <= self.cache_bytes:
             self._prefilled.add(key, entry)
-            self._prefilled.shrink_to(self.cache_bytes, keep=key)
+            self._forget(self._prefilled.shrink_to(self.cache_bytes, keep=key))
+            if not probe:
+                with self._blocks_lock:
+                    self._blocks.update(dict.fromkeys(hashes, key))
+                    self._blocks_of[key] = hashes
         return entry
+
+    def _cached_prefix(self, hashes: list[bytes], tokens: int) -> tuple[KVCache | None, int]:
+        """The longest cached prefix of a context (at most tokens - 1 of its tokens) and its length."""
+        for i in reversed(range(min(len(hashes), (tokens - 1) // BLOCK_TOKENS))):
+            with self._blocks_lock:
+                key = self._blocks.get(hashes[i])
+            held = self._prefilled.get(key) if key is not None else None
+            if held is not None:
+                n = (i + 1) * BLOCK_TOKENS
+                return held[0].span(0, n), n
+        return None, 0
+
+    def _forget(self, keys: list[tuple[str, str]]) -> None:
+        with self._blocks_lock:
+            for key in keys:
+                for digest in self._blocks_of.pop(key, []):
+                    if self._blocks.get(digest) == key:
+                        del self._blocks[digest]
 
     def layer_profile(self) -> selection.LayerProfile:
         """The layer-selection profile, calibrated on first use if no saved one exists."""
@@ -117,6 +162,16 @@ class SenderEngine:
         profile = self.profile() if kind.needs_profile else None
         return CardPlan(codec_name, *allocation.allocate(kind, profile, [tuple(k.shape) for k in kv.keys], importance))
 
+    def plan(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None, parent: Parent | None = None,
+             ) -> tuple[KVCache, CardPlan]:
+        """The cache a card encodes and its plan: with `parent`, a delta of the tokens after the parent's."""
+        if parent is not None:
+            kv = kv.span(parent.tokens)
+        plan = self.allocate(codec_name, kv, importance)
+        if parent is not None:
+            plan.parent_card_id, plan.parent_tokens = parent.card_id, parent.tokens
+        return kv, plan
+
     def select(self, plan: CardPlan, ids: list[int], layers: SelectionConfig) -> None:
         """Restrict `plan` to the layers `layers` selects (all of them at ratio 1)."""
         if layers.ratio >= 1:
@@ -127,16 +182,31 @@ class SenderEngine:
         plan.shared_prefix = selection.shared_prefix(self.lm, ids)
         plan.selection = layers.name
 
+    def can_extend(self, codec_name: str, layers: SelectionConfig, receiver_layers: int) -> bool:
+        """Whether a card of these settings can be a delta: every layer, for this model's receivers,
+        no attention probe (tokenmix ranks the whole context's tokens), full attention in every layer."""
+        kind = codecs.adaptive(codec_name)
+        if layers.ratio < 1 or receiver_layers or (kind is not None and kind.needs_probe):
+            return False
+        try:
+            require_full_attention(self.lm.model, self.lm.fingerprint.name)
+        except ValueError:
+            return False
+        return True
+
     def prepare(
         self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig(),
-        receiver_layers: int = 0, cancel: threading.Event | None = None,
+        receiver_layers: int = 0, cancel: threading.Event | None = None, parent: Parent | None = None,
     ) -> PreparedCard:
         """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too.
         `receiver_layers`: the depth of a receiver running another model; the card then carries
         the layer map and only the layers that receiver reads. `cancel`: set when the caller goes
-        away; the prefill stops at its next chunk and nothing is encoded (Cancelled)."""
+        away; the prefill stops at its next chunk and nothing is encoded (Cancelled). `parent`: a
+        delta card of the tokens after the parent's (`can_extend` must hold)."""
         if receiver_layers and (layers.ratio < 1 or receiver_layers == self.lm.num_layers):
             raise RequestError("a cross-model card takes every layer its map reads, for a receiver of another depth")
+        if parent is not None and not self.can_extend(codec_name, layers, receiver_layers):
+            raise RequestError("a delta card takes every layer of this model, and a codec without an attention probe")
         kind = codecs.adaptive(codec_name)
         if kind is None:
             codecs.resolve(codec_name, self.lm.num_layers, self.codec_files)  # a bad name fails before the prefill
@@ -147,7 +217,7 @@ class SenderEngine:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the caller went away before the card was encoded")
         start = time.perf_counter()
-        plan = self.allocate(codec_name, kv, importance)
+        kv, plan = self.plan(codec_name, kv, importance, parent)
         self.select(plan, ids, layers)
         if receiver_layers:
             plan.sources = layer_sources(self.lm.num_layers, receiver_layers)

@@ -10,14 +10,17 @@
 
 A lookup goes down the tiers and brings what it finds up: every card it decodes goes through the
 engine's validating reader (`decode`), so a corrupt or truncated file or value is detected,
-dropped from its tier and counted, never served. Keys are (tenant, card id): a tenant never
+dropped from its tier and counted, never served. A delta card is kept as it arrived (its own
+tokens only) and decoded onto its parent, which the reader looks up here in turn: a delta outlives
+its decoded form only as long as its parent is held (one whose parent is gone is dropped).
+Whole-layer cards are indexed by their block hashes (qkv_core.store.prefixes) for FindPrefix. Keys are (tenant, card id): a tenant never
 sees another's cards, and a card already held is never replaced (first writer wins). A text
 handoff has no encoded form: it lives in the hot tier only.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from qkv_core.card.framing import frames
@@ -27,6 +30,7 @@ from qkv_core.config import StoreConfig
 from qkv_core.store.cardfile import Sealer
 from qkv_core.store.disk import DiskTier
 from qkv_core.store.lru import ByteLRU
+from qkv_core.store.prefixes import PrefixIndex
 from qkv_core.store.records import DEFAULT_TENANT, CardRecord, Key, StoredCard
 from qkv_core.store.shared import RedisTier
 from qkv_core.store.stats import StoreStats
@@ -34,16 +38,18 @@ from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
 log = logging.getLogger(__name__)
-Decode = Callable[[Iterable[pb.CardFrame]], tuple[CardRecord, KVCache]]
+Decode = Callable[[Iterable[pb.CardFrame], str], tuple[CardRecord, KVCache]]  # frames, tenant
 
 
 class CardStore:
     def __init__(self, cfg: StoreConfig, model: str, decode: Decode):
         """`model`: the namespace of the disk and Redis entries (the weights hash); `decode`: the
-        engine's validating reader, frames in, the card as received and its decoded cache out."""
+        engine's validating reader, frames (and their tenant) in, the card as received and its decoded
+        cache out."""
         self.cfg = cfg
         self.decode = decode
         self.stats = StoreStats()
+        self.prefixes = PrefixIndex(cfg.prefix_blocks)
         self.hot: ByteLRU[StoredCard] = ByteLRU(lambda c: c.nbytes)
         self.memory: ByteLRU[CardRecord] = ByteLRU(lambda r: r.nbytes)
         sealer = Sealer.from_file(cfg.store_key) if cfg.store_key else None
@@ -56,6 +62,8 @@ class CardStore:
         if key in self.hot or key in self.memory:
             return False
         self._keep_hot(key, card)
+        if card.header.block_hashes and not card.header.layer_sources and not card.kv.is_ragged:
+            self.prefixes.add(tenant, card.header)
         if record is not None:
             self.memory.add(key, record)
             if self.disk is not None:
@@ -81,8 +89,11 @@ class CardStore:
             return None
         tier, stream = found
         try:
-            record, kv = self.decode(stream)
+            record, kv = self.decode(stream, tenant)
         except CardError as e:
+            if e.kind == ErrorKind.PARENT_MISSING:  # a delta whose parent is gone can never be read again
+                self._orphaned(tier, key, e)
+                return None
             if tier == "memory" or e.kind not in (ErrorKind.DATA_LOSS, ErrorKind.INVALID):
                 raise
             self._corrupt(tier, key, e)
@@ -120,6 +131,20 @@ class CardStore:
                 return tier, stream
             self.stats.count(tier, "miss")
         return None
+
+    def find_prefix(self, hashes: list[bytes], tenant: str = DEFAULT_TENANT, codecs: Collection[str] = (),
+                    ) -> tuple[str, int] | None:
+        """(card id, common tokens) of the held card (of `codecs`, if named) sharing the longest prefix
+        with a context."""
+        return self.prefixes.longest(tenant, hashes, lambda card_id: self.has(card_id, tenant) is not None, codecs)
+
+    def _orphaned(self, tier: str, key: Key, error: CardError) -> None:
+        self.stats.count(tier, "orphan")
+        log.info("%s tier: delta card %s dropped: %s", tier, key[1][:12], error)
+        self.memory.pop(key)
+        for source in (self.disk, self.shared):
+            if source is not None:
+                source.drop(key)
 
     def _corrupt(self, tier: str, key: Key, error: CardError) -> None:
         """An entry that fails its checks is dropped from its tier and counted, never served."""

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--facts", action="store_true", help="extract facts into the card; the receiver reads their summary first")
     p.add_argument("--layers", type=float, default=0.0, help="share of layers to send, (0, 1] (default: the sender's)")
     p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")
+    p.add_argument("--session", default="", help="a dialogue id: the context is appended to the session's so far, "
+                   "and only its new tokens travel (a delta card); --context '' asks again on the same context")
     p.add_argument("--max-new-tokens", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--timeout-s", type=float, default=600.0, help="deadline of the call (default 600)")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                           timeout_s=args.timeout_s) as sender:
             answer = sender.ask(context, args.question, codec=args.codec, facts=args.facts,
                                 max_new_tokens=args.max_new_tokens, layer_ratio=args.layers,
-                                layer_method=args.layer_method, on_text=on_text)
+                                layer_method=args.layer_method, session=args.session, on_text=on_text)
     except QKVCommError as e:  # the status, its ErrorInfo reason and metadata, and the message
         print(f"qkvcomm ask: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls|store|policy`: benchmarks, not tests (qkv_eval holds them)."""
+"""`qkvcomm bench codec|ttft|facts|fuzz|load|tls|store|policy|dialogue`: benchmarks, not tests (qkv_eval holds them)."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +9,9 @@ from qkv_core.config import RuntimeConfig
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
-                       "`bench fuzz`, `bench load`, `bench tls`, `bench store`, `bench policy --simulate`")
-    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store", "policy"])
+                       "`bench fuzz`, `bench load`, `bench tls`, `bench store`, `bench policy --simulate`, "
+                       "`bench dialogue`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store", "policy", "dialogue"])
     p.add_argument("--cards", type=int, default=200, help="store: distinct cards pushed into a small budget")
     p.add_argument("--budget-mb", type=int, default=32, help="store: store_bytes and hot_bytes of that run, in MiB")
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
@@ -32,12 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtt-ms", type=float, default=0.2, help="policy: round trip")
     p.add_argument("--codec-gbps", type=float, default=0.0, help="policy: what-if codec speed at both ends, GB/s "
                    "(default: the preset's measured speeds)")
+    p.add_argument("--dialogues", type=int, default=3, help="dialogue: dialogues per codec")
+    p.add_argument("--turns", type=int, default=10, help="dialogue: turns per dialogue (a document, then follow-ups)")
+    p.add_argument("--doc-chars", type=int, default=4000, help="dialogue: the document's length in characters")
+    p.add_argument("--longctx", type=Path, default=Path("squad_longctx.jsonl"),
+                   help="dialogue: the documents' QA JSONL (default squad_longctx.jsonl)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--codecs", default="", help="codec: the codecs to measure (default: every family); "
-                   "tls: int8,kivi-4,fp16")
+                   "tls: int8,kivi-4,fp16; dialogue: fp16,kivi-4")
     p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3)")
     p.set_defaults(run=run)
 
@@ -68,6 +74,11 @@ def run(args: argparse.Namespace) -> int:
         from qkv_eval import bench_policy  # noqa: PLC0415
 
         print(bench_policy.run(args))
+        return 0
+    if args.what == "dialogue":
+        from qkv_eval import bench_dialogue  # noqa: PLC0415
+
+        print(bench_dialogue.run(args))
         return 0
     if args.what in ("tls", "store"):
         from qkv_eval import bench_store, bench_tls  # noqa: PLC0415

@@ -41,10 +41,16 @@ def client_tls(args: argparse.Namespace) -> ClientTLS:
 
 def print_stats(answer: object) -> None:
     s = answer.stats  # type: ignore[attr-defined]
+    if s.card_reused:
+        note = "  [card reused]"
+    elif s.delta:
+        note = f"  [delta: {s.reused_tokens} tokens held, {s.context_tokens - s.reused_tokens} sent]"
+    else:
+        note = ""
     print(
         f"\n--\ncard {s.card_id[:12]}  codec {s.codec}  context {s.context_tokens} tokens\n"
         f"wire {s.wire_bytes:,} B  vs fp16 KV {s.kv_fp16_bytes:,} B  -> {s.compression_ratio:.2f}x "
-        f"(vs fp32: {s.compression_ratio_fp32:.2f}x){'  [card reused]' if s.card_reused else ''}\n"
+        f"(vs fp32: {s.compression_ratio_fp32:.2f}x){note}\n"
         f"prefill {s.prefill_s * 1e3:.0f} ms  quantize {s.quantize_s * 1e3:.0f} ms  transfer {s.transfer_s * 1e3:.0f} ms  "
         f"dequantize {s.dequantize_s * 1e3:.0f} ms  ttft {s.ttft_s * 1e3:.0f} ms  total {s.total_s * 1e3:.0f} ms",
         file=sys.stderr,

@@ -14,6 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JSONL rows with question, answers (or answer), context: a path, or a file name in QKVCOMM_DATA_DIR")
     p.add_argument("--mode", default="kv", help="baseline, skyline, text, kv or facts (the fact summary alone)")
     p.add_argument("--hops", type=int, default=1, help="kv: relay the cache along this many agents (multi-hop)")
+    p.add_argument("--deltas", action="store_true",
+                   help="with --hops: each later hop sends only its own turn (a delta card) instead of re-encoding the cache")
     p.add_argument("--layers", type=float, default=1.0, help="kv: share of layers the card carries")
     p.add_argument("--layer-method", default="combined", help="kv: combined, attention, prior, random, contiguous, loo")
     p.add_argument("--facts", nargs="?", const="hybrid", default="",
@@ -46,7 +48,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from qkv_eval.run_config import EvalConfig  # noqa: PLC0415
 
     cfg = EvalConfig(args.data, args.mode, args.codec, args.limit, args.max_new_tokens, args.context_field, args.hops,
-                     args.facts, args.layers, args.layer_method, args.relevance, args.sender_model, args.alignment)
+                     args.deltas, args.facts, args.layers, args.layer_method, args.relevance, args.sender_model,
+                     args.alignment)
     lm = load_model(runtime(args))
     sender_lm = load_model(runtime(args, args.sender_model)) if args.sender_model else None
     report = run(lm, cfg, sender_lm=sender_lm)

@@ -43,16 +43,16 @@ class AsyncSenderClient(_AsyncClient):
         self._stub = services_pb2_grpc.SenderServiceStub(self._channel)
 
     async def share(self, context: str, *, codec: str = "", facts: bool = False, layer_ratio: float = 0.0,
-                    layer_method: str = "", timeout_s: float | None = None) -> pb.HandoffStats:
+                    layer_method: str = "", session: str = "", timeout_s: float | None = None) -> pb.HandoffStats:
         with raised_as_qkvcomm():
-            reply = await self._stub.Share(share_request(context, codec, facts, layer_ratio, layer_method),
+            reply = await self._stub.Share(share_request(context, codec, facts, layer_ratio, layer_method, session),
                                            **self._call(timeout_s))
         return reply.stats
 
     def ask_stream(self, context: str, question: str, *, codec: str = "", facts: bool = False,
-                   max_new_tokens: int = 0, layer_ratio: float = 0.0, layer_method: str = "",
+                   max_new_tokens: int = 0, layer_ratio: float = 0.0, layer_method: str = "", session: str = "",
                    on_text: OnText | None = None, timeout_s: float | None = None) -> AsyncAnswerStream:
-        request = ask_request(context, question, codec, facts, max_new_tokens, layer_ratio, layer_method)
+        request = ask_request(context, question, codec, facts, max_new_tokens, layer_ratio, layer_method, session)
         return AsyncAnswerStream(self._stub.Ask(request, **self._call(timeout_s)), on_text)
 
     async def ask(self, context: str, question: str, **settings) -> Answer:

@@ -42,14 +42,16 @@ class Connection:
         return {"timeout": self.timeout_s if timeout_s is None else timeout_s, "metadata": self._metadata}
 
 
-def share_request(context: str, codec: str, facts: bool, layer_ratio: float, layer_method: str) -> pb.ShareRequest:
-    return pb.ShareRequest(context=context, codec=codec, facts=facts, layer_ratio=layer_ratio, layer_method=layer_method)
+def share_request(context: str, codec: str, facts: bool, layer_ratio: float, layer_method: str,
+                  session: str) -> pb.ShareRequest:
+    return pb.ShareRequest(context=context, codec=codec, facts=facts, layer_ratio=layer_ratio, layer_method=layer_method,
+                           session=session)
 
 
 def ask_request(context: str, question: str, codec: str, facts: bool, max_new_tokens: int, layer_ratio: float,
-                layer_method: str) -> pb.AskRequest:
+                layer_method: str, session: str) -> pb.AskRequest:
     return pb.AskRequest(context=context, question=question, codec=codec, facts=facts, max_new_tokens=max_new_tokens,
-                         layer_ratio=layer_ratio, layer_method=layer_method)
+                         layer_ratio=layer_ratio, layer_method=layer_method, session=session)
 
 
 def generate_request(card_id: str, query: str, max_new_tokens: int, facts: bool) -> pb.GenerateRequest:

@@ -47,18 +47,19 @@ class SenderClient(_Client):
         self._stub = services_pb2_grpc.SenderServiceStub(self._channel)
 
     def share(self, context: str, *, codec: str = "", facts: bool = False, layer_ratio: float = 0.0,
-              layer_method: str = "", timeout_s: float | None = None) -> pb.HandoffStats:
+              layer_method: str = "", session: str = "", timeout_s: float | None = None) -> pb.HandoffStats:
         """Hand `context` to the receiver as a card (unless it holds it); the handoff's stats.
-        Empty settings take the sender's defaults."""
+        Empty settings take the sender's defaults. With a `session`, `context` is appended to the
+        session's context so far, and only the new tokens travel (a delta card)."""
         with raised_as_qkvcomm():
-            return self._stub.Share(share_request(context, codec, facts, layer_ratio, layer_method),
+            return self._stub.Share(share_request(context, codec, facts, layer_ratio, layer_method, session),
                                     **self._call(timeout_s)).stats
 
     def ask_stream(self, context: str, question: str, *, codec: str = "", facts: bool = False,
-                   max_new_tokens: int = 0, layer_ratio: float = 0.0, layer_method: str = "",
+                   max_new_tokens: int = 0, layer_ratio: float = 0.0, layer_method: str = "", session: str = "",
                    on_text: OnText | None = None, timeout_s: float | None = None) -> AnswerStream:
         """Share `context`, then ask `question` of the receiver: iterate for the answer's pieces."""
-        request = ask_request(context, question, codec, facts, max_new_tokens, layer_ratio, layer_method)
+        request = ask_request(context, question, codec, facts, max_new_tokens, layer_ratio, layer_method, session)
         return AnswerStream(self._stub.Ask(request, **self._call(timeout_s)), on_text)
 
     def ask(self, context: str, question: str, **settings) -> Answer:
