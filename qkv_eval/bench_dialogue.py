@@ -6,7 +6,8 @@ Share in one session. Two sender/receiver pairs run side by side, turn by turn: 
 cards (the default), the other is set never to (`--delta-min-tokens 0`), so every turn re-encodes
 and re-sends the whole transcript. Both senders keep their context cache, so neither prefills a
 turn's earlier tokens again: the difference is the card alone. After the last turn the document's
-own question is asked in both sessions and the answers are compared (greedy decoding).
+own question is asked in both sessions: the answers are compared (greedy decoding) and scored (F1
+against the gold answers; the document is cut to its opening, so some golds are not in it).
 
 Reported per codec and mode: the wire bytes of all turns, of the last turn, the handoff time of a
 follow-up turn (the Share call as the client saw it: prefill of the new tokens, encoding, transfer
@@ -24,9 +25,11 @@ from pathlib import Path
 
 from qkvcomm_client import SenderClient
 
+from qkv_core.calibration_data import gold_answers
 from qkv_core.config import qa_file
 from qkv_eval.bench import machine
 from qkv_eval.evaluate import load_rows
+from qkv_eval.qa_metrics import f1
 from qkvcomm_cli.launch import Child, spawn
 
 GBIT = 125e6  # bytes per second of a 1 Gbit/s link
@@ -47,16 +50,18 @@ class Dialogue:
     mode: str  # "deltas" or "whole cards"
     turns: list[Turn] = field(default_factory=list)
     answer: str = ""
+    f1: float = 0.0
 
 
-def dialogue_texts(data: Path, longctx: Path, dialogues: int, turns: int, doc_chars: int) -> list[tuple[list[str], str]]:
-    """Each dialogue's turns (a document, then follow-ups) and the document's question."""
+def dialogue_texts(data: Path, longctx: Path, dialogues: int, turns: int, doc_chars: int,
+                   ) -> list[tuple[list[str], str, list[str]]]:
+    """Each dialogue's turns (a document, then follow-ups), the document's question and its gold answers."""
     docs = list(load_rows(qa_file(longctx), dialogues))
     others = list(load_rows(qa_file(data), dialogues * turns * 3))[::3]  # every third row: other paragraphs
     out = []
     for i, doc in enumerate(docs):
         follow = [_opening(row["context"], TURN_CHARS) for row in others[i * turns : (i + 1) * turns - 1]]
-        out.append(([_opening(doc["context"], doc_chars), *follow], doc["question"]))
+        out.append(([_opening(doc["context"], doc_chars), *follow], doc["question"], gold_answers(doc)))
     return out
 
 
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> str:
         clients = {mode: SenderClient(sender.address, timeout_s=600) for mode, (_, sender) in pairs.items()}
         for c, codec in enumerate(codecs):
             for d in range(args.dialogues):  # each codec its own documents: no card of one is the other's prefix
-                turns, question = texts[c * args.dialogues + d]
+                turns, question, golds = texts[c * args.dialogues + d]
                 runs = {mode: Dialogue(codec, mode) for mode in pairs}
                 for t, text in enumerate(turns):  # turn by turn, the two modes side by side
                     for mode, client in clients.items():
@@ -105,6 +110,7 @@ def run(args: argparse.Namespace) -> str:
                         f"{m} {r.turns[-1].wire_bytes / 1e6:.2f} MB" for m, r in runs.items()), flush=True)
                 for mode, client in clients.items():
                     runs[mode].answer = client.ask("", question, codec=codec, session=f"{codec}-{d}").text.strip()
+                    runs[mode].f1 = 100 * f1(runs[mode].answer, golds)
                 records += runs.values()
     finally:
         for receiver, sender in pairs.values():
@@ -119,8 +125,9 @@ def table(records: list[Dialogue], args: argparse.Namespace) -> str:
              f"{args.model}, documents from {args.longctx}, follow-up turns of ~{TURN_CHARS} characters from {args.data}, "
              "Share per turn in one session, loopback", "",
              "| codec | mode | dialogues | tokens at the end | wire MB, all turns | wire MB, last turn | "
-             "follow-up turn: handoff ms (mean) | at 1 Gbit/s: ms per follow-up turn | final answers equal |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "follow-up turn: handoff ms (mean) | at 1 Gbit/s: ms per follow-up turn | final answer F1 | "
+             "final answers equal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r.codec, r.mode): [x for x in records if (x.codec, x.mode) == (r.codec, r.mode)] for r in records}
     for (codec, mode), runs in by.items():
         other = by[(codec, "whole cards" if mode == "deltas" else "deltas")]
@@ -131,7 +138,8 @@ def table(records: list[Dialogue], args: argparse.Namespace) -> str:
             f"{statistics.mean(sum(t.wire_bytes for t in r.turns) for r in runs) / 1e6:,.1f} | "
             f"{statistics.mean(r.turns[-1].wire_bytes for r in runs) / 1e6:,.2f} | "
             f"{statistics.mean(t.seconds for t in follow) * 1e3:,.0f} | "
-            f"{statistics.mean(t.wire_bytes for t in follow) / GBIT * 1e3:,.0f} | {equal}/{len(runs)} |")
+            f"{statistics.mean(t.wire_bytes for t in follow) / GBIT * 1e3:,.0f} | "
+            f"{statistics.mean(r.f1 for r in runs):.1f} | {equal}/{len(runs)} |")
     lines += ["", "Per turn (first dialogue of each codec): wire MB, deltas / whole cards", "",
               "| codec | " + " | ".join(f"turn {i + 1}" for i in range(args.turns)) + " |", "|---|" + "---|" * args.turns]
     for codec in dict.fromkeys(r.codec for r in records):
