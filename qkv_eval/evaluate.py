@@ -154,7 +154,9 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
         elif cfg.hops > 1:
             chain = run_chain(sender, receiver, context, cfg.codec, cfg.hops, cfg.deltas)
             text = "".join(receiver.generate(chain.card_id, question, cfg.max_new_tokens, False, stats))
-            extra = {"context_tokens": len(chain.ids), "wire_bytes": chain.wire_bytes[-1],
+            # the bytes that carry the last cache: its last card, or with deltas every hop's own part
+            wire = sum(chain.wire_bytes) if cfg.deltas else chain.wire_bytes[-1]
+            extra = {"context_tokens": len(chain.ids), "wire_bytes": wire,
                      "kv_fp16_bytes": chain.kv.nbytes(2)}
         else:
             card = sender.prepare(context, cfg.codec, facts, layers, lm.num_layers if sender_lm is not None else 0)

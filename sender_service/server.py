@@ -147,7 +147,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         if auto is not None:
             stats.auto.CopyFrom(auto)
         if request.session:
-            self.sessions.commit(up.tenant, request.session, context)
+            self.sessions.commit(up.tenant, request.session, context, request.context)
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
 

@@ -207,13 +207,17 @@ def test_cards_that_cannot_be_deltas(tiny):
 def test_sessions_append_each_call_and_are_per_tenant():
     sessions = Sessions(max_bytes=1 << 10)
     assert sessions.context("", "s1", " First. ") == "First."
-    sessions.commit("", "s1", "First.")
+    sessions.commit("", "s1", "First.", " First. ")
     assert sessions.context("", "s1", "Second.") == "First.\nSecond."
-    assert sessions.context("", "s1", "") == "First."  # ask again on the same context
+    sessions.commit("", "s1", "First.\nSecond.", "Second.")
+    assert sessions.context("", "s1", "Second.") == "First.\nSecond."  # the last turn again: a retry
+    assert sessions.context("", "s1", "") == "First.\nSecond."  # ask again on the same context
+    sessions.commit("", "s1", "First.\nSecond.", "")
+    assert sessions.context("", "s1", "Third.") == "First.\nSecond.\nThird."
     assert sessions.context("bob", "s1", "Other.") == "Other."
     with pytest.raises(RequestError):
         sessions.context("", "new", "  ")
     with pytest.raises(RequestError):
         sessions.context("", "bad id", "x")
-    sessions.commit("", "big", "x" * 2000)  # past the budget: the others go first
+    sessions.commit("", "big", "x" * 2000, "x" * 2000)  # past the budget: the others go first
     assert len(sessions) == 1

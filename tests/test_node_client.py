@@ -45,6 +45,20 @@ def test_node_client_streams_text_and_reports_errors(services):
     assert "INVALID_ARGUMENT INVALID: unknown codec" in bad.stderr  # the status, its ErrorInfo reason, the message
 
 
+def test_node_client_keeps_a_session_whose_second_turn_is_a_delta_card(services):
+    document = " ".join(f"Depot {i} in sector {i} holds {100 + 7 * i} crates and opens at {i % 12 + 1} o'clock."
+                        for i in range(8))
+    first = _ask(services.sender, "--context", document, "--question", "How many crates does depot 3 hold?",
+                 "--codec", "int8", "--session", "node-1", "--json")
+    assert first.returncode == 0, first.stderr
+    turn = _ask(services.sender, "--context", "Depot 9 closed in May.", "--question", "Which depot closed?",
+                "--codec", "int8", "--session", "node-1", "--json")
+    assert turn.returncode == 0, turn.stderr
+    before, after = json.loads(first.stdout), json.loads(turn.stdout)
+    assert not before["delta"] and after["delta"] and after["parent_card_id"] == before["card_id"]
+    assert after["reused_tokens"] > 0.8 * before["context_tokens"] and after["wire_bytes"] < before["wire_bytes"] / 4
+
+
 def test_node_client_completes_a_tls_and_token_handoff(secure_services):
     s = secure_services
     tls = ["--ca", str(s.certs.ca), "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--json"]

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Ask a Q-KVComm sender a question about a context: node ask.js --sender HOST:PORT
-//   (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--max-new-tokens N] [--json]
+//   (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--session ID] [--max-new-tokens N] [--json]
 //   [--ca PEM [--cert PEM --key PEM] [--server-name NAME]] [--token TOKEN | QKVCOMM_TOKEN=...] [--tenant T]
 //   [--timeout-s SECONDS]
 // The answer streams to stdout as it is generated; the handoff stats follow on stderr
@@ -16,7 +16,7 @@ async function main() {
   const { values } = parseArgs({
     options: {
       sender: { type: 'string' }, context: { type: 'string' }, 'context-file': { type: 'string' },
-      question: { type: 'string' }, codec: { type: 'string', default: '' },
+      question: { type: 'string' }, codec: { type: 'string', default: '' }, session: { type: 'string', default: '' },
       'max-new-tokens': { type: 'string', default: '0' }, json: { type: 'boolean', default: false },
       ca: { type: 'string' }, cert: { type: 'string' }, key: { type: 'string' }, 'server-name': { type: 'string' },
       token: { type: 'string', default: process.env.QKVCOMM_TOKEN || '' }, tenant: { type: 'string', default: '' },
@@ -24,7 +24,7 @@ async function main() {
     },
   });
   const context = values.context ?? (values['context-file'] && fs.readFileSync(values['context-file'], 'utf8'));
-  if (!values.sender || !context || !values.question) {
+  if (!values.sender || (context == null || (!context && !values.session)) || !values.question) {
     console.error('usage: ask.js --sender HOST:PORT (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--json]');
     process.exit(2);
   }
@@ -33,7 +33,7 @@ async function main() {
     token: values.token, tenant: values.tenant, timeoutS: Number(values['timeout-s']),
   });
   const request = {
-    context, question: values.question, codec: values.codec,
+    context, question: values.question, codec: values.codec, session: values.session,
     max_new_tokens: Number(values['max-new-tokens']),
   };
   try {

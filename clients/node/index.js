@@ -38,6 +38,8 @@ const PROTO_DIR = [process.env.QKVCOMM_PROTO_DIR, path.join(__dirname, 'proto'),
  * @property {number} [max_new_tokens]
  * @property {number} [layer_ratio]
  * @property {string} [layer_method]
+ * @property {string} [session] a dialogue id: the context is appended to the session's so far, and
+ *   only its new tokens travel (a delta card); with a session the context may be empty
  */
 
 function credentials({ ca, cert, key }) {
