@@ -9,13 +9,14 @@ from conftest import tiny_model
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes, extendable
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CardError, ErrorKind, name_card
+from qkv_core.config import Limits
 from qkv_core.engine import sender as sender_module
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
 from qkv_core.engine.sessions import Sessions
 from qkv_core.errors import RequestError
 from qkv_core.model.kv import next_logits, prefill
-from qkv_core.store.prefixes import PrefixIndex
+from qkv_core.store.prefixes import MAX_CHAIN, PrefixIndex
 from qkv_core.wire import pb
 
 DOC = " ".join(f"Depot {i} in sector {i} holds {100 + 7 * i} crates and opens at {i % 12 + 1} o'clock." for i in range(14))
@@ -221,3 +222,24 @@ def test_sessions_append_each_call_and_are_per_tenant():
         sessions.context("", "bad id", "x")
     sessions.commit("", "big", "x" * 2000, "x" * 2000)  # past the budget: the others go first
     assert len(sessions) == 1
+
+
+def test_chains_of_deltas_are_bounded_and_decode_cold_without_taking_intakes(tiny):
+    sender = SenderEngine(tiny, cache_bytes=1 << 26)
+    receiver = ReceiverEngine(tiny, limits=Limits(max_intakes=1))  # a cold chain decodes without intakes
+    text = _transcript(1)
+    cards = [_push(receiver, sender.prepare(text, "int8"))]
+    for turn in range(MAX_CHAIN + 1):
+        text += f"\nDepot {turn} holds {50 + turn} spare crates."
+        cards.append(_push(receiver, sender.prepare(text, "int8", parent=_parent(receiver, sender, text))))
+    store = receiver.store
+    depths = [store.depth(c.header) for c in cards]
+    assert depths[: MAX_CHAIN + 1] == list(range(MAX_CHAIN + 1))
+    assert depths[-1] == MAX_CHAIN and cards[-1].header.parent_card_id == cards[-3].header.card_id  # a shallower parent
+    _cool(store)
+    deepest = cards[MAX_CHAIN].header
+    assert torch.equal(store.get(deepest.card_id).kv.keys[0], cards[MAX_CHAIN].kv.keys[0])  # 16 parents decoded again
+    deeper = sender.prepare(text + "\nOne more.", "int8", parent=Parent(deepest.card_id, deepest.context_tokens))
+    with pytest.raises(CardError) as e:
+        _push(receiver, deeper)
+    assert e.value.kind == ErrorKind.PRECONDITION and "chain" in str(e.value)

@@ -25,6 +25,7 @@ from qkv_core.model.kv import generate, prefill, stream_text
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
 from qkv_core.store.records import DEFAULT_TENANT, CardRecord, StoredCard
+from qkv_core.store.prefixes import MAX_CHAIN
 from qkv_core.store.tiered import CardStore
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
@@ -69,14 +70,15 @@ class Admission:
 @dataclass
 class Intake:
     """One card arriving: validated frame by frame, each layer dequantized once complete.
-    Use it as a context manager: leaving releases its admission, whatever happened."""
+    Use it as a context manager: leaving releases its admission, whatever happened. The store's own
+    reads of its tiers (a delta's parent among them) are not arrivals: they have no admission."""
 
     reader: CardReader
     device: torch.device
     dtype: torch.dtype
     shared_prefix: Callable[[int], KVCache]  # the receiver's own KV of the first N tokens
     parent: Callable[[pb.CardHeader], KVCache]  # a delta card's parent: the cache of its first parent_tokens
-    admission: Admission
+    admission: Admission | None
     hot_budget: int  # a card whose decoded cache would not fit the hot tier is refused before its data
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -86,14 +88,16 @@ class Intake:
     prefix: KVCache | None = None  # a delta card's parent tokens, found when its header arrives
 
     def __enter__(self) -> "Intake":
-        self.admission.enter()
+        if self.admission is not None:
+            self.admission.enter()
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
         self.keys.clear()
         self.values.clear()
         self.prefix = None
-        self.admission.leave(self.reserved, failed=kind is not None)
+        if self.admission is not None:
+            self.admission.leave(self.reserved, failed=kind is not None)
         self.reserved = 0
 
     def feed(self, frame: pb.CardFrame) -> int | None:
@@ -108,8 +112,9 @@ class Intake:
                 raise LimitExceeded(f"the card decodes to {nbytes:,} bytes, more than this receiver's hot tier "
                                     f"hot_bytes={self.hot_budget:,} (QKVCOMM_HOT_BYTES)")
             self.blobs = [b""] * len(self.reader.layers)
-            self.admission.reserve(nbytes)
-            self.reserved = nbytes
+            if self.admission is not None:
+                self.admission.reserve(nbytes)
+                self.reserved = nbytes
         return ready
 
     def decode(self, index: int) -> None:
@@ -172,12 +177,12 @@ class ReceiverEngine:
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
 
-    def intake(self, tenant: str = DEFAULT_TENANT) -> Intake:
+    def intake(self, tenant: str = DEFAULT_TENANT, admitted: bool = True) -> Intake:
         """A new card's intake for `tenant` (whose cards a delta's parent is looked up among); enter it
-        (`with`) to be admitted."""
+        (`with`) to be admitted (unless not `admitted`: the store reading its own tiers)."""
         reader = CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments, self.limits)
         return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, functools.partial(self.parent, tenant=tenant),
-                      self.admission, self.store.cfg.hot_bytes)
+                      self.admission if admitted else None, self.store.cfg.hot_bytes)
 
     def parent(self, header: pb.CardHeader, tenant: str = DEFAULT_TENANT) -> KVCache:
         """The cache a delta card extends: the first parent_tokens tokens of the tenant's card
@@ -193,6 +198,9 @@ class ReceiverEngine:
         if header.parent_tokens > held.header.context_tokens:
             raise CardError(ErrorKind.INVALID, f"the delta extends {header.parent_tokens} tokens of a parent that "
                             f"holds {held.header.context_tokens}")
+        if self.store.depth(held.header, tenant) >= MAX_CHAIN:
+            raise CardError(ErrorKind.PRECONDITION, f"the delta's parent is the end of a chain of {MAX_CHAIN} deltas, "
+                            "the most this receiver stitches: send the whole card")
         return held.kv.span(0, header.parent_tokens)
 
     def find_prefix(self, hashes: Sequence[bytes], tenant: str = DEFAULT_TENANT, codecs: Sequence[str] = (),
@@ -228,7 +236,7 @@ class ReceiverEngine:
 
     def decode(self, stream: Iterable[pb.CardFrame], tenant: str = DEFAULT_TENANT) -> tuple[CardRecord, KVCache]:
         """A card validated and decoded, not kept: how the store reads its own tiers."""
-        record, card = self._take(stream, self.intake(tenant))
+        record, card = self._take(stream, self.intake(tenant, admitted=False))
         return record, card.kv
 
     def _take(self, stream: Iterable[pb.CardFrame], intake: Intake) -> tuple[CardRecord, StoredCard]:

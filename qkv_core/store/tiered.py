@@ -30,7 +30,7 @@ from qkv_core.config import StoreConfig
 from qkv_core.store.cardfile import Sealer
 from qkv_core.store.disk import DiskTier
 from qkv_core.store.lru import ByteLRU
-from qkv_core.store.prefixes import PrefixIndex
+from qkv_core.store.prefixes import MAX_CHAIN, PrefixIndex
 from qkv_core.store.records import DEFAULT_TENANT, CardRecord, Key, StoredCard
 from qkv_core.store.shared import RedisTier
 from qkv_core.store.stats import StoreStats
@@ -63,7 +63,7 @@ class CardStore:
             return False
         self._keep_hot(key, card)
         if card.header.block_hashes and not card.header.layer_sources and not card.kv.is_ragged:
-            self.prefixes.add(tenant, card.header)
+            self.prefixes.add(tenant, card.header, self.depth(card.header, tenant))
         if record is not None:
             self.memory.add(key, record)
             if self.disk is not None:
@@ -137,6 +137,14 @@ class CardStore:
         """(card id, common tokens) of the held card (of `codecs`, if named) sharing the longest prefix
         with a context."""
         return self.prefixes.longest(tenant, hashes, lambda card_id: self.has(card_id, tenant) is not None, codecs)
+
+    def depth(self, header: pb.CardHeader, tenant: str = DEFAULT_TENANT) -> int:
+        """The deltas from this card down to a whole card (0: a whole card), counted to MAX_CHAIN + 1."""
+        depth = 0
+        while header is not None and header.parent_card_id and depth <= MAX_CHAIN:
+            depth += 1
+            header = self.has(header.parent_card_id, tenant)
+        return depth
 
     def _orphaned(self, tier: str, key: Key, error: CardError) -> None:
         self.stats.count(tier, "orphan")
