@@ -6,7 +6,9 @@ the sender-to-receiver direction is shaped with `tc ... tbf` to each rate in tur
 unshaped). At each rate, every option hands over the same contexts of QA text (SQuAD paragraphs,
 distinct per context, lengths log-spaced between --min-tokens and --max-tokens) and asks one
 question with one new token. The receiver is restarted before each option, so no option finds a
-card another one left; the sender keeps its contexts' KV (context cache) across options.
+card another one left; the sender keeps its contexts' KV (context cache) across options. With
+--repeats N every rate runs N rounds, the options in a rotated order each round; a context's time
+is its median over the rounds, and the spread of auto / best across rounds is printed beside it.
 
 Time to first token here is the handoff's, as codec auto predicts it: the client's time from the
 call to the first piece of the answer, less the sender's own prefill of the context (an agent has
@@ -52,7 +54,7 @@ with SenderClient("127.0.0.1:50062", timeout_s=900) as sender:
         if s.HasField("auto"):
             a = s.auto
             row["auto"] = {"predicted_s": a.predicted_s, "measured_s": a.measured_s, "throughput": a.throughput_bytes_per_s,
-                           "rtt_s": a.rtt_s, "floor": a.max_quality_loss,
+                           "rtt_s": a.rtt_s, "floor": a.max_quality_loss, "decide_s": a.decide_s, "probe_s": a.probe_s,
                            "loss": next(o.quality_loss for o in a.options if o.codec == s.codec)}
         print(json.dumps(row), flush=True)
 """
@@ -77,20 +79,22 @@ def contexts(count: int, low: int, high: int) -> list[str]:
     return out
 
 
-def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str], out) -> list[dict]:
-    """Every option at one rate; each option's rows are appended to `out` as soon as they are in."""
+def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str], out, repeats: int = 1) -> list[dict]:
+    """Every option at one rate, `repeats` rounds in rotated orders; each option's rows are appended
+    to `out` as soon as they are in."""
     shape(rate)
     rows = []
     sender = serve(SND, "sender", "--host", "127.0.0.1", "--port", "50062", "--metrics-port", "-1",
                    "--receiver", f"{RCV_IP}:50061", env=env)
+    rounds = [(r, o) for r in range(repeats) for o in options[r % len(options):] + options[: r % len(options)]]
     try:
-        for option in options:
+        for repeat, option in rounds:
             receiver = serve(RCV, "receiver", "--host", RCV_IP, "--port", "50061", "--metrics-port", "-1", env=env)
             try:
                 asked = sh("ip", "netns", "exec", SND, sys.executable, "-c", CLIENT, option, str(path), QUESTION)
             finally:
                 stop(receiver)
-            done = [{**json.loads(line), "rate": rate or "unshaped"} for line in asked.stdout.splitlines()]
+            done = [{**json.loads(line), "rate": rate or "unshaped", "repeat": repeat} for line in asked.stdout.splitlines()]
             rows += done
             out.write("".join(json.dumps(r) + "\n" for r in done))
             out.flush()
@@ -101,15 +105,25 @@ def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, st
     return rows
 
 
+def _totals(rows: list[dict], options: list[str]) -> dict[str, float]:
+    """Each option's total over the contexts, a context's time being its median over the rounds."""
+    times = defaultdict(list)
+    for r in rows:
+        times[r["option"], r["context"]].append(r["ttft_s"])
+    return {o: sum(statistics.median(v) for (opt, _), v in times.items() if opt == o) for o in options}
+
+
 def tables(rows: list[dict], options: list[str]) -> str:
     by = defaultdict(list)
     for r in rows:
         by[r["rate"], r["option"]].append(r)
     rates = list(dict.fromkeys(r["rate"] for r in rows))
-    lines = ["| link | " + " | ".join(f"{o} (s)" for o in options) + " | auto chose | auto / best fixed | auto below floor |",
-             "|---|" + "---|" * (len(options) + 3)]
+    lines = ["| link | " + " | ".join(f"{o} (s)" for o in options) + " | auto chose | auto / best fixed | "
+             "per round | auto's decision (ms) | auto below floor |",
+             "|---|" + "---|" * (len(options) + 5)]
     for rate in rates:
-        total = {o: sum(r["ttft_s"] for r in by[rate, o]) for o in options}
+        at_rate = [r for r in rows if r["rate"] == rate]
+        total = _totals(at_rate, options)
         fixed = {o: t for o, t in total.items() if o != "auto"}
         best = min(fixed, key=fixed.get)
         chose = defaultdict(int)
@@ -118,12 +132,21 @@ def tables(rows: list[dict], options: list[str]) -> str:
         below = sum(r["auto"]["loss"] > r["auto"]["floor"] for r in by[rate, "auto"])
         cells = [f"{statistics.median(r['ttft_s'] for r in by[rate, o]):.2f}" for o in options]
         ratio = total["auto"] / fixed[best] if "auto" in total else math.nan
+        per_round = []
+        for repeat in sorted({r.get("repeat", 0) for r in at_rate}):
+            one = _totals([r for r in at_rate if r.get("repeat", 0) == repeat], options)
+            per_round.append(one["auto"] / min(t for o, t in one.items() if o != "auto") if "auto" in one else math.nan)
+        decide = [r["auto"].get("decide_s", math.nan) * 1e3 for r in by[rate, "auto"]]
         lines.append(f"| {rate} | " + " | ".join(cells) + f" | {', '.join(f'{c} {n}' for c, n in sorted(chose.items()))} "
-                     f"| {ratio:.2f} (best: {best}) | {below} |")
+                     f"| {ratio:.2f} (best: {best}) | {min(per_round):.2f}-{max(per_round):.2f} | "
+                     f"{statistics.median(decide):.1f} (max {max(decide):.0f}) | {below} |")
     n = len({r['context'] for r in rows})
     tokens = sorted({r["tokens"] for r in rows if r["option"] == "text"})
-    return (f"Median handoff time to first token over {n} contexts of {tokens[0]}-{tokens[-1]} tokens; "
-            "'auto / best fixed': auto's total over the contexts against the fixed option with the lowest total.\n\n"
+    rounds = len({r.get("repeat", 0) for r in rows})
+    return (f"Median handoff time to first token over {n} contexts of {tokens[0]}-{tokens[-1]} tokens, {rounds} round(s); "
+            "'auto / best fixed': auto's total over the contexts (each context's median over the rounds) against "
+            "the fixed option with the lowest total; 'per round': the same ratio in each round alone; 'auto's "
+            "decision': the time the sender took to choose (median, max), part of auto's time.\n\n"
             + "\n".join(lines))
 
 
@@ -156,6 +179,7 @@ def main() -> int:
     ap.add_argument("--rates", default="10mbit,100mbit,1gbit,none", help="tc rates; 'none' = unshaped")
     ap.add_argument("--options", default=",".join((*FIXED, "auto")))
     ap.add_argument("--contexts", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per rate, the options' order rotated each round")
     ap.add_argument("--min-tokens", type=int, default=500)
     ap.add_argument("--max-tokens", type=int, default=4000)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "auto_link.json")
@@ -176,7 +200,7 @@ def main() -> int:
     try:
         with open(args.out, "w") as out:
             for rate in args.rates.split(","):
-                rows += run_rate(None if rate == "none" else rate, options, path, env, out)
+                rows += run_rate(None if rate == "none" else rate, options, path, env, out, args.repeats)
     finally:
         teardown()
         path.unlink(missing_ok=True)

@@ -158,19 +158,24 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         if speed is None or not speed.measured_tokens:
             raise Unsupported("codec auto needs the receiver's measured speed, and this receiver reports none "
                               "(its performance_tokens is 0): name a codec instead")
+        start = time.perf_counter()
         if not self.auto.link.known:
             await self._probe(up)
         elif self.auto.link.stale() and (self._reprobe is None or self._reprobe.done()):
             self._reprobe = asyncio.create_task(self._probe(up, quiet=True))  # this request uses the estimate it has
+        probe_s = time.perf_counter() - start
+        start = time.perf_counter()
         tokens = len(self.engine.context_ids(context))
         receiver = Receiver(speed.prefill_tokens_per_s, speed.first_token_s, speed.dequantize_bytes_per_s)
         decision = await asyncio.to_thread(self.auto.choose, context, tokens, receiver, text_ok)
+        decide_s = time.perf_counter() - start
         link = self.auto.link
         choice = pb.AutoChoice(
             options=[pb.AutoOption(codec=s.option.name, predicted_s=s.predicted_s, wire_bytes=s.option.wire_bytes,
                                    quality_loss=s.option.quality_loss, eligible=s.eligible) for s in decision.scored],
             predicted_s=decision.chosen.predicted_s, throughput_bytes_per_s=link.throughput.value, rtt_s=link.rtt_s.value,
             receiver_prefill_tokens_per_s=speed.prefill_tokens_per_s, max_quality_loss=self.auto.max_quality_loss,
+            decide_s=decide_s, probe_s=probe_s if probe_s > 1e-3 else 0.0,
         )
         self.metrics.auto_choices.labels(decision.chosen.option.name).inc()
         return decision.chosen.option.name, choice
