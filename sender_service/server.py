@@ -142,7 +142,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             if codec != TEXT:  # the text baseline is no card: keep it out of the card statistics
                 m.kv_fp16_bytes.inc(stats.kv_fp16_bytes)
                 m.compression_ratio.observe(stats.compression_ratio)
-        if codec != TEXT:
+        if codec != TEXT and stats.quantize_s > 0:  # a card held already was not encoded again
             self.auto.rates.observe(codec, stats.kv_fp16_bytes, stats.quantize_s)
         if auto is not None:
             stats.auto.CopyFrom(auto)
