@@ -60,6 +60,9 @@ class CardFiles:
             raise CardError(ErrorKind.NOT_FOUND, f"card {card_id} is not in {self.store_dir}: {e.strerror}") from None
         frames = list(from_bytes(data, self.model, (tenant, card_id), self.sealer))
         header = frames[0].header
+        if header.parent_card_id:
+            raise CardError(ErrorKind.PRECONDITION, f"card {card_id} is a delta card (it extends {header.parent_card_id[:12]}); "
+                            "the connector loads whole cards")
         fp = fingerprint_from_pb(header.model)
         if (fp.num_layers, fp.num_kv_heads, fp.head_dim) != (shape.layers, shape.kv_heads, shape.head_dim):
             raise CardError(ErrorKind.PRECONDITION, f"card {card_id} is from {fp.name} ({fp.num_layers} layers, "
