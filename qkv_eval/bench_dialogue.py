@@ -13,6 +13,10 @@ Reported per codec and mode: the wire bytes of all turns, of the last turn, the 
 follow-up turn (the Share call as the client saw it: prefill of the new tokens, encoding, transfer
 and decoding at the receiver, on loopback; mean over the follow-up turns), and what the bytes would
 take on a 1 Gbit/s link (computed).
+
+Then the multi-hop relay's drift (`--drift-rows`, in this process): how far the context's cache is
+from agent 1's after 1-5 hops, each hop re-encoding the whole cache or sending a delta of its note
+(qkv_eval.multihop.context_drift), on SQuAD rows.
 """
 from __future__ import annotations
 
@@ -92,6 +96,12 @@ def _pair(delta_min_tokens: int, runtime: list[str]) -> tuple[Child, Child]:
 
 
 def run(args: argparse.Namespace) -> str:
+    """The dialogue table (unless --dialogues 0), then the relay drift (unless --drift-rows 0)."""
+    out = dialogues(args) if args.dialogues else f"machine: {machine()}"
+    return out + (drift_table(args) if args.drift_rows else "")
+
+
+def dialogues(args: argparse.Namespace) -> str:
     runtime = [f"--model={args.model}", "--device=cpu"]
     codecs = args.codecs.split(",") if args.codecs else ["fp16", "kivi-4"]
     texts = dialogue_texts(args.data, args.longctx, args.dialogues * len(codecs), args.turns, args.doc_chars)
@@ -117,6 +127,33 @@ def run(args: argparse.Namespace) -> str:
             sender.stop()
             receiver.stop()
     return table(records, args)
+
+
+DRIFT_HOPS = (1, 2, 3, 5)
+
+
+def drift_table(args: argparse.Namespace, codecs: tuple[str, ...] = ("kivi-4", "kivi-2")) -> str:
+    """Mean relative error of the context's cache after each hop count, re-encoding against deltas."""
+    from qkv_core.config import RuntimeConfig  # noqa: PLC0415 - the model only for this part
+    from qkv_core.engine.receiver import ReceiverEngine  # noqa: PLC0415
+    from qkv_core.engine.sender import SenderEngine  # noqa: PLC0415
+    from qkv_core.model.loading import load_model  # noqa: PLC0415
+    from qkv_eval.multihop import context_drift  # noqa: PLC0415
+
+    lm = load_model(RuntimeConfig(model=args.model, device="cpu", dtype="float32"))
+    contexts = [row["context"] for row in load_rows(qa_file(args.data), args.drift_rows)]
+    lines = ["", f"Relay drift: mean relative error of the context's KV after N hops against agent 1's, "
+             f"{len(contexts)} SQuAD rows, {args.model}", "",
+             "| codec | relay | " + " | ".join(f"{h} hop{'s' * (h > 1)}" for h in DRIFT_HOPS) + " |",
+             "|---|---|" + "---|" * len(DRIFT_HOPS)]
+    for codec in codecs:
+        for deltas in (False, True):
+            cells = []
+            for hops in DRIFT_HOPS:
+                sender, receiver = SenderEngine(lm), ReceiverEngine(lm)
+                cells.append(statistics.mean(context_drift(sender, receiver, c, codec, hops, deltas) for c in contexts))
+            lines.append(f"| {codec} | {'deltas' if deltas else 're-encode'} | " + " | ".join(f"{d:.4f}" for d in cells) + " |")
+    return "\n".join(lines)
 
 
 def table(records: list[Dialogue], args: argparse.Namespace) -> str:

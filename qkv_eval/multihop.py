@@ -69,3 +69,16 @@ def run_chain(sender: SenderEngine, receiver: ReceiverEngine, context: str, code
         chain.ids = chain.ids + turn
     handoff(sender, receiver, chain, codec, parent)
     return chain
+
+
+def context_drift(sender: SenderEngine, receiver: ReceiverEngine, context: str, codec: str, hops: int,
+                  deltas: bool = False) -> float:
+    """How far the context's cache has moved from agent 1's after `hops` handoffs: the relative
+    error ||K' - K|| / ||K|| (and the same for V), averaged over layers and K/V."""
+    ids = sender.context_ids(context)
+    first, _ = prefill(sender.lm, ids)
+    kv = receiver.card(run_chain(sender, receiver, context, codec, hops, deltas).card_id).kv
+    n = len(ids)
+    errors = [float((a[:, :n].float() - b.float()).norm() / b.float().norm())
+              for a, b in zip(kv.keys + kv.values, first.keys + first.values)]
+    return sum(errors) / len(errors)

@@ -71,7 +71,7 @@ def _fmt(value: float | None, spec: str) -> str:
 def _row(r: dict, skyline: dict | None) -> list[str]:
     c, s = config_of(r), r["summary"]
     kv = c.mode == "kv"
-    codec = (c.codec + (f" x{c.hops} hops" if c.hops > 1 else "")) if kv else "-"
+    codec = (c.codec + (f" x{c.hops} hops" if c.hops > 1 else "") + (" (deltas)" if c.deltas else "")) if kv else "-"
     if c.layers < 1:
         codec += f" layers {c.layer_method}@{c.layers:g}"
     if c.facts:

@@ -4,7 +4,7 @@ import torch
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.kv import prefill
-from qkv_eval.multihop import run_chain
+from qkv_eval.multihop import context_drift, run_chain
 
 CONTEXT = "The rate limit is 600 requests per minute. Bulk exports moved to the /v4/exports endpoint."
 
@@ -28,17 +28,12 @@ def test_each_hop_appends_a_note_and_relays_the_grown_cache(tiny):
 
 def test_lossy_relays_compound_and_tokenmix_is_refused(tiny):
     sender, receiver = _engines(tiny)
-    context_ids = sender.context_ids(CONTEXT)
-    first, _ = prefill(tiny, context_ids)
 
     # Per-token V rows land on the same grid again (re-quantizing them is idempotent); the
     # per-channel K grids move as each note widens the channels' ranges, so K error compounds.
-    def drift(hops: int) -> float:
-        kv = receiver.card(run_chain(sender, receiver, CONTEXT, "kivi-2", hops).card_id).kv
-        n = len(context_ids)
-        return sum(float((a[:, :n] - b).norm() / b.norm()) for a, b in zip(kv.keys, first.keys))
-
-    assert drift(3) > drift(1) > 0
+    drift = {hops: context_drift(sender, receiver, CONTEXT, "kivi-2", hops) for hops in (1, 3)}
+    assert drift[3] > drift[1] > 0
+    assert context_drift(sender, receiver, CONTEXT, "kivi-2", 3, deltas=True) == pytest.approx(drift[1], rel=1e-6)
     with pytest.raises(ValueError, match="tokenmix"):
         run_chain(sender, receiver, CONTEXT, "tokenmix-3", hops=2)
 

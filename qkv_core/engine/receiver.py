@@ -24,8 +24,8 @@ from qkv_core.model.attention import require_full_attention
 from qkv_core.model.kv import generate, prefill, stream_text
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
-from qkv_core.store.records import DEFAULT_TENANT, CardRecord, StoredCard
 from qkv_core.store.prefixes import MAX_CHAIN
+from qkv_core.store.records import DEFAULT_TENANT, CardRecord, StoredCard
 from qkv_core.store.tiered import CardStore
 from qkv_core.types import KVCache
 from qkv_core.wire import pb

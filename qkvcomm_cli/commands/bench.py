@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dialogues", type=int, default=3, help="dialogue: dialogues per codec")
     p.add_argument("--turns", type=int, default=10, help="dialogue: turns per dialogue (a document, then follow-ups)")
     p.add_argument("--doc-chars", type=int, default=4000, help="dialogue: the document's length in characters")
+    p.add_argument("--drift-rows", type=int, default=10, help="dialogue: SQuAD rows of the relay drift part (0: skip)")
     p.add_argument("--longctx", type=Path, default=Path("squad_longctx.jsonl"),
                    help="dialogue: the documents' QA JSONL (default squad_longctx.jsonl)")
     p.add_argument("--model", default="smollm2-135m")
