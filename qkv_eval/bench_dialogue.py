@@ -1,6 +1,7 @@
 """`qkvcomm bench dialogue`: dialogues through the services, whole cards against delta cards.
 
-A dialogue is one document (a long-context SQuAD row, ~1,000 tokens by default) and then
+A dialogue is one document (the opening of a long-context SQuAD row that holds its answer, ~1,000
+tokens by default; no two documents open alike, so no dialogue finds another's prefix) and then
 `turns - 1` follow-up turns of ~150 tokens (the opening sentences of other SQuAD rows), each a
 Share in one session. Two sender/receiver pairs run side by side, turn by turn: one sends delta
 cards (the default), the other is set never to (`--delta-min-tokens 0`), so every turn re-encodes
@@ -60,7 +61,14 @@ class Dialogue:
 def dialogue_texts(data: Path, longctx: Path, dialogues: int, turns: int, doc_chars: int,
                    ) -> list[tuple[list[str], str, list[str]]]:
     """Each dialogue's turns (a document, then follow-ups), the document's question and its gold answers."""
-    docs = list(load_rows(qa_file(longctx), dialogues))
+    docs, openings = [], set()  # the openings and questions taken
+    for row in load_rows(qa_file(longctx)):
+        opening = _opening(row["context"], doc_chars)
+        if not {opening[:300], row["question"]} & openings and any(a in opening for a in gold_answers(row)):
+            openings |= {opening[:300], row["question"]}
+            docs.append(row)
+        if len(docs) == dialogues:
+            break
     others = list(load_rows(qa_file(data), dialogues * turns * 3))[::3]  # every third row: other paragraphs
     out = []
     for i, doc in enumerate(docs):
