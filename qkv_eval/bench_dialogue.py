@@ -45,6 +45,7 @@ TURN_CHARS = 600  # ~150 tokens of English
 class Turn:
     wire_bytes: int
     seconds: float
+    prefill_s: float  # the sender's own prefill of the turn's new tokens (the same in both modes)
     context_tokens: int
     reused_tokens: int
 
@@ -90,7 +91,8 @@ def _opening(text: str, chars: int) -> str:
 def share_turn(sender: SenderClient, text: str, codec: str, session: str, record: Dialogue) -> None:
     start = time.perf_counter()
     stats = sender.share(text, codec=codec, session=session)
-    record.turns.append(Turn(stats.wire_bytes, time.perf_counter() - start, stats.context_tokens, stats.reused_tokens))
+    record.turns.append(Turn(stats.wire_bytes, time.perf_counter() - start, stats.prefill_s, stats.context_tokens,
+                             stats.reused_tokens))
 
 
 def _pair(delta_min_tokens: int, runtime: list[str]) -> tuple[Child, Child]:
@@ -170,9 +172,9 @@ def table(records: list[Dialogue], args: argparse.Namespace) -> str:
              f"{args.model}, documents from {args.longctx}, follow-up turns of ~{TURN_CHARS} characters from {args.data}, "
              "Share per turn in one session, loopback", "",
              "| codec | mode | dialogues | tokens at the end | wire MB, all turns | wire MB, last turn | "
-             "follow-up turn: handoff ms (mean) | at 1 Gbit/s: ms per follow-up turn | final answer F1 | "
-             "final answers equal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "follow-up turn: handoff ms (mean) | of which the sender's prefill | at 1 Gbit/s: wire ms per follow-up turn | "
+             "final answer F1 | final answers equal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r.codec, r.mode): [x for x in records if (x.codec, x.mode) == (r.codec, r.mode)] for r in records}
     for (codec, mode), runs in by.items():
         other = by[(codec, "whole cards" if mode == "deltas" else "deltas")]
@@ -182,7 +184,7 @@ def table(records: list[Dialogue], args: argparse.Namespace) -> str:
             f"| {codec} | {mode} | {len(runs)} | {statistics.mean(r.turns[-1].context_tokens for r in runs):,.0f} | "
             f"{statistics.mean(sum(t.wire_bytes for t in r.turns) for r in runs) / 1e6:,.1f} | "
             f"{statistics.mean(r.turns[-1].wire_bytes for r in runs) / 1e6:,.2f} | "
-            f"{statistics.mean(t.seconds for t in follow) * 1e3:,.0f} | "
+            f"{statistics.mean(t.seconds for t in follow) * 1e3:,.0f} | {statistics.mean(t.prefill_s for t in follow) * 1e3:,.0f} | "
             f"{statistics.mean(t.wire_bytes for t in follow) / GBIT * 1e3:,.0f} | "
             f"{statistics.mean(r.f1 for r in runs):.1f} | {equal}/{len(runs)} |")
     lines += ["", "Per turn (first dialogue of each codec): wire MB, deltas / whole cards", "",
