@@ -5,7 +5,9 @@ the context: the context reaches the model only as the card's keys and values.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -70,15 +72,14 @@ class Admission:
 @dataclass
 class Intake:
     """One card arriving: validated frame by frame, each layer dequantized once complete.
-    Use it as a context manager: leaving releases its admission, whatever happened. The store's own
-    reads of its tiers (a delta's parent among them) are not arrivals: they have no admission."""
+    Use it as a context manager: leaving releases its admission, whatever happened."""
 
     reader: CardReader
     device: torch.device
     dtype: torch.dtype
     shared_prefix: Callable[[int], KVCache]  # the receiver's own KV of the first N tokens
     parent: Callable[[pb.CardHeader], KVCache]  # a delta card's parent: the cache of its first parent_tokens
-    admission: Admission | None
+    admission: Admission
     hot_budget: int  # a card whose decoded cache would not fit the hot tier is refused before its data
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -88,16 +89,14 @@ class Intake:
     prefix: KVCache | None = None  # a delta card's parent tokens, found when its header arrives
 
     def __enter__(self) -> "Intake":
-        if self.admission is not None:
-            self.admission.enter()
+        self.admission.enter()
         return self
 
     def __exit__(self, kind: type | None, *exc: object) -> None:
         self.keys.clear()
         self.values.clear()
         self.prefix = None
-        if self.admission is not None:
-            self.admission.leave(self.reserved, failed=kind is not None)
+        self.admission.leave(self.reserved, failed=kind is not None)
         self.reserved = 0
 
     def feed(self, frame: pb.CardFrame) -> int | None:
@@ -112,9 +111,8 @@ class Intake:
                 raise LimitExceeded(f"the card decodes to {nbytes:,} bytes, more than this receiver's hot tier "
                                     f"hot_bytes={self.hot_budget:,} (QKVCOMM_HOT_BYTES)")
             self.blobs = [b""] * len(self.reader.layers)
-            if self.admission is not None:
-                self.admission.reserve(nbytes)
-                self.reserved = nbytes
+            self.admission.reserve(nbytes)
+            self.reserved = nbytes
         return ready
 
     def decode(self, index: int) -> None:
@@ -168,6 +166,8 @@ class ReceiverEngine:
         self.lm = lm
         self.limits = limits
         self.admission = Admission(limits)
+        # The store's own reads of its tiers (a delta's parents among them) are not arrivals: unbounded.
+        self._reads = Admission(dataclasses.replace(limits, max_intakes=sys.maxsize, max_inflight_bytes=sys.maxsize))
         for a in alignments:
             if a.receiver != lm.fingerprint:
                 raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
@@ -179,10 +179,10 @@ class ReceiverEngine:
 
     def intake(self, tenant: str = DEFAULT_TENANT, admitted: bool = True) -> Intake:
         """A new card's intake for `tenant` (whose cards a delta's parent is looked up among); enter it
-        (`with`) to be admitted (unless not `admitted`: the store reading its own tiers)."""
+        (`with`) to be admitted (not `admitted`: the store reading its own tiers, outside the limits)."""
         reader = CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments, self.limits)
         return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, functools.partial(self.parent, tenant=tenant),
-                      self.admission if admitted else None, self.store.cfg.hot_bytes)
+                      self.admission if admitted else self._reads, self.store.cfg.hot_bytes)
 
     def parent(self, header: pb.CardHeader, tenant: str = DEFAULT_TENANT) -> KVCache:
         """The cache a delta card extends: the first parent_tokens tokens of the tenant's card

@@ -112,7 +112,7 @@ class SenderEngine:
         key = ("probe" if probe else "", hashlib.sha256(array("l", ids).tobytes()).hexdigest())
         if (held := self._prefilled.get(key)) is not None:
             return held
-        hashes = self.block_hashes(ids)
+        hashes = [] if probe else self.block_hashes(ids)
         if not probe:
             past, start = self._cached_prefix(hashes, len(ids))
             entry = prefill(self.lm, ids[start:], past, cancel=cancel)[0], None

@@ -13,9 +13,9 @@ engine's validating reader (`decode`), so a corrupt or truncated file or value i
 dropped from its tier and counted, never served. A delta card is kept as it arrived (its own
 tokens only) and decoded onto its parent, which the reader looks up here in turn: a delta outlives
 its decoded form only as long as its parent is held (one whose parent is gone is dropped).
-Whole-layer cards are indexed by their block hashes (qkv_core.store.prefixes) for FindPrefix. Keys are (tenant, card id): a tenant never
-sees another's cards, and a card already held is never replaced (first writer wins). A text
-handoff has no encoded form: it lives in the hot tier only.
+Whole-layer cards are indexed by their block hashes (qkv_core.store.prefixes) for FindPrefix.
+Keys are (tenant, card id): a tenant never sees another's cards, and a card already held is never
+replaced (first writer wins). A text handoff has no encoded form: it lives in the hot tier only.
 """
 from __future__ import annotations
 
