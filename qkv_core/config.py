@@ -84,6 +84,7 @@ class StoreConfig:
             raise ValueError("the store's water marks need 0 < store_low_water <= store_high_water <= 1")
 
 
+ENGINES = ("hf", "vllm")  # what answers a receiver's Generate
 # Ports by service: the dataclass defaults are the receiver's; the sender's differ.
 ROLE_DEFAULTS = {"receiver": {}, "sender": {"port": 50062, "metrics_port": 9462}}
 
@@ -136,12 +137,21 @@ class ServiceConfig:
     facts_budget_bytes: int = setting(400, "size of the fact summary", "sender")
     max_new_tokens: int = setting(48, "answer length of a request that names none")
     max_card_bytes: int = setting(1 << 30, "largest card accepted (wire bytes)", "receiver")
+    engine: str = setting("hf", "what answers Generate: hf (this process decodes on the card's cache) or vllm (a vLLM "
+                          "engine loads the card from the disk tier; needs the qkvcomm-vllm extra and --store-dir)",
+                          "receiver")
+    vllm_args: str = setting("", "vLLM engine arguments as JSON, e.g. '{\"max_model_len\": 8192}' (--engine vllm)",
+                             "receiver")
     alignments: str = setting("", "alignment files (`calibrate pair`), comma-separated; cards of other models need one",
                               "receiver", "--alignment")
     grace_s: float = setting(5.0, "graceful shutdown: time for in-flight calls to finish")
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
     store: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}: choose {' or '.join(ENGINES)}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> "ServiceConfig":

@@ -34,10 +34,12 @@ class Child:
         return self.process.returncode
 
 
-def spawn(role: str, *args: str, timeout_s: float = 300.0, port: int = 0, env: dict[str, str] | None = None) -> Child:
-    """Run `qkvcomm serve-ROLE --host 127.0.0.1 --port PORT --metrics-port 0 ARGS` (PORT 0: a free one),
-    with `env` added to this process's environment, and wait for its ready line."""
-    cmd = [sys.executable, "-m", "qkvcomm_cli", f"serve-{role}", "--host", "127.0.0.1", "--port", str(port),
+def spawn(role: str, *args: str, timeout_s: float = 300.0, port: int = 0, env: dict[str, str] | None = None,
+          python: str = sys.executable) -> Child:
+    """Run `qkvcomm serve-ROLE --host 127.0.0.1 --port PORT --metrics-port 0 ARGS` (PORT 0: a free one)
+    with `python` (another environment's, e.g. vLLM's), `env` added to this process's environment,
+    and wait for its ready line."""
+    cmd = [python, "-m", "qkvcomm_cli", f"serve-{role}", "--host", "127.0.0.1", "--port", str(port),
            "--metrics-port", "0", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     assert proc.stdout is not None

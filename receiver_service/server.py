@@ -85,6 +85,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         self.metrics.ttft.observe(stats.ttft_s)
         self.metrics.observe("generate", stats.total_s)
         self.metrics.generation_tokens.inc(stats.tokens)
+        self.metrics.cached_tokens.inc(stats.cached_tokens)
         yield pb.GenerateResponse(stats=pb.GenerateStats(
             ttft_s=stats.ttft_s, total_s=stats.total_s, generated_tokens=stats.tokens
         ))
@@ -115,10 +116,31 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         return pb.FindPrefixResponse(card_id=found[0], tokens=found[1])
 
 
+def make_engine(cfg: ServiceConfig, lm: LoadedModel) -> ReceiverEngine:
+    """The engine `cfg.engine` names: this process's model (hf) or a vLLM engine (the qkvcomm-vllm extra)."""
+    alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
+    if cfg.engine == "hf":
+        return ReceiverEngine(lm, cfg.store, cfg.max_card_bytes, alignments, cfg.limits)
+    from qkvcomm_vllm.receiver import VllmReceiverEngine  # noqa: PLC0415 - optional: only this engine needs vLLM
+
+    return VllmReceiverEngine(lm, cfg, alignments)
+
+
+def load_for(cfg: ServiceConfig) -> LoadedModel:
+    """The model as `cfg.engine` needs it: whole here (hf), or its fingerprint and tokenizer (vllm)."""
+    if cfg.engine == "hf":
+        return load_model(cfg.runtime)
+    try:
+        from qkvcomm_vllm.receiver import fingerprinted  # noqa: PLC0415
+    except ImportError as e:
+        raise SystemExit(f"--engine vllm needs vLLM and the qkvcomm-vllm package (integrations/vllm; `make "
+                         f"test-vllm` builds such an environment): {e}") from None
+    return fingerprinted(cfg.runtime)
+
+
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics, auth = Metrics("receiver", lm.fingerprint.name), Auth(cfg.auth_tokens)
-    alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
-    engine = ReceiverEngine(lm, cfg.store, cfg.max_card_bytes, alignments, cfg.limits)
+    engine = await asyncio.to_thread(make_engine, cfg, lm)
     metrics.intakes.set_function(lambda: engine.admission.intakes)
     metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
     metrics.watch_store(engine.store)
@@ -126,7 +148,8 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     store = engine.store
     tiers = ["hot", "memory", *(["disk"] if store.disk else []), *(["redis"] if store.shared else [])]
     # measured before the port opens: the device is otherwise idle now, and senders read it from the first Info
-    speed = await asyncio.to_thread(measure, engine, cfg.performance_tokens) if cfg.performance_tokens else None
+    measured = cfg.performance_tokens and cfg.engine == "hf"  # vLLM: not measured yet (qkvcomm_vllm.receiver)
+    speed = await asyncio.to_thread(measure, engine, cfg.performance_tokens) if measured else None
     info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers, speed)
     if speed:
         log.info("receiver speed: prefill %.0f tokens/s, first token %.0f ms, card decoding %.0f MB/s (fp16 KV)",
@@ -139,6 +162,7 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServiceServicer_to_server(servicer, s), cfg, metrics,
         auth, InfoServicer(info, refresh),
     )
+    running.closers.append(engine.close)
     await _report_tiers(running, engine)
     return running
 
@@ -158,6 +182,6 @@ async def _report_tiers(running: Running, engine: ReceiverEngine) -> None:
 
 
 async def main(cfg: ServiceConfig) -> None:
-    lm = load_model(cfg.runtime)
+    lm = load_for(cfg)
     running = await start_receiver(cfg, lm)
     await serve_forever("receiver", running, cfg)

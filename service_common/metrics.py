@@ -36,6 +36,9 @@ class Metrics:
         if service == "receiver":
             self.generation_tokens = Counter("qkvcomm_generation_tokens_total", "Tokens generated", ["model_name"],
                                              registry=r).labels(model_name)
+            self.cached_tokens = Counter("qkvcomm_generation_cached_tokens_total", "Prompt tokens a Generate took "
+                                         "from its card instead of computing them (the vLLM engine: those it loaded)",
+                                         ["model_name"], registry=r).labels(model_name)
             self.ttft = Histogram("qkvcomm_time_to_first_token_seconds", "Generate call to its first token",
                                   ["model_name"], buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
         else:

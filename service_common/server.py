@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -42,12 +42,15 @@ class Running:
     port: int
     metrics_port: int
     stop_metrics: Callable[[], None]
+    closers: list[Callable[[], None]] = field(default_factory=list)  # run last (a vLLM engine's processes)
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish for up to grace_s, then close."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.stop_metrics()
+        for close in self.closers:
+            await asyncio.to_thread(close)
 
 
 async def start(

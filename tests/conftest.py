@@ -18,12 +18,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import build_card
+from qkv_core.card.header import build_card, name_card
 from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import LoadedModel, load_model, wrap
 from qkv_core.types import KVCache
+from qkv_core.wire import pb
 from service_common.certs import DevCerts
 from service_common.server import GRPC_OPTIONS
 
@@ -190,3 +191,18 @@ def gauge(port: int, name: str, **labels: str) -> float:
     if not values and not labels:
         raise KeyError(f"no metric {name} at port {port}")
     return values[0] if values else 0.0
+
+
+def resigned(card, **fields) -> pb.CardHeader:
+    """A copy of `card`'s header with `fields` replaced (a list replaces a repeated field), named
+    again by its content: a sender that means what it sends, only the reader's checks stand in between."""
+    header = pb.CardHeader()
+    header.CopyFrom(card.header)
+    for name, value in fields.items():
+        if isinstance(value, list):
+            del getattr(header, name)[:]
+            getattr(header, name).extend(value)
+        else:
+            setattr(header, name, value)
+    name_card(header, card.blobs)
+    return header

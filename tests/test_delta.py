@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import resigned, tiny_model
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes, extendable
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind, name_card
+from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.config import Limits
 from qkv_core.engine import sender as sender_module
 from qkv_core.engine.receiver import ReceiverEngine
@@ -129,19 +129,6 @@ def test_a_delta_whose_parent_is_not_held_is_refused_before_its_data_and_nothing
     assert e.value.kind == ErrorKind.PARENT_MISSING
 
 
-def _resigned(card, **fields):
-    header = pb.CardHeader()
-    header.CopyFrom(card.header)
-    for name, value in fields.items():
-        if isinstance(value, list):
-            del getattr(header, name)[:]
-            getattr(header, name).extend(value)
-        else:
-            setattr(header, name, value)
-    name_card(header, card.blobs)
-    return header
-
-
 @pytest.mark.parametrize("fields, kind", [
     ({"parent_tokens": 0}, ErrorKind.INVALID),  # a parent id without tokens
     ({"parent_card_id": "not-a-card-id"}, ErrorKind.INVALID),
@@ -154,7 +141,7 @@ def test_malformed_delta_headers_are_invalid(tiny, fields, kind):
     parent = _push(receiver, sender.prepare(_transcript(1), "int8"))
     card = sender.prepare(_transcript(2), "int8", parent=Parent(parent.header.card_id, 2 * BLOCK_TOKENS))
     with pytest.raises(CardError) as e:
-        _push(receiver, type(card)(_resigned(card, **fields), card.blobs, 0, 0, 0, 0))
+        _push(receiver, type(card)(resigned(card, **fields), card.blobs, 0, 0, 0, 0))
     assert e.value.kind == kind
 
 

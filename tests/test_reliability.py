@@ -50,11 +50,18 @@ def test_headers_that_claim_what_the_data_does_not_hold_are_refused(receiver_stu
         header = pb.CardHeader()
         header.CopyFrom(card.header)
         for k, v in fields.items():
-            setattr(header, k, v)
+            if isinstance(v, list):
+                del getattr(header, k)[:]
+                getattr(header, k).extend(v)
+            else:
+                setattr(header, k, v)
         return lambda: receiver_stub.PushCard(push_requests(frames(header, card.blobs)), timeout=60)
 
     _fails(push_with(context_tokens=10**9), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_context_tokens")
-    _fails(push_with(context_tokens=card.header.context_tokens + 1), grpc.StatusCode.INVALID_ARGUMENT, "no layer holds")
+    more = card.header.context_tokens + 1
+    _fails(push_with(context_tokens=more), grpc.StatusCode.INVALID_ARGUMENT, "context token ids")
+    # a card without its ids (older senders) claiming more tokens than its layers hold
+    _fails(push_with(context_tokens=more, context_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "no layer holds")
     _fails(push_with(fact_summary="x" * 100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_fact_summary_bytes")
     _fails(push_with(card_id=""), grpc.StatusCode.INVALID_ARGUMENT, "card_id")
     _fails(push_with(card_id="a" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "card_id")

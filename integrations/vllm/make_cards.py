@@ -30,7 +30,7 @@ def main() -> int:
     from qkv_core.model.loading import load_model, model_source  # noqa: PLC0415
     from qkv_core.model.prompt import encode  # noqa: PLC0415
     from qkv_core.store.cardfile import to_bytes  # noqa: PLC0415
-    from qkv_core.store.disk import card_path  # noqa: PLC0415
+    from qkv_core.store.disk import card_path, namespace  # noqa: PLC0415
     from qkv_core.store.records import DEFAULT_TENANT, CardRecord  # noqa: PLC0415
 
     lm = load_model(RuntimeConfig(device="cpu", dtype="float32"))
@@ -39,18 +39,19 @@ def main() -> int:
         card = engine.prepare(context, "fp16")
         key = (DEFAULT_TENANT, card.header.card_id)
         record = CardRecord(card.header, card.blobs)
-        path = card_path(args.out / "store", lm.fingerprint.name, key)
+        path = card_path(args.out / "store", namespace(lm.fingerprint), key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(to_bytes(record, lm.fingerprint.name, key, None))
+        path.write_bytes(to_bytes(record, namespace(lm.fingerprint), key, None))
         return card.header.card_id, engine.context_ids(context)
 
     sender, out = SenderEngine(lm), []
     for row in qa_rows("squad.jsonl", args.rows * 3)[::3]:  # distinct paragraphs
         card_id, ids = write(sender, row["context"])
         query = encode(lm.tokenizer, sender.prompt.query_part(row["question"]))
-        out.append({"card_id": card_id, "prompt": ids + query, "context_tokens": len(ids), "answers": row["answers"]})
+        out.append({"card_id": card_id, "prompt": ids + query, "context_tokens": len(ids), "answers": row["answers"],
+                    "context": row["context"], "question": row["question"]})
     foreign, _ = write(SenderEngine(tiny_model()), "The rate limit is 600 requests per minute.")
-    (args.out / "rows.json").write_text(json.dumps({"model": lm.fingerprint.name,
+    (args.out / "rows.json").write_text(json.dumps({"model": lm.fingerprint.name, "namespace": namespace(lm.fingerprint),
                                                     "model_dir": str(model_source(lm.fingerprint.name)),
                                                     "rows": out, "foreign_card": foreign}))
     print(f"{len(out)} cards and one foreign card under {args.out / 'store'}")

@@ -174,6 +174,7 @@ def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan
         layer_selection=plan.selection,
         layer_sources=plan.sources,
         context_ids_sha256=context_digest(context_ids),
+        context_ids=context_ids,
         block_hashes=block_hashes(fp, context_ids)[plan.parent_tokens // BLOCK_TOKENS :],  # the blocks ending after the parent
         parent_card_id=plan.parent_card_id,
         parent_tokens=plan.parent_tokens,

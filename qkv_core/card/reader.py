@@ -18,6 +18,7 @@ from qkv_core.card.header import (
     ErrorKind,
     codec_from_pb,
     content_hash,
+    context_digest,
     crc32c,
     fingerprint_from_pb,
     model_details,
@@ -174,6 +175,10 @@ class CardReader:
                 raise CardError(ErrorKind.PRECONDITION, "a delta card must come from the receiver's own model")
             if h.shared_prefix_tokens or h.salient_tokens:
                 raise CardError(ErrorKind.INVALID, "a delta card holds every layer, and no shared prefix or salient tokens")
+        ids = list(h.context_ids)
+        if ids and (len(ids) != h.context_tokens or context_digest(ids) != h.context_ids_sha256):
+            raise CardError(ErrorKind.INVALID, f"the card's {len(h.context_ids)} context token ids are not its "
+                            f"{h.context_tokens} tokens of digest context_ids_sha256")
         expected = h.context_tokens // BLOCK_TOKENS - h.parent_tokens // BLOCK_TOKENS
         if h.block_hashes and (len(h.block_hashes) != expected or any(len(b) != HASH_BYTES for b in h.block_hashes)):
             raise CardError(ErrorKind.INVALID, f"the card names {len(h.block_hashes)} block hashes; its tokens make "

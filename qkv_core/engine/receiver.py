@@ -17,7 +17,14 @@ import torch
 
 from qkv_core import allocator
 from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES, block_hashes
-from qkv_core.card.header import CardError, ErrorKind, fingerprint_from_pb, fingerprint_to_pb, text_card_id
+from qkv_core.card.header import (
+    CardError,
+    ErrorKind,
+    context_digest,
+    fingerprint_from_pb,
+    fingerprint_to_pb,
+    text_card_id,
+)
 from qkv_core.card.reader import CardReader
 from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.crossmodel import Alignment
@@ -26,6 +33,7 @@ from qkv_core.model.attention import require_full_attention
 from qkv_core.model.kv import generate, prefill, stream_text
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
+from qkv_core.store.disk import namespace
 from qkv_core.store.prefixes import MAX_CHAIN
 from qkv_core.store.records import DEFAULT_TENANT, CardRecord, StoredCard
 from qkv_core.store.tiered import CardStore
@@ -158,6 +166,7 @@ class Generation:
     ttft_s: float = 0.0
     total_s: float = 0.0
     tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine did not compute (vLLM: taken from the card)
 
 
 class ReceiverEngine:
@@ -173,9 +182,13 @@ class ReceiverEngine:
                 raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
         self.alignments = {a.sender.weights_sha256: a for a in alignments}
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
-        self.store = CardStore(store, lm.fingerprint.weights_sha256[:16], self.decode)
+        self.store = CardStore(store, namespace(lm.fingerprint), self.decode)
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process's memory: nothing here (the vLLM
+        receiver's engine runs processes of its own)."""
 
     def intake(self, tenant: str = DEFAULT_TENANT, admitted: bool = True) -> Intake:
         """A new card's intake for `tenant` (whose cards a delta's parent is looked up among); enter it
@@ -250,21 +263,25 @@ class ReceiverEngine:
     def accept_text(self, context: str, tenant: str = DEFAULT_TENANT) -> tuple[StoredCard, float]:
         """The text handoff: prefill the context here and keep its cache like a card's.
         Returns the stored entry and the prefill time."""
-        ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
+        header = self.text_header(context)
         start = time.perf_counter()
-        kv, _ = prefill(self.lm, ids)
+        kv, _ = prefill(self.lm, list(header.context_ids))
         prefill_s = time.perf_counter() - start
-        fp = self.lm.fingerprint
-        header = pb.CardHeader(card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
-                               model=fingerprint_to_pb(fp), block_hashes=block_hashes(fp, ids))
         card = StoredCard(header, kv)
         self.store.put(card, None, tenant)
         return card, prefill_s
 
+    def text_header(self, context: str) -> pb.CardHeader:
+        """The header a text handoff is kept under: its context's token ids, named by them."""
+        fp, ids = self.lm.fingerprint, context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
+        return pb.CardHeader(card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
+                             model=fingerprint_to_pb(fp), block_hashes=block_hashes(fp, ids),
+                             context_ids_sha256=context_digest(ids), context_ids=ids)
+
     def card(self, card_id: str, tenant: str = DEFAULT_TENANT) -> StoredCard:
         card = self.store.get(card_id, tenant)
         if card is None:
-            raise CardError(ErrorKind.NOT_FOUND, f"no card {card_id!r} here; push it first")
+            raise _not_held(card_id)
         return card
 
     def generate(self, card_id: str, query: str, max_new_tokens: int, facts: bool, stats: Generation,
@@ -274,16 +291,30 @@ class ReceiverEngine:
             raise RequestError("the query is empty")
         self.limits.check("max_new_tokens_limit", max_new_tokens, "max_new_tokens")
         self.limits.check("max_query_tokens", len(query) // CHARS_PER_TOKEN_MAX, "the query (characters / 16)")
-        card = self.card(card_id, tenant)
-        summary = card.header.fact_summary if facts else ""
+        header = self.store.has(card_id, tenant)
+        if header is None:
+            raise _not_held(card_id)
+        summary = header.fact_summary if facts else ""
         ids = encode(self.lm.tokenizer, self.prompt.query_part(query, summary))
         self.limits.check("max_query_tokens", len(ids), "the query with its fact summary (tokens)")
-        yield from timed_answer(self.lm, card.kv, ids, max_new_tokens, stats)
+        yield from self.answer(header, ids, max_new_tokens, stats, tenant)
+
+    def answer(self, header: pb.CardHeader, ids: list[int], max_new_tokens: int, stats: Generation, tenant: str,
+               ) -> Iterator[str]:
+        """The answer after the query's token ids `ids` on top of the held card `header` names: here
+        this receiver's own model decodes greedily over the card's cache (qkvcomm_vllm's receiver
+        answers through a vLLM engine instead)."""
+        return timed_answer(self.lm, self.card(header.card_id, tenant).kv, ids, max_new_tokens, stats)
+
+
+def _not_held(card_id: str) -> CardError:
+    return CardError(ErrorKind.NOT_FOUND, f"no card {card_id!r} here; push it first")
 
 
 def timed_answer(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int, stats: Generation) -> Iterator[str]:
     """Greedy answer text after `ids` (on top of `kv`), recording TTFT, total time and tokens in `stats`."""
     start = time.perf_counter()
+    stats.cached_tokens = kv.tokens if kv is not None else 0
 
     def counted(tokens: Iterator[int]) -> Iterator[int]:
         for token in tokens:

@@ -20,10 +20,16 @@ from qkv_core.card.header import CARD_ID
 from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
 from qkv_core.store.records import CardRecord, Key
 from qkv_core.store.stats import StoreStats
+from qkv_core.types import Fingerprint
 from qkv_core.wire import pb
 
 log = logging.getLogger(__name__)
 SUFFIX = ".card"
+
+
+def namespace(fp: Fingerprint) -> str:
+    """The MODEL directory (and Redis key part) of a model's cards: 16 hex digits of its weights hash."""
+    return fp.weights_sha256[:16]
 
 
 def _tenant_dir(tenant: str) -> str:

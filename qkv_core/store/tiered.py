@@ -47,6 +47,7 @@ class CardStore:
         engine's validating reader, frames (and their tenant) in, the card as received and its decoded
         cache out."""
         self.cfg = cfg
+        self.namespace = model
         self.decode = decode
         self.stats = StoreStats()
         self.prefixes = PrefixIndex(cfg.prefix_blocks)

@@ -1,6 +1,6 @@
 """Cards as the connector reads them: from a receiver's disk tier, validated and decoded.
 
-The receiver writes each card it holds to `store_dir/<model>/<tenant>/<card_id>.card`
+The receiver writes each card it holds to `store_dir/<namespace>/<tenant>/<card_id>.card`
 (qkv_core.store.disk; sealed with AES-GCM when it has a `store_key`). This module only reads
 those files, through the same validating reader the receiver uses (CRC32C per chunk, the
 content hash), and never writes or deletes there. A card is accepted only for a vLLM model of
@@ -45,12 +45,12 @@ class Card:
 class CardFiles:
     """Read-only view of one receiver's disk tier."""
 
-    def __init__(self, store_dir: str, model: str, store_key: str = ""):
-        self.store_dir, self.model = Path(store_dir), model
+    def __init__(self, store_dir: str, namespace: str, store_key: str = ""):
+        self.store_dir, self.namespace = Path(store_dir), namespace
         self.sealer = Sealer.from_file(store_key) if store_key else None
 
     def path(self, card_id: str, tenant: str = DEFAULT_TENANT) -> Path:
-        return card_path(self.store_dir, self.model, (tenant, card_id))
+        return card_path(self.store_dir, self.namespace, (tenant, card_id))
 
     def load(self, card_id: str, shape: Shape, tenant: str = DEFAULT_TENANT) -> Card:
         """The card decoded (fp32, CPU); CardError if it is absent, damaged or of another shape."""
@@ -58,7 +58,7 @@ class CardFiles:
             data = self.path(card_id, tenant).read_bytes()
         except OSError as e:
             raise CardError(ErrorKind.NOT_FOUND, f"card {card_id} is not in {self.store_dir}: {e.strerror}") from None
-        frames = list(from_bytes(data, self.model, (tenant, card_id), self.sealer))
+        frames = list(from_bytes(data, self.namespace, (tenant, card_id), self.sealer))
         header = frames[0].header
         if header.parent_card_id:
             raise CardError(ErrorKind.PRECONDITION, f"card {card_id} is a delta card (it extends {header.parent_card_id[:12]}); "

@@ -2,8 +2,9 @@
 
 A request names its card in `kv_transfer_params`: {"qkvcomm_card_id": ID, "qkvcomm_tenant": T}
 (tenant optional). The card comes from a receiver's disk tier (cards.py), configured through
-`kv_connector_extra_config`: {"store_dir": DIR, "model": NAME (the receiver's model name, the
-directory the receiver writes under), "store_key": FILE (when the receiver seals its cards)}.
+`kv_connector_extra_config`: {"store_dir": DIR, "namespace": NS (the directory under DIR the receiver
+writes this model's cards to: 16 hex digits of the weights hash, qkv_core.store.disk.namespace),
+"store_key": FILE (when the receiver seals its cards)}.
 
 Scheduler side (the engine core process):
     get_num_new_matched_tokens  the card's context tokens that the prompt begins with (checked by
@@ -11,7 +12,9 @@ Scheduler side (the engine core process):
                                 leaving the prompt's last token to compute; 0 when the request
                                 names no card, or its card is absent, damaged, of another model's
                                 shape, or for another prompt (logged; vLLM then prefills).
-    update_state_after_alloc    remembers the blocks vLLM allocated for those tokens.
+    update_state_after_alloc    remembers the slots vLLM allocated for those tokens: after the ones it
+                                found in its own prefix cache (a shared chat header, say), which the
+                                card does not overwrite.
     build_connector_meta        hands (card, tokens, slots) to the workers for this step.
 Worker side (the model runner process):
     start_load_kv               decodes the card and writes each layer's K and V into the slots
@@ -54,7 +57,8 @@ LAYER = re.compile(r"layers\.(\d+)\.")
 class Load:
     card_id: str
     tenant: str
-    tokens: int
+    start: int  # the card's tokens [start, end) go to `slots`: those before start vLLM already holds (prefix cache)
+    end: int
     slots: torch.Tensor  # one slot per token: block_id * block_size + offset
 
 
@@ -67,13 +71,14 @@ class CacheCardConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
-        self.files = CardFiles(extra["store_dir"], extra["model"], extra.get("store_key", ""))
+        self.files = CardFiles(extra["store_dir"], extra["namespace"], extra.get("store_key", ""))
         model = vllm_config.model_config
         self.shape = Shape(model.get_num_layers(vllm_config.parallel_config),
                            model.get_num_kv_heads(vllm_config.parallel_config), model.get_head_size())
         self.block_size = vllm_config.cache_config.block_size
         self._cards: dict[tuple[str, str], Card] = {}  # decoded, per process (the scheduler's or a worker's)
-        self._pending: dict[str, tuple[Load, "Request"]] = {}
+        self._matched: dict[str, int] = {}  # request id -> tokens vLLM held itself when the card was matched
+        self._pending: dict[str, Load] = {}
 
     def _card(self, card_id: str, tenant: str) -> Card:
         key = (tenant, card_id)
@@ -98,19 +103,22 @@ class CacheCardConnector(KVConnectorBase_V1):
                         request.request_id, card_id)
             return 0, False
         usable = min(card.tokens, len(prompt) - 1) // self.block_size * self.block_size
+        self._matched[request.request_id] = num_computed_tokens
         return max(0, usable - num_computed_tokens), False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+        # The tokens vLLM found in its own prefix cache come first; the card fills the ones after them.
+        start = self._matched.pop(request.request_id, 0)
         if num_external_tokens <= 0:
             return
         params = request.kv_transfer_params or {}
         block_ids = torch.tensor(blocks.get_block_ids()[0])
-        tokens = request.num_computed_tokens + num_external_tokens
-        slots = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[:tokens]
-        self._pending[request.request_id] = (Load(params[CARD], params.get(TENANT, ""), tokens, slots), request)
+        end = start + num_external_tokens
+        slots = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[start:end]
+        self._pending[request.request_id] = Load(params[CARD], params.get(TENANT, ""), start, end, slots)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = CardLoads([load for load, _ in self._pending.values()])
+        meta = CardLoads(list(self._pending.values()))
         self._pending.clear()
         return meta
 
@@ -125,8 +133,8 @@ class CacheCardConnector(KVConnectorBase_V1):
                 if cache is None or not (m := LAYER.search(name)):
                     continue
                 i = int(m.group(1))
-                key = card.keys[i][:, : load.tokens].transpose(0, 1).to(cache.dtype).contiguous()
-                value = card.values[i][:, : load.tokens].transpose(0, 1).to(cache.dtype).contiguous()
+                key = card.keys[i][:, load.start : load.end].transpose(0, 1).to(cache.dtype).contiguous()
+                value = card.values[i][:, load.start : load.end].transpose(0, 1).to(cache.dtype).contiguous()
                 layer.impl.do_kv_cache_update(layer, key, value, cache, load.slots.to(cache.device))
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -5,39 +5,15 @@ prefilled), and a card of another model's shape, or for another prompt, is not l
 Run by `make test-vllm`, which builds the vLLM environment and the cards (make_cards.py)."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 
 vllm = pytest.importorskip("vllm", reason="the vLLM environment (make test-vllm) is not this one")
+from conftest import CARDS  # noqa: E402
 from qkvcomm_vllm.cards import CardFiles, Shape  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
-from vllm.config import KVTransferConfig  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from qkv_core.card.header import CardError  # noqa: E402
-
-CARDS = Path(os.environ.get("QKVCOMM_VLLM_CARDS", "build/vllm-cards"))
-
-
-@pytest.fixture(scope="module")
-def made() -> dict:
-    if not (CARDS / "rows.json").exists():
-        pytest.skip(f"no cards in {CARDS} (make test-vllm makes them)")
-    return json.loads((CARDS / "rows.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def llm(made: dict) -> LLM:
-    config = KVTransferConfig(
-        kv_connector="CacheCardConnector", kv_connector_module_path="qkvcomm_vllm.connector", kv_role="kv_consumer",
-        kv_connector_extra_config={"store_dir": str(CARDS / "store"), "model": made["model"]},
-    )
-    # no prefix caching: every token vLLM does not compute must come from the card
-    return LLM(model=made["model_dir"], dtype="float32", max_model_len=4096, enforce_eager=True,
-               enable_prefix_caching=False, kv_transfer_config=config, seed=0, block_size=32)
 
 
 def _generate(llm: LLM, rows: list[dict], card: bool) -> list:
@@ -69,7 +45,7 @@ def test_a_card_for_another_prompt_or_of_another_model_is_not_loaded(llm, made):
     assert out.num_cached_tokens == 0  # the digest does not match: vLLM prefilled it
     foreign = [dict(rows[0], card_id=made["foreign_card"])]
     assert _generate(llm, foreign, card=True)[0].num_cached_tokens == 0
-    files = CardFiles(str(CARDS / "store"), made["model"])
+    files = CardFiles(str(CARDS / "store"), made["namespace"])
     with pytest.raises(CardError, match="this engine runs"):
         files.load(made["foreign_card"], Shape(30, 3, 64))
     with pytest.raises(CardError, match="not in"):
