@@ -146,7 +146,7 @@ def main() -> int:
     passes = [p for engine in args.engines.split(",") for p in run_receiver(engine, rows, args)]
     print()
     print(f"`benchmarks/vllm_receiver.py --clients {','.join(map(str, args.clients))} --rounds {args.rounds}`, "
-          f"{time.strftime('%Y-%m-%d')}; machine: {machine()}\n")
+          f"machine: {machine()}\n")
     print(table(passes, args))
     args.json.write_text(json.dumps(passes, indent=1))
     return 0

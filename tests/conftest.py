@@ -193,16 +193,22 @@ def gauge(port: int, name: str, **labels: str) -> float:
     return values[0] if values else 0.0
 
 
-def resigned(card, **fields) -> pb.CardHeader:
-    """A copy of `card`'s header with `fields` replaced (a list replaces a repeated field), named
-    again by its content: a sender that means what it sends, only the reader's checks stand in between."""
-    header = pb.CardHeader()
-    header.CopyFrom(card.header)
+def replaced(header: pb.CardHeader, **fields) -> pb.CardHeader:
+    """A copy of `header` with `fields` replaced (a list replaces a repeated field)."""
+    out = pb.CardHeader()
+    out.CopyFrom(header)
     for name, value in fields.items():
         if isinstance(value, list):
-            del getattr(header, name)[:]
-            getattr(header, name).extend(value)
+            del getattr(out, name)[:]
+            getattr(out, name).extend(value)
         else:
-            setattr(header, name, value)
+            setattr(out, name, value)
+    return out
+
+
+def resigned(card, **fields) -> pb.CardHeader:
+    """`card`'s header with `fields` replaced, named again by its content: a sender that means what
+    it sends, only the reader's checks stand in between."""
+    header = replaced(card.header, **fields)
     name_card(header, card.blobs)
     return header

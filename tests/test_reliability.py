@@ -5,7 +5,7 @@ import time
 
 import grpc
 import pytest
-from conftest import ask, gauge
+from conftest import ask, gauge, replaced
 
 from qkv_core.card.framing import frames
 from qkv_core.config import Limits, StoreConfig
@@ -47,14 +47,7 @@ def test_a_card_of_nan_values_with_valid_checksums_is_refused_and_not_stored(rec
 
 def test_headers_that_claim_what_the_data_does_not_hold_are_refused(receiver_stub, card):
     def push_with(**fields):
-        header = pb.CardHeader()
-        header.CopyFrom(card.header)
-        for k, v in fields.items():
-            if isinstance(v, list):
-                del getattr(header, k)[:]
-                getattr(header, k).extend(v)
-            else:
-                setattr(header, k, v)
+        header = replaced(card.header, **fields)
         return lambda: receiver_stub.PushCard(push_requests(frames(header, card.blobs)), timeout=60)
 
     _fails(push_with(context_tokens=10**9), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_context_tokens")

@@ -17,6 +17,8 @@ parts: the ordinary tokens at `bits`, then the salient tokens at `salient_bits`.
 bits=16 the blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless).
 Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
+With `rotation` (a seed) the tensor is rotated over head_dim first (qkv_core.codec.rotation) and
+everything above applies to the rotated tensor; decoding rotates back. The layout is unchanged.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
+from qkv_core.codec.rotation import rotate, unrotate
 from qkv_core.errors import RequestError
 
 _BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
@@ -51,6 +54,7 @@ class TensorCodec:
     sink_tokens: int = 0
     recent_tokens: int = 0
     salient_bits: int = 0  # 0: off; else the width of the salient tokens (token-level mixed precision)
+    rotation: int = 0  # 0: off; else the seed of the randomized Hadamard rotation over head_dim
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
@@ -61,6 +65,8 @@ class TensorCodec:
             raise RequestError(f"salient_bits must be 1..8 on an integer codec, got {self.salient_bits}")
         if self.sink_tokens < 0 or self.recent_tokens < 0:
             raise RequestError("fp16 windows cannot be negative")
+        if not 0 <= self.rotation < 1 << 32:
+            raise RequestError(f"a rotation seed is 1..2^32-1 (0: none), got {self.rotation}")
 
     @property
     def is_float(self) -> bool:
@@ -155,6 +161,8 @@ def quantize_many(
     shape = xs[0].shape
     if len(shape) != 3 or any(x.shape != shape for x in xs):
         raise ValueError(f"expected [heads, tokens, dim] tensors of one shape, got {[tuple(x.shape) for x in xs]}")
+    if codec.rotation:
+        xs = [rotate(x, codec.rotation) for x in xs]
     if codec.is_float:
         return [_float_bytes(x, codec.bits) for x in xs]
     heads, tokens, dim = shape
@@ -242,7 +250,7 @@ def dequantize(
         return out.view(_FLOAT[bits])
 
     if codec.is_float:
-        return take_float(heads * tokens * dim, codec.bits).reshape(shape).to(dtype)
+        return _unrotated(take_float(heads * tokens * dim, codec.bits).reshape(shape), codec).to(dtype)
     sink, recent = fp16_windows(codec, tokens)
     middle = tokens - sink - recent
     decoded = []
@@ -266,4 +274,8 @@ def dequantize(
         values[:, ordinary], values[:, salient] = decoded
     head_window = take_float(heads * sink * dim).reshape(heads, sink, dim)
     tail_window = take_float(heads * recent * dim).reshape(heads, recent, dim)
-    return torch.cat([head_window.float(), values, tail_window.float()], dim=1).to(dtype)
+    return _unrotated(torch.cat([head_window.float(), values, tail_window.float()], dim=1), codec).to(dtype)
+
+
+def _unrotated(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
+    return unrotate(x, codec.rotation) if codec.rotation else x

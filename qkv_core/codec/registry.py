@@ -10,8 +10,10 @@ A codec name is a preset, a spec string, or a JSON file:
     budget-B          per-tensor widths that fit B bits per element on the wire (profile)
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
-                      SPEC is BITS/GRANULARITY[/GROUP]: 4/channel, 8/token, 3/group/32,
-                      2/tensor, or fp16 / fp32 alone; the same for every layer
+                      SPEC is BITS/GRANULARITY[/GROUP][+rot]: 4/channel, 8/token, 3/group/32,
+                      2/tensor+rot, or fp16 / fp32 alone; the same for every layer
+    NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) with every tensor
+                      rotated over head_dim first (qkv_core.codec.rotation, seed ROTATION_SEED)
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -21,6 +23,7 @@ The first five and specs resolve here; the adaptive ones need the model (qkv_cor
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -37,6 +40,8 @@ _GRANULARITIES = {
     "group": Granularity.PER_GROUP,
 }
 _ADAPTIVE = re.compile(r"seed-adaptive|(budget|tokenmix)-(\d+(?:\.\d+)?)")
+ROTATED = "+rot"
+ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
 
 @dataclass(frozen=True)
@@ -55,20 +60,28 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
+    rotation = ROTATED if c.rotation else ""
     if c.is_float:
-        return f"fp{c.bits}"
+        return f"fp{c.bits}{rotation}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
-    return f"{c.bits}/{name}" + (f"/{c.group_size}" if c.granularity == Granularity.PER_GROUP else "")
+    group = f"/{c.group_size}" if c.granularity == Granularity.PER_GROUP else ""
+    return f"{c.bits}/{name}{group}{rotation}"
 
 
 def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
+    if text.endswith(ROTATED):
+        return rotated(_parse_tensor(text.removesuffix(ROTATED), sink, recent))
     if text in ("fp16", "fp32"):
         return TensorCodec(bits=FP16_BITS if text == "fp16" else FP32_BITS)
     parts = text.split("/")
     if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in _GRANULARITIES:
-        raise RequestError(f"bad tensor spec {text!r}: use BITS/GRANULARITY[/GROUP], e.g. 4/channel")
+        raise RequestError(f"bad tensor spec {text!r}: use BITS/GRANULARITY[/GROUP][+rot], e.g. 4/channel")
     group = int(parts[2]) if len(parts) == 3 else 0
     return TensorCodec(int(parts[0]), _GRANULARITIES[parts[1]], group, sink, recent)
+
+
+def rotated(c: TensorCodec) -> TensorCodec:
+    return dataclasses.replace(c, rotation=ROTATION_SEED)
 
 
 def _parse_spec(spec: str) -> LayerCodec:
@@ -129,6 +142,8 @@ def adaptive(name: str) -> Adaptive | None:
 def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[LayerCodec]:  # noqa: B006 - read only
     """The per-layer codecs a static codec name stands for; RequestError with the options if unknown.
     `files`: the codec files that may be opened, by the name that selects them."""
+    if name.endswith(ROTATED) and not adaptive(name.removesuffix(ROTATED)):
+        return [LayerCodec(rotated(c.key), rotated(c.value)) for c in resolve(name.removesuffix(ROTATED), num_layers, files)]
     if name in ("fp16", "fp32"):
         return [LayerCodec(*[TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS)] * 2)] * num_layers
     if name == "int8":
@@ -147,8 +162,8 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, seed-adaptive, budget-B, tokenmix-B, "
-        "a spec like 'k=4/channel;v=4/token' or a configured codec .json file"
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B (each optionally NAME+rot), seed-adaptive, "
+        "budget-B, tokenmix-B, a spec like 'k=4/channel;v=4/token+rot' or a configured codec .json file"
     )
 
 
