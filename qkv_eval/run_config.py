@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
+from qkv_core.config import LAYER_METHOD
+
 MODES = ("baseline", "skyline", "text", "kv", "facts")
 
 
@@ -22,7 +24,7 @@ class EvalConfig:
     deltas: bool = False  # hops > 1: each later hop sends only its own turn (a delta card), not the whole cache
     facts: str = ""  # kv: a fact method (simple, yake, spacy, hybrid) to send facts with the card; "" = none
     layers: float = 1.0  # kv: share of layers the card carries
-    layer_method: str = "combined"
+    layer_method: str = LAYER_METHOD
     relevance: bool = True  # MiniLM relevance per row; off, `rescore` fills it in later
     sender_model: str = ""  # kv: the sender's model when it is not the receiver's (cross-model handoff)
     alignment: str = ""  # cross-model: stats, ridge (the pair's calibrated file) or an alignment file

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from qkv_core import calibration_data
 from qkv_core.calibration_data import Sample
+from qkv_core.config import LAYER_METHOD
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.attention import Probe
 from qkv_core.model.kv import answer_log_likelihood, prefill
@@ -37,7 +38,7 @@ METHODS = ("combined", "attention", "prior", "random", "contiguous", "loo")
 @dataclass(frozen=True)
 class SelectionConfig:
     ratio: float = 1.0
-    method: str = "combined"
+    method: str = LAYER_METHOD
     alpha: float = 0.5
     gamma_mu: float = 0.5
     gamma_sigma: float = 0.25

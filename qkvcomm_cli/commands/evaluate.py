@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from qkv_core.config import LAYER_METHOD
 from qkvcomm_cli.commands.common import runtime, runtime_flags
 
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--deltas", action="store_true",
                    help="with --hops: each later hop sends only its own turn (a delta card) instead of re-encoding the cache")
     p.add_argument("--layers", type=float, default=1.0, help="kv: share of layers the card carries")
-    p.add_argument("--layer-method", default="combined", help="kv: combined, attention, prior, random, contiguous, loo")
+    p.add_argument("--layer-method", default=LAYER_METHOD, help="kv: loo, combined, attention, prior, random, contiguous")
     p.add_argument("--facts", nargs="?", const="hybrid", default="",
                    help="kv: send facts with the card (method: simple, yake, spacy, hybrid; default hybrid); facts mode: the method")
     p.add_argument("--codec", default="fp16")
