@@ -119,8 +119,8 @@ image-smoke: install lint-dockerfile
 	bash deploy/docker/smoke.sh build/release
 
 lint-dockerfile: install
-	.venv/bin/hadolint Dockerfile
-	@echo "Dockerfile: hadolint clean"
+	.venv/bin/hadolint Dockerfile deploy/docker/Dockerfile.vllm
+	@echo "Dockerfiles: hadolint clean"
 
 # The Node.js client, installed from its committed lock file.
 node-client: $(NODE_MODULES)

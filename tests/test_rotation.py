@@ -74,6 +74,8 @@ def test_the_codec_grammar():
     assert layers[0].key.granularity == Granularity.PER_CHANNEL and layers[0].key.bits == 2
     spec = registry.resolve("k=3/group/16+rot;v=4/token", 1)[0]
     assert spec.key.rotation and not spec.value.rotation
+    v_only = registry.resolve("k=2/channel;v=2/token+rot", 1)[0]  # the suffix is the last tensor's, not the name's
+    assert not v_only.key.rotation and v_only.value.rotation
     assert registry.spec_of(spec.key) == "3/group/16+rot" and registry.spec_of(registry.resolve("fp16+rot", 1)[0].key) == "fp16+rot"
     with pytest.raises(RequestError, match="unknown codec"):
         registry.resolve("budget-3+rot", 3)  # allocated codecs are calibrated unrotated

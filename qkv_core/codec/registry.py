@@ -142,7 +142,7 @@ def adaptive(name: str) -> Adaptive | None:
 def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[LayerCodec]:  # noqa: B006 - read only
     """The per-layer codecs a static codec name stands for; RequestError with the options if unknown.
     `files`: the codec files that may be opened, by the name that selects them."""
-    if name.endswith(ROTATED) and not adaptive(name.removesuffix(ROTATED)):
+    if name.endswith(ROTATED) and "=" not in name and not adaptive(name.removesuffix(ROTATED)):  # a spec's +rot is its tensor's
         return [LayerCodec(rotated(c.key), rotated(c.value)) for c in resolve(name.removesuffix(ROTATED), num_layers, files)]
     if name in ("fp16", "fp32"):
         return [LayerCodec(*[TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS)] * 2)] * num_layers
