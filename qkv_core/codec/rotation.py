@@ -49,8 +49,9 @@ def hadamard(dim: int) -> torch.Tensor:
     return (1 - 2 * parity).float() / dim**0.5
 
 
+@functools.lru_cache(maxsize=64)
 def _matrices(seed: int, heads: int, dim: int, device: torch.device) -> torch.Tensor:
-    """[heads, dim, dim]: diag(s_h) @ H / sqrt(dim), head by head."""
+    """[heads, dim, dim]: diag(s_h) @ H / sqrt(dim), head by head; made once per device, not per tensor."""
     return (signs(seed, heads, dim)[:, :, None] * hadamard(dim)).to(device)
 
 

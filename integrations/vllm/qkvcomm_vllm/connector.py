@@ -16,6 +16,7 @@ Scheduler side (the engine core process):
                                 found in its own prefix cache (a shared chat header, say), which the
                                 card does not overwrite.
     build_connector_meta        hands (card, tokens, slots) to the workers for this step.
+    request_finished            forgets a request matched but never allocated.
 Worker side (the model runner process):
     start_load_kv               decodes the card and writes each layer's K and V into the slots
                                 through the attention backend's own cache writer
@@ -51,6 +52,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CARD, TENANT = "qkvcomm_card_id", "qkvcomm_tenant"
 LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def transfer_config(store_dir: str, namespace: str, store_key: str = "") -> dict[str, Any]:
+    """vLLM's kv_transfer_config for this connector over a receiver's disk tier (the fields of
+    vllm.config.KVTransferConfig, or the JSON of `--kv-transfer-config`)."""
+    return {"kv_connector": "CacheCardConnector", "kv_connector_module_path": __name__, "kv_role": "kv_consumer",
+            "kv_connector_extra_config": {"store_dir": store_dir, "namespace": namespace, "store_key": store_key}}
 
 
 @dataclass
@@ -116,6 +124,10 @@ class CacheCardConnector(KVConnectorBase_V1):
         end = start + num_external_tokens
         slots = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[start:end]
         self._pending[request.request_id] = Load(params[CARD], params.get(TENANT, ""), start, end, slots)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._matched.pop(request.request_id, None)  # matched, but never allocated (aborted while waiting)
+        return False, None
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = CardLoads(list(self._pending.values()))

@@ -46,11 +46,9 @@ from qkv_core.model.loading import LoadedModel, load_model, model_source, resolv
 from qkv_core.store.records import DEFAULT_TENANT, StoredCard
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
-from qkvcomm_vllm.connector import CARD, TENANT
+from qkvcomm_vllm.connector import CARD, TENANT, transfer_config
 
 log = logging.getLogger(__name__)
-CONNECTOR = {"kv_connector": "CacheCardConnector", "kv_connector_module_path": "qkvcomm_vllm.connector",
-             "kv_role": "kv_consumer"}
 
 
 def fingerprinted(runtime: RuntimeConfig) -> LoadedModel:
@@ -71,9 +69,7 @@ def engine_args(cfg: ServiceConfig, lm: LoadedModel, namespace: str) -> AsyncEng
     if not isinstance(extra, dict) or extra.keys() & {"model", "dtype", "kv_transfer_config"}:
         raise ValueError("--vllm-args is a JSON object of vLLM engine arguments other than model, dtype and "
                          "kv_transfer_config (the receiver sets those: --model, --dtype)")
-    store = cfg.store
-    connector = KVTransferConfig(**CONNECTOR, kv_connector_extra_config={
-        "store_dir": store.store_dir, "namespace": namespace, "store_key": store.store_key})
+    connector = KVTransferConfig(**transfer_config(cfg.store.store_dir, namespace, cfg.store.store_key))
     dtype = str(lm.dtype).removeprefix("torch.")
     return AsyncEngineArgs(model=str(model_source(cfg.runtime.model, cfg.runtime.revision)), dtype=dtype,
                            kv_transfer_config=connector, **extra)

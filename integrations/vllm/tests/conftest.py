@@ -21,13 +21,11 @@ def made() -> dict:
 @pytest.fixture(scope="session")
 def llm(made: dict):
     pytest.importorskip("vllm", reason="the vLLM environment (make test-vllm) is not this one")
+    from qkvcomm_vllm.connector import transfer_config  # noqa: PLC0415
     from vllm import LLM  # noqa: PLC0415
     from vllm.config import KVTransferConfig  # noqa: PLC0415
 
-    config = KVTransferConfig(
-        kv_connector="CacheCardConnector", kv_connector_module_path="qkvcomm_vllm.connector", kv_role="kv_consumer",
-        kv_connector_extra_config={"store_dir": str(CARDS / "store"), "namespace": made["namespace"]},
-    )
+    config = KVTransferConfig(**transfer_config(str(CARDS / "store"), made["namespace"]))
     # no prefix caching: every token vLLM does not compute must come from the card
     return LLM(model=made["model_dir"], dtype="float32", max_model_len=4096, enforce_eager=True,
                enable_prefix_caching=False, kv_transfer_config=config, seed=0, block_size=32)

