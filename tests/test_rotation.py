@@ -77,7 +77,7 @@ def test_the_codec_grammar():
     v_only = registry.resolve("k=2/channel;v=2/token+rot", 1)[0]  # the suffix is the last tensor's, not the name's
     assert not v_only.key.rotation and v_only.value.rotation
     assert registry.spec_of(spec.key) == "3/group/16+rot" and registry.spec_of(registry.resolve("fp16+rot", 1)[0].key) == "fp16+rot"
-    with pytest.raises(RequestError, match="unknown codec"):
+    with pytest.raises(RequestError, match="profile is calibrated without it"):
         registry.resolve("budget-3+rot", 3)  # allocated codecs are calibrated unrotated
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import google_crc32c
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
-from qkv_core.codec.encoding import encode_layers, salient_count
-from qkv_core.codec.quant import Granularity, TensorCodec, encoded_size
+from qkv_core.codec.encoding import encode_layers
+from qkv_core.codec.quant import Entropy, Granularity, TensorCodec
 from qkv_core.codec.registry import LayerCodec
 from qkv_core.errors import Detailed
 from qkv_core.types import Fingerprint, KVCache
@@ -70,7 +70,7 @@ def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
     return pb.TensorCodec(
         bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
         sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
-        rotation_seed=c.rotation,
+        rotation_seed=c.rotation, entropy=int(c.entropy),
     )
 
 
@@ -79,7 +79,7 @@ def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
         return TensorCodec(
             bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
             sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
-            rotation=msg.rotation_seed,
+            rotation=msg.rotation_seed, entropy=Entropy(msg.entropy),
         )
     except ValueError as e:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
@@ -124,16 +124,18 @@ class CardPlan:
     def sent(self) -> list[int]:
         return list(range(len(self.layers))) if self.selected is None else self.selected
 
-    def encode(self, kv: KVCache) -> list[bytes]:
-        """The blobs of the layers this plan sends."""
+    def encode(self, kv: KVCache) -> list[tuple[bytes, bytes]]:
+        """The encoded (K, V) of the layers this plan sends."""
         return encode_layers(kv, self.layers, self.sent(), self.salient)
 
 
 def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> tuple[pb.CardHeader, list[bytes]]:
     """The card of `kv` under `plan`: its header, named by its content, and its layer blobs. A delta
     plan (parent_card_id) takes the cache of the tokens after parent_tokens only."""
-    header = _header(fp, context_ids, kv, plan)
-    blobs = plan.encode(kv)
+    _check_plan(context_ids, kv, plan)
+    tensors = plan.encode(kv)
+    header = _header(fp, context_ids, kv, plan, [(len(k), len(v)) for k, v in tensors])
+    blobs = [k + v for k, v in tensors]
     name_card(header, blobs)
     return header, blobs
 
@@ -146,27 +148,26 @@ def name_card(header: pb.CardHeader, blobs: list[bytes]) -> None:
     header.card_id = digest.hexdigest()
 
 
-def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> pb.CardHeader:
+def _check_plan(context_ids: list[int], kv: KVCache, plan: CardPlan) -> None:
     if len(plan.layers) != kv.num_layers:
         raise ValueError(f"{len(plan.layers)} layer codecs for {kv.num_layers} layers")
-    n, salient = len(context_ids), plan.salient
     if plan.parent_card_id and (plan.salient or plan.selected is not None or plan.sources
-                                or kv.tokens != n - plan.parent_tokens or kv.is_ragged):
+                                or kv.tokens != len(context_ids) - plan.parent_tokens or kv.is_ragged):
         raise ValueError("a delta card holds every layer's tokens after its parent's, and no salient tokens")
-    layers = []
-    for i in plan.sent():
-        c, (heads, tokens, dim) = plan.layers[i], kv.keys[i].shape
-        layers.append(pb.LayerSpec(
-            sender_layer=i, receiver_layer=i, key=codec_to_pb(c.key), value=codec_to_pb(c.value),
-            key_bytes=encoded_size(c.key, heads, tokens, dim, salient_count(salient, n, tokens, c.key)),
-            value_bytes=encoded_size(c.value, heads, tokens, dim, salient_count(salient, n, tokens, c.value)),
-            tokens=tokens,
-        ))
+
+
+def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan, sizes: list[tuple[int, int]]) -> pb.CardHeader:
+    """The header of the card; `sizes`: each sent layer's (K, V) bytes as encoded."""
+    layers = [
+        pb.LayerSpec(sender_layer=i, receiver_layer=i, key=codec_to_pb(plan.layers[i].key),
+                     value=codec_to_pb(plan.layers[i].value), key_bytes=k, value_bytes=v, tokens=kv.keys[i].shape[1])
+        for i, (k, v) in zip(plan.sent(), sizes)
+    ]
     return pb.CardHeader(
         format_version=FORMAT_VERSION,
-        salient_tokens=salient,
+        salient_tokens=plan.salient,
         model=fingerprint_to_pb(fp),
-        context_tokens=n,
+        context_tokens=len(context_ids),
         codec=plan.codec,
         layers=layers,
         facts=plan.facts,

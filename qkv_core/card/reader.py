@@ -24,7 +24,7 @@ from qkv_core.card.header import (
     model_details,
 )
 from qkv_core.codec.encoding import layer_salient, salient_count
-from qkv_core.codec.quant import TensorCodec, dequantize, encoded_size
+from qkv_core.codec.quant import TensorCodec, dequantize, wire_size_fits
 from qkv_core.config import MAX_CHUNK_BYTES, Limits
 from qkv_core.types import Fingerprint
 from qkv_core.wire import pb
@@ -146,13 +146,13 @@ class CardReader:
                 raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} holds {spec.tokens} tokens")
             key, value = codec_from_pb(spec.key), codec_from_pb(spec.value)
             try:
-                expected = tuple(
-                    encoded_size(c, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, own, spec.tokens, c))
-                    for c in (key, value)
+                fits = all(
+                    wire_size_fits(c, size, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, own, spec.tokens, c))
+                    for size, c in ((spec.key_bytes, key), (spec.value_bytes, value))
                 )
             except ValueError as e:
                 raise CardError(ErrorKind.INVALID, str(e)) from e
-            if expected != (spec.key_bytes, spec.value_bytes):
+            if not fits:
                 raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} sizes do not match its codec")
             self.layers.append(_Layer(spec, key, value, bytearray()))
         total = sum(layer.size for layer in self.layers)
@@ -241,10 +241,13 @@ class CardReader:
         data = torch.frombuffer(layer.buf, dtype=torch.uint8).to(device)
         split = layer.spec.key_bytes
         h = self.header
-        k, v = (
-            dequantize(blob, c, shape, dtype, layer_salient(h.salient_tokens, h.context_tokens, layer.spec.tokens, c))
-            for blob, c in ((data[:split], layer.key), (data[split:], layer.value))
-        )
+        try:
+            k, v = (
+                dequantize(blob, c, shape, dtype, layer_salient(h.salient_tokens, h.context_tokens, layer.spec.tokens, c))
+                for blob, c in ((data[:split], layer.key), (data[split:], layer.value))
+            )
+        except ValueError as e:  # an entropy-coded tensor that is not what its codec implies
+            raise CardError(ErrorKind.INVALID, f"layer {layer.spec.receiver_layer}: {e}") from e
         layer.buf = bytearray()  # the dequantized tensors replace the bytes
         if not bool(torch.isfinite(torch.stack([k.abs().amax(), v.abs().amax()])).all()):
             raise CardError(ErrorKind.INVALID, f"layer {layer.spec.receiver_layer} decodes to non-finite values (NaN or Inf)")

@@ -13,8 +13,8 @@ import dataclasses
 import torch
 
 from qkv_core.card.header import codec_from_pb, codec_to_pb, fingerprint_from_pb, name_card
-from qkv_core.codec.encoding import encode_tensors, layer_salient, salient_count
-from qkv_core.codec.quant import Granularity, TensorCodec, dequantize, encoded_size
+from qkv_core.codec.encoding import encode_tensors, layer_salient
+from qkv_core.codec.quant import Granularity, TensorCodec, dequantize
 from qkv_core.wire import pb
 
 MIN_BITS = 2
@@ -51,9 +51,7 @@ def reencode(header: pb.CardHeader, blobs: list[bytes]) -> tuple[pb.CardHeader, 
         new_blobs.append(torch.cat([k, v]).numpy().tobytes())
         out_spec.key.CopyFrom(codec_to_pb(new[0]))
         out_spec.value.CopyFrom(codec_to_pb(new[1]))
-        out_spec.key_bytes, out_spec.value_bytes = (
-            encoded_size(c, *shape[:2], fp.head_dim,
-                         salient_count(header.salient_tokens, header.context_tokens, spec.tokens, c)) for c in new)
+        out_spec.key_bytes, out_spec.value_bytes = k.numel(), v.numel()
     if not changed:
         return None
     out.payload_bytes = sum(map(len, new_blobs))

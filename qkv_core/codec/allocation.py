@@ -17,6 +17,8 @@ Allocators:
                    With 2L tensors the result lands within a step of one tensor's width
                    (1/(2L) bit, 0.017 on a 30-layer model) below B; above 8 bits the only
                    step left is to fp16, so it can land up to 8/(2L) bits below.
+                   budget-B+zstd counts coded bytes: every option is entropy coded and its size
+                   measured by coding the cache's tensor, so B holds on the wire after coding.
     tokenmix-B     token-level mixed precision (QKVShare): the 4 sink tokens in fp16, the
                    context tokens that receive the most attention at 8 bits, the rest at the
                    widest width that leaves room for a tenth of the tokens at 8 bits, with as
@@ -25,19 +27,24 @@ Allocators:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from qkv_core.codec.encoding import encode_tensors
 from qkv_core.codec.quant import FP16_BITS, TensorCodec, encoded_size
-from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec
+from qkv_core.codec.registry import ENTROPY_CODED, KIVI, SEED, Adaptive, LayerCodec, entropy_coded, with_tool
 from qkv_core.errors import RequestError
 from qkv_core.profile_file import ProfileFile
+from qkv_core.types import KVCache
 
 BITS = (2, 3, 4, 5, 6, 8)
 FAMILIES = {"tensor": SEED, "kivi": KIVI}  # name -> (K codec, V codec) for a width
 KINDS = ("key", "value")
 Shape = tuple[int, int, int]
+# (kind, codec) -> the bytes every layer's K ("key") or V ("value") takes under that codec
+Sizer = Callable[[str, TensorCodec], list[int]]
 
 
 @dataclass
@@ -76,17 +83,30 @@ def _bits_per_element(total_bytes: int, shapes: list[Shape]) -> float:
     return 8 * total_bytes / (2 * sum(math.prod(s) for s in shapes))
 
 
-def budget(profile: Profile, target: float, shapes: list[Shape]) -> list[LayerCodec]:
+def coded_sizer(kv: KVCache) -> Sizer:
+    """Sizes of entropy-coded options, measured by coding the cache's tensors: they depend on the values."""
+    def sizes(kind: str, codec: TensorCodec) -> list[int]:
+        tensors = kv.keys if kind == "key" else kv.values
+        return [blob.numel() for blob in encode_tensors(tensors, [codec] * len(tensors))]
+    return sizes
+
+
+def budget(profile: Profile, target: float, shapes: list[Shape], coded: Sizer | None = None) -> list[LayerCodec]:
     """Per-tensor widths for K per channel / V per token that fit `target` bits per element
-    (payload of all layers, scales and zero points included) and cut the most error."""
+    (payload of all layers, scales and zero points included) and cut the most error. With
+    `coded`, every option is entropy coded and `coded` gives its bytes."""
     if len(shapes) != profile.num_layers:
         raise ValueError(f"the profile has {profile.num_layers} layers, the cache {len(shapes)}")
     options: list[list[tuple[TensorCodec, int, float]]] = []  # per tensor: (codec, bytes, error), cheapest first
     for kind in KINDS:
-        for layer, shape in enumerate(shapes):
-            menu = [(getattr(KIVI(b), kind), profile.sensitivity[kind][str(b)][layer]) for b in BITS]
-            menu.append((TensorCodec(FP16_BITS), 0.0))
-            options.append([(c, encoded_size(c, *shape), e) for c, e in menu])
+        per_width = []
+        for bits in (*BITS, FP16_BITS):
+            codec = TensorCodec(FP16_BITS) if bits == FP16_BITS else getattr(KIVI(bits), kind)
+            codec = entropy_coded(codec) if coded else codec
+            sizes = coded(kind, codec) if coded else [encoded_size(codec, *shape) for shape in shapes]
+            errors = [0.0] * len(shapes) if bits == FP16_BITS else profile.sensitivity[kind][str(bits)]
+            per_width.append([(codec, size, err) for size, err in zip(sizes, errors)])
+        options.extend(list(layer) for layer in zip(*per_width))
     limit = target * 2 * sum(math.prod(s) for s in shapes) / 8
     choice = [0] * len(options)
     total = sum(o[0][1] for o in options)
@@ -100,9 +120,10 @@ def budget(profile: Profile, target: float, shapes: list[Shape]) -> list[LayerCo
         for i, menu in enumerate(options):
             _, size, err = menu[choice[i]]
             for j in range(choice[i] + 1, len(menu)):
-                extra = menu[j][1] - size
-                if total + extra <= limit and extra > 0 and (err - menu[j][2]) / extra > best_gain:
-                    best, best_gain = (i, j), (err - menu[j][2]) / extra
+                extra, cut = menu[j][1] - size, err - menu[j][2]
+                gain = cut / extra if extra > 0 else math.inf if cut > 0 else 0.0  # coded sizes need not grow with width
+                if total + extra <= limit and gain > best_gain:
+                    best, best_gain = (i, j), gain
         if best is None:
             break
         i, j = best
@@ -153,16 +174,21 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tu
     return [layer(low)] * len(shapes), sorted(ranked[:lo])
 
 
-def allocate(kind: Adaptive, profile: Profile | None, shapes: list[Shape],
+def allocate(kind: Adaptive, profile: Profile | None, kv: KVCache,
              importance: torch.Tensor | None = None) -> tuple[list[LayerCodec], list[int]]:
-    """The per-layer codecs of an adaptive codec for a cache of these shapes, and its salient
-    positions (tokenmix; empty otherwise). `profile` when kind.needs_profile, `importance` (the
-    attention each context token receives) when kind.needs_probe."""
+    """The per-layer codecs of an adaptive codec for this cache, and its salient positions
+    (tokenmix; empty otherwise). `profile` when kind.needs_profile, `importance` (the attention
+    each context token receives) when kind.needs_probe. With kind.entropy every tensor is entropy
+    coded: budget-B counts the coded bytes, the others allocate as without and then code."""
+    shapes = [tuple(k.shape) for k in kv.keys]
+    if kind.allocator == "budget":
+        assert profile is not None
+        return budget(profile, kind.bits, shapes, coded_sizer(kv) if kind.entropy else None), []
     if kind.needs_probe:
         if importance is None:
             raise RequestError(f"{kind.allocator} needs the sender's attention probe")
-        return tokenmix(kind.bits, shapes, importance)
-    assert profile is not None
-    if kind.allocator == "seed-adaptive":
-        return seed_adaptive(profile), []
-    return budget(profile, kind.bits, shapes), []
+        layers, salient = tokenmix(kind.bits, shapes, importance)
+    else:
+        assert profile is not None
+        layers, salient = seed_adaptive(profile), []
+    return (with_tool(layers, ENTROPY_CODED) if kind.entropy else layers), salient

@@ -48,8 +48,11 @@ def encode_tensors(
     return out
 
 
-def encode_layers(kv: KVCache, layers: Sequence[LayerCodec], sent: Sequence[int], salient: Sequence[int] = ()) -> list[bytes]:
-    """Each sent layer's blob: its encoded K, then its encoded V (`layers`: one codec per model layer)."""
+def encode_layers(
+    kv: KVCache, layers: Sequence[LayerCodec], sent: Sequence[int], salient: Sequence[int] = ()
+) -> list[tuple[bytes, bytes]]:
+    """Each sent layer's encoded (K, V) (`layers`: one codec per model layer); a layer's blob on the
+    wire is K then V."""
     keys = encode_tensors([kv.keys[i] for i in sent], [layers[i].key for i in sent], salient, kv.tokens)
     values = encode_tensors([kv.values[i] for i in sent], [layers[i].value for i in sent], salient, kv.tokens)
-    return [torch.cat([k, v]).cpu().numpy().tobytes() for k, v in zip(keys, values)]
+    return [(k.cpu().numpy().tobytes(), v.cpu().numpy().tobytes()) for k, v in zip(keys, values)]

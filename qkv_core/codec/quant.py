@@ -19,6 +19,9 @@ Zero points are rounded down and scales up to fp16 before the codes are computed
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
 With `rotation` (a seed) the tensor is rotated over head_dim first (qkv_core.codec.rotation) and
 everything above applies to the rotated tensor; decoding rotates back. The layout is unchanged.
+With `entropy` the codes are laid out in row order at an aligned width and the whole blob travels
+as one zstd frame (qkv_core.codec.entropy); `encoded_size` is then the frame's content size, and
+the bytes on the wire are known only once the tensor is encoded.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qkv_core.codec import entropy
 from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
 from qkv_core.codec.rotation import rotate, unrotate
 from qkv_core.errors import RequestError
@@ -36,6 +40,12 @@ _BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passe
 FP16_BITS = 16
 FP32_BITS = 32
 _FLOAT = {FP16_BITS: torch.float16, FP32_BITS: torch.float32}
+
+
+class Entropy(enum.IntEnum):
+    # Values equal the wire enum qkvcomm.v1.EntropyCoder.
+    NONE = 0
+    ZSTD = 1
 
 
 class Granularity(enum.IntEnum):
@@ -55,6 +65,7 @@ class TensorCodec:
     recent_tokens: int = 0
     salient_bits: int = 0  # 0: off; else the width of the salient tokens (token-level mixed precision)
     rotation: int = 0  # 0: off; else the seed of the randomized Hadamard rotation over head_dim
+    entropy: Entropy = Entropy.NONE  # lossless coding of the encoded tensor (qkv_core.codec.entropy)
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
@@ -67,6 +78,8 @@ class TensorCodec:
             raise RequestError("fp16 windows cannot be negative")
         if not 0 <= self.rotation < 1 << 32:
             raise RequestError(f"a rotation seed is 1..2^32-1 (0: none), got {self.rotation}")
+        if self.entropy not in iter(Entropy):
+            raise RequestError(f"unknown entropy coder {self.entropy}")
 
     @property
     def is_float(self) -> bool:
@@ -116,18 +129,38 @@ def _parts(codec: TensorCodec, middle: int, salient: int) -> list[tuple[int, int
     return [(codec.bits, middle)]
 
 
+def _code_width(codec: TensorCodec, bits: int) -> int:
+    """The width codes are packed at: their own, or aligned for the entropy coder."""
+    return entropy.aligned_width(bits) if codec.entropy else bits
+
+
+def _row_order(codec: TensorCodec) -> bool:
+    """Whether codes are laid out in row order rather than the tensor's: entropy-coded
+    per-channel codes run along the tokens of one channel (the other granularities' rows
+    already follow the tensor's order)."""
+    return bool(codec.entropy) and codec.granularity == Granularity.PER_CHANNEL
+
+
 def _part_size(codec: TensorCodec, bits: int, heads: int, tokens: int, dim: int) -> int:
     rows, width = _rows(codec, heads, tokens, dim)
-    return packed_size(rows * width, bits) + 4 * rows
+    return packed_size(rows * width, _code_width(codec, bits)) + 4 * rows
 
 
 def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int, salient: int = 0) -> int:
-    """Exact byte size of the encoded tensor, scales, zero points and windows included."""
+    """Exact byte size of the encoded tensor, scales, zero points and windows included (with
+    entropy coding: before it, the size of the frame's content)."""
     if codec.is_float:
         return codec.bits // 8 * heads * tokens * dim
     sink, recent = fp16_windows(codec, tokens)
     parts = _parts(codec, tokens - sink - recent, salient)
     return sum(_part_size(codec, b, heads, t, dim) for b, t in parts) + 2 * heads * (sink + recent) * dim
+
+
+def wire_size_fits(codec: TensorCodec, nbytes: int, heads: int, tokens: int, dim: int, salient: int = 0) -> bool:
+    """Whether a tensor can take `nbytes` on the wire: exactly its encoded_size, or with entropy
+    coding one frame no larger than zstd's bound on it."""
+    size = encoded_size(codec, heads, tokens, dim, salient)
+    return 0 < nbytes <= entropy.bound(size) if codec.entropy else nbytes == size
 
 
 def _round_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -158,6 +191,12 @@ def quantize_many(
 
     `salient` (ascending indices into the quantized middle) picks the tokens coded at
     codec.salient_bits; they form their own part after the ordinary tokens."""
+    blobs = _plain_blobs(xs, codec, salient)
+    return [entropy.compress(b) for b in blobs] if codec.entropy else blobs
+
+
+def _plain_blobs(xs: Sequence[torch.Tensor], codec: TensorCodec, salient: torch.Tensor | None) -> list[torch.Tensor]:
+    """quantize_many before entropy coding."""
     shape = xs[0].shape
     if len(shape) != 3 or any(x.shape != shape for x in xs):
         raise ValueError(f"expected [heads, tokens, dim] tensors of one shape, got {[tuple(x.shape) for x in xs]}")
@@ -219,10 +258,13 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     # Codes below 128 go through int8: float->int8 is vectorized on the CPU, float->uint8
     # is not (0.75 vs 0.14 ms for 2M values).
     codes = groups.sub_(zero.float() - s / 2).mul_(inv).to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
+    if _row_order(codec):
+        codes = codes.view(n * heads, tokens, dim).transpose(1, 2).contiguous()
     scales, zeros = scale.view(n, rows).view(torch.uint8), zero.view(n, rows).view(torch.uint8)
-    if rows * width * bits % 8 == 0:  # every tensor starts on a byte: pack and join all at once
-        return list(torch.cat([pack_bits(codes, bits).view(n, -1), scales, zeros], dim=1))
-    packed = [pack_bits(c, bits) for c in codes.view(n, -1)]
+    code_width = _code_width(codec, bits)
+    if rows * width * code_width % 8 == 0:  # every tensor starts on a byte: pack and join all at once
+        return list(torch.cat([pack_bits(codes, code_width).view(n, -1), scales, zeros], dim=1))
+    packed = [pack_bits(c, code_width) for c in codes.view(n, -1)]
     return [torch.cat(parts) for parts in zip(packed, scales, zeros)]
 
 
@@ -238,6 +280,8 @@ def dequantize(
     blob = blob.reshape(-1)
     count = 0 if salient is None else salient.numel()
     salient = None if salient is None else salient.to(blob.device)
+    if codec.entropy:
+        blob = entropy.decompress(blob, encoded_size(codec, heads, tokens, dim, count))
     if blob.numel() != encoded_size(codec, heads, tokens, dim, count):
         raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
 
@@ -259,8 +303,11 @@ def dequantize(
             decoded.append(torch.empty(heads, 0, dim, device=blob.device))
             continue
         rows, width = _rows(codec, heads, part_tokens, dim)
-        nbytes = packed_size(rows * width, bits)
-        codes, blob = unpack_bits(blob[:nbytes], rows * width, bits), blob[nbytes:]
+        code_width = _code_width(codec, bits)
+        nbytes = packed_size(rows * width, code_width)
+        codes, blob = unpack_bits(blob[:nbytes], rows * width, code_width), blob[nbytes:]
+        if _row_order(codec):
+            codes = codes.view(heads, dim, part_tokens).transpose(1, 2).contiguous()
         scale, zero = take_float(rows).float(), take_float(rows).float()
         view, reduced = _group_shapes(codec, 1, heads, part_tokens, dim)
         stats = [1 if i == reduced else n for i, n in enumerate(view)]

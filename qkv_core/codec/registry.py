@@ -10,10 +10,12 @@ A codec name is a preset, a spec string, or a JSON file:
     budget-B          per-tensor widths that fit B bits per element on the wire (profile)
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
-                      SPEC is BITS/GRANULARITY[/GROUP][+rot]: 4/channel, 8/token, 3/group/32,
-                      2/tensor+rot, or fp16 / fp32 alone; the same for every layer
+                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd]: 4/channel, 8/token,
+                      3/group/32, 2/tensor+rot, or fp16 / fp32 alone; the same for every layer
     NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) with every tensor
                       rotated over head_dim first (qkv_core.codec.rotation, seed ROTATION_SEED)
+    NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
+                      (lossless, qkv_core.codec.entropy); +rot+zstd does both
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -30,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Granularity, TensorCodec, encoded_size
+from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Entropy, Granularity, TensorCodec, encoded_size
 from qkv_core.errors import RequestError
 
 _GRANULARITIES = {
@@ -41,6 +43,7 @@ _GRANULARITIES = {
 }
 _ADAPTIVE = re.compile(r"seed-adaptive|(budget|tokenmix)-(\d+(?:\.\d+)?)")
 ROTATED = "+rot"
+ENTROPY_CODED = "+zstd"
 ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
 
@@ -60,17 +63,22 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
-    rotation = ROTATED if c.rotation else ""
+    tools = (ROTATED if c.rotation else "") + (ENTROPY_CODED if c.entropy else "")
     if c.is_float:
-        return f"fp{c.bits}{rotation}"
+        return f"fp{c.bits}{tools}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
     group = f"/{c.group_size}" if c.granularity == Granularity.PER_GROUP else ""
-    return f"{c.bits}/{name}{group}{rotation}"
+    return f"{c.bits}/{name}{group}{tools}"
+
+
+def _tool(name: str) -> str | None:
+    """The tool suffix a name ends with (+rot, +zstd), if any."""
+    return next((t for t in _TOOLS if name.endswith(t)), None)
 
 
 def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
-    if text.endswith(ROTATED):
-        return rotated(_parse_tensor(text.removesuffix(ROTATED), sink, recent))
+    if tool := _tool(text):
+        return _TOOLS[tool](_parse_tensor(text.removesuffix(tool), sink, recent))
     if text in ("fp16", "fp32"):
         return TensorCodec(bits=FP16_BITS if text == "fp16" else FP32_BITS)
     parts = text.split("/")
@@ -82,6 +90,19 @@ def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
 
 def rotated(c: TensorCodec) -> TensorCodec:
     return dataclasses.replace(c, rotation=ROTATION_SEED)
+
+
+def entropy_coded(c: TensorCodec) -> TensorCodec:
+    return dataclasses.replace(c, entropy=Entropy.ZSTD)
+
+
+_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded}  # suffix -> what it does to a tensor codec
+
+
+def with_tool(layers: list[LayerCodec], tool: str) -> list[LayerCodec]:
+    """Every tensor of `layers` with a tool (a suffix: +rot, +zstd) applied."""
+    apply = _TOOLS[tool]
+    return [LayerCodec(apply(c.key), apply(c.value)) for c in layers]
 
 
 def _parse_spec(spec: str) -> LayerCodec:
@@ -124,6 +145,7 @@ class Adaptive:
     bits: float  # the budget in bits per element (seed-adaptive: none, 0)
     needs_profile: bool  # reads the calibrated codec profile of the model
     needs_probe: bool  # reads the sender's attention probe, so a relayed or precomputed cache cannot use it
+    entropy: bool = False  # +zstd: every allocated tensor entropy coded (the budget holds before coding)
 
 
 # family -> (needs_profile, needs_probe)
@@ -132,18 +154,21 @@ _FAMILIES = {"seed-adaptive": (True, False), "budget": (True, False), "tokenmix"
 
 def adaptive(name: str) -> Adaptive | None:
     """The adaptive family a codec name belongs to, None for every other name."""
-    m = _ADAPTIVE.fullmatch(name)
+    m = _ADAPTIVE.fullmatch(name.removesuffix(ENTROPY_CODED))
     if not m:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
-    return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family])
+    return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], name.endswith(ENTROPY_CODED))
 
 
 def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[LayerCodec]:  # noqa: B006 - read only
     """The per-layer codecs a static codec name stands for; RequestError with the options if unknown.
     `files`: the codec files that may be opened, by the name that selects them."""
-    if name.endswith(ROTATED) and "=" not in name and not adaptive(name.removesuffix(ROTATED)):  # a spec's +rot is its tensor's
-        return [LayerCodec(rotated(c.key), rotated(c.value)) for c in resolve(name.removesuffix(ROTATED), num_layers, files)]
+    if (tool := _tool(name)) and "=" not in name and not adaptive(name):  # a spec's suffix is its last tensor's
+        stem = name.removesuffix(tool)
+        if adaptive(stem):
+            raise RequestError(f"{name!r}: {tool} does not apply to {stem}, whose profile is calibrated without it")
+        return with_tool(resolve(stem, num_layers, files), tool)
     if name in ("fp16", "fp32"):
         return [LayerCodec(*[TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS)] * 2)] * num_layers
     if name == "int8":
@@ -163,7 +188,8 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
         f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B (each optionally NAME+rot), seed-adaptive, "
-        "budget-B, tokenmix-B, a spec like 'k=4/channel;v=4/token+rot' or a configured codec .json file"
+        "budget-B, tokenmix-B (any of them optionally NAME+zstd), a spec like 'k=4/channel;v=4/token+rot' "
+        "or a configured codec .json file"
     )
 
 

@@ -160,7 +160,7 @@ class SenderEngine:
         if kind is None:
             return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers, self.codec_files))
         profile = self.profile() if kind.needs_profile else None
-        return CardPlan(codec_name, *allocation.allocate(kind, profile, [tuple(k.shape) for k in kv.keys], importance))
+        return CardPlan(codec_name, *allocation.allocate(kind, profile, kv, importance))
 
     def plan(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None, parent: Parent | None = None,
              ) -> tuple[KVCache, CardPlan]:
