@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -16,14 +17,16 @@ from qkv_core.card.framing import frames
 from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec.encoding import encode_tensors, layer_salient
 from qkv_core.codec.quant import dequantize
+from qkv_core.codec.registry import ENTROPY_CODED
 from qkv_core.config import RuntimeConfig
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import load_model
 from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache
 
-CODECS = ("fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-2",
-          "budget-4", "budget-3", "budget-2.5", "tokenmix-4", "tokenmix-3")  # `bench codec`'s default: every family
+CODECS = ("fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-3+zstd", "kivi-2",
+          "kivi-2+zstd", "kivi-2+rot", "kivi-2+rot+zstd", "budget-4", "budget-3", "budget-2.5", "budget-2.5+zstd",
+          "budget-2+zstd", "tokenmix-4", "tokenmix-3")  # `bench codec`'s default: every family and tool
 
 
 @dataclass
@@ -111,16 +114,34 @@ def machine() -> str:
     )
 
 
+def pays_below_gbps(plain: Row, coded: Row) -> float | None:
+    """The link speed below which entropy coding saves time end to end: the bits it saves on the
+    wire over the time its encode and decode add (no overlap of coding and transfer assumed);
+    None when it saves no bits, inf when it adds no time. Both rows are per fp16 byte of cache."""
+    saved_bits = 8 * (plain.bits_per_element - coded.bits_per_element) / 16
+    extra_s = sum(1 / c - 1 / p for c, p in ((coded.quant_gbps, plain.quant_gbps), (coded.dequant_gbps, plain.dequant_gbps)))
+    if saved_bits <= 0:
+        return None
+    return saved_bits / extra_s if extra_s > 0 else math.inf
+
+
 def table(rows: list[Row], tokens: int, model: str) -> str:
     lines = [
         f"codec bench: {model}, {tokens}-token cache, fp16 input; {machine()}",
         "",
-        "| codec | device | bits/elem (wire) | ratio vs fp16 | rel err K | rel err V | quant+pack GB/s | unpack+dequant GB/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| codec | device | bits/elem (wire) | ratio vs fp16 | rel err K | rel err V | quant+pack GB/s | unpack+dequant GB/s "
+        "| +zstd pays below (Gbit/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    by_name = {(r.codec, r.device): r for r in rows}
     for r in rows:
+        plain = by_name.get((r.codec.removesuffix(ENTROPY_CODED), r.device)) if r.codec.endswith(ENTROPY_CODED) else None
+        pays = pays_below_gbps(plain, r) if plain else None
         lines.append(
             f"| {r.codec} | {r.device} | {r.bits_per_element:.2f} | {r.ratio_fp16:.2f} | {r.rel_err_k:.4f} | "
-            f"{r.rel_err_v:.4f} | {r.quant_gbps:.2f} | {r.dequant_gbps:.2f} |"
+            f"{r.rel_err_v:.4f} | {r.quant_gbps:.2f} | {r.dequant_gbps:.2f} | {'' if pays is None else f'{pays:.2f}'} |"
         )
+    if any(r.codec.endswith(ENTROPY_CODED) for r in rows):
+        lines += ["", "+zstd pays below: the link speed under which coding saves time against the same codec "
+                  "without it (bits saved / encode and decode time added, no overlap assumed)."]
     return "\n".join(lines)

@@ -3,6 +3,8 @@ lossless round trips on random codes (hypothesis) and on a real model's codes, t
 bad frames refused as invalid cards before anything is inflated."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import zstandard
@@ -22,6 +24,7 @@ from qkv_core.errors import RequestError
 from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache
+from qkv_eval.bench import Row, pays_below_gbps, table
 from tests.conftest import qa_rows, replaced
 
 ZSTD = Entropy.ZSTD
@@ -196,3 +199,13 @@ def test_a_coded_budget_holds_on_the_wire_after_coding(wide_profile_30):
     coded_bits, coded_width = wire_bits("budget-3+zstd")
     assert 2.9 <= coded_bits <= 3.0 and 2.9 <= plain_bits <= 3.0
     assert coded_width > plain_width
+
+
+def test_the_link_speed_below_which_coding_pays():
+    plain = Row("kivi-2", "cpu", 2.25, 7.1, 0.3, 0.4, quant_gbps=2.0, dequant_gbps=2.0)
+    coded = Row("kivi-2+zstd", "cpu", 1.75, 9.1, 0.3, 0.4, quant_gbps=1.0, dequant_gbps=1.0)
+    # 0.5 bits saved per fp16 element (0.25 Gbit per GB of cache) against 0.5 + 0.5 s per GB added
+    assert pays_below_gbps(plain, coded) == pytest.approx(0.25)
+    assert pays_below_gbps(plain, Row(**{**coded.__dict__, "quant_gbps": 4.0, "dequant_gbps": 4.0})) == math.inf
+    assert pays_below_gbps(plain, Row(**{**coded.__dict__, "bits_per_element": 2.25})) is None
+    assert "| kivi-2+zstd | cpu | 1.75 | 9.10 | 0.3000 | 0.4000 | 1.00 | 1.00 | 0.25 |" in table([plain, coded], 1024, "m")
