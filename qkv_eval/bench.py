@@ -15,7 +15,7 @@ from tqdm import tqdm
 from qkv_core import allocator
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CardPlan, build_card
-from qkv_core.codec.encoding import encode_tensors, layer_salient
+from qkv_core.codec.encoding import encode_tensors, layer_salient, rope_removed, rope_restored
 from qkv_core.codec.quant import dequantize
 from qkv_core.codec.registry import ENTROPY_CODED
 from qkv_core.config import RuntimeConfig
@@ -75,14 +75,23 @@ def measure(kv16: KVCache, ids: list[int], fp, plan: CardPlan, repeats: int) -> 
     tensors = kv16.keys + kv16.values
     tensor_codecs = [c.key for c in layers] + [c.value for c in layers]
     picks = [layer_salient(salient, kv16.tokens, t.shape[1], c) for t, c in zip(tensors, tensor_codecs)]
-    blobs = encode_tensors(tensors, tensor_codecs, salient, kv16.tokens)
-    q_s = _best_of(lambda: encode_tensors(tensors, tensor_codecs, salient, kv16.tokens), repeats)
-    d_s = _best_of(lambda: [dequantize(b, c, tuple(t.shape), torch.float16, i) for b, t, c, i in zip(blobs, tensors, tensor_codecs, picks)], repeats)
+
+    def encode_all() -> list[torch.Tensor]:
+        keys = [rope_removed(k, c.key, fp, kv16.tokens) for k, c in zip(kv16.keys, layers)]
+        return encode_tensors(keys + kv16.values, tensor_codecs, salient, kv16.tokens)
+
+    def decode_all(dtype: torch.dtype) -> list[torch.Tensor]:
+        out = [dequantize(b, c, tuple(t.shape), dtype, i) for b, t, c, i in zip(blobs, tensors, tensor_codecs, picks)]
+        return [rope_restored(k, c, fp, kv16.tokens) for k, c in zip(out, tensor_codecs)]  # values: never pre-RoPE
+
+    blobs = encode_all()
+    q_s = _best_of(encode_all, repeats)
+    d_s = _best_of(lambda: decode_all(torch.float16), repeats)
     sq = [[0.0, 0.0], [0.0, 0.0]]  # [K, V] x [squared error, squared norm]
-    for n, (b, t, c, i) in enumerate(zip(blobs, tensors, tensor_codecs, picks)):
+    for n, (decoded, t) in enumerate(zip(decode_all(torch.float32), tensors)):
         x = t.float()
         acc = sq[n >= len(layers)]
-        acc[0] += float((dequantize(b, c, tuple(t.shape), torch.float32, i) - x).pow(2).sum())
+        acc[0] += float((decoded - x).pow(2).sum())
         acc[1] += float(x.pow(2).sum())
     return Row(
         codec=plan.codec, device=str(kv16.keys[0].device), bits_per_element=8 * wire / (fp16_bytes / 2),

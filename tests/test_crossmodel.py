@@ -7,7 +7,8 @@ from conftest import CORPUS, tiny_model
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CardError, ErrorKind
-from qkv_core.engine.crossmodel import Alignment, _rotate, aligned_positions, fit, inv_freqs, layer_sources
+from qkv_core.codec import rope
+from qkv_core.engine.crossmodel import Alignment, aligned_positions, fit, inv_freqs, layer_sources
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.kv import generate, prefill
@@ -39,10 +40,14 @@ def test_rope_is_undone_exactly():
     ids = [tok, *ids[1:-1], tok] if len(ids) > 2 else [tok, tok]
     kv, _ = prefill(lm, ids)
     freq = inv_freqs(lm)[0]
-    plain = _rotate(kv.keys[0], freq, -1.0)
+    # the frequencies a reader derives from the fingerprint alone are the model's
+    torch.testing.assert_close(rope.inv_freq(lm.fingerprint).float(), freq)
+    plain = rope.apply(kv.keys[0], freq, 0, -1.0)
     torch.testing.assert_close(plain[:, 0], plain[:, -1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(kv.keys[0][:, 0], kv.keys[0][:, -1], atol=1e-3)  # RoPE did move them
-    torch.testing.assert_close(_rotate(plain, freq, 1.0), kv.keys[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope.apply(plain, freq, 0), kv.keys[0], rtol=1e-5, atol=1e-5)
+    # positions count from `start`: the last token alone, at its position, is undone the same way
+    torch.testing.assert_close(rope.apply(kv.keys[0][:, -1:], freq, len(ids) - 1, -1.0), plain[:, -1:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["stats", "ridge"])

@@ -88,8 +88,9 @@ def test_the_sender_prefills_only_what_follows_a_cached_prefix(tiny, monkeypatch
     assert max(float((a - b).abs().max()) for a, b in zip(kv.keys + kv.values, full.keys + full.values)) < 1e-5
 
 
-@pytest.mark.parametrize("codec", ["fp32", "kivi-4"])
+@pytest.mark.parametrize("codec", ["fp32", "fp32+prerope", "kivi-4"])
 def test_a_delta_card_stitches_into_the_cache_of_the_whole_context(tiny, codec):
+    """(fp32+prerope: a delta's keys had RoPE removed at their own positions, after the parent's.)"""
     sender, receiver = SenderEngine(tiny, cache_bytes=1 << 24), ReceiverEngine(tiny)
     _push(receiver, sender.prepare(_transcript(1), codec))
     for n in (2, 3):
@@ -101,7 +102,7 @@ def test_a_delta_card_stitches_into_the_cache_of_the_whole_context(tiny, codec):
         whole = sender.prepare(_transcript(n), codec)
         stitched = _push(receiver, delta)
         assert stitched.kv.tokens == header.context_tokens
-        if codec == "fp32":  # lossless: the bytes are the new tokens' alone, and the cache is the whole context's
+        if codec.startswith("fp32"):  # lossless: the bytes are the new tokens' alone, and the cache is the whole context's
             per_token = whole.header.payload_bytes / whole.header.context_tokens
             assert header.payload_bytes == per_token * (header.context_tokens - parent.tokens)
             probe = sender.context_ids("Question: how many crates?")[-8:]

@@ -70,7 +70,7 @@ def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
     return pb.TensorCodec(
         bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
         sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
-        rotation_seed=c.rotation, entropy=int(c.entropy),
+        rotation_seed=c.rotation, entropy=int(c.entropy), pre_rope=c.pre_rope,
     )
 
 
@@ -79,7 +79,7 @@ def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
         return TensorCodec(
             bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
             sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
-            rotation=msg.rotation_seed, entropy=Entropy(msg.entropy),
+            rotation=msg.rotation_seed, entropy=Entropy(msg.entropy), pre_rope=msg.pre_rope,
         )
     except ValueError as e:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
@@ -124,16 +124,16 @@ class CardPlan:
     def sent(self) -> list[int]:
         return list(range(len(self.layers))) if self.selected is None else self.selected
 
-    def encode(self, kv: KVCache) -> list[tuple[bytes, bytes]]:
-        """The encoded (K, V) of the layers this plan sends."""
-        return encode_layers(kv, self.layers, self.sent(), self.salient)
+    def encode(self, kv: KVCache, fp: Fingerprint | None = None) -> list[tuple[bytes, bytes]]:
+        """The encoded (K, V) of the layers this plan sends (`fp`: the model, for pre-RoPE keys)."""
+        return encode_layers(kv, self.layers, self.sent(), self.salient, fp, self.parent_tokens + kv.tokens)
 
 
 def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> tuple[pb.CardHeader, list[bytes]]:
     """The card of `kv` under `plan`: its header, named by its content, and its layer blobs. A delta
     plan (parent_card_id) takes the cache of the tokens after parent_tokens only."""
     _check_plan(context_ids, kv, plan)
-    tensors = plan.encode(kv)
+    tensors = plan.encode(kv, fp)
     header = _header(fp, context_ids, kv, plan, [(len(k), len(v)) for k, v in tensors])
     blobs = [k + v for k, v in tensors]
     name_card(header, blobs)

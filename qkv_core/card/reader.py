@@ -23,7 +23,8 @@ from qkv_core.card.header import (
     fingerprint_from_pb,
     model_details,
 )
-from qkv_core.codec.encoding import layer_salient, salient_count
+from qkv_core.codec import rope
+from qkv_core.codec.encoding import layer_salient, rope_restored, salient_count
 from qkv_core.codec.quant import TensorCodec, dequantize, wire_size_fits
 from qkv_core.config import MAX_CHUNK_BYTES, Limits
 from qkv_core.types import Fingerprint
@@ -146,6 +147,10 @@ class CardReader:
                 raise CardError(ErrorKind.INVALID, f"layer {spec.receiver_layer} holds {spec.tokens} tokens")
             key, value = codec_from_pb(spec.key), codec_from_pb(spec.value)
             try:
+                if value.pre_rope:
+                    raise ValueError("values carry no RoPE to remove")
+                if key.pre_rope:
+                    rope.inv_freq(fp)  # the card's model must have plain RoPE to apply it again
                 fits = all(
                     wire_size_fits(c, size, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, own, spec.tokens, c))
                     for size, c in ((spec.key_bytes, key), (spec.value_bytes, value))
@@ -248,6 +253,7 @@ class CardReader:
             )
         except ValueError as e:  # an entropy-coded tensor that is not what its codec implies
             raise CardError(ErrorKind.INVALID, f"layer {layer.spec.receiver_layer}: {e}") from e
+        k = rope_restored(k, layer.key, self.source, h.context_tokens)
         layer.buf = bytearray()  # the dequantized tensors replace the bytes
         if not bool(torch.isfinite(torch.stack([k.abs().amax(), v.abs().amax()])).all()):
             raise CardError(ErrorKind.INVALID, f"layer {layer.spec.receiver_layer} decodes to non-finite values (NaN or Inf)")

@@ -2,7 +2,8 @@
 pressure before it drops any (qkv_core.store).
 
 Each tensor's codec steps down once: fp16/fp32 passthrough becomes 8 bits per token; B bits
-become B-2 (never below 2); granularity, groups, fp16 windows and salient widths stay. A card
+become B-2 (never below 2); granularity, groups, fp16 windows, salient widths, entropy coding
+and pre-RoPE keys stay. A card
 already at 2 bits everywhere cannot step down (None). The result is a valid card of its own:
 new layer specs and sizes, its codec name marked, its id its new content hash.
 """
@@ -23,8 +24,9 @@ REENCODED = " (re-encoded)"  # marks the codec name of a card the store squeezed
 
 def step_down(c: TensorCodec) -> TensorCodec | None:
     """The next smaller codec, None when `c` is already at the floor."""
-    if c.is_float:
-        return TensorCodec(8, Granularity.PER_TOKEN, sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens)
+    if c.is_float:  # the tensors are re-encoded as decoded: pre-RoPE keys stay pre-RoPE
+        return TensorCodec(8, Granularity.PER_TOKEN, sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens,
+                           entropy=c.entropy, pre_rope=c.pre_rope)
     if c.bits <= MIN_BITS:
         return None
     return dataclasses.replace(c, bits=max(MIN_BITS, c.bits - 2))

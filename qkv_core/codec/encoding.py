@@ -2,7 +2,8 @@
 
 A layer blob is the encoded K then the encoded V (byte layout: qkv_core.codec.quant). Tensors
 that share a codec and shape go through one batched quantize call. With token-level mixed
-precision the salient context positions are mapped into each layer's quantized middle.
+precision the salient context positions are mapped into each layer's quantized middle. Pre-RoPE keys are
+coded with RoPE removed at their positions in the context (qkv_core.codec.rope).
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
+from qkv_core.codec import rope
 from qkv_core.codec.quant import TensorCodec, fp16_windows, quantize_many
 from qkv_core.codec.registry import LayerCodec
-from qkv_core.types import KVCache
+from qkv_core.types import Fingerprint, KVCache
 
 
 def layer_salient(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> torch.Tensor | None:
@@ -49,10 +51,31 @@ def encode_tensors(
 
 
 def encode_layers(
-    kv: KVCache, layers: Sequence[LayerCodec], sent: Sequence[int], salient: Sequence[int] = ()
+    kv: KVCache, layers: Sequence[LayerCodec], sent: Sequence[int], salient: Sequence[int] = (),
+    fp: Fingerprint | None = None, context_tokens: int | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """Each sent layer's encoded (K, V) (`layers`: one codec per model layer); a layer's blob on the
-    wire is K then V."""
-    keys = encode_tensors([kv.keys[i] for i in sent], [layers[i].key for i in sent], salient, kv.tokens)
+    wire is K then V. Pre-RoPE keys need the model (`fp`) and the context length the cache ends
+    at (`context_tokens`, default kv.tokens; a delta's cache begins after its parent's tokens)."""
+    context_tokens = kv.tokens if context_tokens is None else context_tokens
+    keys = [rope_removed(kv.keys[i], layers[i].key, fp, context_tokens) for i in sent]
+    keys = encode_tensors(keys, [layers[i].key for i in sent], salient, kv.tokens)
     values = encode_tensors([kv.values[i] for i in sent], [layers[i].value for i in sent], salient, kv.tokens)
     return [(k.cpu().numpy().tobytes(), v.cpu().numpy().tobytes()) for k, v in zip(keys, values)]
+
+
+def rope_removed(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None, context_tokens: int) -> torch.Tensor:
+    """A layer's K as its codec codes it: with RoPE removed when the codec says pre_rope (the layer
+    holds the last key.shape[1] tokens of `context_tokens`)."""
+    if not codec.pre_rope:
+        return key
+    if fp is None:
+        raise ValueError("pre-RoPE keys need the model's fingerprint")
+    return rope.apply(key, rope.inv_freq(fp), context_tokens - key.shape[1], -1.0)
+
+
+def rope_restored(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint, context_tokens: int) -> torch.Tensor:
+    """Inverse of rope_removed on a decoded K (same dtype as given)."""
+    if not codec.pre_rope:
+        return key
+    return rope.apply(key, rope.inv_freq(fp), context_tokens - key.shape[1]).to(key.dtype)

@@ -66,6 +66,9 @@ class TensorCodec:
     salient_bits: int = 0  # 0: off; else the width of the salient tokens (token-level mixed precision)
     rotation: int = 0  # 0: off; else the seed of the randomized Hadamard rotation over head_dim
     entropy: Entropy = Entropy.NONE  # lossless coding of the encoded tensor (qkv_core.codec.entropy)
+    # keys only: the tensor is coded with RoPE removed, and applied again after decoding; the
+    # layer codecs do both (qkv_core.codec.encoding), this module codes whatever it is given
+    pre_rope: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:

@@ -10,12 +10,14 @@ A codec name is a preset, a spec string, or a JSON file:
     budget-B          per-tensor widths that fit B bits per element on the wire (profile)
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
-                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd]: 4/channel, 8/token,
-                      3/group/32, 2/tensor+rot, or fp16 / fp32 alone; the same for every layer
+                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope]: 4/channel,
+                      8/token, 3/group/32, 2/tensor+rot, or fp16 / fp32 alone (+prerope: k only);
+                      the same for every layer
     NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) with every tensor
                       rotated over head_dim first (qkv_core.codec.rotation, seed ROTATION_SEED)
     NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
                       (lossless, qkv_core.codec.entropy); +rot+zstd does both
+    NAME+prerope      a static name above with every K coded with RoPE removed (qkv_core.codec.rope)
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -44,6 +46,7 @@ _GRANULARITIES = {
 _ADAPTIVE = re.compile(r"seed-adaptive|(budget|tokenmix)-(\d+(?:\.\d+)?)")
 ROTATED = "+rot"
 ENTROPY_CODED = "+zstd"
+PRE_ROPE = "+prerope"
 ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
 
@@ -63,7 +66,7 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
-    tools = (ROTATED if c.rotation else "") + (ENTROPY_CODED if c.entropy else "")
+    tools = (ROTATED if c.rotation else "") + (ENTROPY_CODED if c.entropy else "") + (PRE_ROPE if c.pre_rope else "")
     if c.is_float:
         return f"fp{c.bits}{tools}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
@@ -96,13 +99,18 @@ def entropy_coded(c: TensorCodec) -> TensorCodec:
     return dataclasses.replace(c, entropy=Entropy.ZSTD)
 
 
-_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded}  # suffix -> what it does to a tensor codec
+def pre_rope(c: TensorCodec) -> TensorCodec:
+    return dataclasses.replace(c, pre_rope=True)
+
+
+_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope}  # suffix -> what it does to a tensor codec
+_KEYS_ONLY = {PRE_ROPE}
 
 
 def with_tool(layers: list[LayerCodec], tool: str) -> list[LayerCodec]:
-    """Every tensor of `layers` with a tool (a suffix: +rot, +zstd) applied."""
+    """Every tensor of `layers` (K alone for +prerope) with a tool (a suffix: +rot, +zstd, +prerope) applied."""
     apply = _TOOLS[tool]
-    return [LayerCodec(apply(c.key), apply(c.value)) for c in layers]
+    return [LayerCodec(apply(c.key), c.value if tool in _KEYS_ONLY else apply(c.value)) for c in layers]
 
 
 def _parse_spec(spec: str) -> LayerCodec:
@@ -111,7 +119,13 @@ def _parse_spec(spec: str) -> LayerCodec:
     if unknown or "k" not in fields or "v" not in fields:
         raise RequestError(f"bad codec spec {spec!r}: expected k=...;v=...[;sink=N][;recent=N]")
     sink, recent = int(fields.get("sink", 0)), int(fields.get("recent", 0))
-    return LayerCodec(_parse_tensor(fields["k"], sink, recent), _parse_tensor(fields["v"], sink, recent))
+    return _layer(_parse_tensor(fields["k"], sink, recent), _parse_tensor(fields["v"], sink, recent))
+
+
+def _layer(key: TensorCodec, value: TensorCodec) -> LayerCodec:
+    if value.pre_rope:
+        raise RequestError(f"{PRE_ROPE} applies to keys only: values carry no RoPE")
+    return LayerCodec(key, value)
 
 
 def save_layers(path: Path, layers: list[LayerCodec], note: str = "") -> None:
@@ -128,7 +142,7 @@ def codec_files(paths: Iterable[str]) -> dict[str, Path]:
 def _load_layers(path: Path, num_layers: int) -> list[LayerCodec]:
     try:
         entries = json.loads(path.read_text())["layers"]
-        layers = [LayerCodec(_parse_tensor(e["key"]), _parse_tensor(e["value"])) for e in entries]
+        layers = [_layer(_parse_tensor(e["key"]), _parse_tensor(e["value"])) for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RequestError(f"cannot read codec file {path}: {e}") from e
     if len(layers) != num_layers:
@@ -188,7 +202,7 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
         f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B (each optionally NAME+rot), seed-adaptive, "
-        "budget-B, tokenmix-B (any of them optionally NAME+zstd), a spec like 'k=4/channel;v=4/token+rot' "
+        "budget-B, tokenmix-B (any of them optionally NAME+zstd), NAME+prerope, a spec like 'k=4/channel;v=4/token+rot' "
         "or a configured codec .json file"
     )
 

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from qkv_core.codec import rope
 from qkv_core.config import cache_dir
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.kv import prefill
@@ -60,20 +61,6 @@ def inv_freqs(lm: LoadedModel) -> torch.Tensor:
         freq = getattr(rotary, f"{kind}_inv_freq", None)  # per layer type (Gemma 3), else one for all
         rows.append(freq if freq is not None else rotary.inv_freq)
     return torch.stack([r.float().cpu() for r in rows])
-
-
-def _cos_sin(inv_freq: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.outer(torch.arange(tokens, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
-
-
-def _rotate(x: torch.Tensor, inv_freq: torch.Tensor, sign: float) -> torch.Tensor:
-    """RoPE (sign +1) or its inverse (sign −1) over [heads, tokens, dim] at positions 0..tokens−1."""
-    cos, sin = _cos_sin(inv_freq.to(x.device), x.shape[1])
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + sign * rotated * sin
 
 
 def _features(x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +112,12 @@ class Alignment:
         r = self.receiver
         keys, values = [], []
         for j, src in enumerate(self.sources):
-            k = _features(_rotate(kv.keys[src].float().cpu(), self.sender_inv_freq[src], -1.0))
+            k = _features(rope.apply(kv.keys[src].cpu(), self.sender_inv_freq[src], 0, -1.0))
             v = _features(kv.values[src].float().cpu())
             k, v = self._maps[j]["k"](k), self._maps[j]["v"](v)
             k = k.reshape(-1, r.num_kv_heads, r.head_dim).transpose(0, 1)
             v = v.reshape(-1, r.num_kv_heads, r.head_dim).transpose(0, 1)
-            keys.append(_rotate(k, self.receiver_inv_freq[j], 1.0).to(device, dtype).contiguous())
+            keys.append(rope.apply(k, self.receiver_inv_freq[j], 0).to(device, dtype).contiguous())
             values.append(v.to(device, dtype).contiguous())
         return KVCache(keys, values)
 
@@ -188,7 +175,7 @@ def _encode(lm: LoadedModel, text: str) -> tuple[list[int], list[tuple[int, int]
 
 
 def _layer_features(lm: LoadedModel, kv: KVCache, inv: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    keys = [_features(_rotate(k.float().cpu(), inv[i], -1.0)) for i, k in enumerate(kv.keys)]
+    keys = [_features(rope.apply(k.cpu(), inv[i], 0, -1.0)) for i, k in enumerate(kv.keys)]
     return keys, [_features(v.float().cpu()) for v in kv.values]
 
 

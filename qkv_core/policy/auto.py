@@ -81,7 +81,7 @@ class AutoPolicy:
             kv = KVCache([torch.randn(self.fp.num_kv_heads, PRIOR_TOKENS, self.fp.head_dim) for _ in layers],
                          [torch.randn(self.fp.num_kv_heads, PRIOR_TOKENS, self.fp.head_dim) for _ in layers])
             start = time.perf_counter()
-            CardPlan(name, layers).encode(kv)
+            CardPlan(name, layers).encode(kv, self.fp)
             self.rates.observe(name, kv.nbytes(2), time.perf_counter() - start)
             rate = self.rates.get(name)
         return rate
