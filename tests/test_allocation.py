@@ -140,3 +140,17 @@ def test_codec_files_carry_an_allocation(profile, tmp_path):
     assert resolve(str(path), 3, files) == layers
     with pytest.raises(ValueError, match="has 3 layers"):
         resolve(str(path), 4, files)
+
+
+def test_one_bit_tensors_are_a_last_resort(wide_profile):
+    """At 40 tokens the all-2-bit card takes 2.65 bits per element (scales weigh most on short
+    contexts): a budget below it spends 1-bit tensors to fit, one above it never does."""
+    shapes = [(3, 40, 64)] * 30
+    assert 2.6 < _bits([resolve("kivi-2", 1)[0]] * 30, shapes) < 2.7
+    tight = allocation.budget(wide_profile, 2.3, shapes)
+    assert 2.25 <= _bits(tight, shapes) <= 2.3
+    assert any(c.bits == 1 for layer in tight for c in (layer.key, layer.value))
+    roomy = allocation.budget(wide_profile, 3.0, shapes)
+    assert min(c.bits for layer in roomy for c in (layer.key, layer.value)) >= 2
+    with pytest.raises(ValueError, match="below the smallest allocation"):
+        allocation.budget(wide_profile, 1.5, shapes)  # every tensor at 1 bit is the floor

@@ -9,7 +9,7 @@ the model cache (or where the user says); qkv_core.engine.calibration measures i
 Allocators:
     seed-adaptive  the seed paper: rank layers by their per-tensor error at the lowest width;
                    the most sensitive 30% get 8 bits, the middle 40% 6, the rest 4 (per-tensor).
-    budget-B       K per channel, V per token; each of the 2L tensors gets a width in 2..8 or
+    budget-B       K per channel, V per token; each of the 2L tensors gets a width in 1..8 or
                    fp16 so that the card's payload (codes, scales, zero points, windows) is at
                    most B bits per element, greedily buying the largest cut in next-token KL
                    per byte (reconstruction error was tried first: it starves the keys, whose
@@ -19,6 +19,8 @@ Allocators:
                    step left is to fp16, so it can land up to 8/(2L) bits below.
                    budget-B+zstd counts coded bytes: every option is entropy coded and its size
                    measured by coding the cache's tensor, so B holds on the wire after coding.
+                   1-bit tensors are a last resort, offered only when B is below the card with
+                   every tensor at 2 bits (short contexts, where scales weigh most).
     tokenmix-B     token-level mixed precision (QKVShare): the 4 sink tokens in fp16, the
                    context tokens that receive the most attention at 8 bits, the rest at the
                    widest width that leaves room for a tenth of the tokens at 8 bits, with as
@@ -39,7 +41,8 @@ from qkv_core.errors import RequestError
 from qkv_core.profile_file import ProfileFile
 from qkv_core.types import KVCache
 
-BITS = (2, 3, 4, 5, 6, 8)
+BITS = (1, 2, 3, 4, 5, 6, 8)  # the widths a profile measures (profiles made before 1 was added lack it)
+LAST_RESORT_BITS = 1  # budget-B takes 1-bit tensors only when B is below the all-2-bit card
 FAMILIES = {"tensor": SEED, "kivi": KIVI}  # name -> (K codec, V codec) for a width
 KINDS = ("key", "value")
 Shape = tuple[int, int, int]
@@ -62,7 +65,11 @@ class Profile(ProfileFile):
 
     @property
     def num_layers(self) -> int:
-        return len(self.error("kivi", "key", BITS[0]))
+        return len(next(iter(self.errors["kivi"]["key"].values())))
+
+    def widths(self, kind: str) -> list[int]:
+        """The widths this profile measured for K or V, narrowest first."""
+        return [b for b in BITS if str(b) in self.sensitivity[kind]]
 
 
 def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4), split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:
@@ -100,7 +107,7 @@ def budget(profile: Profile, target: float, shapes: list[Shape], coded: Sizer | 
     options: list[list[tuple[TensorCodec, int, float]]] = []  # per tensor: (codec, bytes, error), cheapest first
     for kind in KINDS:
         per_width = []
-        for bits in (*BITS, FP16_BITS):
+        for bits in (*profile.widths(kind), FP16_BITS):
             codec = TensorCodec(FP16_BITS) if bits == FP16_BITS else getattr(KIVI(bits), kind)
             codec = entropy_coded(codec) if coded else codec
             sizes = coded(kind, codec) if coded else [encoded_size(codec, *shape) for shape in shapes]
@@ -108,6 +115,8 @@ def budget(profile: Profile, target: float, shapes: list[Shape], coded: Sizer | 
             per_width.append([(codec, size, err) for size, err in zip(sizes, errors)])
         options.extend(list(layer) for layer in zip(*per_width))
     limit = target * 2 * sum(math.prod(s) for s in shapes) / 8
+    if sum(next(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) <= limit:
+        options = [[o for o in menu if o[0].bits > LAST_RESORT_BITS] for menu in options]
     choice = [0] * len(options)
     total = sum(o[0][1] for o in options)
     if total > limit:
@@ -136,6 +145,7 @@ def budget(profile: Profile, target: float, shapes: list[Shape], coded: Sizer | 
 
 TOKENMIX_SINK = 4
 TOKENMIX_HIGH = 8
+TOKENMIX_LOW = 2  # the narrowest width of the ordinary tokens
 
 
 def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tuple[list[LayerCodec], list[int]]:
@@ -160,10 +170,10 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tu
         )
 
     reserve = min(len(ranked), max(1, tokens // 10))
-    fitting = [w for w in range(TOKENMIX_HIGH - 1, BITS[0] - 1, -1) if size(w, 0) <= limit]
+    fitting = [w for w in range(TOKENMIX_HIGH - 1, TOKENMIX_LOW - 1, -1) if size(w, 0) <= limit]
     if not fitting:
         raise RequestError(
-            f"tokenmix-{target:g} is below its smallest allocation here: {_bits_per_element(size(BITS[0], 0), shapes):.2f} "
+            f"tokenmix-{target:g} is below its smallest allocation here: {_bits_per_element(size(TOKENMIX_LOW, 0), shapes):.2f} "
             f"bits per element at {tokens} tokens (the fp16 sink and the scales weigh more on short contexts)"
         )
     low = next((w for w in fitting if size(w, reserve) <= limit), fitting[-1])

@@ -10,7 +10,7 @@ seed-B, tokenmix-B, a codec file) has no prediction and cannot be an auto candid
 from __future__ import annotations
 
 from qkv_core.codec import registry
-from qkv_core.codec.allocation import BITS, KINDS, Profile, budget
+from qkv_core.codec.allocation import KINDS, Profile, budget
 from qkv_core.codec.registry import KIVI, LayerCodec
 from qkv_core.errors import RequestError
 from qkv_core.types import Fingerprint
@@ -34,9 +34,9 @@ def quality_loss(layers: list[LayerCodec], profile: Profile) -> float:
             codec = getattr(layer, kind)
             if codec.is_float:
                 continue
-            if codec.bits not in BITS or codec != getattr(KIVI(codec.bits), kind):
+            if codec.bits not in profile.widths(kind) or codec != getattr(KIVI(codec.bits), kind):
                 raise RequestError(f"{registry.spec_of(codec)} has no quality prediction (the profile measures "
-                                   f"KIVI layouts at {BITS} bits)")
+                                   f"KIVI layouts at {profile.widths(kind)} bits)")
             total += profile.sensitivity[kind][str(codec.bits)][index]
     return total
 
