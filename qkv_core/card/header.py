@@ -26,7 +26,12 @@ from qkv_core.errors import Detailed
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
-FORMAT_VERSION = 2  # 2: the card id and the trailer digest are the content hash
+FORMAT_VERSION = 3  # 3: tensors may be rotated, entropy coded or pre-RoPE (TensorCodec fields 7-9)
+PLAIN_FORMAT_VERSION = 2  # 2: the card id and the trailer digest are the content hash
+# A card that uses none of version 3's tools is written as version 2, so receivers of version 2 keep
+# reading it; one that does is version 3, so they refuse it (PRECONDITION) instead of ignoring a
+# field they do not know and decoding it wrong.
+READABLE_VERSIONS = (PLAIN_FORMAT_VERSION, FORMAT_VERSION)
 CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
 
 
@@ -163,8 +168,9 @@ def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan
                      value=codec_to_pb(plan.layers[i].value), key_bytes=k, value_bytes=v, tokens=kv.keys[i].shape[1])
         for i, (k, v) in zip(plan.sent(), sizes)
     ]
+    tools = any(c.rotation or c.entropy or c.pre_rope for i in plan.sent() for c in (plan.layers[i].key, plan.layers[i].value))
     return pb.CardHeader(
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION if tools else PLAIN_FORMAT_VERSION,
         salient_tokens=plan.salient,
         model=fingerprint_to_pb(fp),
         context_tokens=len(context_ids),

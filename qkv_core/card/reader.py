@@ -13,7 +13,7 @@ import torch
 from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES
 from qkv_core.card.header import (
     CARD_ID,
-    FORMAT_VERSION,
+    READABLE_VERSIONS,
     CardError,
     ErrorKind,
     codec_from_pb,
@@ -96,10 +96,11 @@ class CardReader:
         return self.header
 
     def _read_header(self, h: pb.CardHeader) -> None:
-        if h.format_version != FORMAT_VERSION:
+        if h.format_version not in READABLE_VERSIONS:
             raise CardError(
                 ErrorKind.PRECONDITION,
-                f"card format version {h.format_version} is not supported; this receiver reads version {FORMAT_VERSION}",
+                f"card format version {h.format_version} is not supported; this receiver reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
             )
         theirs = fingerprint_from_pb(h.model)
         differ = self.fingerprint.mismatch(theirs)
