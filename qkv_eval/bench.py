@@ -25,8 +25,9 @@ from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache
 
 CODECS = ("fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-3+zstd", "kivi-2",
-          "kivi-2+zstd", "kivi-2+rot", "kivi-2+rot+zstd", "budget-4", "budget-3", "budget-2.5", "budget-2.5+zstd",
-          "budget-2+zstd", "tokenmix-4", "tokenmix-3")  # `bench codec`'s default: every family and tool
+          "kivi-2+zstd", "kivi-2+rot", "kivi-2+rot+zstd", "kivi-2+prerope", "kivi-2+rot+prerope+zstd", "budget-4",
+          "budget-3", "budget-3+zstd", "budget-2.5", "budget-2.5+zstd", "budget-2+zstd", "tokenmix-4",
+          "tokenmix-3")  # `bench codec`'s default: every family, and each tool alone and together
 
 
 @dataclass
@@ -123,14 +124,18 @@ def machine() -> str:
     )
 
 
+MIN_SAVED_BITS = 0.01  # per element: less is a budget's rounding, not coding's saving
+
+
 def pays_below_gbps(plain: Row, coded: Row) -> float | None:
     """The link speed below which entropy coding saves time end to end: the bits it saves on the
     wire over the time its encode and decode add (no overlap of coding and transfer assumed);
-    None when it saves no bits, inf when it adds no time. Both rows are per fp16 byte of cache."""
+    None when it saves no bits (a coded budget spends them on wider codes instead), inf when it
+    adds no time. Both rows are per fp16 byte of cache."""
+    if plain.bits_per_element - coded.bits_per_element < MIN_SAVED_BITS:
+        return None
     saved_bits = 8 * (plain.bits_per_element - coded.bits_per_element) / 16
     extra_s = sum(1 / c - 1 / p for c, p in ((coded.quant_gbps, plain.quant_gbps), (coded.dequant_gbps, plain.dequant_gbps)))
-    if saved_bits <= 0:
-        return None
     return saved_bits / extra_s if extra_s > 0 else math.inf
 
 

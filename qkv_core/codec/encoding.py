@@ -2,8 +2,8 @@
 
 A layer blob is the encoded K then the encoded V (byte layout: qkv_core.codec.quant). Tensors
 that share a codec and shape go through one batched quantize call. With token-level mixed
-precision the salient context positions are mapped into each layer's quantized middle. Pre-RoPE keys are
-coded with RoPE removed at their positions in the context (qkv_core.codec.rope).
+precision the salient context positions are mapped into each layer's quantized middle. Pre-RoPE
+keys are coded with RoPE removed at their positions in the context (qkv_core.codec.rope).
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def spec_of(c: TensorCodec) -> str:
 
 
 def _tool(name: str) -> str | None:
-    """The tool suffix a name ends with (+rot, +zstd), if any."""
+    """The tool suffix a name ends with (+rot, +zstd, +prerope), if any."""
     return next((t for t in _TOOLS if name.endswith(t)), None)
 
 
@@ -159,7 +159,7 @@ class Adaptive:
     bits: float  # the budget in bits per element (seed-adaptive: none, 0)
     needs_profile: bool  # reads the calibrated codec profile of the model
     needs_probe: bool  # reads the sender's attention probe, so a relayed or precomputed cache cannot use it
-    entropy: bool = False  # +zstd: every allocated tensor entropy coded (the budget holds before coding)
+    entropy: bool = False  # +zstd: every tensor entropy coded (budget-B counts the coded bytes)
 
 
 # family -> (needs_profile, needs_probe)
