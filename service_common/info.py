@@ -32,7 +32,7 @@ def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
     for name, what in registry.PRESETS.items():
         bits = registry.wire_bits(registry.resolve(name, fp.num_layers), fp.num_kv_heads, INFO_TOKENS, fp.head_dim)
         out.append(pb.CodecInfo(name=name, bits_per_element=bits, description=what))
-    out += [pb.CodecInfo(name=name, description=what) for name, what in registry.ADAPTIVE.items()]
+    out += [pb.CodecInfo(name=name, description=what) for name, what in (registry.ADAPTIVE | registry.TOOLS).items()]
     return out
 
 

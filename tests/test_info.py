@@ -29,6 +29,7 @@ def test_info_describes_the_loaded_model_and_the_configuration(services, embedde
     assert sender.model == info.model and (info.device, info.dtype) == ("cpu", "float32")
     bits = {c.name: c.bits_per_element for c in info.codecs}
     assert bits["fp16"] == 16 and 4 < bits["kivi-4"] < 5 and 8 < bits["int8"] < 9 and "budget-B" in bits
+    assert {"NAME+rot", "NAME+zstd", "NAME+prerope"} <= set(bits)  # the tools, as patterns like budget-B
     assert info.limits.max_card_bytes == TEST_CONFIG.max_card_bytes and info.limits.chunk_bytes == 1 << 20
     assert list(info.features.store_tiers) == ["hot", "memory"] and not info.features.tls and info.version
     assert 0 < info.store_free_bytes <= TEST_CONFIG.store.store_bytes and not info.performance.measured_tokens

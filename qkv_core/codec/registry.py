@@ -220,6 +220,11 @@ ADAPTIVE = {
     "budget-B": "per-tensor widths that fit B bits per element on the wire (calibrated profile)",
     "tokenmix-B": "sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits",
 }
+TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
+    f"NAME{ROTATED}": "NAME (a static codec) with every tensor rotated over head_dim by a seeded Hadamard transform",
+    f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
+    f"NAME{PRE_ROPE}": "NAME (a static codec) with every K coded with RoPE removed (plain RoPE models)",
+}
 
 
 def wire_bytes(layers: list[LayerCodec], heads: int, tokens: int, dim: int) -> int:
