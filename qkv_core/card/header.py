@@ -168,7 +168,7 @@ def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan
                      value=codec_to_pb(plan.layers[i].value), key_bytes=k, value_bytes=v, tokens=kv.keys[i].shape[1])
         for i, (k, v) in zip(plan.sent(), sizes)
     ]
-    tools = any(c.rotation or c.entropy or c.pre_rope for i in plan.sent() for c in (plan.layers[i].key, plan.layers[i].value))
+    tools = any(c.has_tools for i in plan.sent() for c in (plan.layers[i].key, plan.layers[i].value))
     return pb.CardHeader(
         format_version=FORMAT_VERSION if tools else PLAIN_FORMAT_VERSION,
         salient_tokens=plan.salient,

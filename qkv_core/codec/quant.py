@@ -85,6 +85,11 @@ class TensorCodec:
             raise RequestError(f"unknown entropy coder {self.entropy}")
 
     @property
+    def has_tools(self) -> bool:
+        """Rotated, entropy coded or pre-RoPE: what a reader must undo beyond the plain layout."""
+        return bool(self.rotation or self.entropy or self.pre_rope)
+
+    @property
     def is_float(self) -> bool:
         """Passthrough in fp16 or fp32, no integer codes."""
         return self.bits in _FLOAT
@@ -283,9 +288,10 @@ def dequantize(
     blob = blob.reshape(-1)
     count = 0 if salient is None else salient.numel()
     salient = None if salient is None else salient.to(blob.device)
+    size = encoded_size(codec, heads, tokens, dim, count)
     if codec.entropy:
-        blob = entropy.decompress(blob, encoded_size(codec, heads, tokens, dim, count))
-    if blob.numel() != encoded_size(codec, heads, tokens, dim, count):
+        blob = entropy.decompress(blob, size)
+    if blob.numel() != size:
         raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
 
     def take_float(n: int, bits: int = FP16_BITS) -> torch.Tensor:
