@@ -41,7 +41,7 @@ def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec:
             ) -> StoredCard:
     """Encode the chain's cache as a card (with `parent`, a delta) and take it in at the receiver;
     returns what arrived."""
-    kv, plan = sender.plan(codec, chain.kv, None, parent)
+    kv, plan = sender.plan(codec, chain.ids, chain.kv, None, parent=parent)
     stream = list(frames(*build_card(sender.lm.fingerprint, chain.ids, kv, plan)))
     chain.wire_bytes.append(sum(f.ByteSize() for f in stream))
     card = receiver.accept(stream)

@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import build_card, name_card
+from qkv_core.codec import allocation
 from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
@@ -67,6 +68,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tok.train_from_iterator(CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def synthetic_profile(layers: int = 30, seed: int = 0, dropped: list[float] | None = None) -> allocation.Profile:
+    """A profile whose errors and next-token KL fall x4 per bit, each layer's K and V scale random;
+    `dropped`: the KL of dropping each layer (none: layers are never dropped)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = {k: torch.rand(layers, generator=g).add(0.1).tolist() for k in allocation.KINDS}
+    kl = {k: {str(b): [a * 4.0 ** -b for a in scale[k]] for b in allocation.BITS} for k in allocation.KINDS}
+    return allocation.Profile("synthetic", "0" * 64, 1, 1, {f: kl for f in allocation.FAMILIES}, kl, dropped=dropped or [])
 
 
 def tiny_model(seed: int = 0, layers: int = 3, head_dim: int = 16) -> LoadedModel:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
 from qkv_core.card.reader import CardReader
-from qkv_core.codec import allocation, entropy, registry
+from qkv_core.codec import entropy, registry
 from qkv_core.codec.allocation import allocate
 from qkv_core.codec.encoding import encode_layers
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, quantize
@@ -25,7 +25,7 @@ from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache
 from qkv_eval.bench import Row, pays_below_gbps, table
-from tests.conftest import qa_rows, replaced
+from tests.conftest import qa_rows, replaced, synthetic_profile
 
 ZSTD = Entropy.ZSTD
 MAGIC = [0x28, 0xB5, 0x2F, 0xFD]  # a zstd frame (RFC 8878)
@@ -89,13 +89,17 @@ def test_the_grammar():
     spec = registry.resolve("k=3/channel;v=2/token+zstd", 1)[0]  # a spec's suffix is its tensor's
     assert (spec.key.entropy, spec.value.entropy) == (Entropy.NONE, ZSTD)
     assert registry.resolve("fp16+zstd", 1)[0].key == TensorCodec(16, entropy=ZSTD)
-    with pytest.raises(RequestError, match="profile is calibrated without it"):
+    with pytest.raises(RequestError, match="allocated per model"):
         registry.resolve("budget-3+zstd+rot", 2)
     kind = registry.adaptive("budget-3+zstd")
-    assert kind is not None and kind.entropy and kind.bits == 3.0
+    assert kind is not None and kind.entropy and kind.bits == 3.0 and kind.profile_tools == ""
+    kind = registry.adaptive("budget-2+zstd+prerope+rot")  # any order; the profile's tools in one
+    assert kind is not None and kind.entropy and kind.profile_tools == "+rot+prerope"
+    with pytest.raises(RequestError, match="takes \\+zstd only"):
+        registry.adaptive("tokenmix-3+rot")
     assert registry.adaptive("budget-3") is not None and not registry.adaptive("budget-3").entropy
     kv = KVCache([torch.randn(2, 200, 16)] * 2, [torch.randn(2, 200, 16)] * 2)
-    layers, _ = allocate(registry.adaptive("tokenmix-6+zstd"), None, kv, torch.rand(200))
+    layers = allocate(registry.adaptive("tokenmix-6+zstd"), None, kv, torch.rand(200)).layers
     assert all(t.entropy == ZSTD for c in layers for t in (c.key, c.value))
 
 
@@ -173,15 +177,7 @@ def test_real_codes_shrink_and_the_receiver_sees_the_same_cache(embedded):
     assert torch.equal(next_logits(embedded, plain, q), next_logits(embedded, coded, q))
 
 
-@pytest.fixture(scope="module")
-def wide_profile_30():
-    """A 30-layer profile whose next-token KL falls x4 per bit, layer scales random."""
-    scale = torch.rand(30, generator=torch.Generator().manual_seed(0)).add(0.1).tolist()
-    sensitivity = {k: {str(b): [a * 4.0 ** -b for a in scale] for b in allocation.BITS} for k in allocation.KINDS}
-    return allocation.Profile("synthetic", "0" * 64, 1, 1, {"kivi": sensitivity}, sensitivity)
-
-
-def test_a_coded_budget_holds_on_the_wire_after_coding(wide_profile_30):
+def test_a_coded_budget_holds_on_the_wire_after_coding():
     """budget-B+zstd measures each option's coded bytes: the card fits B bits after coding and
     spends the bytes coding saves on wider codes than budget-B can afford."""
     g = torch.Generator().manual_seed(0)
@@ -191,7 +187,7 @@ def test_a_coded_budget_holds_on_the_wire_after_coding(wide_profile_30):
     elements = 2 * 30 * 3 * 400 * 64
 
     def wire_bits(name):
-        layers, _ = allocate(registry.adaptive(name), wide_profile_30, kv)
+        layers = allocate(registry.adaptive(name), synthetic_profile(), kv).layers
         blobs = encode_layers(kv, layers, range(30))
         return 8 * sum(len(k) + len(v) for k, v in blobs) / elements, sum(c.key.bits + c.value.bits for c in layers)
 

@@ -45,8 +45,8 @@ def test_only_plain_rope_is_taken(tiny):
             rope.inv_freq(dataclasses.replace(tiny.fingerprint, rope=bad))
     with pytest.raises(RequestError, match="keys only"):
         registry.resolve("k=4/channel;v=4/token+prerope", 1)
-    with pytest.raises(RequestError, match="calibrated without it"):
-        registry.resolve("budget-3+prerope", 1)
+    with pytest.raises(RequestError, match="takes \\+zstd only"):
+        registry.adaptive("tokenmix-3+prerope")
     layer = registry.resolve("kivi-2+rot+prerope", 1)[0]
     assert layer.key.pre_rope and layer.key.rotation and not layer.value.pre_rope and layer.value.rotation
     assert registry.spec_of(layer.key) == "2/channel+rot+prerope"

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from qkv_core.card.header import content_hash, crc32c
+from qkv_core.card.header import CardPlan, card_header, content_hash, crc32c
+from qkv_core.codec.quant import FP16_BITS, TensorCodec
+from qkv_core.codec.registry import LayerCodec
 from qkv_core.config import MAX_CHUNK_BYTES
+from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
+
+_WIDEST = 2**32 - 1  # the largest value of a count or size field: its varint is as long as any
+_TOOL_FIELDS = 20  # a layer spec's bytes for its tensors' tools (rotation seed, entropy coder, pre-RoPE)
 
 
 def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.CardFrame]:
@@ -31,3 +37,17 @@ def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHU
     yield pb.CardFrame(trailer=pb.CardTrailer(
         num_chunks=index, payload_bytes=sum(map(len, blobs)), sha256=digest.digest(),
     ))
+
+
+def overhead_bound(fp: Fingerprint, context_ids: list[int], kv: KVCache, codec: str) -> int:
+    """An upper bound on the bytes a card of `kv` takes besides its layers' payload: the header
+    frame (every layer's spec, no facts), each chunk's framing, the trailer. An allocator's
+    budget pays for them too."""
+    n = kv.num_layers
+    wide = TensorCodec(FP16_BITS)
+    header = card_header(fp, context_ids, kv, CardPlan(codec, [LayerCodec(wide, wide)] * n), [(_WIDEST, _WIDEST)] * n)
+    header.card_id, header.num_chunks, header.payload_bytes = "0" * 64, _WIDEST, 2**40
+    chunks = n + kv.nbytes(2) // MAX_CHUNK_BYTES + 1  # every layer's blob starts one, and the rest at most one per MAX_CHUNK_BYTES
+    chunk = pb.CardFrame(chunk=pb.LayerChunk(index=_WIDEST, layer=n, offset=_WIDEST, data=b"", crc32c=_WIDEST)).ByteSize() + 5
+    trailer = pb.CardFrame(trailer=pb.CardTrailer(num_chunks=_WIDEST, payload_bytes=2**40, sha256=bytes(32)))
+    return pb.CardFrame(header=header).ByteSize() + n * _TOOL_FIELDS + chunks * chunk + trailer.ByteSize()

@@ -139,7 +139,7 @@ def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardP
     plan (parent_card_id) takes the cache of the tokens after parent_tokens only."""
     _check_plan(context_ids, kv, plan)
     tensors = plan.encode(kv, fp)
-    header = _header(fp, context_ids, kv, plan, [(len(k), len(v)) for k, v in tensors])
+    header = card_header(fp, context_ids, kv, plan, [(len(k), len(v)) for k, v in tensors])
     blobs = [k + v for k, v in tensors]
     name_card(header, blobs)
     return header, blobs
@@ -161,7 +161,7 @@ def _check_plan(context_ids: list[int], kv: KVCache, plan: CardPlan) -> None:
         raise ValueError("a delta card holds every layer's tokens after its parent's, and no salient tokens")
 
 
-def _header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan, sizes: list[tuple[int, int]]) -> pb.CardHeader:
+def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan, sizes: list[tuple[int, int]]) -> pb.CardHeader:
     """The header of the card; `sizes`: each sent layer's (K, V) bytes as encoded."""
     layers = [
         pb.LayerSpec(sender_layer=i, receiver_layer=i, key=codec_to_pb(plan.layers[i].key),

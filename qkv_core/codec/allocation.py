@@ -3,15 +3,16 @@
 The profile holds, for every layer, for K and V, and for every candidate codec, the relative
 squared reconstruction error sum ||x - x_hat||^2 / sum ||x||^2 over calibration contexts and,
 for the KIVI layouts, the KL divergence of the next-token distribution after a question when
-only that one tensor is quantized. It is measured once per model and saved as JSON next to
-the model cache (or where the user says); qkv_core.engine.calibration measures it with the model.
+only that one tensor is quantized, and the KL when one layer is dropped. A profile is measured
+with a set of lossy tools (+rot, +prerope: every codec of it has them) once per model and saved
+as JSON next to the model cache (or where the user says); qkv_core.engine.calibration measures it.
 
 Allocators:
     seed-adaptive  the seed paper: rank layers by their per-tensor error at the lowest width;
                    the most sensitive 30% get 8 bits, the middle 40% 6, the rest 4 (per-tensor).
     budget-B       K per channel, V per token; each of the 2L tensors gets a width in 1..8 or
-                   fp16 so that the card's payload (codes, scales, zero points, windows) is at
-                   most B bits per element, greedily buying the largest cut in next-token KL
+                   fp16 so that the card (codes, scales, zero points, windows, and the header
+                   and framing) is at most B bits per element, greedily buying the largest cut in next-token KL
                    per byte (reconstruction error was tried first: it starves the keys, whose
                    small relative errors still move attention; F1 8.3 vs KIVI-3's 13.3 on SQuAD).
                    With 2L tensors the result lands within a step of one tensor's width
@@ -20,7 +21,12 @@ Allocators:
                    budget-B+zstd counts coded bytes: every option is entropy coded and its size
                    measured by coding the cache's tensor, so B holds on the wire after coding.
                    1-bit tensors are a last resort, offered only when B is below the card with
-                   every tensor at 2 bits (short contexts, where scales weigh most).
+                   every tensor at 2 bits (short contexts, where scales weigh most); so are
+                   dropped layers (0 bits, KVComm's selective sharing), where the card may drop:
+                   the layers whose loss costs the least KL go first, and the number dropped is
+                   the one whose allocation has the least total KL.
+                   budget-B+rot, +prerope: every option has the tool, from a profile measured
+                   with it.
     tokenmix-B     token-level mixed precision (QKVShare): the 4 sink tokens in fp16, the
                    context tokens that receive the most attention at 8 bits, the rest at the
                    widest width that leaves room for a tenth of the tokens at 8 bits, with as
@@ -30,16 +36,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from qkv_core.codec.encoding import encode_tensors
+from qkv_core.codec.encoding import encode_tensors, rope_removed
 from qkv_core.codec.quant import FP16_BITS, TensorCodec, encoded_size
-from qkv_core.codec.registry import ENTROPY_CODED, KIVI, SEED, Adaptive, LayerCodec, entropy_coded, with_tool
+from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec, entropy_coded, tooled, with_tools
 from qkv_core.errors import RequestError
 from qkv_core.profile_file import ProfileFile
-from qkv_core.types import KVCache
+from qkv_core.types import Fingerprint, KVCache
 
 BITS = (1, 2, 3, 4, 5, 6, 8)  # the widths a profile measures (profiles made before 1 was added lack it)
 LAST_RESORT_BITS = 1  # budget-B takes 1-bit tensors only when B is below the all-2-bit card
@@ -59,6 +66,10 @@ class Profile(ProfileFile):
     errors: dict[str, dict[str, dict[str, list[float]]]]
     # sensitivity[kind][str(bits)][layer]: next-token KL (nats) with only that KIVI tensor quantized
     sensitivity: dict[str, dict[str, list[float]]]
+    tools: str = ""  # the codec tools every measured codec had ("+rot+prerope"; '' plain, as before tools)
+    # dropped[layer]: next-token KL with only that layer dropped (the receiver's own header KV instead);
+    # empty where layers cannot be dropped (sliding-window attention) and in profiles made before drops
+    dropped: list[float] = field(default_factory=list)
 
     def error(self, family: str, kind: str, bits: int) -> list[float]:
         return self.errors[family][kind][str(bits)]
@@ -66,6 +77,13 @@ class Profile(ProfileFile):
     @property
     def num_layers(self) -> int:
         return len(next(iter(self.errors["kivi"]["key"].values())))
+
+    @classmethod
+    def path_for(cls, fp: Fingerprint, path: Path | None, tools: str) -> Path:
+        """The file of the profile with `tools`: `path` (default: the model's in the cache) for none,
+        a file beside it with the tools in its name otherwise."""
+        base = path or cls.default_path(fp)
+        return base.with_name(f"{base.stem}{tools}{base.suffix}") if tools else base
 
     def widths(self, kind: str) -> list[int]:
         """The widths this profile measured for K or V, narrowest first."""
@@ -90,43 +108,46 @@ def _bits_per_element(total_bytes: int, shapes: list[Shape]) -> float:
     return 8 * total_bytes / (2 * sum(math.prod(s) for s in shapes))
 
 
-def coded_sizer(kv: KVCache) -> Sizer:
+@dataclass(frozen=True)
+class CardTarget:
+    """What a card's allocation respects besides its budget; the sender, which knows the context, sets it."""
+
+    fp: Fingerprint | None = None  # the model: pre-RoPE keys are coded (and so sized) with its RoPE
+    context_tokens: int | None = None  # the context length the cache ends at (default: its tokens)
+    overhead_bytes: int = 0  # the card's bytes besides its layers' payload (header, framing): B pays for them too
+    may_drop: bool = False  # layers may travel as nothing (full attention, a whole card for this model)
+
+
+@dataclass
+class Allocation:
+    layers: list[LayerCodec]  # one per model layer
+    salient: list[int] = field(default_factory=list)  # tokenmix: the positions at the salient width
+    selected: list[int] | None = None  # budget-B with drops: the layers sent (ascending); None: all
+
+
+def coded_sizer(kv: KVCache, card: CardTarget) -> Sizer:
     """Sizes of entropy-coded options, measured by coding the cache's tensors: they depend on the values."""
+    context_tokens = kv.tokens if card.context_tokens is None else card.context_tokens
+
     def sizes(kind: str, codec: TensorCodec) -> list[int]:
-        tensors = kv.keys if kind == "key" else kv.values
+        tensors = [rope_removed(k, codec, card.fp, context_tokens) for k in kv.keys] if kind == "key" else kv.values
         return [blob.numel() for blob in encode_tensors(tensors, [codec] * len(tensors))]
     return sizes
 
 
-def budget(profile: Profile, target: float, shapes: list[Shape], coded: Sizer | None = None) -> list[LayerCodec]:
-    """Per-tensor widths for K per channel / V per token that fit `target` bits per element
-    (payload of all layers, scales and zero points included) and cut the most error. With
-    `coded`, every option is entropy coded and `coded` gives its bytes."""
-    if len(shapes) != profile.num_layers:
-        raise ValueError(f"the profile has {profile.num_layers} layers, the cache {len(shapes)}")
-    options: list[list[tuple[TensorCodec, int, float]]] = []  # per tensor: (codec, bytes, error), cheapest first
-    for kind in KINDS:
-        per_width = []
-        for bits in (*profile.widths(kind), FP16_BITS):
-            codec = TensorCodec(FP16_BITS) if bits == FP16_BITS else getattr(KIVI(bits), kind)
-            codec = entropy_coded(codec) if coded else codec
-            sizes = coded(kind, codec) if coded else [encoded_size(codec, *shape) for shape in shapes]
-            errors = [0.0] * len(shapes) if bits == FP16_BITS else profile.sensitivity[kind][str(bits)]
-            per_width.append([(codec, size, err) for size, err in zip(sizes, errors)])
-        options.extend(list(layer) for layer in zip(*per_width))
-    limit = target * 2 * sum(math.prod(s) for s in shapes) / 8
-    if sum(next(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) <= limit:
-        options = [[o for o in menu if o[0].bits > LAST_RESORT_BITS] for menu in options]
-    choice = [0] * len(options)
-    total = sum(o[0][1] for o in options)
+Option = tuple[TensorCodec, int, float]  # (codec, bytes, calibrated error)
+
+
+def _greedy(menus: list[list[Option]], limit: float) -> list[int] | None:
+    """Per menu the option chosen (menus cheapest first), buying the upgrade with the largest error
+    cut per extra byte that still fits, from the cheapest; None if the cheapest do not fit."""
+    choice = [0] * len(menus)
+    total = sum(menu[0][1] for menu in menus)
     if total > limit:
-        raise RequestError(
-            f"budget-{target:g} is below the smallest allocation here: {_bits_per_element(total, shapes):.2f} bits per "
-            f"element at {shapes[0][1]} tokens (scales and zero points weigh more on short contexts)"
-        )
-    while True:  # buy the upgrade with the largest error cut per extra byte that still fits
+        return None
+    while True:
         best, best_gain = None, 0.0
-        for i, menu in enumerate(options):
+        for i, menu in enumerate(menus):
             _, size, err = menu[choice[i]]
             for j in range(choice[i] + 1, len(menu)):
                 extra, cut = menu[j][1] - size, err - menu[j][2]
@@ -134,13 +155,63 @@ def budget(profile: Profile, target: float, shapes: list[Shape], coded: Sizer | 
                 if total + extra <= limit and gain > best_gain:
                     best, best_gain = (i, j), gain
         if best is None:
-            break
+            return choice
         i, j = best
-        total += options[i][j][1] - options[i][choice[i]][1]
+        total += menus[i][j][1] - menus[i][choice[i]][1]
         choice[i] = j
+
+
+def budget(profile: Profile, kind: Adaptive, shapes: list[Shape], card: CardTarget = CardTarget(),
+           coded: Sizer | None = None) -> Allocation:
+    """Per-tensor widths for K per channel / V per token, with kind's tools, that fit kind.bits bits
+    per element (every layer's payload, scales and zero points, and card.overhead_bytes) and cut
+    the most calibrated error. With `coded`, every option is entropy coded and `coded` gives its
+    bytes. Below the all-2-bit card, 1-bit tensors and (card.may_drop) dropped layers compete too:
+    the d layers whose loss costs least are dropped, for the d whose allocation errs least."""
+    if len(shapes) != profile.num_layers:
+        raise ValueError(f"the profile has {profile.num_layers} layers, the cache {len(shapes)}")
+    if profile.tools != kind.profile_tools:
+        raise ValueError(f"{kind.allocator}{kind.profile_tools} needs a profile calibrated with {kind.profile_tools or 'no tools'}, "
+                         f"not {profile.tools or 'none'}")
+    options: list[list[Option]] = []  # per tensor (every K, then every V), cheapest first
+    for kv_kind in KINDS:
+        per_width = []
+        for bits in (*profile.widths(kv_kind), FP16_BITS):
+            codec = TensorCodec(FP16_BITS) if bits == FP16_BITS else tooled(getattr(KIVI(bits), kv_kind), kv_kind, kind.tools)
+            codec = entropy_coded(codec) if coded else codec
+            sizes = coded(kv_kind, codec) if coded else [encoded_size(codec, *shape) for shape in shapes]
+            errors = [0.0] * len(shapes) if bits == FP16_BITS else profile.sensitivity[kv_kind][str(bits)]
+            per_width.append([(codec, size, err) for size, err in zip(sizes, errors)])
+        options.extend(list(layer) for layer in zip(*per_width))
+    limit = kind.bits * 2 * sum(math.prod(s) for s in shapes) / 8 - card.overhead_bytes
+    last_resort = sum(next(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) > limit
+    if not last_resort:
+        options = [[o for o in menu if o[0].bits > LAST_RESORT_BITS] for menu in options]
     n = len(shapes)
-    picked = [options[i][choice[i]][0] for i in range(len(options))]
-    return [LayerCodec(picked[layer], picked[n + layer]) for layer in range(n)]
+    harm = profile.dropped if last_resort and card.may_drop and profile.dropped else []
+    order = sorted(range(n), key=harm.__getitem__) if harm else []  # cheapest to lose first
+    best: tuple[float, list[int], list[int]] | None = None  # (error, layers kept, choice per kept tensor)
+    for drops in range(max(1, len(order))):  # keep one layer at least
+        kept = sorted(set(range(n)) - set(order[:drops]))
+        menus = [options[t] for t in (*kept, *(n + i for i in kept))]
+        choice = _greedy(menus, limit)
+        if choice is None:
+            continue
+        error = sum(menu[c][2] for menu, c in zip(menus, choice)) + sum(harm[i] for i in order[:drops])
+        if best is None or error < best[0]:
+            best = (error, kept, choice)
+    if best is None:
+        smallest = sum(menu[0][1] for menu in options) if not order else min(options[i][0][1] + options[n + i][0][1] for i in range(n))
+        raise RequestError(
+            f"{kind.allocator}-{kind.bits:g} is below the smallest allocation here: {_bits_per_element(smallest + card.overhead_bytes, shapes):.2f} "
+            f"bits per element at {shapes[0][1]} tokens (scales, zero points and the header weigh more on short contexts)"
+        )
+    _, kept, choice = best
+    picked = [menu[0][0] for menu in options]  # a dropped layer's codecs are never used
+    for t, c in zip((*kept, *(n + i for i in kept)), choice):
+        picked[t] = options[t][c][0]
+    return Allocation([LayerCodec(picked[layer], picked[n + layer]) for layer in range(n)],
+                      selected=kept if len(kept) < n else None)
 
 
 TOKENMIX_SINK = 4
@@ -148,12 +219,12 @@ TOKENMIX_HIGH = 8
 TOKENMIX_LOW = 2  # the narrowest width of the ordinary tokens
 
 
-def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tuple[list[LayerCodec], list[int]]:
+def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor, overhead_bytes: int = 0) -> tuple[list[LayerCodec], list[int]]:
     """(codecs, salient positions): sink tokens in fp16, the most-attended tokens at 8 bits and
     the rest at the widest width that leaves room for a tenth of the tokens at 8 bits, with as
-    many 8-bit tokens as the budget allows."""
+    many 8-bit tokens as the budget allows (the card's `overhead_bytes` paid for too)."""
     tokens = importance.numel()
-    limit = target * 2 * sum(math.prod(s) for s in shapes) / 8
+    limit = target * 2 * sum(math.prod(s) for s in shapes) / 8 - overhead_bytes
     ranked = [p for p in importance.argsort(descending=True).tolist() if p >= TOKENMIX_SINK]
 
     def layer(low: int) -> LayerCodec:
@@ -184,21 +255,21 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor) -> tu
     return [layer(low)] * len(shapes), sorted(ranked[:lo])
 
 
-def allocate(kind: Adaptive, profile: Profile | None, kv: KVCache,
-             importance: torch.Tensor | None = None) -> tuple[list[LayerCodec], list[int]]:
-    """The per-layer codecs of an adaptive codec for this cache, and its salient positions
-    (tokenmix; empty otherwise). `profile` when kind.needs_profile, `importance` (the attention
-    each context token receives) when kind.needs_probe. With kind.entropy every tensor is entropy
-    coded: budget-B counts the coded bytes, the others allocate as without and then code."""
+def allocate(kind: Adaptive, profile: Profile | None, kv: KVCache, importance: torch.Tensor | None = None,
+             card: CardTarget = CardTarget()) -> Allocation:
+    """The allocation of an adaptive codec for this cache. `profile` when kind.needs_profile (calibrated
+    with kind.profile_tools), `importance` (the attention each context token receives) when
+    kind.needs_probe. With kind.entropy every tensor is entropy coded: budget-B counts the coded
+    bytes, the others allocate as without and then code."""
     shapes = [tuple(k.shape) for k in kv.keys]
     if kind.allocator == "budget":
         assert profile is not None
-        return budget(profile, kind.bits, shapes, coded_sizer(kv) if kind.entropy else None), []
+        return budget(profile, kind, shapes, card, coded_sizer(kv, card) if kind.entropy else None)
     if kind.needs_probe:
         if importance is None:
             raise RequestError(f"{kind.allocator} needs the sender's attention probe")
-        layers, salient = tokenmix(kind.bits, shapes, importance)
+        layers, salient = tokenmix(kind.bits, shapes, importance, card.overhead_bytes)
     else:
         assert profile is not None
         layers, salient = seed_adaptive(profile), []
-    return (with_tool(layers, ENTROPY_CODED) if kind.entropy else layers), salient
+    return Allocation(with_tools(layers, kind.tools), salient)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from qkv_core.codec import rope
-from qkv_core.codec.quant import TensorCodec, fp16_windows, quantize_many
+from qkv_core.codec.quant import TensorCodec, dequantize, fp16_windows, quantize_many
 from qkv_core.codec.registry import LayerCodec
 from qkv_core.types import Fingerprint, KVCache
 
@@ -74,8 +74,17 @@ def rope_removed(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None, 
     return rope.apply(key, rope.inv_freq(fp), context_tokens - key.shape[1], -1.0)
 
 
-def rope_restored(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint, context_tokens: int) -> torch.Tensor:
+def rope_restored(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None, context_tokens: int) -> torch.Tensor:
     """Inverse of rope_removed on a decoded K (same dtype as given)."""
     if not codec.pre_rope:
         return key
+    if fp is None:
+        raise ValueError("pre-RoPE keys need the model's fingerprint")
     return rope.apply(key, rope.inv_freq(fp), context_tokens - key.shape[1]).to(key.dtype)
+
+
+def reconstructed(tensors: list[torch.Tensor], codec: TensorCodec, fp: Fingerprint | None, context_tokens: int) -> list[torch.Tensor]:
+    """Each K (or V) tensor as a receiver gets it back from `codec`: coded (pre-RoPE keys with RoPE
+    removed at their positions), decoded, RoPE restored."""
+    blobs = encode_tensors([rope_removed(t, codec, fp, context_tokens) for t in tensors], [codec] * len(tensors))
+    return [rope_restored(dequantize(b, codec, tuple(t.shape), t.dtype), codec, fp, context_tokens) for b, t in zip(blobs, tensors)]

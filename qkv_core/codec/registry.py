@@ -7,17 +7,18 @@ A codec name is a preset, a spec string, or a JSON file:
     seed-B            B-bit per-tensor, K and V (the seed paper's quantizer), B in 2..8
     kivi-B            B-bit, K per channel and V per token (KIVI), B in 1..8
     seed-adaptive     per-tensor 8/6/4 bits by layer sensitivity (calibrated profile)
-    budget-B          per-tensor widths that fit B bits per element on the wire (profile)
+    budget-B          per-tensor widths that fit B bits per element on the wire (profile);
+                      budget-B+rot, +prerope, +zstd: with those tools, its profile calibrated with them
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
                       SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope]: 4/channel,
                       8/token, 3/group/32, 2/tensor+rot, or fp16 / fp32 alone (+prerope: k only);
                       the same for every layer
-    NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) with every tensor
+    NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) or budget-B with every tensor
                       rotated over head_dim first (qkv_core.codec.rotation, seed ROTATION_SEED)
     NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
                       (lossless, qkv_core.codec.entropy); +rot+zstd does both
-    NAME+prerope      a static name above with every K coded with RoPE removed (qkv_core.codec.rope)
+    NAME+prerope      a static name above or budget-B with every K coded with RoPE removed (qkv_core.codec.rope)
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -107,10 +108,9 @@ _TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope}  #
 _KEYS_ONLY = {PRE_ROPE}
 
 
-def with_tool(layers: list[LayerCodec], tool: str) -> list[LayerCodec]:
-    """Every tensor of `layers` (K alone for +prerope) with a tool (a suffix: +rot, +zstd, +prerope) applied."""
-    apply = _TOOLS[tool]
-    return [LayerCodec(apply(c.key), c.value if tool in _KEYS_ONLY else apply(c.value)) for c in layers]
+def with_tools(layers: list[LayerCodec], tools: Iterable[str]) -> list[LayerCodec]:
+    """Every tensor of `layers` with tools (suffixes: +rot, +zstd, +prerope) applied (+prerope: K alone)."""
+    return [LayerCodec(tooled(c.key, "key", tools), tooled(c.value, "value", tools)) for c in layers]
 
 
 def _parse_spec(spec: str) -> LayerCodec:
@@ -159,30 +159,58 @@ class Adaptive:
     bits: float  # the budget in bits per element (seed-adaptive: none, 0)
     needs_profile: bool  # reads the calibrated codec profile of the model
     needs_probe: bool  # reads the sender's attention probe, so a relayed or precomputed cache cannot use it
-    entropy: bool = False  # +zstd: every tensor entropy coded (budget-B counts the coded bytes)
+    tools: tuple[str, ...] = ()  # suffixes every tensor takes, in _TOOLS order (budget-B: any; the others: +zstd)
+
+    @property
+    def entropy(self) -> bool:
+        """+zstd: every tensor entropy coded (budget-B counts the coded bytes)."""
+        return ENTROPY_CODED in self.tools
+
+    @property
+    def profile_tools(self) -> str:
+        """The lossy tools its profile is calibrated with ('' for none); +zstd is lossless and moves no error."""
+        return "".join(t for t in self.tools if t != ENTROPY_CODED)
 
 
 # family -> (needs_profile, needs_probe)
 _FAMILIES = {"seed-adaptive": (True, False), "budget": (True, False), "tokenmix": (False, True)}
 
 
+def split_tools(name: str) -> tuple[str, tuple[str, ...]]:
+    """(the name without its tool suffixes, those suffixes in _TOOLS order)."""
+    found = set()
+    while tool := _tool(name):
+        found.add(tool)
+        name = name.removesuffix(tool)
+    return name, tuple(t for t in _TOOLS if t in found)
+
+
 def adaptive(name: str) -> Adaptive | None:
     """The adaptive family a codec name belongs to, None for every other name."""
-    m = _ADAPTIVE.fullmatch(name.removesuffix(ENTROPY_CODED))
+    stem, tools = split_tools(name)
+    m = _ADAPTIVE.fullmatch(stem)
     if not m:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
-    return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], name.endswith(ENTROPY_CODED))
+    if family != "budget" and set(tools) - {ENTROPY_CODED}:
+        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED} and {PRE_ROPE} apply to static "
+                           "codecs and to budget-B, whose profile is calibrated with them")
+    return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], tools)
+
+
+def tooled(c: TensorCodec, kind: str, tools: Iterable[str]) -> TensorCodec:
+    """A K ("key") or V ("value") codec with tools applied (+prerope: keys only)."""
+    for tool in tools:
+        if kind == "key" or tool not in _KEYS_ONLY:
+            c = _TOOLS[tool](c)
+    return c
 
 
 def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[LayerCodec]:  # noqa: B006 - read only
     """The per-layer codecs a static codec name stands for; RequestError with the options if unknown.
     `files`: the codec files that may be opened, by the name that selects them."""
     if (tool := _tool(name)) and "=" not in name and not adaptive(name):  # a spec's suffix is its last tensor's
-        stem = name.removesuffix(tool)
-        if adaptive(stem):
-            raise RequestError(f"{name!r}: {tool} does not apply to {stem}, whose profile is calibrated without it")
-        return with_tool(resolve(stem, num_layers, files), tool)
+        return with_tools(resolve(name.removesuffix(tool), num_layers, files), [tool])
     if name in ("fp16", "fp32"):
         return [LayerCodec(*[TensorCodec(bits=FP16_BITS if name == "fp16" else FP32_BITS)] * 2)] * num_layers
     if name == "int8":
@@ -201,8 +229,8 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B (each optionally NAME+rot), seed-adaptive, "
-        "budget-B, tokenmix-B (any of them optionally NAME+zstd), NAME+prerope, a spec like 'k=4/channel;v=4/token+rot' "
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope), "
+        "seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like 'k=4/channel;v=4/token+rot' "
         "or a configured codec .json file"
     )
 
@@ -217,13 +245,14 @@ PRESETS = {
 }
 ADAPTIVE = {
     "seed-adaptive": "per-tensor 8/6/4 bits by layer sensitivity (calibrated profile)",
-    "budget-B": "per-tensor widths that fit B bits per element on the wire (calibrated profile)",
+    "budget-B": "per-tensor widths that fit B bits per element on the wire, header included (calibrated profile); "
+                "below the all-2-bit card also 1-bit tensors and dropped layers",
     "tokenmix-B": "sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits",
 }
 TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
-    f"NAME{ROTATED}": "NAME (a static codec) with every tensor rotated over head_dim by a seeded Hadamard transform",
+    f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded Hadamard transform",
     f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
-    f"NAME{PRE_ROPE}": "NAME (a static codec) with every K coded with RoPE removed (plain RoPE models)",
+    f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
 }
 
 

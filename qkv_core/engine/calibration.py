@@ -1,6 +1,6 @@
 """Measuring a codec profile with the model (qkv_core.codec.allocation holds the profile and
 the allocators that read it): every candidate codec on every layer's K and V, over calibration
-contexts, as reconstruction error and as next-token KL."""
+contexts, as reconstruction error and as next-token KL, and the KL of dropping each layer."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,32 +11,45 @@ from tqdm import tqdm
 from qkv_core import calibration_data
 from qkv_core.calibration_data import Sample
 from qkv_core.codec.allocation import BITS, FAMILIES, KINDS, Profile
-from qkv_core.codec.encoding import encode_tensors
-from qkv_core.codec.quant import dequantize
+from qkv_core.codec.encoding import reconstructed
+from qkv_core.codec.registry import split_tools, tooled
+from qkv_core.engine.selection import keep_prefix, shared_prefix
+from qkv_core.model.attention import full_attention
 from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import PromptFormat, encode
 from qkv_core.types import KVCache
 
 
-def _kl(lm: LoadedModel, kv: KVCache, kind: str, layer: int, approx: torch.Tensor, query: list[int], reference: torch.Tensor) -> float:
-    """KL(reference || next-token distribution with one layer's K or V replaced by `approx`)."""
-    keys, values = list(kv.keys), list(kv.values)
-    (keys if kind == "key" else values)[layer] = approx
-    logp = next_logits(lm, KVCache(keys, values), query).log_softmax(-1)
+def _kl(lm: LoadedModel, kv: KVCache, query: list[int], reference: torch.Tensor) -> float:
+    """KL(reference || next-token distribution after `query` over `kv`)."""
+    logp = next_logits(lm, kv, query).log_softmax(-1)
     return float((reference.exp() * (reference - logp)).sum())
 
 
-def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512) -> Profile:
-    """Measure every candidate codec on every layer's K and V over the samples' contexts:
-    relative reconstruction error, and (KIVI layouts) the KL divergence of the next-token
-    distribution after the sample's question when only that tensor is quantized."""
+def _replaced(kv: KVCache, kind: str, layer: int, approx: torch.Tensor) -> KVCache:
+    """`kv` with one layer's K or V replaced."""
+    keys, values = list(kv.keys), list(kv.values)
+    (keys if kind == "key" else values)[layer] = approx
+    return KVCache(keys, values)
+
+
+def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512, tools: str = "") -> Profile:
+    """Measure every candidate codec, with `tools` ("+rot+prerope", lossy ones; '' none), on every
+    layer's K and V over the samples' contexts: relative reconstruction error, and (KIVI layouts)
+    the KL divergence of the next-token distribution after the sample's question when only that
+    tensor is quantized; and (full-attention models) that KL when one layer is dropped."""
+    stem, tool_list = split_tools(tools)
+    if stem:
+        raise ValueError(f"calibration tools are suffixes like +rot+prerope, not {tools!r}")
     fmt = PromptFormat.for_tokenizer(lm.tokenizer)
     n_layers = lm.num_layers
+    droppable = full_attention(lm.model)
     sums: dict = {f: {k: {b: [[0.0, 0.0] for _ in range(n_layers)] for b in BITS} for k in KINDS} for f in FAMILIES}
     kl: dict = {k: {str(b): [0.0] * n_layers for b in BITS} for k in KINDS}
+    dropped = [0.0] * n_layers if droppable else []
     tokens = 0
-    for context, question, _ in tqdm(samples, desc="calibrate codec profile", disable=None, leave=False):
+    for context, question, _ in tqdm(samples, desc=f"calibrate codec profile{tools}", disable=None, leave=False):
         ids = encode(lm.tokenizer, fmt.context_part(context))[:max_tokens]
         query = encode(lm.tokenizer, fmt.query_part(question))
         tokens += len(ids)
@@ -46,21 +59,26 @@ def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512) -> 
             for kind in KINDS:
                 tensors = kv.keys if kind == "key" else kv.values
                 for bits in BITS:
-                    codec = getattr(pair(bits), kind)
-                    for layer, (t, blob) in enumerate(zip(tensors, encode_tensors(tensors, [codec] * n_layers))):
-                        approx = dequantize(blob, codec, tuple(t.shape), t.dtype)
+                    codec = tooled(getattr(pair(bits), kind), kind, tool_list)
+                    for layer, (t, approx) in enumerate(zip(tensors, reconstructed(tensors, codec, lm.fingerprint, len(ids)))):
                         acc = sums[family][kind][bits][layer]
                         acc[0] += float((approx.float() - t.float()).pow(2).sum())
                         acc[1] += float(t.float().pow(2).sum())
                         if family == "kivi":
-                            kl[kind][str(bits)][layer] += _kl(lm, kv, kind, layer, approx, query, reference) / len(samples)
+                            kl[kind][str(bits)][layer] += _kl(lm, _replaced(kv, kind, layer, approx), query, reference) / len(samples)
+        if droppable:
+            prefix, everything = shared_prefix(lm, ids), set(range(n_layers))
+            for layer in range(n_layers):
+                dropped[layer] += _kl(lm, keep_prefix(kv, everything - {layer}, prefix), query, reference) / len(samples)
     errors = {
         f: {k: {str(b): [e / n if n else 0.0 for e, n in layers] for b, layers in by_bits.items()} for k, by_bits in by_kind.items()}
         for f, by_kind in sums.items()
     }
-    return Profile(lm.fingerprint.name, lm.fingerprint.weights_sha256, len(samples), tokens, errors, kl)
+    return Profile(lm.fingerprint.name, lm.fingerprint.weights_sha256, len(samples), tokens, errors, kl, tools, dropped)
 
 
-def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> Profile:
-    """The saved profile, or one calibrated on the bundled samples (and saved) on first use."""
-    return Profile.load_or_make(lm.fingerprint, path, lambda: calibrate(lm, calibration_data.samples()))
+def load_or_calibrate(lm: LoadedModel, path: Path | None = None, tools: str = "") -> Profile:
+    """The saved profile with `tools`, or one calibrated on the bundled samples (and saved) on first
+    use. `path`: the plain profile's file; one with tools lies beside it (Profile.path_for)."""
+    return Profile.load_or_make(lm.fingerprint, Profile.path_for(lm.fingerprint, path, tools),
+                                lambda: calibrate(lm, calibration_data.samples(), tools=tools))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
+from qkv_core.card.framing import overhead_bound
 from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec import allocation
 from qkv_core.codec import registry as codecs
@@ -27,7 +28,7 @@ from qkv_core.engine.crossmodel import layer_sources
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.errors import Cancelled, RequestError
 from qkv_core.facts import FactCache, FactConfig
-from qkv_core.model.attention import Probe, require_full_attention
+from qkv_core.model.attention import Probe, full_attention, require_full_attention
 from qkv_core.model.kv import prefill
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import PromptFormat, context_ids
@@ -73,7 +74,7 @@ class SenderEngine:
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.profile_path = profile_path
         self.layer_profile_path = layer_profile_path
-        self._profile: allocation.Profile | None = None
+        self._profiles: dict[str, allocation.Profile] = {}  # by their tools ('' plain)
         self._layer_profile: selection.LayerProfile | None = None
         self._profile_lock = threading.Lock()  # profiles are calibrated once, by the first request that needs one
         self.facts = FactCache()
@@ -84,12 +85,13 @@ class SenderEngine:
         self._blocks_of: dict[tuple[str, str], list[bytes]] = {}
         self._blocks_lock = threading.Lock()
 
-    def profile(self) -> allocation.Profile:
-        """The codec profile, calibrated on first use if no saved one exists."""
+    def profile(self, tools: str = "") -> allocation.Profile:
+        """The codec profile measured with `tools` (+rot+prerope; '' none), calibrated on first use if
+        no saved one exists."""
         with self._profile_lock:
-            if self._profile is None:
-                self._profile = calibration.load_or_calibrate(self.lm, self.profile_path)
-            return self._profile
+            if tools not in self._profiles:
+                self._profiles[tools] = calibration.load_or_calibrate(self.lm, self.profile_path, tools)
+            return self._profiles[tools]
 
     def context_ids(self, context: str) -> list[int]:
         """The context's prompt tokens; the last context's are remembered (codec auto tokenizes it just
@@ -154,33 +156,39 @@ class SenderEngine:
                 self._layer_profile = selection.load_or_calibrate(self.lm, self.layer_profile_path)
             return self._layer_profile
 
-    def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None) -> CardPlan:
-        """The per-layer codecs (and tokenmix's salient positions) for this cache."""
+    def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None,
+                 card: allocation.CardTarget = allocation.CardTarget()) -> CardPlan:
+        """The per-layer codecs (tokenmix's salient positions, budget-B's dropped layers) for this cache."""
         kind = codecs.adaptive(codec_name)
         if kind is None:
             return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers, self.codec_files))
-        profile = self.profile() if kind.needs_profile else None
-        return CardPlan(codec_name, *allocation.allocate(kind, profile, kv, importance))
+        profile = self.profile(kind.profile_tools) if kind.needs_profile else None
+        a = allocation.allocate(kind, profile, kv, importance, card)
+        return CardPlan(codec_name, a.layers, a.salient, a.selected, selection="" if a.selected is None else codec_name)
 
-    def plan(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None, parent: Parent | None = None,
-             ) -> tuple[KVCache, CardPlan]:
-        """The cache a card encodes and its plan: with `parent`, a delta of the tokens after the parent's."""
+    def plan(self, codec_name: str, ids: list[int], kv: KVCache, importance: torch.Tensor | None, may_drop: bool = False,
+             parent: Parent | None = None) -> tuple[KVCache, CardPlan]:
+        """The cache a card of context `ids` encodes and its plan: with `parent`, a delta of the tokens
+        after the parent's. `may_drop`: budget-B may drop layers (full attention is checked here)."""
         if parent is not None:
             kv = kv.span(parent.tokens)
-        plan = self.allocate(codec_name, kv, importance)
+        card = allocation.CardTarget(self.lm.fingerprint, len(ids), overhead_bound(self.lm.fingerprint, ids, kv, codec_name),
+                                     may_drop and parent is None and full_attention(self.lm.model))
+        plan = self.allocate(codec_name, kv, importance, card)
         if parent is not None:
             plan.parent_card_id, plan.parent_tokens = parent.card_id, parent.tokens
         return kv, plan
 
     def select(self, plan: CardPlan, ids: list[int], layers: SelectionConfig) -> None:
-        """Restrict `plan` to the layers `layers` selects (all of them at ratio 1)."""
-        if layers.ratio >= 1:
-            return
-        require_full_attention(self.lm.model, self.lm.fingerprint.name)
-        profile = self.layer_profile() if selection.needs_profile(layers) else None
-        plan.selected = selection.select(layers, self.lm.num_layers, profile)
-        plan.shared_prefix = selection.shared_prefix(self.lm, ids)
-        plan.selection = layers.name
+        """Restrict `plan` to the layers `layers` selects (all of them at ratio 1); a plan whose
+        allocator dropped layers keeps its own selection."""
+        if layers.ratio < 1:
+            require_full_attention(self.lm.model, self.lm.fingerprint.name)
+            profile = self.layer_profile() if selection.needs_profile(layers) else None
+            plan.selected = selection.select(layers, self.lm.num_layers, profile)
+            plan.selection = layers.name
+        if plan.selected is not None:
+            plan.shared_prefix = selection.shared_prefix(self.lm, ids)
 
     def can_extend(self, codec_name: str, layers: SelectionConfig, receiver_layers: int) -> bool:
         """Whether a card of these settings can be a delta: every layer, for this model's receivers,
@@ -217,7 +225,7 @@ class SenderEngine:
         if cancel is not None and cancel.is_set():
             raise Cancelled("the caller went away before the card was encoded")
         start = time.perf_counter()
-        kv, plan = self.plan(codec_name, kv, importance, parent)
+        kv, plan = self.plan(codec_name, ids, kv, importance, layers.ratio >= 1 and not receiver_layers, parent)
         self.select(plan, ids, layers)
         if receiver_layers:
             plan.sources = layer_sources(self.lm.num_layers, receiver_layers)

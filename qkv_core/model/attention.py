@@ -88,9 +88,14 @@ def mode(ragged: bool = False, probe: Probe | None = None) -> dict:
     return {**({RAGGED: True} if ragged else {}), **({PROBE: probe} if probe is not None else {})}
 
 
-def require_full_attention(model: PreTrainedModel, name: str) -> None:
-    """ValueError unless every layer of the model attends to its whole cache (no sliding window:
-    its layers keep their own windows, which a per-layer prefix cut would corrupt)."""
+def full_attention(model: PreTrainedModel) -> bool:
+    """Whether every layer of the model attends to its whole cache (no sliding window: its layers
+    keep their own windows, which a per-layer prefix cut would corrupt)."""
     types = getattr(model.config, "layer_types", None) or []
-    if getattr(model.config, "sliding_window", None) or any(t != "full_attention" for t in types):
+    return not getattr(model.config, "sliding_window", None) and all(t == "full_attention" for t in types)
+
+
+def require_full_attention(model: PreTrainedModel, name: str) -> None:
+    """ValueError unless the model has full attention in every layer (full_attention)."""
+    if not full_attention(model):
         raise Unsupported(f"{name} has sliding-window layers; selective injection supports full attention only")

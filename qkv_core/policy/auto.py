@@ -28,9 +28,9 @@ def check_candidates(names: list[str]) -> list[str]:
     """The configured candidates, or a clear error for one auto cannot predict."""
     for name in names:
         kind = registry.adaptive(name)
-        known = name in (TEXT, "fp16", "fp32") or name.startswith("kivi-") or (kind and kind.allocator == "budget")
+        known = name in (TEXT, "fp16", "fp32") or name.startswith("kivi-") or (kind and kind.allocator == "budget" and not kind.tools)
         if not known or name == AUTO:
-            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B and budget-B only")
+            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B and budget-B (without tools) only")
         if kind is None and name != TEXT:
             registry.resolve(name, 1)  # kivi-9 and the like fail here, at start
     if TEXT not in names and "fp16" not in names and "fp32" not in names:

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=8, help="calibration rows taken from --data")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per calibration text")
     p.add_argument("--out", type=Path, help="profile file (default: the model's profile in the cache, used by the sender)")
+    p.add_argument("--tools", default="", help="codec: the lossy tools every measured codec has, e.g. +rot+prerope "
+                   "(the profile budget-B+rot+prerope reads); default none")
     p.add_argument("--allocate", help="also write this adaptive codec's allocation, e.g. budget-3 or seed-adaptive")
     p.add_argument("--tokens", type=int, default=1024, help="context length the --allocate budget is met at")
     p.add_argument("--codec-out", type=Path, default=Path("codec.json"), help="where --allocate writes (usable as --codec)")
@@ -69,21 +71,27 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
     from qkv_core.codec.registry import adaptive, save_layers  # noqa: PLC0415
     from qkv_core.engine import calibration  # noqa: PLC0415
 
-    profile = calibration.calibrate(lm, samples, args.max_tokens)
-    out = args.out or allocation.Profile.default_path(lm.fingerprint)
+    kind = adaptive(args.allocate) if args.allocate else None
+    if args.allocate and (kind is None or kind.needs_probe or kind.entropy):
+        raise SystemExit("--allocate takes seed-adaptive or budget-B[+rot][+prerope] (tokenmix depends on each context's "
+                         "attention, +zstd on its values)")
+    tools = kind.profile_tools if kind else args.tools
+    if args.tools and args.tools != tools:
+        raise SystemExit(f"--allocate {args.allocate} reads a profile calibrated with {tools or 'no tools'}, not {args.tools}")
+    profile = calibration.calibrate(lm, samples, args.max_tokens, tools)
+    out = args.out or allocation.Profile.path_for(lm.fingerprint, None, tools)
     profile.save(out)
-    print(f"profile of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
-    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " |  (KIVI: next-token KL, nats, one tensor quantized)")
-    print("|---|" + "---|" * len(allocation.BITS))
+    print(f"profile{tools} of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
+    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " | dropped |  (KIVI: next-token KL, nats, one tensor "
+          "quantized or one layer dropped)")
+    print("|---|" + "---|" * (len(allocation.BITS) + 1))
     for i in range(profile.num_layers):
         kl = profile.sensitivity
-        print(f"| {i} | " + " | ".join(f"{kl['key'][str(b)][i]:.4f}/{kl['value'][str(b)][i]:.4f}" for b in allocation.BITS) + " |")
-    if args.allocate:
-        kind = adaptive(args.allocate)
-        if kind is None or kind.needs_probe:
-            raise SystemExit("--allocate takes seed-adaptive or budget-B (tokenmix depends on each context's attention)")
-        shape = (lm.fingerprint.num_kv_heads, args.tokens, lm.fingerprint.head_dim)
-        layers, _ = allocation.allocate(kind, profile, [shape] * lm.num_layers)
+        dropped = f"{profile.dropped[i]:.4f}" if profile.dropped else "-"
+        print(f"| {i} | " + " | ".join(f"{kl['key'][str(b)][i]:.4f}/{kl['value'][str(b)][i]:.4f}" for b in allocation.BITS) + f" | {dropped} |")
+    if kind is not None:
+        shapes = [(lm.fingerprint.num_kv_heads, args.tokens, lm.fingerprint.head_dim)] * lm.num_layers
+        layers = allocation.budget(profile, kind, shapes).layers if kind.allocator == "budget" else allocation.seed_adaptive(profile)
         save_layers(args.codec_out, layers, note=f"{args.allocate} for {lm.fingerprint.name} at {args.tokens} tokens")
         print(f"{args.allocate} at {args.tokens} tokens -> {args.codec_out} (use it as --codec {args.codec_out})")
     return 0

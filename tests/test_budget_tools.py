@@ -1,0 +1,138 @@
+"""budget-B beyond plain widths: a profile measured with codec tools (+rot, +prerope), dropped
+layers competing with coded ones, and the card's header and framing inside the budget."""
+import math
+
+import pytest
+from conftest import synthetic_profile, tiny_model
+
+from qkv_core import calibration_data
+from qkv_core.card.framing import frames, overhead_bound
+from qkv_core.codec import allocation
+from qkv_core.codec.allocation import CardTarget
+from qkv_core.codec.quant import encoded_size
+from qkv_core.codec.registry import adaptive
+from qkv_core.engine import calibration
+from qkv_core.engine.receiver import ReceiverEngine
+from qkv_core.engine.selection import keep_prefix
+from qkv_core.engine.sender import SenderEngine
+from qkv_core.errors import RequestError
+from qkv_core.model.kv import next_logits, prefill
+from qkv_core.model.prompt import encode
+
+SAMPLES = calibration_data.samples()[:2]
+CONTEXT = calibration_data.samples()[0][0]
+TOOLS = "+rot+prerope"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model(layers=6, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def profiles(lm):
+    return {tools: calibration.calibrate(lm, SAMPLES, max_tokens=96, tools=tools) for tools in ("", TOOLS)}
+
+
+def _payload_bits(layers, shapes, kept=None):
+    kept = range(len(shapes)) if kept is None else kept
+    total = sum(encoded_size(c, *shapes[i]) for i in kept for c in (layers[i].key, layers[i].value))
+    return 8 * total / (2 * sum(math.prod(s) for s in shapes))
+
+
+def test_a_profile_measured_with_tools_allocates_codecs_with_them(lm, profiles):
+    plain, tooled = profiles[""], profiles[TOOLS]
+    assert (plain.tools, tooled.tools) == ("", TOOLS)
+    for kind in ("key", "value"):  # K is rotated and pre-RoPE, V rotated: both measure differently
+        assert tooled.sensitivity[kind]["2"] != plain.sensitivity[kind]["2"]
+    shapes = [(lm.fingerprint.num_kv_heads, 300, lm.fingerprint.head_dim)] * 6
+    kind = adaptive(f"budget-3{TOOLS}")
+    layers = allocation.budget(tooled, kind, shapes).layers
+    coded = [(c, k) for layer in layers for c, k in ((layer.key, "key"), (layer.value, "value")) if not c.is_float]
+    assert coded and all(c.rotation and c.pre_rope == (k == "key") for c, k in coded)
+    assert 2.9 <= _payload_bits(layers, shapes) <= 3.0  # the tools cost no bytes
+    with pytest.raises(ValueError, match="calibrated with"):
+        allocation.budget(plain, kind, shapes)
+
+
+def test_the_sender_calibrates_a_profile_per_tool_set_and_the_receiver_reads_its_card(lm, profiles, tmp_path):
+    path = tmp_path / "codec.json"
+    profiles[""].save(path)
+    sender = SenderEngine(lm, profile_path=path)
+    card = sender.prepare(CONTEXT, f"budget-4{TOOLS}+zstd")
+    beside = tmp_path / f"codec{TOOLS}.json"
+    assert beside.exists() and allocation.Profile.load(beside, lm.fingerprint).tools == TOOLS
+    key = card.header.layers[0].key
+    assert key.pre_rope and key.rotation_seed and card.header.codec == f"budget-4{TOOLS}+zstd"
+    stored = ReceiverEngine(lm).accept(frames(card.header, card.blobs)).kv
+    kv, _ = prefill(lm, sender.context_ids(CONTEXT))
+    for a, b in zip(kv.keys + kv.values, stored.keys + stored.values):
+        assert (a - b).norm() / a.norm() < 0.2  # 4 bits and up, RoPE put back at the right positions
+
+
+def test_layers_are_dropped_below_the_all_2_bit_card_cheapest_to_lose_first():
+    shapes = [(3, 400, 64)] * 30
+    harm = [0.01 * (i + 1) for i in range(30)]  # layer 0 is the cheapest to lose
+    may_drop = CardTarget(may_drop=True)
+    got = allocation.budget(synthetic_profile(dropped=harm), adaptive("budget-1"), shapes, may_drop)
+    assert got.selected is not None and 0 < len(got.selected) < 30
+    assert got.selected == list(range(30 - len(got.selected), 30))
+    assert 0.95 <= _payload_bits(got.layers, shapes, got.selected) <= 1.0
+    with pytest.raises(RequestError, match="below the smallest allocation"):
+        allocation.budget(synthetic_profile(dropped=harm), adaptive("budget-1"), shapes)  # the card may not drop
+    assert allocation.budget(synthetic_profile(dropped=harm), adaptive("budget-3"), shapes, may_drop).selected is None
+    # what a drop costs decides how many go: the cheaper, the more, and the kept ones coded wider
+    cheap = allocation.budget(synthetic_profile(dropped=[1e-6] * 30), adaptive("budget-1"), shapes, may_drop)
+    dear = allocation.budget(synthetic_profile(dropped=[1e3] * 30), adaptive("budget-1"), shapes, may_drop)
+    assert len(cheap.selected) < len(dear.selected)
+    width = lambda a: sum(a.layers[i].key.bits + a.layers[i].value.bits for i in a.selected) / len(a.selected)  # noqa: E731
+    assert width(cheap) > width(dear)
+
+
+def test_the_budget_pays_for_the_header():
+    shapes = [(3, 400, 64)] * 30
+    limit = 3 * 2 * sum(math.prod(s) for s in shapes) / 8
+    step = 3 * 400 * 64 / 8  # one tensor one bit wider
+    for overhead in (0, 20_000):
+        layers = allocation.budget(synthetic_profile(), adaptive("budget-3"), shapes, CardTarget(overhead_bytes=overhead)).layers
+        payload = sum(encoded_size(c, *s) for layer, s in zip(layers, shapes) for c in (layer.key, layer.value))
+        assert limit - overhead - step <= payload <= limit - overhead
+
+
+def test_a_card_with_dropped_layers_fits_its_budget_with_every_byte(lm, profiles, tmp_path):
+    """budget-B where the all-2-bit card does not fit: the card drops layers, its frames (header
+    and framing included) fit B bits per element, and the receiver fills the dropped layers with
+    its own header KV, as it does for a --layers card."""
+    path = tmp_path / "codec.json"
+    profiles[""].save(path)
+    assert len(profiles[""].dropped) == 6
+    sender, receiver = SenderEngine(lm, profile_path=path), ReceiverEngine(lm)
+    ids = sender.context_ids(CONTEXT)
+    elements = 2 * 6 * lm.fingerprint.num_kv_heads * len(ids) * lm.fingerprint.head_dim
+    card = sender.prepare(CONTEXT, "budget-1.5")
+    sent = [spec.receiver_layer for spec in card.header.layers]
+    wire = sum(f.ByteSize() for f in frames(card.header, card.blobs))
+    assert 0 < len(sent) < 6 and card.header.layer_selection == "budget-1.5"
+    assert 8 * wire / elements <= 1.5
+    prefix = card.header.shared_prefix_tokens
+    stored = receiver.accept(frames(card.header, card.blobs)).kv
+    assert [k.shape[1] for k in stored.keys] == [len(ids) if i in sent else prefix for i in range(6)]
+    kv, _ = prefill(lm, ids)
+    q = encode(lm.tokenizer, sender.prompt.query_part("What does the text say?"))
+    dropped_only = next_logits(lm, keep_prefix(kv, set(sent), prefix), q)
+    assert (next_logits(lm, stored, q) - dropped_only).abs().max() < (dropped_only.abs().max() * 0.5)
+    cross = sender.prepare(CONTEXT, "budget-1.5", receiver_layers=4)  # takes every layer its map reads: no drops
+    assert cross.header.layer_selection == "" and len(cross.header.layers) == len(set(cross.header.layer_sources))
+
+
+@pytest.mark.parametrize("codec", ["fp16", "kivi-2+zstd", "budget-3"])
+def test_the_overhead_bound_holds(lm, profiles, tmp_path, codec):
+    path = tmp_path / "codec.json"
+    profiles[""].save(path)
+    sender = SenderEngine(lm, profile_path=path)
+    card = sender.prepare(CONTEXT, codec)
+    wire = sum(f.ByteSize() for f in frames(card.header, card.blobs))
+    ids = sender.context_ids(CONTEXT)
+    kv, _ = prefill(lm, ids)
+    bound = overhead_bound(lm.fingerprint, ids, kv, codec)
+    assert wire - card.header.payload_bytes <= bound <= wire - card.header.payload_bytes + 100 * 6
