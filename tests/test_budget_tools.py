@@ -1,16 +1,20 @@
 """budget-B beyond plain widths: a profile measured with codec tools (+rot, +prerope), dropped
 layers competing with coded ones, and the card's header and framing inside the budget."""
+import argparse
 import math
 
 import pytest
+import torch
 from conftest import synthetic_profile, tiny_model
 
 from qkv_core import calibration_data
 from qkv_core.card.framing import frames, overhead_bound
+from qkv_core.card.header import codec_from_pb
 from qkv_core.codec import allocation
 from qkv_core.codec.allocation import CardTarget
+from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.quant import encoded_size
-from qkv_core.codec.registry import adaptive
+from qkv_core.codec.registry import adaptive, codec_files, resolve
 from qkv_core.engine import calibration
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.selection import keep_prefix
@@ -18,6 +22,7 @@ from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
 from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.prompt import encode
+from qkvcomm_cli.commands import calibrate as calibrate_cli
 
 SAMPLES = calibration_data.samples()[:2]
 CONTEXT = calibration_data.samples()[0][0]
@@ -55,19 +60,34 @@ def test_a_profile_measured_with_tools_allocates_codecs_with_them(lm, profiles):
         allocation.budget(plain, kind, shapes)
 
 
-def test_the_sender_calibrates_a_profile_per_tool_set_and_the_receiver_reads_its_card(lm, profiles, tmp_path):
+def test_the_sender_reads_the_profile_of_its_tools_and_the_receiver_reads_its_card(lm, profiles, tmp_path):
     path = tmp_path / "codec.json"
     profiles[""].save(path)
+    profiles[TOOLS].save(tmp_path / f"codec{TOOLS}.json")  # beside the plain one, where the sender looks
     sender = SenderEngine(lm, profile_path=path)
     card = sender.prepare(CONTEXT, f"budget-4{TOOLS}+zstd")
-    beside = tmp_path / f"codec{TOOLS}.json"
-    assert beside.exists() and allocation.Profile.load(beside, lm.fingerprint).tools == TOOLS
+    assert sender.profile(TOOLS) == profiles[TOOLS] and sender.profile() == profiles[""]
     key = card.header.layers[0].key
     assert key.pre_rope and key.rotation_seed and card.header.codec == f"budget-4{TOOLS}+zstd"
     stored = ReceiverEngine(lm).accept(frames(card.header, card.blobs)).kv
-    kv, _ = prefill(lm, sender.context_ids(CONTEXT))
-    for a, b in zip(kv.keys + kv.values, stored.keys + stored.values):
-        assert (a - b).norm() / a.norm() < 0.2  # 4 bits and up, RoPE put back at the right positions
+    ids = sender.context_ids(CONTEXT)
+    kv, _ = prefill(lm, ids)
+    for i, spec in enumerate(card.header.layers):  # what the codecs give back, RoPE restored at the context's positions
+        for kind, tensors, got in (("key", kv.keys, stored.keys), ("value", kv.values, stored.values)):
+            codec = codec_from_pb(getattr(spec, kind))
+            expected = reconstructed([tensors[i]], codec, lm.fingerprint, len(ids))[0]
+            assert torch.allclose(got[i].float(), expected.float(), atol=1e-5), (i, kind)
+
+
+def test_calibrate_codec_writes_a_tool_profile_and_its_allocation(lm, tmp_path):
+    args = argparse.Namespace(max_tokens=96, out=tmp_path / "p.json", tools="", allocate=f"budget-3{TOOLS}", tokens=256,
+                              codec_out=tmp_path / "codec.json")
+    assert calibrate_cli._calibrate_codec(args, lm, SAMPLES) == 0
+    assert allocation.Profile.load(args.out, lm.fingerprint).tools == TOOLS
+    layers = resolve(str(args.codec_out), 6, codec_files([str(args.codec_out)]))
+    assert all(layer.key.rotation and layer.key.pre_rope for layer in layers if not layer.key.is_float)
+    with pytest.raises(SystemExit, match="\\+zstd"):
+        calibrate_cli._calibrate_codec(argparse.Namespace(**{**vars(args), "allocate": "budget-3+zstd"}), lm, SAMPLES)
 
 
 def test_layers_are_dropped_below_the_all_2_bit_card_cheapest_to_lose_first():

@@ -77,8 +77,9 @@ def test_the_codec_grammar():
     v_only = registry.resolve("k=2/channel;v=2/token+rot", 1)[0]  # the suffix is the last tensor's, not the name's
     assert not v_only.key.rotation and v_only.value.rotation
     assert registry.spec_of(spec.key) == "3/group/16+rot" and registry.spec_of(registry.resolve("fp16+rot", 1)[0].key) == "fp16+rot"
-    with pytest.raises(RequestError, match="profile is calibrated without it"):
-        registry.resolve("budget-3+rot", 3)  # allocated codecs are calibrated unrotated
+    with pytest.raises(RequestError, match="takes \\+zstd only"):
+        registry.adaptive("seed-adaptive+rot")  # its profile ranks unrotated per-tensor errors
+    assert registry.adaptive("budget-3+rot").profile_tools == "+rot"  # budget-B reads a rotated profile
 
 
 def test_a_rotated_fp16_card_answers_like_the_plain_one(tiny):
