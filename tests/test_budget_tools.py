@@ -155,4 +155,4 @@ def test_the_overhead_bound_holds(lm, profiles, tmp_path, codec):
     ids = sender.context_ids(CONTEXT)
     kv, _ = prefill(lm, ids)
     bound = overhead_bound(lm.fingerprint, ids, kv, codec)
-    assert wire - card.header.payload_bytes <= bound <= wire - card.header.payload_bytes + 100 * 6
+    assert wire - card.header.payload_bytes <= bound <= wire - card.header.payload_bytes + 250 * 6  # slack: room for levels

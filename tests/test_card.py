@@ -160,7 +160,7 @@ def test_a_card_names_its_context_by_the_digest_of_its_token_ids(tiny, made):
 def test_cards_with_version_3_tools_are_version_3_and_a_version_2_reader_refuses_them(tiny, made, monkeypatch):
     ids, kv, header, _ = made
     assert header.format_version == 2  # no tool a version-2 receiver would not undo: still readable by it
-    for name in ("kivi-4+rot", "kivi-4+zstd", "kivi-4+prerope"):
+    for name in ("kivi-4+rot", "kivi-4+zstd", "kivi-4+prerope", "kivi-4+lloyd"):
         tooled, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan(name, codecs.resolve(name, tiny.num_layers)))
         assert tooled.format_version == 3, name
         read(tiny, frames(tooled, blobs))

@@ -17,7 +17,9 @@ parts: the ordinary tokens at `bits`, then the salient tokens at `salient_bits`.
 bits=16 the blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless).
 Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
-With `rotation` (a seed) the tensor is rotated over head_dim first (qkv_core.codec.rotation) and
+With `levels` (non-uniform levels, qkv_core.codec.levels) a code c stands for zero + scale *
+qmax * levels[c] instead of zero + scale * c, and a value takes the nearest level's code; the
+layout is unchanged. With `rotation` (a seed) the tensor is rotated over head_dim first (qkv_core.codec.rotation) and
 everything above applies to the rotated tensor; decoding rotates back. The layout is unchanged.
 With `entropy` the codes are laid out in row order at an aligned width and the whole blob travels
 as one zstd frame (qkv_core.codec.entropy); `encoded_size` is then the frame's content size, and
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkv_core.codec import entropy
+from qkv_core.codec import entropy, levels
 from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
 from qkv_core.codec.rotation import rotate, unrotate
 from qkv_core.errors import RequestError
@@ -69,6 +71,9 @@ class TensorCodec:
     # keys only: the tensor is coded with RoPE removed, and applied again after decoding; the
     # layer codecs do both (qkv_core.codec.encoding), this module codes whatever it is given
     pre_rope: bool = False
+    # non-uniform levels (qkv_core.codec.levels): 2^bits fractions of a row's range, ascending
+    # within [0, 1]; () is uniform
+    levels: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
@@ -83,11 +88,15 @@ class TensorCodec:
             raise RequestError(f"a rotation seed is 1..2^32-1 (0: none), got {self.rotation}")
         if self.entropy not in iter(Entropy):
             raise RequestError(f"unknown entropy coder {self.entropy}")
+        if self.levels and (self.is_float or self.salient_bits or len(self.levels) != 1 << self.bits
+                            or not all(0.0 <= a < b <= 1.0 for a, b in zip(self.levels, self.levels[1:]))):
+            raise RequestError(f"non-uniform levels are 2^bits ascending fractions within [0, 1] of an integer codec "
+                               f"without salient tokens; got {len(self.levels)} for {self.bits} bits")
 
     @property
     def has_tools(self) -> bool:
-        """Rotated, entropy coded or pre-RoPE: what a reader must undo beyond the plain layout."""
-        return bool(self.rotation or self.entropy or self.pre_rope)
+        """Rotated, entropy coded, pre-RoPE or non-uniform: what a reader must undo beyond the plain layout."""
+        return bool(self.rotation or self.entropy or self.pre_rope or self.levels)
 
     @property
     def is_float(self) -> bool:
@@ -265,7 +274,10 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     # x <= zero + qmax * scale bounds the product by qmax + 1/2 plus a few fp32 ulps.
     # Codes below 128 go through int8: float->int8 is vectorized on the CPU, float->uint8
     # is not (0.75 vs 0.14 ms for 2M values).
-    codes = groups.sub_(zero.float() - s / 2).mul_(inv).to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
+    if codec.levels:  # the nearest of the non-uniform levels, from the value in code units
+        codes = levels.nearest(groups.sub_(zero.float()).mul_(inv), levels.code_units(codec.levels, groups.device)).to(torch.uint8)
+    else:
+        codes = groups.sub_(zero.float() - s / 2).mul_(inv).to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
     if _row_order(codec):
         codes = codes.view(n * heads, tokens, dim).transpose(1, 2).contiguous()
     scales, zeros = scale.view(n, rows).view(torch.uint8), zero.view(n, rows).view(torch.uint8)
@@ -320,7 +332,8 @@ def dequantize(
         scale, zero = take_float(rows).float(), take_float(rows).float()
         view, reduced = _group_shapes(codec, 1, heads, part_tokens, dim)
         stats = [1 if i == reduced else n for i, n in enumerate(view)]
-        decoded.append(codes.view(view).float().mul_(scale.view(stats)).add_(zero.view(stats)).view(heads, part_tokens, dim))
+        units = levels.code_units(codec.levels, codes.device)[codes.long()] if codec.levels else codes.float()
+        decoded.append(units.view(view).mul_(scale.view(stats)).add_(zero.view(stats)).view(heads, part_tokens, dim))
     if len(decoded) == 1:
         values = decoded[0]
     else:

@@ -11,7 +11,7 @@ A codec name is a preset, a spec string, or a JSON file:
                       budget-B+rot, +prerope, +zstd: with those tools, its profile calibrated with them
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
-                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope]: 4/channel,
+                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope][+lloyd]: 4/channel,
                       8/token, 3/group/32, 2/tensor+rot, or fp16 / fp32 alone (+prerope: k only);
                       the same for every layer
     NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) or budget-B with every tensor
@@ -19,6 +19,8 @@ A codec name is a preset, a spec string, or a JSON file:
     NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
                       (lossless, qkv_core.codec.entropy); +rot+zstd does both
     NAME+prerope      a static name above or budget-B with every K coded with RoPE removed (qkv_core.codec.rope)
+    NAME+lloyd        a static name above or budget-B with non-uniform (Lloyd-Max) levels at 1..4 bits
+                      (qkv_core.codec.levels)
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -35,6 +37,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qkv_core.codec.levels import LLOYD
 from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Entropy, Granularity, TensorCodec, encoded_size
 from qkv_core.errors import RequestError
 
@@ -48,6 +51,7 @@ _ADAPTIVE = re.compile(r"seed-adaptive|(budget|tokenmix)-(\d+(?:\.\d+)?)")
 ROTATED = "+rot"
 ENTROPY_CODED = "+zstd"
 PRE_ROPE = "+prerope"
+LLOYD_LEVELS = "+lloyd"
 ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
 
@@ -67,7 +71,8 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
-    tools = (ROTATED if c.rotation else "") + (ENTROPY_CODED if c.entropy else "") + (PRE_ROPE if c.pre_rope else "")
+    tools = "".join(tool for tool, has in ((ROTATED, c.rotation), (ENTROPY_CODED, c.entropy), (PRE_ROPE, c.pre_rope),
+                                           (LLOYD_LEVELS, c.levels)) if has)
     if c.is_float:
         return f"fp{c.bits}{tools}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
@@ -104,7 +109,13 @@ def pre_rope(c: TensorCodec) -> TensorCodec:
     return dataclasses.replace(c, pre_rope=True)
 
 
-_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope}  # suffix -> what it does to a tensor codec
+def lloyd_levels(c: TensorCodec) -> TensorCodec:
+    """Non-uniform levels from the Lloyd-Max table, for integer widths it has (1..4; wider stay uniform)."""
+    return dataclasses.replace(c, levels=LLOYD[c.bits]) if not c.is_float and c.bits in LLOYD else c
+
+
+# suffix -> what it does to a tensor codec
+_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope, LLOYD_LEVELS: lloyd_levels}
 _KEYS_ONLY = {PRE_ROPE}
 
 
@@ -193,7 +204,7 @@ def adaptive(name: str) -> Adaptive | None:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
     if family != "budget" and set(tools) - {ENTROPY_CODED}:
-        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED} and {PRE_ROPE} apply to static "
+        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE} and {LLOYD_LEVELS} apply to static "
                            "codecs and to budget-B, whose profile is calibrated with them")
     return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], tools)
 
@@ -229,7 +240,7 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope), "
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, +lloyd), "
         "seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like 'k=4/channel;v=4/token+rot' "
         "or a configured codec .json file"
     )
@@ -253,6 +264,7 @@ TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
     f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded Hadamard transform",
     f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
     f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
+    f"NAME{LLOYD_LEVELS}": "NAME (a static codec or budget-B) with non-uniform (Lloyd-Max) levels at 1..4 bits",
 }
 
 

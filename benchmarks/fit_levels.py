@@ -1,0 +1,50 @@
+"""Fit the `+lloyd` level tables (qkv_core.codec.levels.LLOYD) on the bundled calibration texts.
+
+The KV of SmolLM2-135M (the embedded model) for each text, rotated (seed 1) with K pre-RoPE,
+the layouts kivi-B codes (K per channel, V per token), each row scaled to [0, 1] by its own
+min and max; Lloyd-Max levels of the pooled values per width, rounded to multiples of 1/4096.
+Usage: .venv/bin/python benchmarks/fit_levels.py
+"""
+from __future__ import annotations
+
+import torch
+
+from qkv_core import calibration_data
+from qkv_core.codec import rope
+from qkv_core.codec.levels import lloyd_max
+from qkv_core.codec.registry import ROTATION_SEED
+from qkv_core.codec.rotation import rotate
+from qkv_core.config import RuntimeConfig
+from qkv_core.model.kv import prefill
+from qkv_core.model.loading import load_model
+from qkv_core.model.prompt import PromptFormat, encode
+
+SAMPLE = 4_000_000  # values per fit, drawn from the pooled rows
+
+
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    return ((rows - lo) / (hi - lo).clamp_min(1e-12)).flatten()
+
+
+def main() -> None:
+    lm = load_model(RuntimeConfig())
+    fmt = PromptFormat.for_tokenizer(lm.tokenizer)
+    pooled = []
+    for text in calibration_data.texts():
+        ids = encode(lm.tokenizer, fmt.context_part(text))[:1024]
+        kv, _ = prefill(lm, ids)
+        for k, v in zip(kv.keys, kv.values):
+            k = rotate(rope.apply(k.float(), rope.inv_freq(lm.fingerprint), 0, -1.0), ROTATION_SEED)
+            v = rotate(v.float(), ROTATION_SEED)
+            pooled += [_unit_rows(k.transpose(1, 2).reshape(-1, k.shape[1])), _unit_rows(v.reshape(-1, v.shape[2]))]
+    values = torch.cat(pooled)
+    sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE]]
+    print(f"# {values.numel()} values from {len(calibration_data.texts())} texts; Lloyd-Max on {sample.numel()}")
+    for bits in (1, 2, 3, 4):
+        levels = [round(float(x) * 4096) / 4096 for x in lloyd_max(sample, 1 << bits)]
+        print(f"    {bits}: ({', '.join(repr(x) for x in levels)}),")
+
+
+if __name__ == "__main__":
+    main()
