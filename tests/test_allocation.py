@@ -66,7 +66,7 @@ def test_seed_adaptive_gives_the_most_sensitive_layers_the_most_bits(profile):
 def test_budget_meets_its_target_within_005_bits(wide_profile, target, tokens):
     shapes = [(3, tokens, 64)] * 30
     try:
-        layers = allocation.budget(wide_profile, _kind(target), shapes).layers
+        layers = allocation.budget([wide_profile], _kind(target), shapes).layers
     except ValueError as e:  # only when even all-2-bit does not fit (short contexts pay for scales)
         assert "below the smallest allocation" in str(e)
         assert _bits([resolve("kivi-2", 1)[0]] * 30, shapes) > target
@@ -79,7 +79,7 @@ def test_budget_buys_error_where_it_is_cheapest(profile):
     shapes = [(2, 300, 16)] * 3
     err = {}
     for target in (3.5, 4.5, 6.0):
-        layers = allocation.budget(profile, _kind(target), shapes).layers
+        layers = allocation.budget([profile], _kind(target), shapes).layers
         assert _bits(layers, shapes) <= target
         err[target] = sum(
             0.0 if c.bits == FP16_BITS else profile.sensitivity[kind][str(c.bits)][i]
@@ -129,7 +129,7 @@ def test_adaptive_cards_round_trip_through_the_receiver(tmp_path):
 
 
 def test_codec_files_carry_an_allocation(profile, tmp_path):
-    layers = allocation.budget(profile, _kind(3.5), [(2, 300, 16)] * 3).layers
+    layers = allocation.budget([profile], _kind(3.5), [(2, 300, 16)] * 3).layers
     path = tmp_path / "alloc.json"
     save_layers(path, layers, note="budget-3.5")
     files = codec_files([str(path)])
@@ -143,10 +143,10 @@ def test_one_bit_tensors_are_a_last_resort(wide_profile):
     contexts): a budget below it spends 1-bit tensors to fit, one above it never does."""
     shapes = [(3, 40, 64)] * 30
     assert 2.6 < _bits([resolve("kivi-2", 1)[0]] * 30, shapes) < 2.7
-    tight = allocation.budget(wide_profile, _kind(2.3), shapes).layers
+    tight = allocation.budget([wide_profile], _kind(2.3), shapes).layers
     assert 2.25 <= _bits(tight, shapes) <= 2.3
     assert any(c.bits == 1 for layer in tight for c in (layer.key, layer.value))
-    roomy = allocation.budget(wide_profile, _kind(3.0), shapes).layers
+    roomy = allocation.budget([wide_profile], _kind(3.0), shapes).layers
     assert min(c.bits for layer in roomy for c in (layer.key, layer.value)) >= 2
     with pytest.raises(ValueError, match="below the smallest allocation"):
-        allocation.budget(wide_profile, _kind(1.5), shapes).layers  # every tensor at 1 bit is the floor
+        allocation.budget([wide_profile], _kind(1.5), shapes).layers  # every tensor at 1 bit is the floor

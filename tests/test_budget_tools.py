@@ -1,6 +1,7 @@
 """budget-B beyond plain widths: a profile measured with codec tools (+rot, +prerope), dropped
 layers competing with coded ones, and the card's header and framing inside the budget."""
 import argparse
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from qkv_core.card.header import codec_from_pb
 from qkv_core.codec import allocation
 from qkv_core.codec.allocation import CardTarget
 from qkv_core.codec.encoding import reconstructed
+from qkv_core.codec.levels import LLOYD
 from qkv_core.codec.quant import encoded_size
 from qkv_core.codec.registry import adaptive, codec_files, resolve
 from qkv_core.engine import calibration
@@ -52,12 +54,12 @@ def test_a_profile_measured_with_tools_allocates_codecs_with_them(lm, profiles):
         assert tooled.sensitivity[kind]["2"] != plain.sensitivity[kind]["2"]
     shapes = [(lm.fingerprint.num_kv_heads, 300, lm.fingerprint.head_dim)] * 6
     kind = adaptive(f"budget-3{TOOLS}")
-    layers = allocation.budget(tooled, kind, shapes).layers
+    layers = allocation.budget([tooled], kind, shapes).layers
     coded = [(c, k) for layer in layers for c, k in ((layer.key, "key"), (layer.value, "value")) if not c.is_float]
     assert coded and all(c.rotation and c.pre_rope == (k == "key") for c, k in coded)
     assert 2.9 <= _payload_bits(layers, shapes) <= 3.0  # the tools cost no bytes
     with pytest.raises(ValueError, match="calibrated with"):
-        allocation.budget(plain, kind, shapes)
+        allocation.budget([plain], kind, shapes)
 
 
 def test_the_sender_reads_the_profile_of_its_tools_and_the_receiver_reads_its_card(lm, profiles, tmp_path):
@@ -79,6 +81,22 @@ def test_the_sender_reads_the_profile_of_its_tools_and_the_receiver_reads_its_ca
             assert torch.allclose(got[i].float(), expected.float(), atol=1e-5), (i, kind)
 
 
+def test_with_lloyd_each_tensor_takes_the_levels_its_profiles_favour():
+    """budget-B+lloyd reads the profile with and the one without Lloyd-Max levels and offers both
+    to every tensor. Here (as on SmolLM2 at 2-3 bits) the levels halve V's KL and double K's."""
+    uniform = dataclasses.replace(synthetic_profile(), tools="+rot")
+    scaled = {kind: {b: [e * (2.0 if kind == "key" else 0.5) for e in errs] for b, errs in by_bits.items()}
+              for kind, by_bits in uniform.sensitivity.items()}
+    lloyd = dataclasses.replace(uniform, tools="+rot+lloyd", sensitivity=scaled)
+    kind = adaptive("budget-2.5+rot+lloyd")
+    assert kind.profile_sets == ("+rot", "+rot+lloyd")
+    layers = allocation.budget([uniform, lloyd], kind, [(3, 400, 64)] * 30).layers
+    assert all(layer.key.levels == () and layer.key.rotation for layer in layers)
+    assert all(layer.value.levels == LLOYD[layer.value.bits] for layer in layers if layer.value.bits in LLOYD)
+    with pytest.raises(ValueError, match="needs profiles calibrated with"):
+        allocation.budget([lloyd], kind, [(3, 400, 64)] * 30)
+
+
 def test_calibrate_codec_writes_a_tool_profile_and_its_allocation(lm, tmp_path):
     args = argparse.Namespace(max_tokens=96, out=tmp_path / "p.json", tools="", allocate=f"budget-3{TOOLS}", tokens=256,
                               codec_out=tmp_path / "codec.json")
@@ -94,16 +112,16 @@ def test_layers_are_dropped_below_the_all_2_bit_card_cheapest_to_lose_first():
     shapes = [(3, 400, 64)] * 30
     harm = [0.01 * (i + 1) for i in range(30)]  # layer 0 is the cheapest to lose
     may_drop = CardTarget(may_drop=True)
-    got = allocation.budget(synthetic_profile(dropped=harm), adaptive("budget-1"), shapes, may_drop)
+    got = allocation.budget([synthetic_profile(dropped=harm)], adaptive("budget-1"), shapes, may_drop)
     assert got.selected is not None and 0 < len(got.selected) < 30
     assert got.selected == list(range(30 - len(got.selected), 30))
     assert 0.95 <= _payload_bits(got.layers, shapes, got.selected) <= 1.0
     with pytest.raises(RequestError, match="below the smallest allocation"):
-        allocation.budget(synthetic_profile(dropped=harm), adaptive("budget-1"), shapes)  # the card may not drop
-    assert allocation.budget(synthetic_profile(dropped=harm), adaptive("budget-3"), shapes, may_drop).selected is None
+        allocation.budget([synthetic_profile(dropped=harm)], adaptive("budget-1"), shapes)  # the card may not drop
+    assert allocation.budget([synthetic_profile(dropped=harm)], adaptive("budget-3"), shapes, may_drop).selected is None
     # what a drop costs decides how many go: the cheaper, the more, and the kept ones coded wider
-    cheap = allocation.budget(synthetic_profile(dropped=[1e-6] * 30), adaptive("budget-1"), shapes, may_drop)
-    dear = allocation.budget(synthetic_profile(dropped=[1e3] * 30), adaptive("budget-1"), shapes, may_drop)
+    cheap = allocation.budget([synthetic_profile(dropped=[1e-6] * 30)], adaptive("budget-1"), shapes, may_drop)
+    dear = allocation.budget([synthetic_profile(dropped=[1e3] * 30)], adaptive("budget-1"), shapes, may_drop)
     assert len(cheap.selected) < len(dear.selected)
     width = lambda a: sum(a.layers[i].key.bits + a.layers[i].value.bits for i in a.selected) / len(a.selected)  # noqa: E731
     assert width(cheap) > width(dear)
@@ -114,7 +132,7 @@ def test_the_budget_pays_for_the_header():
     limit = 3 * 2 * sum(math.prod(s) for s in shapes) / 8
     step = 3 * 400 * 64 / 8  # one tensor one bit wider
     for overhead in (0, 20_000):
-        layers = allocation.budget(synthetic_profile(), adaptive("budget-3"), shapes, CardTarget(overhead_bytes=overhead)).layers
+        layers = allocation.budget([synthetic_profile()], adaptive("budget-3"), shapes, CardTarget(overhead_bytes=overhead)).layers
         payload = sum(encoded_size(c, *s) for layer, s in zip(layers, shapes) for c in (layer.key, layer.value))
         assert limit - overhead - step <= payload <= limit - overhead
 

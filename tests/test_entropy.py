@@ -99,7 +99,7 @@ def test_the_grammar():
         registry.adaptive("tokenmix-3+rot")
     assert registry.adaptive("budget-3") is not None and not registry.adaptive("budget-3").entropy
     kv = KVCache([torch.randn(2, 200, 16)] * 2, [torch.randn(2, 200, 16)] * 2)
-    layers = allocate(registry.adaptive("tokenmix-6+zstd"), None, kv, torch.rand(200)).layers
+    layers = allocate(registry.adaptive("tokenmix-6+zstd"), [], kv, torch.rand(200)).layers
     assert all(t.entropy == ZSTD for c in layers for t in (c.key, c.value))
 
 
@@ -187,7 +187,7 @@ def test_a_coded_budget_holds_on_the_wire_after_coding():
     elements = 2 * 30 * 3 * 400 * 64
 
     def wire_bits(name):
-        layers = allocate(registry.adaptive(name), synthetic_profile(), kv).layers
+        layers = allocate(registry.adaptive(name), [synthetic_profile()], kv).layers
         blobs = encode_layers(kv, layers, range(30))
         return 8 * sum(len(k) + len(v) for k, v in blobs) / elements, sum(c.key.bits + c.value.bits for c in layers)
 

@@ -35,7 +35,7 @@ Allocators:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +43,7 @@ import torch
 
 from qkv_core.codec.encoding import encode_tensors, rope_removed
 from qkv_core.codec.quant import FP16_BITS, TensorCodec, encoded_size
-from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec, entropy_coded, tooled, with_tools
+from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec, entropy_coded, split_tools, tooled, with_tools
 from qkv_core.errors import RequestError
 from qkv_core.profile_file import ProfileFile
 from qkv_core.types import Fingerprint, KVCache
@@ -138,6 +138,15 @@ def coded_sizer(kv: KVCache, card: CardTarget) -> Sizer:
 Option = tuple[TensorCodec, int, float]  # (codec, bytes, calibrated error)
 
 
+def _frontier(menu: list[Option]) -> list[Option]:
+    """The options no other beats on both bytes and error, cheapest first."""
+    out: list[Option] = []
+    for option in sorted(menu, key=lambda o: (o[1], o[2])):
+        if not out or option[2] < out[-1][2]:
+            out.append(option)
+    return out
+
+
 def _greedy(menus: list[list[Option]], limit: float) -> list[int] | None:
     """Per menu the option chosen (menus cheapest first), buying the upgrade with the largest error
     cut per extra byte that still fits, from the cheapest; None if the cheapest do not fit."""
@@ -151,7 +160,7 @@ def _greedy(menus: list[list[Option]], limit: float) -> list[int] | None:
             _, size, err = menu[choice[i]]
             for j in range(choice[i] + 1, len(menu)):
                 extra, cut = menu[j][1] - size, err - menu[j][2]
-                gain = cut / extra if extra > 0 else math.inf if cut > 0 else 0.0  # coded sizes need not grow with width
+                gain = cut / extra
                 if total + extra <= limit and gain > best_gain:
                     best, best_gain = (i, j), gain
         if best is None:
@@ -161,34 +170,41 @@ def _greedy(menus: list[list[Option]], limit: float) -> list[int] | None:
         choice[i] = j
 
 
-def budget(profile: Profile, kind: Adaptive, shapes: list[Shape], card: CardTarget = CardTarget(),
+def budget(profiles: Sequence[Profile], kind: Adaptive, shapes: list[Shape], card: CardTarget = CardTarget(),
            coded: Sizer | None = None) -> Allocation:
     """Per-tensor widths for K per channel / V per token, with kind's tools, that fit kind.bits bits
     per element (every layer's payload, scales and zero points, and card.overhead_bytes) and cut
-    the most calibrated error. With `coded`, every option is entropy coded and `coded` gives its
-    bytes. Below the all-2-bit card, 1-bit tensors and (card.may_drop) dropped layers compete too:
-    the d layers whose loss costs least are dropped, for the d whose allocation errs least."""
-    if len(shapes) != profile.num_layers:
-        raise ValueError(f"the profile has {profile.num_layers} layers, the cache {len(shapes)}")
-    if profile.tools != kind.profile_tools:
-        raise ValueError(f"{kind.allocator}{kind.profile_tools} needs a profile calibrated with {kind.profile_tools or 'no tools'}, "
-                         f"not {profile.tools or 'none'}")
-    options: list[list[Option]] = []  # per tensor (every K, then every V), cheapest first
+    the most calibrated error. `profiles`: one per kind.profile_sets, each offering its codecs
+    to every tensor. With `coded`, every option is entropy coded and `coded` gives its bytes.
+    Below the all-2-bit card, 1-bit tensors and (card.may_drop) dropped layers compete too: the d
+    layers whose loss costs least are dropped, for the d whose allocation errs least."""
+    if [p.tools for p in profiles] != list(kind.profile_sets):
+        raise ValueError(f"{kind.allocator}{kind.profile_tools} needs profiles calibrated with "
+                         f"{' and '.join(t or 'no tools' for t in kind.profile_sets)}, not {[p.tools or 'none' for p in profiles]}")
+    if any(len(shapes) != p.num_layers for p in profiles):
+        raise ValueError(f"the profile has {profiles[0].num_layers} layers, the cache {len(shapes)}")
+    options: list[list[Option]] = []  # per tensor (every K, then every V)
     for kv_kind in KINDS:
-        per_width = []
-        for bits in (*profile.widths(kv_kind), FP16_BITS):
-            codec = TensorCodec(FP16_BITS) if bits == FP16_BITS else tooled(getattr(KIVI(bits), kv_kind), kv_kind, kind.tools)
+        per_codec = []
+        for profile in profiles:
+            tools = split_tools(profile.tools)[1]  # its lossy tools; +zstd is `coded`
+            for bits in profile.widths(kv_kind):
+                codec = tooled(getattr(KIVI(bits), kv_kind), kv_kind, tools)
+                per_codec.append((codec, profile.sensitivity[kv_kind][str(bits)]))
+        per_codec.append((TensorCodec(FP16_BITS), [0.0] * len(shapes)))
+        per_option = []
+        for codec, errors in per_codec:
             codec = entropy_coded(codec) if coded else codec
             sizes = coded(kv_kind, codec) if coded else [encoded_size(codec, *shape) for shape in shapes]
-            errors = [0.0] * len(shapes) if bits == FP16_BITS else profile.sensitivity[kv_kind][str(bits)]
-            per_width.append([(codec, size, err) for size, err in zip(sizes, errors)])
-        options.extend(list(layer) for layer in zip(*per_width))
+            per_option.append([(codec, size, err) for size, err in zip(sizes, errors)])
+        options.extend(list(layer) for layer in zip(*per_option))
     limit = kind.bits * 2 * sum(math.prod(s) for s in shapes) / 8 - card.overhead_bytes
-    last_resort = sum(next(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) > limit
+    last_resort = sum(min(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) > limit
     if not last_resort:
         options = [[o for o in menu if o[0].bits > LAST_RESORT_BITS] for menu in options]
+    options = [_frontier(menu) for menu in options]
     n = len(shapes)
-    harm = profile.dropped if last_resort and card.may_drop and profile.dropped else []
+    harm = profiles[0].dropped if last_resort and card.may_drop else []
     order = sorted(range(n), key=harm.__getitem__) if harm else []  # cheapest to lose first
     best: tuple[float, list[int], list[int]] | None = None  # (error, layers kept, choice per kept tensor)
     for drops in range(max(1, len(order))):  # keep one layer at least
@@ -255,21 +271,19 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor, overh
     return [layer(low)] * len(shapes), sorted(ranked[:lo])
 
 
-def allocate(kind: Adaptive, profile: Profile | None, kv: KVCache, importance: torch.Tensor | None = None,
+def allocate(kind: Adaptive, profiles: Sequence[Profile], kv: KVCache, importance: torch.Tensor | None = None,
              card: CardTarget = CardTarget()) -> Allocation:
-    """The allocation of an adaptive codec for this cache. `profile` when kind.needs_profile (calibrated
-    with kind.profile_tools), `importance` (the attention each context token receives) when
+    """The allocation of an adaptive codec for this cache. `profiles` (one per kind.profile_sets)
+    when kind.needs_profile, `importance` (the attention each context token receives) when
     kind.needs_probe. With kind.entropy every tensor is entropy coded: budget-B counts the coded
     bytes, the others allocate as without and then code."""
     shapes = [tuple(k.shape) for k in kv.keys]
     if kind.allocator == "budget":
-        assert profile is not None
-        return budget(profile, kind, shapes, card, coded_sizer(kv, card) if kind.entropy else None)
+        return budget(profiles, kind, shapes, card, coded_sizer(kv, card) if kind.entropy else None)
     if kind.needs_probe:
         if importance is None:
             raise RequestError(f"{kind.allocator} needs the sender's attention probe")
         layers, salient = tokenmix(kind.bits, shapes, importance, card.overhead_bytes)
     else:
-        assert profile is not None
-        layers, salient = seed_adaptive(profile), []
+        layers, salient = seed_adaptive(profiles[0]), []
     return Allocation(with_tools(layers, kind.tools), salient)

@@ -182,6 +182,13 @@ class Adaptive:
         """The lossy tools its profile is calibrated with ('' for none); +zstd is lossless and moves no error."""
         return "".join(t for t in self.tools if t != ENTROPY_CODED)
 
+    @property
+    def profile_sets(self) -> tuple[str, ...]:
+        """The tool sets of the profiles it reads: profile_tools, and with +lloyd the same without it
+        first, so that each tensor takes uniform or Lloyd-Max levels, whichever cuts more error per byte."""
+        tools = self.profile_tools
+        return (tools.replace(LLOYD_LEVELS, ""), tools) if LLOYD_LEVELS in self.tools else (tools,)
+
 
 # family -> (needs_profile, needs_probe)
 _FAMILIES = {"seed-adaptive": (True, False), "budget": (True, False), "tokenmix": (False, True)}

@@ -162,8 +162,8 @@ class SenderEngine:
         kind = codecs.adaptive(codec_name)
         if kind is None:
             return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers, self.codec_files))
-        profile = self.profile(kind.profile_tools) if kind.needs_profile else None
-        a = allocation.allocate(kind, profile, kv, importance, card)
+        profiles = [self.profile(tools) for tools in kind.profile_sets] if kind.needs_profile else []
+        a = allocation.allocate(kind, profiles, kv, importance, card)
         return CardPlan(codec_name, a.layers, a.salient, a.selected, selection="" if a.selected is None else codec_name)
 
     def plan(self, codec_name: str, ids: list[int], kv: KVCache, importance: torch.Tensor | None, may_drop: bool = False,

@@ -23,7 +23,7 @@ def candidate_layers(name: str, profile: Profile, fp: Fingerprint, tokens: int) 
         return registry.resolve(name, fp.num_layers)
     if kind.allocator != "budget":
         raise RequestError(f"{name} has no quality prediction; auto candidates are text, fp16, kivi-B and budget-B")
-    return budget(profile, kind, [(fp.num_kv_heads, tokens, fp.head_dim)] * fp.num_layers).layers
+    return budget([profile], kind, [(fp.num_kv_heads, tokens, fp.head_dim)] * fp.num_layers).layers
 
 
 def quality_loss(layers: list[LayerCodec], profile: Profile) -> float:

@@ -75,6 +75,9 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
     if args.allocate and (kind is None or kind.needs_probe or kind.entropy):
         raise SystemExit("--allocate takes seed-adaptive or budget-B[+rot][+prerope] (tokenmix depends on each context's "
                          "attention, +zstd on its values)")
+    if kind is not None and len(kind.profile_sets) > 1:
+        raise SystemExit(f"--allocate {args.allocate} reads {len(kind.profile_sets)} profiles "
+                         f"({', '.join(t or 'plain' for t in kind.profile_sets)}): calibrate each with --tools")
     tools = kind.profile_tools if kind else args.tools
     if args.tools and args.tools != tools:
         raise SystemExit(f"--allocate {args.allocate} reads a profile calibrated with {tools or 'no tools'}, not {args.tools}")
@@ -91,7 +94,7 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
         print(f"| {i} | " + " | ".join(f"{kl['key'][str(b)][i]:.4f}/{kl['value'][str(b)][i]:.4f}" for b in allocation.BITS) + f" | {dropped} |")
     if kind is not None:
         shapes = [(lm.fingerprint.num_kv_heads, args.tokens, lm.fingerprint.head_dim)] * lm.num_layers
-        layers = allocation.budget(profile, kind, shapes).layers if kind.allocator == "budget" else allocation.seed_adaptive(profile)
+        layers = allocation.budget([profile], kind, shapes).layers if kind.allocator == "budget" else allocation.seed_adaptive(profile)
         save_layers(args.codec_out, layers, note=f"{args.allocate} for {lm.fingerprint.name} at {args.tokens} tokens")
         print(f"{args.allocate} at {args.tokens} tokens -> {args.codec_out} (use it as --codec {args.codec_out})")
     return 0
