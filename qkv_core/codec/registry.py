@@ -19,8 +19,9 @@ A codec name is a preset, a spec string, or a JSON file:
     NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
                       (lossless, qkv_core.codec.entropy); +rot+zstd does both
     NAME+prerope      a static name above or budget-B with every K coded with RoPE removed (qkv_core.codec.rope)
-    NAME+lloyd        a static name above or budget-B with non-uniform (Lloyd-Max) levels at 1..4 bits
-                      (qkv_core.codec.levels)
+    NAME+lloyd        a static name above with non-uniform (Lloyd-Max) levels at 1..4 bits
+                      (qkv_core.codec.levels); budget-B+lloyd: uniform or Lloyd-Max levels per
+                      tensor, whichever its two profiles (with and without +lloyd) favour
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -271,7 +272,8 @@ TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
     f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded Hadamard transform",
     f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
     f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
-    f"NAME{LLOYD_LEVELS}": "NAME (a static codec or budget-B) with non-uniform (Lloyd-Max) levels at 1..4 bits",
+    f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
+                           "uniform or Lloyd-Max per tensor, whichever its profiles favour",
 }
 
 

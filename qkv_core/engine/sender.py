@@ -157,8 +157,10 @@ class SenderEngine:
             return self._layer_profile
 
     def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None,
-                 card: allocation.CardTarget = allocation.CardTarget()) -> CardPlan:
-        """The per-layer codecs (tokenmix's salient positions, budget-B's dropped layers) for this cache."""
+                 card: allocation.CardTarget | None = None) -> CardPlan:
+        """The per-layer codecs (tokenmix's salient positions, budget-B's dropped layers) for this cache;
+        `card` (default: this model's, the cache a whole context, no header paid for, no drops)."""
+        card = card or allocation.CardTarget(self.lm.fingerprint)
         kind = codecs.adaptive(codec_name)
         if kind is None:
             return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers, self.codec_files))
