@@ -4,7 +4,7 @@ The profile holds, for every layer, for K and V, and for every candidate codec, 
 squared reconstruction error sum ||x - x_hat||^2 / sum ||x||^2 over calibration contexts and,
 for the KIVI layouts, the KL divergence of the next-token distribution after a question when
 only that one tensor is quantized, and the KL when one layer is dropped. A profile is measured
-with a set of lossy tools (+rot, +prerope: every codec of it has them) once per model and saved
+with a set of lossy tools (+rot, +prerope, +lloyd: every codec of it has them) once per model and saved
 as JSON next to the model cache (or where the user says); qkv_core.engine.calibration measures it.
 
 Allocators:

@@ -44,8 +44,8 @@ def lloyd_max(sample: torch.Tensor, n: int, iterations: int = 200) -> torch.Tens
     sample = sample.flatten().float()
     levels = torch.linspace(float(sample.min()), float(sample.max()), n)
     for _ in range(iterations):
-        nearest = torch.bucketize(sample, (levels[1:] + levels[:-1]) / 2)
-        counts = torch.bincount(nearest, minlength=n)
-        sums = torch.zeros(n).index_add_(0, nearest, sample)
+        cell = nearest(sample, levels)
+        counts = torch.bincount(cell, minlength=n)
+        sums = torch.zeros(n).index_add_(0, cell, sample)
         levels = torch.where(counts > 0, sums / counts.clamp_min(1), levels)
     return levels

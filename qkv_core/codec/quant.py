@@ -17,6 +17,10 @@ parts: the ordinary tokens at `bits`, then the salient tokens at `salient_bits`.
 bits=16 the blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless).
 Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
+With `outliers` (dense-and-sparse) a quantized part's k = values * outliers // 10,000 values that lie
+farthest from their row's mean, in row standard deviations, travel exactly after its zero points:
+k int32 indices (ascending, into the part in [heads, tokens, dim] order), then k fp16 values; the
+rows' ranges leave them out, and their codes are clamped and never read.
 With `levels` (non-uniform levels, qkv_core.codec.levels) a code c stands for zero + scale *
 qmax * levels[c] instead of zero + scale * c, and a value takes the nearest level's code; the
 layout is unchanged. With `rotation` (a seed) the tensor is rotated over head_dim first (qkv_core.codec.rotation) and
@@ -41,6 +45,7 @@ from qkv_core.errors import RequestError
 _BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
 FP16_BITS = 16
 FP32_BITS = 32
+OUTLIER_SCALE = 10_000  # TensorCodec.outliers counts per this many values (basis points)
 _FLOAT = {FP16_BITS: torch.float16, FP32_BITS: torch.float32}
 
 
@@ -74,6 +79,9 @@ class TensorCodec:
     # non-uniform levels (qkv_core.codec.levels): 2^bits fractions of a row's range, ascending
     # within [0, 1]; () is uniform
     levels: tuple[float, ...] = ()
+    # dense-and-sparse: per 10,000 quantized values this many (the farthest from their row's mean,
+    # in row standard deviations) are kept exactly in fp16 and left out of their row's range; 0: off
+    outliers: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
@@ -88,6 +96,9 @@ class TensorCodec:
             raise RequestError(f"a rotation seed is 1..2^32-1 (0: none), got {self.rotation}")
         if self.entropy not in iter(Entropy):
             raise RequestError(f"unknown entropy coder {self.entropy}")
+        if self.outliers and (self.is_float or self.salient_bits or not 0 < self.outliers <= OUTLIER_SCALE):
+            raise RequestError(f"outliers are 1..{OUTLIER_SCALE} per {OUTLIER_SCALE} values of an integer codec without "
+                               f"salient tokens, got {self.outliers}")
         if self.levels and (self.is_float or self.salient_bits or len(self.levels) != 1 << self.bits
                             or not all(0.0 <= a < b <= 1.0 for a, b in zip(self.levels, self.levels[1:]))):
             raise RequestError(f"non-uniform levels are 2^bits ascending fractions within [0, 1] of an integer codec "
@@ -95,8 +106,9 @@ class TensorCodec:
 
     @property
     def has_tools(self) -> bool:
-        """Rotated, entropy coded, pre-RoPE or non-uniform: what a reader must undo beyond the plain layout."""
-        return bool(self.rotation or self.entropy or self.pre_rope or self.levels)
+        """Rotated, entropy coded, pre-RoPE, non-uniform or with outliers: what a reader must undo
+        beyond the plain layout."""
+        return bool(self.rotation or self.entropy or self.pre_rope or self.levels or self.outliers)
 
     @property
     def is_float(self) -> bool:
@@ -158,9 +170,14 @@ def _row_order(codec: TensorCodec) -> bool:
     return bool(codec.entropy) and codec.granularity == Granularity.PER_CHANNEL
 
 
+def outlier_count(codec: TensorCodec, values: int) -> int:
+    """How many of a part's `values` quantized values travel exactly."""
+    return values * codec.outliers // OUTLIER_SCALE
+
+
 def _part_size(codec: TensorCodec, bits: int, heads: int, tokens: int, dim: int) -> int:
     rows, width = _rows(codec, heads, tokens, dim)
-    return packed_size(rows * width, _code_width(codec, bits)) + 4 * rows
+    return packed_size(rows * width, _code_width(codec, bits)) + 4 * rows + 6 * outlier_count(codec, rows * width)
 
 
 def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int, salient: int = 0) -> int:
@@ -263,8 +280,9 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     view, dim_reduced = _group_shapes(codec, n, heads, tokens, dim)
     groups = staged.view(view)
     qmax = (1 << bits) - 1
-    zero = _round_fp16(groups.amin(dim=dim_reduced, keepdim=True), up=False)
-    scale = _round_fp16((groups.amax(dim=dim_reduced, keepdim=True) - zero.float()) / qmax, up=True)
+    sparse, low, high = _outliers(groups, dim_reduced, n, outlier_count(codec, rows * width))
+    zero = _round_fp16(low, up=False)
+    scale = _round_fp16((high - zero.float()) / qmax, up=True)
     if not torch.isfinite(scale).all():  # NaN or inf in a group, or a range beyond fp16
         raise ValueError("KV values are not finite, or their range exceeds fp16; use a finer granularity or fp16")
     s = scale.float()
@@ -277,15 +295,38 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     if codec.levels:  # the nearest of the non-uniform levels, from the value in code units
         codes = levels.nearest(groups.sub_(zero.float()).mul_(inv), levels.code_units(codec.levels, groups.device)).to(torch.uint8)
     else:
-        codes = groups.sub_(zero.float() - s / 2).mul_(inv).to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
+        units = groups.sub_(zero.float() - s / 2).mul_(inv)
+        if sparse:  # outliers lie outside their row's range: their codes are clamped (and never read)
+            units.clamp_(0, qmax)
+        codes = units.to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
     if _row_order(codec):
         codes = codes.view(n * heads, tokens, dim).transpose(1, 2).contiguous()
     scales, zeros = scale.view(n, rows).view(torch.uint8), zero.view(n, rows).view(torch.uint8)
     code_width = _code_width(codec, bits)
     if rows * width * code_width % 8 == 0:  # every tensor starts on a byte: pack and join all at once
-        return list(torch.cat([pack_bits(codes, code_width).view(n, -1), scales, zeros], dim=1))
+        return list(torch.cat([pack_bits(codes, code_width).view(n, -1), scales, zeros, *sparse], dim=1))
     packed = [pack_bits(c, code_width) for c in codes.view(n, -1)]
-    return [torch.cat(parts) for parts in zip(packed, scales, zeros)]
+    return [torch.cat(parts) for parts in zip(packed, scales, zeros, *sparse)]
+
+
+def _outliers(groups: torch.Tensor, reduced: int, tensors: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(the outlier bytes of each tensor, [k int32 indices ascending] and [k fp16 values], as uint8
+    rows, or none; every row's min and max without them). `groups`: the staged tensors in their
+    group view, `reduced` the dim a row spans."""
+    low, high = groups.amin(dim=reduced, keepdim=True), groups.amax(dim=reduced, keepdim=True)
+    if not k:
+        return [], low, high
+    spread = groups.std(dim=reduced, keepdim=True, correction=0).clamp_min(torch.finfo(torch.float32).tiny)
+    deviation = (groups - groups.mean(dim=reduced, keepdim=True)).abs_().div_(spread)
+    index = deviation.view(tensors, -1).topk(k, dim=1).indices.sort(dim=1).values
+    mask = torch.zeros_like(deviation, dtype=torch.bool)
+    mask.view(tensors, -1).scatter_(1, index, True)
+    inner_low = torch.where(mask, torch.inf, groups).amin(dim=reduced, keepdim=True)
+    inner_high = torch.where(mask, -torch.inf, groups).amax(dim=reduced, keepdim=True)
+    kept = torch.isfinite(inner_low)  # a row that is all outliers keeps its full range
+    values = _float_bytes(groups.reshape(tensors, -1).gather(1, index)).view(tensors, -1)
+    return ([index.to(torch.int32).view(torch.uint8), values], torch.where(kept, inner_low, low),
+            torch.where(kept, inner_high, high))
 
 
 def dequantize(
@@ -306,13 +347,16 @@ def dequantize(
     if blob.numel() != size:
         raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
 
-    def take_float(n: int, bits: int = FP16_BITS) -> torch.Tensor:
+    def take(n: int, dtype: torch.dtype) -> torch.Tensor:
         nonlocal blob
-        size = n * bits // 8
-        out, blob = blob[:size].contiguous(), blob[size:]
-        if out.storage_offset() % (bits // 8):  # packed codes of odd length: realign before viewing
+        width = dtype.itemsize
+        out, blob = blob[: n * width].contiguous(), blob[n * width :]
+        if out.storage_offset() % width:  # packed codes of odd length: realign before viewing
             out = out.clone()
-        return out.view(_FLOAT[bits])
+        return out.view(dtype)
+
+    def take_float(n: int, bits: int = FP16_BITS) -> torch.Tensor:
+        return take(n, _FLOAT[bits])
 
     if codec.is_float:
         return _unrotated(take_float(heads * tokens * dim, codec.bits).reshape(shape), codec).to(dtype)
@@ -333,7 +377,13 @@ def dequantize(
         view, reduced = _group_shapes(codec, 1, heads, part_tokens, dim)
         stats = [1 if i == reduced else n for i, n in enumerate(view)]
         units = levels.code_units(codec.levels, codes.device)[codes.long()] if codec.levels else codes.float()
-        decoded.append(units.view(view).mul_(scale.view(stats)).add_(zero.view(stats)).view(heads, part_tokens, dim))
+        part = units.view(view).mul_(scale.view(stats)).add_(zero.view(stats)).view(heads, part_tokens, dim)
+        if k := outlier_count(codec, rows * width):
+            index, exact = take(k, torch.int32).long(), take_float(k).float()
+            if not ((index[1:] > index[:-1]).all() and 0 <= index[0] and index[-1] < rows * width):
+                raise ValueError("outlier indices are not ascending within the tensor")
+            part.view(-1).scatter_(0, index, exact)
+        decoded.append(part)
     if len(decoded) == 1:
         values = decoded[0]
     else:

@@ -11,7 +11,7 @@ A codec name is a preset, a spec string, or a JSON file:
                       budget-B+rot, +prerope, +zstd: with those tools, its profile calibrated with them
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
-                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope][+lloyd]: 4/channel,
+                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope][+lloyd][+outN]: 4/channel,
                       8/token, 3/group/32, 2/tensor+rot, or fp16 / fp32 alone (+prerope: k only);
                       the same for every layer
     NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) or budget-B with every tensor
@@ -19,6 +19,8 @@ A codec name is a preset, a spec string, or a JSON file:
     NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
                       (lossless, qkv_core.codec.entropy); +rot+zstd does both
     NAME+prerope      a static name above or budget-B with every K coded with RoPE removed (qkv_core.codec.rope)
+    NAME+outN         a static name above or budget-B with N per 10,000 quantized values of every
+                      tensor kept exact in fp16 (dense-and-sparse; +out10 is 0.1%)
     NAME+lloyd        a static name above with non-uniform (Lloyd-Max) levels at 1..4 bits
                       (qkv_core.codec.levels); budget-B+lloyd: uniform or Lloyd-Max levels per
                       tensor, whichever its two profiles (with and without +lloyd) favour
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qkv_core.codec.levels import LLOYD
-from qkv_core.codec.quant import FP16_BITS, FP32_BITS, Entropy, Granularity, TensorCodec, encoded_size
+from qkv_core.codec.quant import FP16_BITS, FP32_BITS, OUTLIER_SCALE, Entropy, Granularity, TensorCodec, encoded_size
 from qkv_core.errors import RequestError
 
 _GRANULARITIES = {
@@ -53,6 +55,7 @@ ROTATED = "+rot"
 ENTROPY_CODED = "+zstd"
 PRE_ROPE = "+prerope"
 LLOYD_LEVELS = "+lloyd"
+_OUTLIERS = re.compile(r"\+out(\d+)$")  # +outN: N per 10,000 quantized values kept exact (dense-and-sparse)
 ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
 
@@ -73,7 +76,7 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
     tools = "".join(tool for tool, has in ((ROTATED, c.rotation), (ENTROPY_CODED, c.entropy), (PRE_ROPE, c.pre_rope),
-                                           (LLOYD_LEVELS, c.levels)) if has)
+                                           (LLOYD_LEVELS, c.levels), (f"+out{c.outliers}", c.outliers)) if has)
     if c.is_float:
         return f"fp{c.bits}{tools}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
@@ -82,13 +85,25 @@ def spec_of(c: TensorCodec) -> str:
 
 
 def _tool(name: str) -> str | None:
-    """The tool suffix a name ends with (+rot, +zstd, +prerope), if any."""
+    """The tool suffix a name ends with (+rot, +zstd, +prerope, +lloyd, +outN), if any."""
+    if m := _OUTLIERS.search(name):
+        return m[0]
     return next((t for t in _TOOLS if name.endswith(t)), None)
+
+
+def _apply(tool: str, c: TensorCodec) -> TensorCodec:
+    """A tensor codec with one tool (a suffix) applied."""
+    if m := _OUTLIERS.fullmatch(tool):
+        count = int(m[1])
+        if not 0 < count <= OUTLIER_SCALE:
+            raise RequestError(f"{tool}: outliers are 1..{OUTLIER_SCALE} per {OUTLIER_SCALE} values")
+        return c if c.is_float else dataclasses.replace(c, outliers=count)
+    return _TOOLS[tool](c)
 
 
 def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
     if tool := _tool(text):
-        return _TOOLS[tool](_parse_tensor(text.removesuffix(tool), sink, recent))
+        return _apply(tool, _parse_tensor(text.removesuffix(tool), sink, recent))
     if text in ("fp16", "fp32"):
         return TensorCodec(bits=FP16_BITS if text == "fp16" else FP32_BITS)
     parts = text.split("/")
@@ -201,7 +216,7 @@ def split_tools(name: str) -> tuple[str, tuple[str, ...]]:
     while tool := _tool(name):
         found.add(tool)
         name = name.removesuffix(tool)
-    return name, tuple(t for t in _TOOLS if t in found)
+    return name, tuple(t for t in _TOOLS if t in found) + tuple(sorted(found - set(_TOOLS)))
 
 
 def adaptive(name: str) -> Adaptive | None:
@@ -212,7 +227,7 @@ def adaptive(name: str) -> Adaptive | None:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
     if family != "budget" and set(tools) - {ENTROPY_CODED}:
-        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE} and {LLOYD_LEVELS} apply to static "
+        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE}, {LLOYD_LEVELS} and +outN apply to static "
                            "codecs and to budget-B, whose profile is calibrated with them")
     return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], tools)
 
@@ -221,7 +236,7 @@ def tooled(c: TensorCodec, kind: str, tools: Iterable[str]) -> TensorCodec:
     """A K ("key") or V ("value") codec with tools applied (+prerope: keys only)."""
     for tool in tools:
         if kind == "key" or tool not in _KEYS_ONLY:
-            c = _TOOLS[tool](c)
+            c = _apply(tool, c)
     return c
 
 
@@ -248,7 +263,7 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, +lloyd), "
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, +lloyd, +outN), "
         "seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like 'k=4/channel;v=4/token+rot' "
         "or a configured codec .json file"
     )
@@ -272,6 +287,7 @@ TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
     f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded Hadamard transform",
     f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
     f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
+    "NAME+outN": "NAME (a static codec or budget-B) with N per 10,000 quantized values kept exact (dense-and-sparse)",
     f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
                            "uniform or Lloyd-Max per tensor, whichever its profiles favour",
 }

@@ -42,6 +42,7 @@ def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512, too
     stem, tool_list = split_tools(tools)
     if stem:
         raise ValueError(f"calibration tools are suffixes like +rot+prerope, not {tools!r}")
+    tools = "".join(tool_list)  # in the order every name's tools take (Adaptive.profile_tools)
     fmt = PromptFormat.for_tokenizer(lm.tokenizer)
     n_layers = lm.num_layers
     droppable = full_attention(lm.model)
