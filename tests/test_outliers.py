@@ -82,7 +82,9 @@ def test_the_tool_and_its_refusals():
     assert registry.spec_of(layer.key) == "2/channel+rot+out10"
     assert registry.resolve("fp16+out10", 1)[0].key == TensorCodec(16)  # nothing to keep exact
     assert registry.resolve("k=2/channel+out5;v=2/token", 1)[0].key.outliers == 5
-    assert registry.adaptive("budget-2+out10+rot+zstd").profile_tools == "+rot+out10"
+    kind = registry.adaptive("budget-2+out10+rot+zstd")
+    assert kind.profile_tools == "+rot+out10" and kind.profile_sets == ("+rot", "+rot+out10")  # with or without, per tensor
+    assert registry.adaptive("budget-2+lloyd+out10").profile_sets == ("", "+lloyd", "+out10", "+lloyd+out10")
     for bad in ("kivi-2+out0", "kivi-2+out10001"):
         with pytest.raises(RequestError, match="outliers are 1..10000"):
             registry.resolve(bad, 1)

@@ -26,8 +26,9 @@ Allocators:
                    the layers whose loss costs the least KL go first, and the number dropped is
                    the one whose allocation has the least total KL.
                    budget-B+rot, +prerope: every option has the tool, from a profile measured
-                   with it. budget-B+lloyd reads the profiles with and without +lloyd and offers
-                   both levels to every tensor; each menu is cut to its Pareto frontier.
+                   with it. budget-B+lloyd and +outN read a profile per subset of those two
+                   (with and without) and offer every tensor each of them; each menu is cut to
+                   its Pareto frontier.
     tokenmix-B     token-level mixed precision (QKVShare): the 4 sink tokens in fp16, the
                    context tokens that receive the most attention at 8 bits, the rest at the
                    widest width that leaves room for a tenth of the tokens at 8 bits, with as

@@ -19,8 +19,9 @@ A codec name is a preset, a spec string, or a JSON file:
     NAME+zstd         any name above, adaptive ones included, with every tensor entropy coded
                       (lossless, qkv_core.codec.entropy); +rot+zstd does both
     NAME+prerope      a static name above or budget-B with every K coded with RoPE removed (qkv_core.codec.rope)
-    NAME+outN         a static name above or budget-B with N per 10,000 quantized values of every
-                      tensor kept exact in fp16 (dense-and-sparse; +out10 is 0.1%)
+    NAME+outN         a static name above with N per 10,000 quantized values of every tensor
+                      kept exact in fp16 (dense-and-sparse; +out10 is 0.1%); budget-B+outN:
+                      with or without them per tensor, whichever its profiles favour
     NAME+lloyd        a static name above with non-uniform (Lloyd-Max) levels at 1..4 bits
                       (qkv_core.codec.levels); budget-B+lloyd: uniform or Lloyd-Max levels per
                       tensor, whichever its two profiles (with and without +lloyd) favour
@@ -200,10 +201,18 @@ class Adaptive:
 
     @property
     def profile_sets(self) -> tuple[str, ...]:
-        """The tool sets of the profiles it reads: profile_tools, and with +lloyd the same without it
-        first, so that each tensor takes uniform or Lloyd-Max levels, whichever cuts more error per byte."""
-        tools = self.profile_tools
-        return (tools.replace(LLOYD_LEVELS, ""), tools) if LLOYD_LEVELS in self.tools else (tools,)
+        """The tool sets of the profiles it reads, one per subset of its per-tensor tools (+lloyd,
+        +outN) on top of the tools every tensor takes (+rot, +prerope): each tensor then takes
+        the levels and outliers whose profile cuts more error per byte. Plain tools first."""
+        every = [t for t in self.tools if t != ENTROPY_CODED and not _per_tensor(t)]
+        optional = [t for t in self.tools if _per_tensor(t)]
+        subsets = [[t for i, t in enumerate(optional) if mask >> i & 1] for mask in range(1 << len(optional))]
+        return tuple("".join(t for t in self.tools if t in every or t in subset) for subset in subsets)
+
+
+def _per_tensor(tool: str) -> bool:
+    """Whether budget-B offers a tool per tensor (with and without) rather than on every tensor."""
+    return tool == LLOYD_LEVELS or bool(_OUTLIERS.fullmatch(tool))
 
 
 # family -> (needs_profile, needs_probe)
@@ -287,7 +296,8 @@ TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
     f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded Hadamard transform",
     f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
     f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
-    "NAME+outN": "NAME (a static codec or budget-B) with N per 10,000 quantized values kept exact (dense-and-sparse)",
+    "NAME+outN": "NAME (a static codec) with N per 10,000 quantized values kept exact (dense-and-sparse); "
+                 "budget-B+outN: with or without them per tensor, whichever its profiles favour",
     f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
                            "uniform or Lloyd-Max per tensor, whichever its profiles favour",
 }
