@@ -313,9 +313,8 @@ def _outliers(groups: torch.Tensor, reduced: int, tensors: int, k: int) -> tuple
     """(the outlier bytes of each tensor, [k int32 indices ascending] and [k fp16 values], as uint8
     rows, or none; every row's min and max without them). `groups`: the staged tensors in their
     group view, `reduced` the dim a row spans."""
-    low, high = groups.amin(dim=reduced, keepdim=True), groups.amax(dim=reduced, keepdim=True)
     if not k:
-        return [], low, high
+        return [], groups.amin(dim=reduced, keepdim=True), groups.amax(dim=reduced, keepdim=True)
     spread = groups.std(dim=reduced, keepdim=True, correction=0).clamp_min(torch.finfo(torch.float32).tiny)
     deviation = (groups - groups.mean(dim=reduced, keepdim=True)).abs_().div_(spread)
     index = deviation.view(tensors, -1).topk(k, dim=1).indices.sort(dim=1).values
@@ -323,10 +322,13 @@ def _outliers(groups: torch.Tensor, reduced: int, tensors: int, k: int) -> tuple
     mask.view(tensors, -1).scatter_(1, index, True)
     inner_low = torch.where(mask, torch.inf, groups).amin(dim=reduced, keepdim=True)
     inner_high = torch.where(mask, -torch.inf, groups).amax(dim=reduced, keepdim=True)
-    kept = torch.isfinite(inner_low)  # a row that is all outliers keeps its full range
     values = _float_bytes(groups.reshape(tensors, -1).gather(1, index)).view(tensors, -1)
-    return ([index.to(torch.int32).view(torch.uint8), values], torch.where(kept, inner_low, low),
-            torch.where(kept, inner_high, high))
+    sparse = [index.to(torch.int32).view(torch.uint8), values]
+    if torch.isfinite(inner_low).all():
+        return sparse, inner_low, inner_high
+    kept = torch.isfinite(inner_low)  # a row that is all outliers keeps its full range
+    return (sparse, torch.where(kept, inner_low, groups.amin(dim=reduced, keepdim=True)),
+            torch.where(kept, inner_high, groups.amax(dim=reduced, keepdim=True)))
 
 
 def dequantize(
