@@ -26,8 +26,10 @@ from qkv_core.types import KVCache
 
 CODECS = ("fp16", "int8", "seed-8", "seed-6", "seed-4", "seed-adaptive", "kivi-4", "kivi-3", "kivi-3+zstd", "kivi-2",
           "kivi-2+zstd", "kivi-2+rot", "kivi-2+rot+zstd", "kivi-2+prerope", "kivi-2+lloyd", "kivi-2+out10",
+          "kivi-2+s8", "kivi-2+s8+zstd",
           "kivi-2+rot+prerope+zstd", "kivi-2+rot+prerope+lloyd+zstd", "budget-4", "budget-3", "budget-3+zstd",
           "budget-2.5", "budget-2.5+zstd", "budget-2.5+rot+prerope+zstd", "budget-2+zstd", "budget-2+rot+prerope+zstd",
+          "budget-2.5+rot+prerope+s8+zstd", "budget-2+rot+prerope+s8+zstd",
           "tokenmix-4", "tokenmix-3")  # `bench codec`'s default: every family and preset, each tool alone and together
 
 

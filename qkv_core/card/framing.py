@@ -13,9 +13,9 @@ from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
 _WIDEST = 2**32 - 1  # the largest value of a count or size field: its varint is as long as any
-# a layer spec's bytes for its tensors' tools: rotation seed, entropy coder, pre-RoPE, outliers, and
-# up to 16 non-uniform levels (LLOYD has none above 4 bits), for K and V
-_TOOL_FIELDS = 2 * (14 + 3 + 4 * 16)
+# a layer spec's bytes for its tensors' tools: rotation seed, entropy coder, pre-RoPE, outliers, side
+# bits, and up to 16 non-uniform levels (LLOYD has none above 4 bits), for K and V
+_TOOL_FIELDS = 2 * (16 + 3 + 4 * 16)
 
 
 def frames(source: pb.CardHeader, blobs: list[bytes], chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.CardFrame]:

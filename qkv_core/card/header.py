@@ -76,6 +76,7 @@ def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
         bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
         sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
         rotation_seed=c.rotation, entropy=int(c.entropy), pre_rope=c.pre_rope, levels=c.levels, outliers=c.outliers,
+        side_bits=c.side_bits,
     )
 
 
@@ -85,7 +86,7 @@ def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
             bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
             sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
             rotation=msg.rotation_seed, entropy=Entropy(msg.entropy), pre_rope=msg.pre_rope, levels=tuple(msg.levels),
-            outliers=msg.outliers,
+            outliers=msg.outliers, side_bits=msg.side_bits,
         )
     except ValueError as e:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e

@@ -25,7 +25,7 @@ Allocators:
                    dropped layers (0 bits, KVComm's selective sharing), where the card may drop:
                    the layers whose loss costs the least KL go first, and the number dropped is
                    the one whose allocation has the least total KL.
-                   budget-B+rot, +prerope: every option has the tool, from a profile measured
+                   budget-B+rot, +prerope, +s8: every option has the tool, from a profile measured
                    with it. budget-B+lloyd and +outN read a profile per subset of those two
                    (with and without) and offer every tensor each of them; each menu is cut to
                    its Pareto frontier.

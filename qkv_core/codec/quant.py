@@ -16,7 +16,8 @@ the fp16 sink window and the fp16 recent window. With token-level mixed precisio
 parts: the ordinary tokens at `bits`, then the salient tokens at `salient_bits`. With
 bits=16 the blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless).
 Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
-constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0).
+constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0) (compact side
+information below rounds onto its grids the same way).
 With `outliers` (dense-and-sparse) a quantized part's k = values * outliers // 10,000 values that lie
 farthest from their row's mean, in row standard deviations, travel exactly after its zero points:
 k int32 indices (ascending, into the part in [heads, tokens, dim] order), then k fp16 values; the
@@ -25,6 +26,13 @@ With `levels` (non-uniform levels, qkv_core.codec.levels) a code c stands for ze
 qmax * levels[c] instead of zero + scale * c, and a value takes the nearest level's code; the
 layout is unchanged. With `rotation` (a seed) the tensor is rotated over head_dim first (qkv_core.codec.rotation) and
 everything above applies to the rotated tensor; decoding rotates back. The layout is unchanged.
+With `side_bits` = 8 (compact side information) a part's scales and zero points travel as one
+byte each on grids of its own instead of fp16: four fp16 values, the zero grid's base and step and
+the scale grid's top and span (in octaves), then a uint8 scale code per row, then a uint8 zero code
+per row. Zero code z stands for base + step * z (rounded down onto the grid, so zero <= every
+value of its row), scale code q for top * 2^((q - 255) * span / 255) (rounded up, so the codes
+still cover the row): log-spaced, so every scale keeps the same relative precision. Half the side
+bytes (2 per row, not 4), for steps at most 2^(span/255) wider. The rest of the layout is unchanged.
 With `entropy` the codes are laid out in row order at an aligned width and the whole blob travels
 as one zstd frame (qkv_core.codec.entropy); `encoded_size` is then the frame's content size, and
 the bytes on the wire are known only once the tensor is encoded.
@@ -46,6 +54,9 @@ _BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passe
 FP16_BITS = 16
 FP32_BITS = 32
 OUTLIER_SCALE = 10_000  # TensorCodec.outliers counts per this many values (basis points)
+SIDE_BITS = (0, 8)  # TensorCodec.side_bits: 0 fp16 scales and zero points, 8 one byte each on per-part grids
+_SIDE_TOP = 255  # the largest compact scale or zero code
+_SIDE_HEADER = 4  # fp16 values before a compact part's codes: zero base, zero step, scale top, scale span
 _FLOAT = {FP16_BITS: torch.float16, FP32_BITS: torch.float32}
 
 
@@ -82,6 +93,8 @@ class TensorCodec:
     # dense-and-sparse: per 10,000 quantized values this many (the farthest from their row's mean,
     # in row standard deviations) are kept exactly in fp16 and left out of their row's range; 0: off
     outliers: int = 0
+    # the width of each row's scale and zero point: 0 fp16, 8 one byte each on grids of the part's own
+    side_bits: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
@@ -103,12 +116,14 @@ class TensorCodec:
                             or not all(0.0 <= a < b <= 1.0 for a, b in zip(self.levels, self.levels[1:]))):
             raise RequestError(f"non-uniform levels are 2^bits ascending fractions within [0, 1] of an integer codec "
                                f"without salient tokens; got {len(self.levels)} for {self.bits} bits")
+        if self.side_bits not in SIDE_BITS or (self.side_bits and self.is_float):
+            raise RequestError(f"side_bits is 0 (fp16 scales) or 8 (compact, integer codecs), got {self.side_bits}")
 
     @property
     def has_tools(self) -> bool:
-        """Rotated, entropy coded, pre-RoPE, non-uniform or with outliers: what a reader must undo
-        beyond the plain layout."""
-        return bool(self.rotation or self.entropy or self.pre_rope or self.levels or self.outliers)
+        """Rotated, entropy coded, pre-RoPE, non-uniform, with outliers or compact side information:
+        what a reader must undo beyond the plain layout."""
+        return bool(self.rotation or self.entropy or self.pre_rope or self.levels or self.outliers or self.side_bits)
 
     @property
     def is_float(self) -> bool:
@@ -175,9 +190,14 @@ def outlier_count(codec: TensorCodec, values: int) -> int:
     return values * codec.outliers // OUTLIER_SCALE
 
 
+def _side_size(codec: TensorCodec, rows: int) -> int:
+    """Bytes of a part's scales and zero points."""
+    return 2 * _SIDE_HEADER + 2 * rows if codec.side_bits else 4 * rows
+
+
 def _part_size(codec: TensorCodec, bits: int, heads: int, tokens: int, dim: int) -> int:
     rows, width = _rows(codec, heads, tokens, dim)
-    return packed_size(rows * width, _code_width(codec, bits)) + 4 * rows + 6 * outlier_count(codec, rows * width)
+    return packed_size(rows * width, _code_width(codec, bits)) + _side_size(codec, rows) + 6 * outlier_count(codec, rows * width)
 
 
 def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int, salient: int = 0) -> int:
@@ -281,11 +301,9 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     groups = staged.view(view)
     qmax = (1 << bits) - 1
     sparse, low, high = _outliers(groups, dim_reduced, n, outlier_count(codec, rows * width))
-    zero = _round_fp16(low, up=False)
-    scale = _round_fp16((high - zero.float()) / qmax, up=True)
-    if not torch.isfinite(scale).all():  # NaN or inf in a group, or a range beyond fp16
-        raise ValueError("KV values are not finite, or their range exceeds fp16; use a finer granularity or fp16")
-    s = scale.float()
+    zero, s, side = (_compact_side if codec.side_bits else _fp16_side)(low.view(n, rows), high.view(n, rows), qmax)
+    stats = low.shape
+    zero, s = zero.view(stats), s.view(stats)
     inv = torch.where(s > 0, s.reciprocal(), 0.0)
     # code = floor((x - zero) / scale + 1/2) = floor((x - (zero - scale/2)) * (1/scale)), in
     # place on the staging buffer. No clamp is needed: zero <= x makes the difference >= 0, and
@@ -293,20 +311,65 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     # Codes below 128 go through int8: float->int8 is vectorized on the CPU, float->uint8
     # is not (0.75 vs 0.14 ms for 2M values).
     if codec.levels:  # the nearest of the non-uniform levels, from the value in code units
-        codes = levels.nearest(groups.sub_(zero.float()).mul_(inv), levels.code_units(codec.levels, groups.device)).to(torch.uint8)
+        codes = levels.nearest(groups.sub_(zero).mul_(inv), levels.code_units(codec.levels, groups.device)).to(torch.uint8)
     else:
-        units = groups.sub_(zero.float() - s / 2).mul_(inv)
+        units = groups.sub_(zero - s / 2).mul_(inv)
         if sparse:  # outliers lie outside their row's range: their codes are clamped (and never read)
             units.clamp_(0, qmax)
         codes = units.to(torch.int8 if bits < 8 else torch.uint8).view(torch.uint8)
     if _row_order(codec):
         codes = codes.view(n * heads, tokens, dim).transpose(1, 2).contiguous()
-    scales, zeros = scale.view(n, rows).view(torch.uint8), zero.view(n, rows).view(torch.uint8)
     code_width = _code_width(codec, bits)
     if rows * width * code_width % 8 == 0:  # every tensor starts on a byte: pack and join all at once
-        return list(torch.cat([pack_bits(codes, code_width).view(n, -1), scales, zeros, *sparse], dim=1))
+        return list(torch.cat([pack_bits(codes, code_width).view(n, -1), side, *sparse], dim=1))
     packed = [pack_bits(c, code_width) for c in codes.view(n, -1)]
-    return [torch.cat(parts) for parts in zip(packed, scales, zeros, *sparse)]
+    return [torch.cat(parts) for parts in zip(packed, side, *sparse)]
+
+
+_Side = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (zero points, scales) in fp32 as decoded, [tensors, rows]; the bytes
+
+
+def _fp16_side(low: torch.Tensor, high: torch.Tensor, qmax: int) -> _Side:
+    """Each row's fp16 zero point (rounded down) and scale (rounded up); bytes: scales, then zeros."""
+    zero = _round_fp16(low, up=False)
+    scale = _round_fp16((high - zero.float()) / qmax, up=True)
+    if not torch.isfinite(scale).all():  # NaN or inf in a group, or a range beyond fp16
+        raise ValueError("KV values are not finite, or their range exceeds fp16; use a finer granularity or fp16")
+    return zero.float(), scale.float(), torch.cat([scale.view(torch.uint8), zero.view(torch.uint8)], dim=1)
+
+
+def _compact_side(low: torch.Tensor, high: torch.Tensor, qmax: int) -> _Side:
+    """Each row's zero point and scale on its tensor's two 8-bit grids (module docstring); bytes:
+    the grids' four fp16 values, the scale codes, the zero codes."""
+    base = _round_fp16(low.amin(dim=1, keepdim=True), up=False)
+    step = _round_fp16((low.amax(dim=1, keepdim=True) - base.float()) / _SIDE_TOP, up=True)
+    zq = ((low - base.float()) / step.float()).nan_to_num_(0.0).floor_().clamp_(0, _SIDE_TOP)  # 0/0: one zero for all
+    zero = _zeros(base, step, zq)
+    zq = torch.where(zero > low, (zq - 1).clamp_(min=0), zq)  # fp32 rounding may land a step above the row
+    zero = _zeros(base, step, zq)
+    need = (high - zero) / qmax
+    top = _round_fp16(need.amax(dim=1, keepdim=True), up=True)
+    if not torch.isfinite(top).all():
+        raise ValueError("KV values are not finite, or their range exceeds fp16; use a finer granularity or fp16")
+    smallest = torch.where(need > 0, need, top.float()).amin(dim=1, keepdim=True)
+    span = _round_fp16(torch.log2(top.float() / smallest).nan_to_num_(0.0), up=True)  # octaves from the smallest scale to top
+    position = _SIDE_TOP + _SIDE_TOP * torch.log2(need / top.float()) / span.float()
+    sq = torch.where(span > 0, position, float(_SIDE_TOP)).nan_to_num_(0.0).ceil_().clamp_(0, _SIDE_TOP)
+    scale = _scales(top, span, sq)
+    sq = torch.where(scale < need, (sq + 1).clamp_(max=_SIDE_TOP), sq)  # as for the zeros; top covers every row
+    scale = _scales(top, span, sq)
+    grids = torch.cat([base, step, top, span], dim=1).view(torch.uint8)
+    return zero, scale, torch.cat([grids, sq.to(torch.uint8), zq.to(torch.uint8)], dim=1)
+
+
+def _zeros(base: torch.Tensor, step: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Compact zero points from their grid (fp16 base and step) and codes; encoder and decoder share it."""
+    return base.float() + step.float() * codes.float()
+
+
+def _scales(top: torch.Tensor, span: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Compact scales from their grid (fp16 top and span in octaves) and codes; encoder and decoder share it."""
+    return top.float() * torch.exp2((codes.float() - _SIDE_TOP) * span.float() / _SIDE_TOP)
 
 
 def _outliers(groups: torch.Tensor, reduced: int, tensors: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -375,7 +438,11 @@ def dequantize(
         codes, blob = unpack_bits(blob[:nbytes], rows * width, code_width), blob[nbytes:]
         if _row_order(codec):
             codes = codes.view(heads, dim, part_tokens).transpose(1, 2).contiguous()
-        scale, zero = take_float(rows).float(), take_float(rows).float()
+        if codec.side_bits:
+            base, step, top, span = take_float(_SIDE_HEADER).view(_SIDE_HEADER, 1)
+            scale, zero = _scales(top, span, take(rows, torch.uint8)), _zeros(base, step, take(rows, torch.uint8))
+        else:
+            scale, zero = take_float(rows).float(), take_float(rows).float()
         view, reduced = _group_shapes(codec, 1, heads, part_tokens, dim)
         stats = [1 if i == reduced else n for i, n in enumerate(view)]
         units = levels.code_units(codec.levels, codes.device)[codes.long()] if codec.levels else codes.float()

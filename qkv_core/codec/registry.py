@@ -8,10 +8,10 @@ A codec name is a preset, a spec string, or a JSON file:
     kivi-B            B-bit, K per channel and V per token (KIVI), B in 1..8
     seed-adaptive     per-tensor 8/6/4 bits by layer sensitivity (calibrated profile)
     budget-B          per-tensor widths that fit B bits per element on the wire (profile);
-                      budget-B+rot, +prerope, +zstd: with those tools, its profile calibrated with them
+                      budget-B+rot, +prerope, +s8, +zstd: with those tools, its profile calibrated with them
     tokenmix-B        sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits
     k=SPEC;v=SPEC[;sink=N][;recent=N]
-                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope][+lloyd][+outN]: 4/channel,
+                      SPEC is BITS/GRANULARITY[/GROUP][+rot][+zstd][+prerope][+lloyd][+s8][+outN]: 4/channel,
                       8/token, 3/group/32, 2/tensor+rot, or fp16 / fp32 alone (+prerope: k only);
                       the same for every layer
     NAME+rot          a static name above (fp16, int8, seed-B, kivi-B, a spec) or budget-B with every tensor
@@ -22,6 +22,8 @@ A codec name is a preset, a spec string, or a JSON file:
     NAME+outN         a static name above with N per 10,000 quantized values of every tensor
                       kept exact in fp16 (dense-and-sparse; +out10 is 0.1%); budget-B+outN:
                       with or without them per tensor, whichever its profiles favour
+    NAME+s8           a static name above or budget-B with every scale and zero point one byte on
+                      grids of each tensor's own, not fp16 (half the side bytes; qkv_core.codec.quant)
     NAME+lloyd        a static name above with non-uniform (Lloyd-Max) levels at 1..4 bits
                       (qkv_core.codec.levels); budget-B+lloyd: uniform or Lloyd-Max levels per
                       tensor, whichever its two profiles (with and without +lloyd) favour
@@ -56,6 +58,7 @@ ROTATED = "+rot"
 ENTROPY_CODED = "+zstd"
 PRE_ROPE = "+prerope"
 LLOYD_LEVELS = "+lloyd"
+COMPACT_SIDE = "+s8"  # scales and zero points one byte each (qkv_core.codec.quant)
 _OUTLIERS = re.compile(r"\+out(\d+)$")  # +outN: N per 10,000 quantized values kept exact (dense-and-sparse)
 ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
@@ -77,7 +80,8 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
     tools = "".join(tool for tool, has in ((ROTATED, c.rotation), (ENTROPY_CODED, c.entropy), (PRE_ROPE, c.pre_rope),
-                                           (LLOYD_LEVELS, c.levels), (f"+out{c.outliers}", c.outliers)) if has)
+                                           (LLOYD_LEVELS, c.levels), (COMPACT_SIDE, c.side_bits),
+                                           (f"+out{c.outliers}", c.outliers)) if has)
     if c.is_float:
         return f"fp{c.bits}{tools}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
@@ -86,7 +90,7 @@ def spec_of(c: TensorCodec) -> str:
 
 
 def _tool(name: str) -> str | None:
-    """The tool suffix a name ends with (+rot, +zstd, +prerope, +lloyd, +outN), if any."""
+    """The tool suffix a name ends with (+rot, +zstd, +prerope, +lloyd, +s8, +outN), if any."""
     if m := _OUTLIERS.search(name):
         return m[0]
     return next((t for t in _TOOLS if name.endswith(t)), None)
@@ -131,8 +135,14 @@ def lloyd_levels(c: TensorCodec) -> TensorCodec:
     return dataclasses.replace(c, levels=LLOYD[c.bits]) if not c.is_float and c.bits in LLOYD else c
 
 
+def compact_side(c: TensorCodec) -> TensorCodec:
+    """Scales and zero points one byte each, for integer codecs (floats have none)."""
+    return c if c.is_float else dataclasses.replace(c, side_bits=8)
+
+
 # suffix -> what it does to a tensor codec
-_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope, LLOYD_LEVELS: lloyd_levels}
+_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope, LLOYD_LEVELS: lloyd_levels,
+          COMPACT_SIDE: compact_side}
 _KEYS_ONLY = {PRE_ROPE}
 
 
@@ -202,7 +212,7 @@ class Adaptive:
     @property
     def profile_sets(self) -> tuple[str, ...]:
         """The tool sets of the profiles it reads, one per subset of its per-tensor tools (+lloyd,
-        +outN) on top of the tools every tensor takes (+rot, +prerope): each tensor then takes
+        +outN) on top of the tools every tensor takes (+rot, +prerope, +s8): each tensor then takes
         the levels and outliers whose profile cuts more error per byte. Plain tools first."""
         every = [t for t in self.tools if t != ENTROPY_CODED and not _per_tensor(t)]
         optional = [t for t in self.tools if _per_tensor(t)]
@@ -236,7 +246,7 @@ def adaptive(name: str) -> Adaptive | None:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
     if family != "budget" and set(tools) - {ENTROPY_CODED}:
-        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE}, {LLOYD_LEVELS} and +outN apply to static "
+        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE}, {LLOYD_LEVELS}, {COMPACT_SIDE} and +outN apply to static "
                            "codecs and to budget-B, whose profile is calibrated with them")
     return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], tools)
 
@@ -272,7 +282,7 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, +lloyd, +outN), "
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, +lloyd, +s8, +outN), "
         "seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like 'k=4/channel;v=4/token+rot' "
         "or a configured codec .json file"
     )
@@ -298,6 +308,8 @@ TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
     f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
     "NAME+outN": "NAME (a static codec) with N per 10,000 quantized values kept exact (dense-and-sparse); "
                  "budget-B+outN: with or without them per tensor, whichever its profiles favour",
+    f"NAME{COMPACT_SIDE}": "NAME (a static codec or budget-B) with every scale and zero point one byte on grids of "
+                           "each tensor's own, not fp16 (half the side information)",
     f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
                            "uniform or Lloyd-Max per tensor, whichever its profiles favour",
 }
