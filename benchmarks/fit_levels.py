@@ -11,7 +11,7 @@ import torch
 
 from qkv_core import calibration_data
 from qkv_core.codec import rope
-from qkv_core.codec.levels import lloyd_max
+from qkv_core.codec.levels import fit, unit_values
 from qkv_core.codec.registry import ROTATION_SEED
 from qkv_core.codec.rotation import rotate
 from qkv_core.config import RuntimeConfig
@@ -20,11 +20,6 @@ from qkv_core.model.loading import load_model
 from qkv_core.model.prompt import PromptFormat, encode
 
 SAMPLE = 4_000_000  # values per fit, drawn from the pooled rows
-
-
-def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
-    lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
-    return ((rows - lo) / (hi - lo).clamp_min(1e-12)).flatten()
 
 
 def main() -> None:
@@ -37,13 +32,12 @@ def main() -> None:
         for k, v in zip(kv.keys, kv.values):
             k = rotate(rope.apply(k.float(), rope.inv_freq(lm.fingerprint), 0, -1.0), ROTATION_SEED)
             v = rotate(v.float(), ROTATION_SEED)
-            pooled += [_unit_rows(k.transpose(1, 2).reshape(-1, k.shape[1])), _unit_rows(v.reshape(-1, v.shape[2]))]
+            pooled += [unit_values(k, per_channel=True), unit_values(v, per_channel=False)]
     values = torch.cat(pooled)
     sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE]]
     print(f"# {values.numel()} values from {len(calibration_data.texts())} texts; Lloyd-Max on {sample.numel()}")
     for bits in (1, 2, 3, 4):
-        levels = [round(float(x) * 4096) / 4096 for x in lloyd_max(sample, 1 << bits)]
-        print(f"    {bits}: ({', '.join(repr(x) for x in levels)}),")
+        print(f"    {bits}: ({', '.join(repr(x) for x in fit(sample, bits))}),")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_the_sender_reads_the_profile_of_its_tools_and_the_receiver_reads_its_ca
     for i, spec in enumerate(card.header.layers):  # what the codecs give back, RoPE restored at the context's positions
         for kind, tensors, got in (("key", kv.keys, stored.keys), ("value", kv.values, stored.values)):
             codec = codec_from_pb(getattr(spec, kind))
-            expected = reconstructed([tensors[i]], codec, lm.fingerprint, len(ids))[0]
+            expected = reconstructed([tensors[i]], [codec], lm.fingerprint, len(ids))[0]
             assert torch.allclose(got[i].float(), expected.float(), atol=1e-5), (i, kind)
 
 
@@ -95,6 +95,44 @@ def test_with_lloyd_each_tensor_takes_the_levels_its_profiles_favour():
     assert all(layer.value.levels == LLOYD[layer.value.bits] for layer in layers if layer.value.bits in LLOYD)
     with pytest.raises(ValueError, match="needs profiles calibrated with"):
         allocation.budget([lloyd], kind, [(3, 400, 64)] * 30)
+
+
+def test_a_lloyd_profile_fits_each_layers_levels_and_the_allocator_takes_them(lm, profiles, tmp_path):
+    """Calibrating with +lloyd fits every layer's K and V levels on the contexts (keys with their
+    ends exact), measures with them and stores them; budget-B+lloyd gives each tensor its own
+    layer's levels, on the card too."""
+    lloyd = calibration.calibrate(lm, SAMPLES, max_tokens=96, tools=TOOLS + "+lloyd")
+    assert set(lloyd.levels) == {"key", "value"}
+    for kind, by_bits in lloyd.levels.items():
+        assert set(by_bits) == {str(b) for b in LLOYD}
+        for bits, per_layer in by_bits.items():
+            assert len(per_layer) == lm.num_layers
+            assert all(len(x) == 1 << int(bits) and all(a < b for a, b in zip(x, x[1:])) for x in per_layer)
+            if kind == "key":
+                assert all(x[0] == 0.0 and x[-1] == 1.0 for x in per_layer)
+        assert len({tuple(x) for x in by_bits["3"]}) > 1  # layers differ
+    assert lloyd.sensitivity != profiles[TOOLS].sensitivity  # measured with the levels
+    codecs = lloyd.codecs("value", 2)
+    assert [c.levels for c in codecs] == [tuple(x) for x in lloyd.levels["value"]["2"]]
+    assert all(c.rotation for c in codecs) and lloyd.codecs("value", 5)[0].levels == ()
+
+    kind = adaptive("budget-2.5+rot+prerope+lloyd+zstd")
+    sender = SenderEngine(lm)
+    ids = encode(lm.tokenizer, sender.prompt.context_part(CONTEXT))[:200]
+    kv, _ = prefill(lm, ids)
+    picked = allocation.allocate(kind, [profiles[TOOLS], lloyd], kv, card=CardTarget(lm.fingerprint)).layers
+    own = [(i, kind_, getattr(layer, kind_)) for i, layer in enumerate(picked) for kind_ in ("key", "value")
+           if getattr(layer, kind_).levels]
+    assert own, "no tensor took levels"
+    assert all(c.levels == tuple(lloyd.levels[k][str(c.bits)][i]) for i, k, c in own)
+    lloyd.save(tmp_path / "lloyd.json")
+    assert allocation.Profile.load(tmp_path / "lloyd.json", lm.fingerprint).codecs("key", 2) == lloyd.codecs("key", 2)
+
+
+def test_a_lloyd_profile_without_levels_keeps_the_tables():
+    """A profile made before per-layer levels was measured with the LLOYD tables: it still offers them."""
+    old = dataclasses.replace(synthetic_profile(layers=4), tools="+rot+lloyd")
+    assert old.levels == {} and all(c.levels == LLOYD[2] for c in old.codecs("key", 2))
 
 
 def test_calibrate_codec_writes_a_tool_profile_and_its_allocation(lm, tmp_path):

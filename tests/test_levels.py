@@ -11,7 +11,7 @@ from qkv_core.card.framing import frames
 from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
-from qkv_core.codec.levels import LLOYD, lloyd_max
+from qkv_core.codec.levels import LLOYD, fit, lloyd_max, unit_values
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, quantize
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
@@ -26,6 +26,21 @@ def test_lloyd_max_finds_the_gaussian_levels():
     sample = torch.randn(400_000, generator=torch.Generator().manual_seed(0))
     levels = lloyd_max(sample, 4)
     assert torch.allclose(levels, torch.tensor([-1.510, -0.4528, 0.4528, 1.510]), atol=0.02)
+
+
+def test_a_fit_with_exact_ends_keeps_each_rows_min_and_max():
+    """Per-token rows of Gaussian values: free levels pull the ends inwards; with exact ends the
+    first and last stay at 0 and 1 and the two inner levels move towards the middle, where the
+    values are. Every fit is ascending and on the 1/4096 grid."""
+    x = torch.randn(4, 300, 64, generator=torch.Generator().manual_seed(0))
+    sample = unit_values(x, per_channel=False)
+    assert sample.min() == 0 and sample.max() == 1 and sample.numel() == x.numel()
+    free, exact = fit(sample, 2), fit(sample, 2, exact_ends=True)
+    assert 0.1 < free[0] and free[-1] < 0.9
+    assert exact[0] == 0.0 and exact[-1] == 1.0 and 1 / 3 < exact[1] < exact[2] < 2 / 3
+    for levels in (free, exact, fit(sample, 4, exact_ends=True)):
+        assert all(a < b for a, b in zip(levels, levels[1:])) and all(v * 4096 == round(v * 4096) for v in levels)
+    assert fit(torch.full((1000,), 0.5), 2) == (0.0, 1 / 3, 2 / 3, 1.0)  # levels that collapse: uniform
 
 
 def test_the_table_is_ascending_and_exact_in_fp32():
@@ -95,7 +110,7 @@ def test_a_card_carries_its_levels_and_bad_ones_are_invalid(tiny):
     assert header.format_version == 3 and list(header.layers[0].key.levels) == list(LLOYD[2])
     got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
     codec = registry.resolve("kivi-2+lloyd", 1)[0]
-    assert torch.equal(got.keys[0], reconstructed([kv.keys[0]], codec.key, tiny.fingerprint, len(ids))[0])
+    assert torch.equal(got.keys[0], reconstructed([kv.keys[0]], [codec.key], tiny.fingerprint, len(ids))[0])
     for levels in ([0.9, 0.1, 0.5, 0.6], [0.1, 0.9], [0.1, 0.2, 0.3, 2.0]):
         bad = replaced(header)
         bad.layers[0].key.levels[:] = levels
@@ -117,7 +132,7 @@ def test_lloyd_levels_lose_less_on_a_real_model(embedded):
             err = {}
             for name in (f"kivi-{bits}+rot+prerope", f"kivi-{bits}+rot+prerope+lloyd"):
                 codec = getattr(registry.resolve(name, 1)[0], kind)
-                got = reconstructed(tensors, codec, embedded.fingerprint, len(ids))
+                got = reconstructed(tensors, [codec] * len(tensors), embedded.fingerprint, len(ids))
                 err[name] = sum(float((a - b).pow(2).sum()) for a, b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors)
             plain, lloyd = err.values()
             assert lloyd < (0.8 if bits == 2 else 0.5) * plain, (bits, kind, err)

@@ -99,7 +99,7 @@ def test_a_card_carries_its_outliers_and_bad_ones_are_invalid(tiny):
     assert header.format_version == 3 and header.layers[0].key.outliers == 100
     got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
     codec = registry.resolve("kivi-2+out100", 1)[0]
-    assert torch.equal(got.values[0], reconstructed([kv.values[0]], codec.value, tiny.fingerprint, len(ids))[0])
+    assert torch.equal(got.values[0], reconstructed([kv.values[0]], [codec.value], tiny.fingerprint, len(ids))[0])
     more = replaced(header)  # declares more outliers than the blob holds: a size mismatch
     more.layers[0].key.outliers = 200
     name_card(more, blobs)
@@ -132,7 +132,7 @@ def test_outliers_cut_the_error_on_a_real_model(embedded):
             err = []
             for name in (base, f"{base}+out10"):
                 codec = getattr(registry.resolve(name, 1)[0], kind)
-                got = reconstructed(tensors, codec, embedded.fingerprint, len(ids))
+                got = reconstructed(tensors, [codec] * len(tensors), embedded.fingerprint, len(ids))
                 err.append(sum(float((a - b).pow(2).sum()) for a, b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors))
             cut[base, kind] = err[1] / err[0]
     assert all(ratio < 1 for ratio in cut.values()), cut

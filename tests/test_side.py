@@ -119,7 +119,7 @@ def test_a_card_carries_its_side_width_and_a_wrong_one_is_invalid(tiny):
     assert header.format_version == 3 and header.layers[0].value.side_bits == 8
     got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
     codec = registry.resolve("kivi-3+s8", 1)[0]
-    assert torch.equal(got.keys[1], reconstructed([kv.keys[1]], codec.key, tiny.fingerprint, len(ids))[0])
+    assert torch.equal(got.keys[1], reconstructed([kv.keys[1]], [codec.key], tiny.fingerprint, len(ids))[0])
     for side_bits, message in ((0, "sizes do not match"), (4, "bad tensor codec")):
         bad = replaced(header)  # fp16 side information would be a size mismatch; 4 bits is no width
         bad.layers[0].key.side_bits = side_bits
@@ -140,7 +140,7 @@ def test_half_the_side_bytes_for_about_the_same_error_on_a_real_model(embedded):
         err, size = [], []
         for name in ("kivi-2+rot+prerope", "kivi-2+rot+prerope+s8"):
             codec = getattr(registry.resolve(name, 1)[0], kind)
-            got = reconstructed(tensors, codec, embedded.fingerprint, len(ids))
+            got = reconstructed(tensors, [codec] * len(tensors), embedded.fingerprint, len(ids))
             err.append(sum(float((a - b).pow(2).sum()) for a, b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors))
             size.append(sum(encoded_size(codec, *t.shape) for t in tensors))
         assert size[1] < size[0] and err[0] <= err[1] < 1.05 * err[0], (kind, size, err)

@@ -4,7 +4,7 @@ The profile holds, for every layer, for K and V, and for every candidate codec, 
 squared reconstruction error sum ||x - x_hat||^2 / sum ||x||^2 over calibration contexts and,
 for the KIVI layouts, the KL divergence of the next-token distribution after a question when
 only that one tensor is quantized, and the KL when one layer is dropped. A profile is measured
-with a set of lossy tools (+rot, +prerope, +lloyd: every codec of it has them) once per model and saved
+with a set of lossy tools (+rot, +prerope, +s8, +lloyd: every codec of it has them) once per model and saved
 as JSON next to the model cache (or where the user says); qkv_core.engine.calibration measures it.
 
 Allocators:
@@ -28,7 +28,8 @@ Allocators:
                    budget-B+rot, +prerope, +s8: every option has the tool, from a profile measured
                    with it. budget-B+lloyd and +outN read a profile per subset of those two
                    (with and without) and offer every tensor each of them; each menu is cut to
-                   its Pareto frontier.
+                   its Pareto frontier. A +lloyd profile holds each layer's own K and V levels,
+                   fitted when it is calibrated; the options take them.
     tokenmix-B     token-level mixed precision (QKVShare): the 4 sink tokens in fp16, the
                    context tokens that receive the most attention at 8 bits, the rest at the
                    widest width that leaves room for a tenth of the tokens at 8 bits, with as
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,8 +56,10 @@ LAST_RESORT_BITS = 1  # budget-B takes 1-bit tensors only when B is below the al
 FAMILIES = {"tensor": SEED, "kivi": KIVI}  # name -> (K codec, V codec) for a width
 KINDS = ("key", "value")
 Shape = tuple[int, int, int]
-# (kind, codec) -> the bytes every layer's K ("key") or V ("value") takes under that codec
-Sizer = Callable[[str, TensorCodec], list[int]]
+# (kind, codecs) -> the bytes every layer's K ("key") or V ("value") takes under its codec
+Sizer = Callable[[str, list[TensorCodec]], list[int]]
+# levels[kind][str(bits)][layer]: a layer's non-uniform levels for K or V at a width
+Levels = dict[str, dict[str, list[list[float]]]]
 
 
 @dataclass
@@ -72,6 +75,9 @@ class Profile(ProfileFile):
     # dropped[layer]: next-token KL with only that layer dropped (the receiver's own header KV instead);
     # empty where layers cannot be dropped (sliding-window attention) and in profiles made before drops
     dropped: list[float] = field(default_factory=list)
+    # with +lloyd: each layer's own levels, fitted on the calibration contexts (qkv_core.codec.levels.fit);
+    # empty: the LLOYD tables for every layer (profiles made before per-layer levels were measured with them)
+    levels: Levels = field(default_factory=dict)
 
     def error(self, family: str, kind: str, bits: int) -> list[float]:
         return self.errors[family][kind][str(bits)]
@@ -90,6 +96,19 @@ class Profile(ProfileFile):
     def widths(self, kind: str) -> list[int]:
         """The widths this profile measured for K or V, narrowest first."""
         return [b for b in BITS if str(b) in self.sensitivity[kind]]
+
+    def codecs(self, kind: str, bits: int) -> list[TensorCodec]:
+        """Every layer's KIVI codec for K or V at `bits`, as this profile measured it (its tools,
+        and each layer's own levels)."""
+        return kivi_codecs(kind, bits, split_tools(self.tools)[1], self.levels, self.num_layers)
+
+
+def kivi_codecs(kind: str, bits: int, tools: Sequence[str], levels: Levels, num_layers: int) -> list[TensorCodec]:
+    """Every layer's KIVI codec for K ("key") or V at `bits` with `tools`; where the codec has
+    non-uniform levels and `levels` holds the width's, each layer takes its own."""
+    codec = tooled(getattr(KIVI(bits), kind), kind, tools)
+    fitted = levels.get(kind, {}).get(str(bits)) if codec.levels else None
+    return [replace(codec, levels=tuple(x)) for x in fitted] if fitted else [codec] * num_layers
 
 
 def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4), split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:
@@ -131,9 +150,9 @@ def coded_sizer(kv: KVCache, card: CardTarget) -> Sizer:
     """Sizes of entropy-coded options, measured by coding the cache's tensors: they depend on the values."""
     context_tokens = kv.tokens if card.context_tokens is None else card.context_tokens
 
-    def sizes(kind: str, codec: TensorCodec) -> list[int]:
-        tensors = [rope_removed(k, codec, card.fp, context_tokens) for k in kv.keys] if kind == "key" else kv.values
-        return [blob.numel() for blob in encode_tensors(tensors, [codec] * len(tensors))]
+    def sizes(kind: str, codecs: list[TensorCodec]) -> list[int]:
+        tensors = [rope_removed(k, c, card.fp, context_tokens) for k, c in zip(kv.keys, codecs)] if kind == "key" else kv.values
+        return [blob.numel() for blob in encode_tensors(tensors, codecs)]
     return sizes
 
 
@@ -187,18 +206,13 @@ def budget(profiles: Sequence[Profile], kind: Adaptive, shapes: list[Shape], car
         raise ValueError(f"the profile has {profiles[0].num_layers} layers, the cache {len(shapes)}")
     options: list[list[Option]] = []  # per tensor (every K, then every V)
     for kv_kind in KINDS:
-        per_codec = []
-        for profile in profiles:
-            tools = split_tools(profile.tools)[1]  # its lossy tools; +zstd is `coded`
-            for bits in profile.widths(kv_kind):
-                codec = tooled(getattr(KIVI(bits), kv_kind), kv_kind, tools)
-                per_codec.append((codec, profile.sensitivity[kv_kind][str(bits)]))
-        per_codec.append((TensorCodec(FP16_BITS), [0.0] * len(shapes)))
+        per_codec = [(p.codecs(kv_kind, bits), p.sensitivity[kv_kind][str(bits)]) for p in profiles for bits in p.widths(kv_kind)]
+        per_codec.append(([TensorCodec(FP16_BITS)] * len(shapes), [0.0] * len(shapes)))
         per_option = []
-        for codec, errors in per_codec:
-            codec = entropy_coded(codec) if coded else codec
-            sizes = coded(kv_kind, codec) if coded else [encoded_size(codec, *shape) for shape in shapes]
-            per_option.append([(codec, size, err) for size, err in zip(sizes, errors)])
+        for codecs, errors in per_codec:
+            codecs = [entropy_coded(c) for c in codecs] if coded else codecs  # +zstd is `coded`: no profile has it
+            sizes = coded(kv_kind, codecs) if coded else [encoded_size(c, *shape) for c, shape in zip(codecs, shapes)]
+            per_option.append(list(zip(codecs, sizes, errors)))
         options.extend(list(layer) for layer in zip(*per_option))
     limit = kind.bits * 2 * sum(math.prod(s) for s in shapes) / 8 - card.overhead_bytes
     last_resort = sum(min(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) > limit

@@ -15,6 +15,7 @@ import torch
 from qkv_core.codec import rope
 from qkv_core.codec.quant import TensorCodec, dequantize, fp16_windows, quantize_many
 from qkv_core.codec.registry import LayerCodec
+from qkv_core.codec.rotation import rotate
 from qkv_core.types import Fingerprint, KVCache
 
 
@@ -83,8 +84,15 @@ def rope_restored(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None,
     return rope.apply(key, rope.inv_freq(fp), context_tokens - key.shape[1]).to(key.dtype)
 
 
-def reconstructed(tensors: list[torch.Tensor], codec: TensorCodec, fp: Fingerprint | None, context_tokens: int) -> list[torch.Tensor]:
-    """Each K (or V) tensor as a receiver gets it back from `codec`: coded (pre-RoPE keys with RoPE
-    removed at their positions), decoded, RoPE restored."""
-    blobs = encode_tensors([rope_removed(t, codec, fp, context_tokens) for t in tensors], [codec] * len(tensors))
-    return [rope_restored(dequantize(b, codec, tuple(t.shape), t.dtype), codec, fp, context_tokens) for b, t in zip(blobs, tensors)]
+def quantizer_input(tensor: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None, context_tokens: int) -> torch.Tensor:
+    """A K or V tensor as `codec`'s quantizer sees it: RoPE removed (pre-RoPE keys), then rotated."""
+    x = rope_removed(tensor, codec, fp, context_tokens)
+    return rotate(x, codec.rotation) if codec.rotation else x
+
+
+def reconstructed(tensors: list[torch.Tensor], codecs: Sequence[TensorCodec], fp: Fingerprint | None,
+                  context_tokens: int) -> list[torch.Tensor]:
+    """Each K (or V) tensor as a receiver gets it back from its codec: coded (pre-RoPE keys with
+    RoPE removed at their positions), decoded, RoPE restored."""
+    blobs = encode_tensors([rope_removed(t, c, fp, context_tokens) for t, c in zip(tensors, codecs)], list(codecs))
+    return [rope_restored(dequantize(b, c, tuple(t.shape), t.dtype), c, fp, context_tokens) for b, c, t in zip(blobs, codecs, tensors)]

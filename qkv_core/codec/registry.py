@@ -25,8 +25,9 @@ A codec name is a preset, a spec string, or a JSON file:
     NAME+s8           a static name above or budget-B with every scale and zero point one byte on
                       grids of each tensor's own, not fp16 (half the side bytes; qkv_core.codec.quant)
     NAME+lloyd        a static name above with non-uniform (Lloyd-Max) levels at 1..4 bits
-                      (qkv_core.codec.levels); budget-B+lloyd: uniform or Lloyd-Max levels per
-                      tensor, whichever its two profiles (with and without +lloyd) favour
+                      (the LLOYD tables, qkv_core.codec.levels); budget-B+lloyd: uniform levels or
+                      the layer's own (fitted per layer and stored in its profile) per tensor,
+                      whichever its two profiles (with and without +lloyd) favour
     FILE.json         {"layers": [{"key": SPEC, "value": SPEC}, ...]}, one entry per layer
                       (what `qkvcomm calibrate codec --allocate` writes); only the files the
                       caller lists in `files` are opened: a service lists those of its
@@ -131,7 +132,8 @@ def pre_rope(c: TensorCodec) -> TensorCodec:
 
 
 def lloyd_levels(c: TensorCodec) -> TensorCodec:
-    """Non-uniform levels from the Lloyd-Max table, for integer widths it has (1..4; wider stay uniform)."""
+    """Non-uniform levels from the Lloyd-Max table, for integer widths it has (1..4; wider stay uniform);
+    budget-B replaces them with each layer's own (qkv_core.codec.allocation.kivi_codecs)."""
     return dataclasses.replace(c, levels=LLOYD[c.bits]) if not c.is_float and c.bits in LLOYD else c
 
 
@@ -311,7 +313,7 @@ TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
     f"NAME{COMPACT_SIDE}": "NAME (a static codec or budget-B) with every scale and zero point one byte on grids of "
                            "each tensor's own, not fp16 (half the side information)",
     f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
-                           "uniform or Lloyd-Max per tensor, whichever its profiles favour",
+                           "uniform or each layer's own Lloyd-Max levels (in its profile) per tensor, whichever its profiles favour",
 }
 
 
