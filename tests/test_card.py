@@ -157,13 +157,14 @@ def test_a_card_names_its_context_by_the_digest_of_its_token_ids(tiny, made):
     assert context_digest(ids[:-1]) != header.context_ids_sha256 and context_digest([]) != context_digest([0])
 
 
-def test_cards_with_version_3_tools_are_version_3_and_a_version_2_reader_refuses_them(tiny, made, monkeypatch):
+def test_a_card_takes_the_oldest_version_that_undoes_its_tools_and_older_readers_refuse_it(tiny, made, monkeypatch):
     ids, kv, header, _ = made
     assert header.format_version == 2  # no tool a version-2 receiver would not undo: still readable by it
-    for name in ("kivi-4+rot", "kivi-4+zstd", "kivi-4+prerope", "kivi-4+lloyd"):
+    for name, version in (("kivi-4+rot", 3), ("kivi-4+zstd", 3), ("kivi-4+prerope", 3), ("kivi-4+lloyd", 4),
+                          ("kivi-4+out10", 4), ("kivi-4+s8", 4), ("kivi-4+rot+s8", 4)):
         tooled, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan(name, codecs.resolve(name, tiny.num_layers)))
-        assert tooled.format_version == 3, name
+        assert tooled.format_version == version, name
         read(tiny, frames(tooled, blobs))
-        monkeypatch.setattr("qkv_core.card.reader.READABLE_VERSIONS", (2,))  # a receiver from before them
-        _expect(tiny, frames(tooled, blobs), ErrorKind.PRECONDITION, "version 3 is not supported")
+        monkeypatch.setattr("qkv_core.card.reader.READABLE_VERSIONS", tuple(range(2, version)))  # a receiver from before them
+        _expect(tiny, frames(tooled, blobs), ErrorKind.PRECONDITION, f"version {version} is not supported")
         monkeypatch.undo()

@@ -107,7 +107,7 @@ def test_a_card_carries_its_levels_and_bad_ones_are_invalid(tiny):
     ids = encode(tiny.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
     kv, _ = prefill(tiny, ids)
     header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("kivi-2+lloyd", registry.resolve("kivi-2+lloyd", tiny.num_layers)))
-    assert header.format_version == 3 and list(header.layers[0].key.levels) == list(LLOYD[2])
+    assert header.format_version == 4 and list(header.layers[0].key.levels) == list(LLOYD[2])
     got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
     codec = registry.resolve("kivi-2+lloyd", 1)[0]
     assert torch.equal(got.keys[0], reconstructed([kv.keys[0]], [codec.key], tiny.fingerprint, len(ids))[0])

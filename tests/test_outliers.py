@@ -96,7 +96,7 @@ def test_a_card_carries_its_outliers_and_bad_ones_are_invalid(tiny):
     ids = encode(tiny.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
     kv, _ = prefill(tiny, ids)
     header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("kivi-2+out100", registry.resolve("kivi-2+out100", tiny.num_layers)))
-    assert header.format_version == 3 and header.layers[0].key.outliers == 100
+    assert header.format_version == 4 and header.layers[0].key.outliers == 100
     got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
     codec = registry.resolve("kivi-2+out100", 1)[0]
     assert torch.equal(got.values[0], reconstructed([kv.values[0]], [codec.value], tiny.fingerprint, len(ids))[0])

@@ -116,7 +116,7 @@ def test_a_card_carries_its_side_width_and_a_wrong_one_is_invalid(tiny):
     ids = encode(tiny.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
     kv, _ = prefill(tiny, ids)
     header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("kivi-3+s8", registry.resolve("kivi-3+s8", tiny.num_layers)))
-    assert header.format_version == 3 and header.layers[0].value.side_bits == 8
+    assert header.format_version == 4 and header.layers[0].value.side_bits == 8
     got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
     codec = registry.resolve("kivi-3+s8", 1)[0]
     assert torch.equal(got.keys[1], reconstructed([kv.keys[1]], [codec.key], tiny.fingerprint, len(ids))[0])

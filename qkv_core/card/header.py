@@ -26,12 +26,13 @@ from qkv_core.errors import Detailed
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
-FORMAT_VERSION = 3  # 3: tensors may be rotated, entropy coded or pre-RoPE (TensorCodec fields 7-9)
+FORMAT_VERSION = 4  # 4: non-uniform levels, outliers or compact side information (TensorCodec fields 10-12)
+ROTATED_FORMAT_VERSION = 3  # 3: tensors may be rotated, entropy coded or pre-RoPE (TensorCodec fields 7-9)
 PLAIN_FORMAT_VERSION = 2  # 2: the card id and the trailer digest are the content hash
-# A card that uses none of version 3's tools is written as version 2, so receivers of version 2 keep
-# reading it; one that does is version 3, so they refuse it (PRECONDITION) instead of ignoring a
-# field they do not know and decoding it wrong.
-READABLE_VERSIONS = (PLAIN_FORMAT_VERSION, FORMAT_VERSION)
+# A card is written as the oldest version whose readers undo every tool it uses, so older receivers
+# keep reading what they can and refuse the rest (PRECONDITION) instead of ignoring a field they
+# do not know and decoding it wrong.
+READABLE_VERSIONS = (PLAIN_FORMAT_VERSION, ROTATED_FORMAT_VERSION, FORMAT_VERSION)
 CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
 
 
@@ -163,6 +164,15 @@ def _check_plan(context_ids: list[int], kv: KVCache, plan: CardPlan) -> None:
         raise ValueError("a delta card holds every layer's tokens after its parent's, and no salient tokens")
 
 
+def format_version(codecs: list[TensorCodec]) -> int:
+    """The oldest card format whose readers undo every tool of `codecs`."""
+    if any(c.levels or c.outliers or c.side_bits for c in codecs):
+        return FORMAT_VERSION
+    if any(c.rotation or c.entropy or c.pre_rope for c in codecs):
+        return ROTATED_FORMAT_VERSION
+    return PLAIN_FORMAT_VERSION
+
+
 def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan, sizes: list[tuple[int, int]]) -> pb.CardHeader:
     """The header of the card; `sizes`: each sent layer's (K, V) bytes as encoded."""
     layers = [
@@ -170,9 +180,8 @@ def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: Card
                      value=codec_to_pb(plan.layers[i].value), key_bytes=k, value_bytes=v, tokens=kv.keys[i].shape[1])
         for i, (k, v) in zip(plan.sent(), sizes)
     ]
-    tools = any(c.has_tools for i in plan.sent() for c in (plan.layers[i].key, plan.layers[i].value))
     return pb.CardHeader(
-        format_version=FORMAT_VERSION if tools else PLAIN_FORMAT_VERSION,
+        format_version=format_version([c for i in plan.sent() for c in (plan.layers[i].key, plan.layers[i].value)]),
         salient_tokens=plan.salient,
         model=fingerprint_to_pb(fp),
         context_tokens=len(context_ids),

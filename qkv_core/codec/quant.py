@@ -120,12 +120,6 @@ class TensorCodec:
             raise RequestError(f"side_bits is 0 (fp16 scales) or 8 (compact, integer codecs), got {self.side_bits}")
 
     @property
-    def has_tools(self) -> bool:
-        """Rotated, entropy coded, pre-RoPE, non-uniform, with outliers or compact side information:
-        what a reader must undo beyond the plain layout."""
-        return bool(self.rotation or self.entropy or self.pre_rope or self.levels or self.outliers or self.side_bits)
-
-    @property
     def is_float(self) -> bool:
         """Passthrough in fp16 or fp32, no integer codes."""
         return self.bits in _FLOAT
