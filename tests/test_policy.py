@@ -2,6 +2,7 @@
 quality floor), the estimates, and the candidates' bytes and predicted quality."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -97,20 +98,20 @@ FP = Fingerprint("synthetic", "llama", 4, 2, 64, "{}", "0" * 64, "0" * 64)
 def test_candidates_cost_what_the_profile_and_the_codec_say(profile):
     tokens = 512
     for bits in (2, 4, 8):
-        layers = candidate_layers(f"kivi-{bits}", profile, FP, tokens)
-        assert quality_loss(layers, profile) == pytest.approx(2 * sum((i + 1) * 4.0 ** -bits for i in range(4)))
+        layers = candidate_layers(f"kivi-{bits}", [profile], FP, tokens)
+        assert quality_loss(layers, [profile]) == pytest.approx(2 * sum((i + 1) * 4.0 ** -bits for i in range(4)))
         assert bits < 8 * wire_bytes(layers, FP, tokens) / (2 * 4 * 2 * tokens * 64) < bits + 0.6
-    fp16 = candidate_layers("fp16", profile, FP, tokens)
-    assert quality_loss(fp16, profile) == 0 and wire_bytes(fp16, FP, tokens) == FP.kv_bytes(tokens, 2)
-    budget = candidate_layers("budget-3", profile, FP, tokens)
+    fp16 = candidate_layers("fp16", [profile], FP, tokens)
+    assert quality_loss(fp16, [profile]) == 0 and wire_bytes(fp16, FP, tokens) == FP.kv_bytes(tokens, 2)
+    budget = candidate_layers("budget-3", [profile], FP, tokens)
     assert 8 * wire_bytes(budget, FP, tokens) / (2 * 4 * 2 * tokens * 64) <= 3
-    assert quality_loss(budget, profile) < quality_loss(candidate_layers("kivi-2", profile, FP, tokens), profile)
+    assert quality_loss(budget, [profile]) < quality_loss(candidate_layers("kivi-2", [profile], FP, tokens), [profile])
     with pytest.raises(RequestError, match="no quality prediction"):
-        quality_loss(candidate_layers("int8", profile, FP, tokens), profile)
+        quality_loss(candidate_layers("int8", [profile], FP, tokens), [profile])
 
 
 def test_the_policy_lists_what_applies_and_times_its_own_quantization(profile):
-    policy = AutoPolicy(FP, lambda: profile, [TEXT, "fp16", "kivi-4", "budget-2"], max_quality_loss=1.0)
+    policy = AutoPolicy(FP, lambda tools: profile, [TEXT, "fp16", "kivi-4", "budget-2"], max_quality_loss=1.0)
     options = {o.name: o for o in policy.options("a context " * 10, tokens=16)}
     assert "budget-2" not in options  # 16 tokens: scales alone cost more than 2 bits per element
     assert options[TEXT].wire_bytes == len("a context " * 10)
@@ -122,9 +123,28 @@ def test_the_policy_lists_what_applies_and_times_its_own_quantization(profile):
     assert decision.chosen == min(eligible, key=lambda s: s.predicted_s)
 
 
+def test_a_budget_with_tools_is_predicted_by_the_profile_of_its_tools(profile):
+    """budget-2.5+rot+zstd reads the +rot profile: here it measures a quarter of the plain KL, so at
+    the same bytes the candidate is predicted to lose a quarter; +zstd is predicted at its uncoded
+    size, B bits per element at most."""
+    tooled = dataclasses.replace(profile, tools="+rot", sensitivity={
+        k: {b: [e / 4 for e in errs] for b, errs in by_bits.items()} for k, by_bits in profile.sensitivity.items()})
+    profiles = {"": profile, "+rot": tooled}
+    policy = AutoPolicy(FP, profiles.__getitem__, [TEXT, "budget-2.5", "budget-2.5+rot+zstd"], max_quality_loss=1.0)
+    options = {o.name: o for o in policy.options("a context " * 10, tokens=512)}
+    plain, tools = options["budget-2.5"], options["budget-2.5+rot+zstd"]
+    assert tools.quality_loss == pytest.approx(plain.quality_loss / 4)
+    assert tools.wire_bytes == plain.wire_bytes <= 2.5 * 2 * 4 * 2 * 512 * 64 / 8
+    layers = candidate_layers("budget-2.5+rot", [tooled], FP, 512)
+    with pytest.raises(RequestError, match="no quality prediction"):
+        quality_loss(layers, [profile])  # rotated codecs: the plain profile did not measure them
+
+
 def test_only_predictable_candidates_and_a_lossless_one_are_accepted():
-    assert check_candidates(["text", "kivi-4", "budget-2.5"]) == ["text", "kivi-4", "budget-2.5"]
-    for bad in (["text", "int8"], ["text", "tokenmix-3"], ["kivi-4", "kivi-2"], ["text", "kivi-9"], ["auto"]):
+    accepted = ["text", "kivi-4", "kivi-3+zstd", "budget-2.5", "budget-2+rot+prerope+s8+zstd"]
+    assert check_candidates(accepted) == accepted
+    for bad in (["text", "int8"], ["text", "tokenmix-3"], ["kivi-4", "kivi-2"], ["text", "kivi-9"], ["auto"],
+                ["text", "kivi-2+rot"]):
         with pytest.raises((ValueError, RequestError)):
             check_candidates(bad)
 

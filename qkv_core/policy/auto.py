@@ -17,7 +17,7 @@ from qkv_core.codec.allocation import Profile
 from qkv_core.errors import RequestError
 from qkv_core.policy.decide import TEXT, Decision, Link, Option, Receiver, Request, decide
 from qkv_core.policy.estimates import LinkEstimate, Rates
-from qkv_core.policy.quality import candidate_layers, quality_loss
+from qkv_core.policy.quality import candidate_layers, profile_sets, quality_loss
 from qkv_core.types import Fingerprint, KVCache
 
 AUTO = "auto"
@@ -28,9 +28,12 @@ def check_candidates(names: list[str]) -> list[str]:
     """The configured candidates, or a clear error for one auto cannot predict."""
     for name in names:
         kind = registry.adaptive(name)
-        known = name in (TEXT, "fp16", "fp32") or name.startswith("kivi-") or (kind and kind.allocator == "budget" and not kind.tools)
+        stem, tools = registry.split_tools(name)
+        plain = set(tools) <= {registry.ENTROPY_CODED}  # lossless: predicted by the plain profile
+        known = name in (TEXT, "fp16", "fp32") or (stem.startswith("kivi-") and plain) or (kind and kind.allocator == "budget")
         if not known or name == AUTO:
-            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B and budget-B (without tools) only")
+            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B (optionally {registry.ENTROPY_CODED}) "
+                             "and budget-B (with any tools) only")
         if kind is None and name != TEXT:
             registry.resolve(name, 1)  # kivi-9 and the like fail here, at start
     if TEXT not in names and "fp16" not in names and "fp32" not in names:
@@ -39,7 +42,8 @@ def check_candidates(names: list[str]) -> list[str]:
 
 
 class AutoPolicy:
-    def __init__(self, fp: Fingerprint, profile: Callable[[], Profile], candidates: list[str], max_quality_loss: float):
+    def __init__(self, fp: Fingerprint, profile: Callable[[str], Profile], candidates: list[str], max_quality_loss: float):
+        """`profile(tools)`: the codec profile measured with `tools` ('' for none), as the sender has it."""
         self.fp, self.profile = fp, profile
         self.candidates = check_candidates(candidates)
         self.max_quality_loss = max_quality_loss
@@ -53,8 +57,9 @@ class AutoPolicy:
         decision runs on every request (the card itself is allocated at its exact length)."""
         key = (name, 1 << max(0, tokens - 1).bit_length())
         if key not in self._candidates:
-            layers = candidate_layers(name, self.profile(), self.fp, tokens)
-            self._candidates[key] = layers, quality_loss(layers, self.profile())
+            profiles = [self.profile(tools) for tools in profile_sets(name)]
+            layers = candidate_layers(name, profiles, self.fp, tokens)
+            self._candidates[key] = layers, quality_loss(layers, profiles)
         return self._candidates[key]
 
     def options(self, context: str, tokens: int, text: bool = True) -> list[Option]:
