@@ -11,7 +11,7 @@ export TORCH_INDEX   ?=
 # the package fails here first; any source change reinstalls it.
 SOURCES := pyproject.toml $(wildcard proto/qkvcomm/v1/*.proto) \
            $(shell find qkv_core qkv_eval service_common sender_service receiver_service qkvcomm_cli -name '*.py') \
-           $(wildcard qkv_core/data/*) \
+           $(wildcard qkv_core/data/*.txt qkv_core/data/*.jsonl qkv_core/data/profiles/*.json) \
            clients/python/pyproject.toml clients/python/setup.py $(wildcard clients/python/qkvcomm_client/*.py) \
            integrations/vllm/pyproject.toml $(wildcard integrations/vllm/qkvcomm_vllm/*.py)
 NODE_MODULES := clients/node/node_modules/.package-lock.json
@@ -19,7 +19,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data fuzz load link-faults bench-auto bench-auto-short test-vllm bench-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
+.PHONY: install run test data profiles fuzz load link-faults bench-auto bench-auto-short test-vllm bench-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -57,6 +57,16 @@ test: install data $(if $(NPM),$(NODE_MODULES))
 	@# Debian's package) they skip with that reason.
 	-@deploy/need.sh redis-server redis-server
 	$(PY) -m pytest -q
+
+# The profiles shipped for the embedded model (qkv_core/data/profiles, found by their cache file
+# names): the codec profile plain and with the tool sets of the budget presets, and the layer
+# profile. Measured again here into build/profiles, then copied (about 25 minutes on 2 cores).
+PROFILE_TOOLS := "" +rot+prerope +rot+prerope+s8 +rot+prerope+lloyd
+profiles: install
+	rm -rf build/profiles
+	for tools in $(PROFILE_TOOLS); do QKVCOMM_CACHE_DIR=build/profiles $(PY) -m qkvcomm_cli calibrate codec --tools "$$tools" || exit 1; done
+	QKVCOMM_CACHE_DIR=build/profiles $(PY) -m qkvcomm_cli calibrate layers
+	cp build/profiles/profiles/*.json qkv_core/data/profiles/
 
 # The long runs of the reliability suites (the test suite runs short versions): a PushCard fuzz
 # of 100,000 cases, and 16 clients asking through the services for 10 minutes.

@@ -11,6 +11,9 @@ from qkv_core.config import cache_dir
 from qkv_core.types import Fingerprint
 
 P = TypeVar("P", bound="ProfileFile")
+# Profiles shipped with the package, measured for the embedded model by `make profiles`; each is
+# found by its cache file name (model, weights hash, kind, tools) and checked like any other.
+SHIPPED = Path(__file__).parent / "data" / "profiles"
 
 
 @dataclass
@@ -38,10 +41,13 @@ class ProfileFile:
 
     @classmethod
     def load_or_make(cls: type[P], fingerprint: Fingerprint, path: Path | None, make: Callable[[], P]) -> P:
-        """The profile at `path` (default: the model's in the cache); made and saved there if absent."""
+        """The profile at `path` (default: the model's in the cache); else the one shipped under that
+        file name; else made and saved at `path`."""
         path = path or cls.default_path(fingerprint)
         if path.exists():
             return cls.load(path, fingerprint)
+        if (shipped := SHIPPED / path.name).exists():
+            return cls.load(shipped, fingerprint)
         profile = make()
         profile.save(path)
         return profile

@@ -98,8 +98,8 @@ def test_with_lloyd_each_tensor_takes_the_levels_its_profiles_favour():
 
 
 def test_a_lloyd_profile_fits_each_layers_levels_and_the_allocator_takes_them(lm, profiles, tmp_path):
-    """Calibrating with +lloyd fits every layer's K and V levels on the contexts (keys with their
-    ends exact), measures with them and stores them; budget-B+lloyd gives each tensor its own
+    """Calibrating with +lloyd fits every layer's K and V levels on the contexts (keys above 1 bit
+    with their ends exact), measures with them and stores them; budget-B+lloyd gives each tensor its own
     layer's levels, on the card too."""
     lloyd = calibration.calibrate(lm, SAMPLES, max_tokens=96, tools=TOOLS + "+lloyd")
     assert set(lloyd.levels) == {"key", "value"}
@@ -108,7 +108,7 @@ def test_a_lloyd_profile_fits_each_layers_levels_and_the_allocator_takes_them(lm
         for bits, per_layer in by_bits.items():
             assert len(per_layer) == lm.num_layers
             assert all(len(x) == 1 << int(bits) and all(a < b for a, b in zip(x, x[1:])) for x in per_layer)
-            if kind == "key":
+            if kind == "key" and bits != "1":
                 assert all(x[0] == 0.0 and x[-1] == 1.0 for x in per_layer)
         assert len({tuple(x) for x in by_bits["3"]}) > 1  # layers differ
     assert lloyd.sensitivity != profiles[TOOLS].sensitivity  # measured with the levels
@@ -212,3 +212,34 @@ def test_the_overhead_bound_holds(lm, profiles, tmp_path, codec):
     kv, _ = prefill(lm, ids)
     bound = overhead_bound(lm.fingerprint, ids, kv, codec)
     assert wire - card.header.payload_bytes <= bound <= wire - card.header.payload_bytes + 250 * 6  # slack: room for levels
+
+
+SHIPPED_TOOLS = ("", "+rot+prerope", "+rot+prerope+s8", "+rot+prerope+lloyd")  # Makefile: PROFILE_TOOLS
+
+
+@pytest.mark.integration
+def test_the_embedded_model_ships_its_profiles(embedded, monkeypatch, tmp_path):
+    """With an empty cache, the budget presets' profiles and the layer profile of the embedded
+    model load from the package: nothing is calibrated or written."""
+    from qkv_core.engine import selection  # noqa: PLC0415
+
+    monkeypatch.setenv("QKVCOMM_CACHE_DIR", str(tmp_path))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibrated although a profile is shipped")
+
+    monkeypatch.setattr(calibration, "calibrate", refuse)
+    monkeypatch.setattr(selection, "calibrate", refuse)
+    for tools in SHIPPED_TOOLS:
+        profile = calibration.load_or_calibrate(embedded, tools=tools)
+        assert profile.tools == tools and profile.num_layers == embedded.num_layers and profile.dropped
+        assert bool(profile.levels) == tools.endswith("+lloyd")
+    assert len(selection.load_or_calibrate(embedded).loo) == embedded.num_layers
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_model_without_shipped_profiles_calibrates_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("QKVCOMM_CACHE_DIR", str(tmp_path))
+    lm = tiny_model(layers=2)
+    profile = calibration.load_or_calibrate(lm, tools="+rot")
+    assert profile.tools == "+rot" and (tmp_path / "profiles" / allocation.Profile.path_for(lm.fingerprint, None, "+rot").name).exists()

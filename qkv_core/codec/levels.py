@@ -11,7 +11,7 @@ ascending, within [0, 1]), so a reader needs no table. A static codec (`kivi-2+l
 LLOYD[bits], fitted on rotated, pre-RoPE SmolLM2-135M KV of the bundled calibration texts (K per
 channel and V per token pooled; `python benchmarks/fit_levels.py`). budget-B+lloyd takes each
 layer's own K and V levels, fitted by `fit` when its profile is calibrated (stored in the profile;
-keys with their ends exact, see `fit`). Levels are rounded to multiples of 1/4096, exact in fp32 as
+keys above 1 bit with their ends exact, see `fit`). Levels are rounded to multiples of 1/4096, exact in fp32 as
 the card carries them. Widths above 4 bits keep uniform levels: there the gain is small.
 """
 from __future__ import annotations
