@@ -108,6 +108,13 @@ def _save(plt, fig, out: Path) -> None:
     plt.close(fig)
 
 
+def provenance(results: list[dict]) -> str:
+    """When and where a set of runs ran: its date, or the span of its dates, and its machines."""
+    dates = sorted({r["config"]["date"] for r in results})
+    when = dates[0] if len(dates) == 1 else f"runs of {dates[0]} to {dates[-1]}"
+    return f"{when}; {', '.join(sorted({r['config']['machine'] for r in results}))}"
+
+
 def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> bool:
     """One panel per (dataset, context, rows) with at least `min_codecs` kv codecs (fewer draw no
     frontier): F1 of every codec against its bits per element on the wire, with the skyline and
@@ -136,7 +143,7 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{results[0]['model']}: answer F1 vs card size ({results[0]['config']['date']}, {results[0]['config']['machine']})")
+    fig.suptitle(f"{results[0]['model']}: answer F1 vs card size ({provenance([r for _, runs in panels for r in runs])})")
     _save(plt, fig, out)
     return True
 

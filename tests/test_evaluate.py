@@ -45,7 +45,7 @@ def test_rows_of_any_shape(tmp_path):
 
 
 def test_report_table_and_chart(tmp_path):
-    from qkv_eval.report import f1_vs_bits_chart
+    from qkv_eval.report import f1_vs_bits_chart, provenance
     from qkvcomm_cli.main import main
 
     def result(mode, codec, f1, ratio, predictions):
@@ -79,6 +79,10 @@ def test_report_table_and_chart(tmp_path):
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
     assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f1_vs_bits_chart([result(*runs["sky"]), result(*runs["k4"])], tmp_path / "one.png") is False
+    later = result(*runs["k4"])
+    later["config"] |= {"date": "2026-12-02", "machine": "gpu"}
+    assert provenance([result(*runs["sky"])]) == "2026-11-22; test"
+    assert provenance([later, result(*runs["sky"])]) == "runs of 2026-11-22 to 2026-12-02; gpu, test"  # not the first run's alone
 
 
 def test_hops_table_lines_up_f1_by_hop_count():
