@@ -108,6 +108,15 @@ def _save(plt, fig, out: Path) -> None:
     plt.close(fig)
 
 
+def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The (bits, F1, codec) points that no other beats with more F1 at no more bits, fewest bits first."""
+    out: list[tuple[float, float, str]] = []
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not out or point[1] > out[-1][1]:
+            out.append(point)
+    return out
+
+
 def provenance(results: list[dict]) -> str:
     """When and where a set of runs ran: its date, or the span of its dates, and its machines."""
     dates = sorted({r["config"]["date"] for r in results})
@@ -118,7 +127,9 @@ def provenance(results: list[dict]) -> str:
 def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> bool:
     """One panel per (dataset, context, rows) with at least `min_codecs` kv codecs (fewer draw no
     frontier): F1 of every codec against its bits per element on the wire, with the skyline and
-    baseline of the same rows as horizontal lines. False when no set of runs qualifies."""
+    baseline of the same rows as horizontal lines. The Pareto frontier (no codec answers better
+    at fewer bits) is drawn and named; the other codecs are grey dots, too many to name legibly.
+    False when no set of runs qualifies."""
     by_data: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for r in results:
         c = config_of(r)
@@ -131,13 +142,15 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, ((data, context, rows), runs) in zip(axes[0], panels):
+        points = [(bits_per_element(r["summary"]), r["summary"]["f1"], config_of(r).codec) for r in runs if config_of(r).mode == "kv"]
+        best = pareto(points)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="lightgrey")
+        ax.plot([p[0] for p in best], [p[1] for p in best], "o-", color="tab:blue", label="Pareto frontier")
+        for bits, f1, codec in best:
+            ax.annotate(codec, (bits, f1), textcoords="offset points", xytext=(4, -10), fontsize=8)
         for r in runs:
-            s, c = r["summary"], config_of(r)
-            if c.mode == "kv":
-                ax.scatter(bits_per_element(s), s["f1"], color="tab:blue")
-                ax.annotate(c.codec, (bits_per_element(s), s["f1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            else:
-                ax.axhline(s["f1"], linestyle="--", color="tab:green" if c.mode == "skyline" else "tab:red", label=c.mode)
+            if (mode := config_of(r).mode) != "kv":
+                ax.axhline(r["summary"]["f1"], linestyle="--", color="tab:green" if mode == "skyline" else "tab:red", label=mode)
         ax.set(xscale="log", xlabel="bits per KV element on the wire (log)", ylabel="F1", title=f"{data} ({context}), {rows} rows")
         ax.set_xticks([2, 3, 4, 6, 8, 16], labels=["2", "3", "4", "6", "8", "16"])
         if ax.get_legend_handles_labels()[0]:

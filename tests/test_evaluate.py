@@ -45,7 +45,7 @@ def test_rows_of_any_shape(tmp_path):
 
 
 def test_report_table_and_chart(tmp_path):
-    from qkv_eval.report import f1_vs_bits_chart, provenance
+    from qkv_eval.report import f1_vs_bits_chart, pareto, provenance
     from qkvcomm_cli.main import main
 
     def result(mode, codec, f1, ratio, predictions):
@@ -82,6 +82,8 @@ def test_report_table_and_chart(tmp_path):
     later = result(*runs["k4"])
     later["config"] |= {"date": "2026-12-02", "machine": "gpu"}
     assert provenance([result(*runs["sky"])]) == "2026-11-22; test"
+    points = [(16.0, 15.0, "fp16"), (8.4, 15.0, "int8"), (4.0, 14.0, "kivi-4"), (4.0, 12.0, "seed-4"), (2.3, 5.0, "kivi-2"), (3.0, 4.0, "x")]
+    assert [p[2] for p in pareto(points)] == ["kivi-2", "kivi-4", "int8"]  # fp16 answers no better than int8 at more bits
     assert provenance([later, result(*runs["sky"])]) == "runs of 2026-11-22 to 2026-12-02; gpu, test"  # not the first run's alone
 
 
