@@ -18,13 +18,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import build_card, name_card
+from qkv_core.card.header import CardPlan, build_card, name_card
 from qkv_core.codec import allocation
+from qkv_core.codec.encoding import reconstructed
+from qkv_core.codec.registry import LayerCodec, resolve
 from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
+from qkv_core.model.kv import prefill
 from qkv_core.model.loading import LoadedModel, load_model, wrap
-from qkv_core.types import KVCache
+from qkv_core.model.prompt import encode
+from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 from service_common.certs import DevCerts
 from service_common.server import GRPC_OPTIONS
@@ -201,6 +205,31 @@ def gauge(port: int, name: str, **labels: str) -> float:
     if not values and not labels:
         raise KeyError(f"no metric {name} at port {port}")
     return values[0] if values else 0.0
+
+
+@dataclasses.dataclass
+class ToolCard:
+    """A card of a short fixed context coded with one codec name, and what a receiver got from it."""
+
+    fp: Fingerprint
+    ids: list[int]
+    kv: KVCache  # the sender's cache
+    header: pb.CardHeader
+    blobs: list[bytes]
+    got: KVCache  # the receiver's
+    codec: LayerCodec  # the name's codecs of one layer (static names: every layer's)
+
+    def expected(self, kind: str, layer: int) -> torch.Tensor:
+        """What the receiver should get back for one layer's K ("key") or V: the codec's round trip."""
+        tensor, codec = (self.kv.keys if kind == "key" else self.kv.values)[layer], getattr(self.codec, kind)
+        return reconstructed([tensor], [codec], self.fp, len(self.ids))[0]
+
+
+def tool_card(lm: LoadedModel, name: str) -> ToolCard:
+    ids = encode(lm.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
+    kv, _ = prefill(lm, ids)
+    header, blobs = build_card(lm.fingerprint, ids, kv, CardPlan(name, resolve(name, lm.num_layers)))
+    return ToolCard(lm.fingerprint, ids, kv, header, blobs, ReceiverEngine(lm).accept(frames(header, blobs)).kv, resolve(name, 1)[0])
 
 
 def replaced(header: pb.CardHeader, **fields) -> pb.CardHeader:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
+from qkv_core.card.header import CardError, ErrorKind, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.levels import LLOYD, fit, lloyd_max, unit_values
@@ -16,9 +16,8 @@ from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, 
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
-from qkv_core.model.kv import prefill
 from qkv_core.model.prompt import encode
-from tests.conftest import qa_rows, replaced
+from tests.conftest import qa_rows, replaced, tool_card
 
 
 def test_lloyd_max_finds_the_gaussian_levels():
@@ -104,13 +103,10 @@ def test_the_tool_and_its_refusals():
 
 
 def test_a_card_carries_its_levels_and_bad_ones_are_invalid(tiny):
-    ids = encode(tiny.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
-    kv, _ = prefill(tiny, ids)
-    header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("kivi-2+lloyd", registry.resolve("kivi-2+lloyd", tiny.num_layers)))
+    card = tool_card(tiny, "kivi-2+lloyd")
+    header, blobs = card.header, card.blobs
     assert header.format_version == 4 and list(header.layers[0].key.levels) == list(LLOYD[2])
-    got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
-    codec = registry.resolve("kivi-2+lloyd", 1)[0]
-    assert torch.equal(got.keys[0], reconstructed([kv.keys[0]], [codec.key], tiny.fingerprint, len(ids))[0])
+    assert torch.equal(card.got.keys[0], card.expected("key", 0))
     for levels in ([0.9, 0.1, 0.5, 0.6], [0.1, 0.9], [0.1, 0.2, 0.3, 2.0]):
         bad = replaced(header)
         bad.layers[0].key.levels[:] = levels

@@ -8,16 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
+from qkv_core.card.header import CardError, ErrorKind, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, outlier_count, quantize
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
-from qkv_core.model.kv import prefill
 from qkv_core.model.prompt import encode
-from tests.conftest import qa_rows, replaced
+from tests.conftest import qa_rows, replaced, tool_card
 
 
 def test_the_layout_byte_for_byte():
@@ -93,13 +92,10 @@ def test_the_tool_and_its_refusals():
 
 
 def test_a_card_carries_its_outliers_and_bad_ones_are_invalid(tiny):
-    ids = encode(tiny.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
-    kv, _ = prefill(tiny, ids)
-    header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("kivi-2+out100", registry.resolve("kivi-2+out100", tiny.num_layers)))
+    card = tool_card(tiny, "kivi-2+out100")
+    header, blobs, kv, codec = card.header, card.blobs, card.kv, card.codec
     assert header.format_version == 4 and header.layers[0].key.outliers == 100
-    got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
-    codec = registry.resolve("kivi-2+out100", 1)[0]
-    assert torch.equal(got.values[0], reconstructed([kv.values[0]], [codec.value], tiny.fingerprint, len(ids))[0])
+    assert torch.equal(card.got.values[0], card.expected("value", 0))
     more = replaced(header)  # declares more outliers than the blob holds: a size mismatch
     more.layers[0].key.outliers = 200
     name_card(more, blobs)

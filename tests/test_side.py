@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
+from qkv_core.card.header import CardError, ErrorKind, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.packing import packed_size
@@ -17,9 +17,8 @@ from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, 
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
-from qkv_core.model.kv import prefill
 from qkv_core.model.prompt import encode
-from tests.conftest import qa_rows, replaced
+from tests.conftest import qa_rows, replaced, tool_card
 
 
 def test_the_layout_byte_for_byte():
@@ -113,13 +112,10 @@ def test_the_tool_and_its_refusals():
 
 
 def test_a_card_carries_its_side_width_and_a_wrong_one_is_invalid(tiny):
-    ids = encode(tiny.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
-    kv, _ = prefill(tiny, ids)
-    header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("kivi-3+s8", registry.resolve("kivi-3+s8", tiny.num_layers)))
+    card = tool_card(tiny, "kivi-3+s8")
+    header, blobs = card.header, card.blobs
     assert header.format_version == 4 and header.layers[0].value.side_bits == 8
-    got = ReceiverEngine(tiny).accept(frames(header, blobs)).kv
-    codec = registry.resolve("kivi-3+s8", 1)[0]
-    assert torch.equal(got.keys[1], reconstructed([kv.keys[1]], [codec.key], tiny.fingerprint, len(ids))[0])
+    assert torch.equal(card.got.keys[1], card.expected("key", 1))
     for side_bits, message in ((0, "sizes do not match"), (4, "bad tensor codec")):
         bad = replaced(header)  # fp16 side information would be a size mismatch; 4 bits is no width
         bad.layers[0].key.side_bits = side_bits
