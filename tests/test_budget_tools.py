@@ -13,10 +13,10 @@ from qkv_core.card.framing import frames, overhead_bound
 from qkv_core.card.header import codec_from_pb
 from qkv_core.codec import allocation
 from qkv_core.codec.allocation import CardTarget
-from qkv_core.codec.encoding import reconstructed
+from qkv_core.codec.encoding import encode_tensors, reconstructed, rope_removed
 from qkv_core.codec.levels import LLOYD
 from qkv_core.codec.quant import encoded_size
-from qkv_core.codec.registry import adaptive, codec_files, resolve
+from qkv_core.codec.registry import KIVI, adaptive, codec_files, entropy_coded, resolve, tooled
 from qkv_core.engine import calibration
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.selection import keep_prefix
@@ -243,3 +243,16 @@ def test_a_model_without_shipped_profiles_calibrates_its_own(monkeypatch, tmp_pa
     lm = tiny_model(layers=2)
     profile = calibration.load_or_calibrate(lm, tools="+rot")
     assert profile.tools == "+rot" and (tmp_path / "profiles" / allocation.Profile.path_for(lm.fingerprint, None, "+rot").name).exists()
+
+
+def test_coded_sizes_equal_the_coded_tensors_with_every_tool(lm):
+    """The sizer codes rotated, pre-RoPE tensors made once per tool set without those two tools:
+    the bytes equal coding each tensor with every tool, as the card does."""
+    ids = encode(lm.tokenizer, SenderEngine(lm).prompt.context_part(CONTEXT))[:150]
+    kv, _ = prefill(lm, ids)
+    sizes = allocation.coded_sizer(kv, CardTarget(lm.fingerprint))
+    for bits in (1, 2, 3):
+        for kind, tensors in (("key", kv.keys), ("value", kv.values)):
+            codecs = [entropy_coded(tooled(getattr(KIVI(bits), kind), kind, ("+rot", "+prerope", "+s8")))] * len(tensors)
+            coded = encode_tensors([rope_removed(t, c, lm.fingerprint, len(ids)) for t, c in zip(tensors, codecs)], codecs)
+            assert sizes(kind, codecs) == [b.numel() for b in coded]
