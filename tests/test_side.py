@@ -123,6 +123,16 @@ def test_a_card_carries_its_side_width_and_a_wrong_one_is_invalid(tiny):
         with pytest.raises(CardError, match=message) as err:
             ReceiverEngine(tiny).accept(frames(bad, blobs))
         assert err.value.kind == ErrorKind.INVALID
+    heads, tokens, dim = card.kv.keys[0].shape  # a NaN scale top in layer 0's K: every scale NaN
+    top = packed_size(heads * dim * tokens, 3) + 4
+    data = bytearray(blobs[0])
+    data[top : top + 2] = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).tolist()
+    tampered = [bytes(data), *blobs[1:]]
+    bad = replaced(header)
+    name_card(bad, tampered)
+    with pytest.raises(CardError, match="non-finite") as err:
+        ReceiverEngine(tiny).accept(frames(bad, tampered))
+    assert err.value.kind == ErrorKind.INVALID
 
 
 @pytest.mark.integration
