@@ -137,7 +137,7 @@ def test_a_lloyd_profile_without_levels_keeps_the_tables():
 
 def test_calibrate_codec_writes_a_tool_profile_and_its_allocation(lm, tmp_path):
     args = argparse.Namespace(max_tokens=96, out=tmp_path / "p.json", tools="", allocate=f"budget-3{TOOLS}", tokens=256,
-                              codec_out=tmp_path / "codec.json")
+                              codec_out=tmp_path / "codec.json", reuse=False)
     assert calibrate_cli._calibrate_codec(args, lm, SAMPLES) == 0
     assert allocation.Profile.load(args.out, lm.fingerprint).tools == TOOLS
     layers = resolve(str(args.codec_out), 6, codec_files([str(args.codec_out)]))
@@ -220,7 +220,8 @@ SHIPPED_TOOLS = ("", "+rot+prerope", "+rot+prerope+s8", "+rot+prerope+lloyd")  #
 @pytest.mark.integration
 def test_the_embedded_model_ships_its_profiles(embedded, monkeypatch, tmp_path):
     """With an empty cache, the budget presets' profiles and the layer profile of the embedded
-    model load from the package: nothing is calibrated or written."""
+    model load from the package, and `calibrate --reuse` keeps them: nothing is calibrated or
+    written."""
     from qkv_core.engine import selection  # noqa: PLC0415
 
     monkeypatch.setenv("QKVCOMM_CACHE_DIR", str(tmp_path))
@@ -235,6 +236,9 @@ def test_the_embedded_model_ships_its_profiles(embedded, monkeypatch, tmp_path):
         assert profile.tools == tools and profile.num_layers == embedded.num_layers and profile.dropped
         assert bool(profile.levels) == tools.endswith("+lloyd")
     assert len(selection.load_or_calibrate(embedded).loo) == embedded.num_layers
+    reuse = argparse.Namespace(max_tokens=512, out=None, tools="+rot+prerope", allocate=None, reuse=True)
+    assert calibrate_cli._calibrate_codec(reuse, embedded, []) == 0  # what the image's build runs
+    assert calibrate_cli._calibrate_layers(reuse, embedded, []) == 0
     assert not any(tmp_path.iterdir())
 
 

@@ -2,7 +2,7 @@
 # `make image-smoke`: the Docker image's install and build-time steps without a Docker engine.
 # A fresh virtualenv in a directory outside the repo gets the built wheel through the image's own
 # deploy/docker/install.sh; then, as a non-root user when we are root (the image runs as uid
-# 10001), deploy/docker/build-steps.sh (model conversion, calibration) and a demo handoff, from
+# 10001), deploy/docker/build-steps.sh (model conversion, the profiles) and a demo handoff, from
 # that directory. A file missing from the wheel, or a read of the source tree, fails here.
 #   deploy/docker/smoke.sh WHEEL_DIR
 set -euo pipefail

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allocate", help="also write this adaptive codec's allocation, e.g. budget-3 or seed-adaptive")
     p.add_argument("--tokens", type=int, default=1024, help="context length the --allocate budget is met at")
     p.add_argument("--codec-out", type=Path, default=Path("codec.json"), help="where --allocate writes (usable as --codec)")
+    p.add_argument("--reuse", action="store_true", help="codec, layers: keep the profile the sender would read (saved in the "
+                   "cache, or shipped for the embedded model) and measure only where there is none")
     runtime_flags(p)
     p.set_defaults(run=run)
 
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         samples = calibration_data.samples()
     if what == "pair":
         return _calibrate_pair(args, [context for context, _, _ in samples])
+    if args.reuse and (args.data or args.out):
+        raise SystemExit("--reuse keeps the profile the sender reads, on the bundled samples; it takes no --data or --out")
     lm = load_model(runtime(args))
     return (_calibrate_layers if what == "layers" else _calibrate_codec)(args, lm, samples)
 
@@ -81,9 +85,12 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
     tools = kind.profile_tools if kind else args.tools
     if args.tools and args.tools != tools:
         raise SystemExit(f"--allocate {args.allocate} reads a profile calibrated with {tools or 'no tools'}, not {args.tools}")
-    profile = calibration.calibrate(lm, samples, args.max_tokens, tools)
-    out = args.out or allocation.Profile.path_for(lm.fingerprint, None, tools)
-    profile.save(out)
+    if args.reuse:
+        profile, out = calibration.load_or_calibrate(lm, tools=tools), "kept or made as the sender reads it"
+    else:
+        profile = calibration.calibrate(lm, samples, args.max_tokens, tools)
+        out = args.out or allocation.Profile.path_for(lm.fingerprint, None, tools)
+        profile.save(out)
     print(f"profile{tools} of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
     print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " | dropped |  (KIVI: next-token KL, nats, one tensor "
           "quantized or one layer dropped)")
@@ -103,9 +110,12 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
 def _calibrate_layers(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN001
     from qkv_core.engine import selection  # noqa: PLC0415
 
-    profile = selection.calibrate(lm, samples)
-    out = args.out or selection.LayerProfile.default_path(lm.fingerprint)
-    profile.save(out)
+    if args.reuse:
+        profile, out = selection.load_or_calibrate(lm), "kept or made as the sender reads it"
+    else:
+        profile = selection.calibrate(lm, samples)
+        out = args.out or selection.LayerProfile.default_path(lm.fingerprint)
+        profile.save(out)
     print(f"layer profile of {lm.fingerprint.name} on {profile.samples} samples -> {out}")
     print("| layer | attention mass | leave-one-out (nats) |\n|---|---|---|")
     for i, (a, d) in enumerate(zip(profile.attention, profile.loo)):
