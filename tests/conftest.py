@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardPlan, build_card, name_card
+from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
 from qkv_core.codec import allocation
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.registry import LayerCodec, resolve
@@ -230,6 +230,15 @@ def tool_card(lm: LoadedModel, name: str) -> ToolCard:
     kv, _ = prefill(lm, ids)
     header, blobs = build_card(lm.fingerprint, ids, kv, CardPlan(name, resolve(name, lm.num_layers)))
     return ToolCard(lm.fingerprint, ids, kv, header, blobs, ReceiverEngine(lm).accept(frames(header, blobs)).kv, resolve(name, 1)[0])
+
+
+def expect_invalid(lm: LoadedModel, header: pb.CardHeader, blobs: list[bytes], match: str) -> None:
+    """A tampered card, named again for its content as any client can, is an INVALID card whose
+    error says `match`."""
+    name_card(header, blobs)
+    with pytest.raises(CardError, match=match) as err:
+        ReceiverEngine(lm).accept(frames(header, blobs))
+    assert err.value.kind == ErrorKind.INVALID
 
 
 def replaced(header: pb.CardHeader, **fields) -> pb.CardHeader:

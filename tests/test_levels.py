@@ -7,17 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.levels import LLOYD, fit, lloyd_max, unit_values
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, quantize
-from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
 from qkv_core.model.prompt import encode
-from tests.conftest import qa_rows, replaced, tool_card
+from tests.conftest import expect_invalid, qa_rows, replaced, tool_card
 
 
 def test_lloyd_max_finds_the_gaussian_levels():
@@ -110,10 +107,7 @@ def test_a_card_carries_its_levels_and_bad_ones_are_invalid(tiny):
     for levels in ([0.9, 0.1, 0.5, 0.6], [0.1, 0.9], [0.1, 0.2, 0.3, 2.0]):
         bad = replaced(header)
         bad.layers[0].key.levels[:] = levels
-        name_card(bad, blobs)
-        with pytest.raises(CardError, match="non-uniform levels") as err:
-            ReceiverEngine(tiny).accept(frames(bad, blobs))
-        assert err.value.kind == ErrorKind.INVALID
+        expect_invalid(tiny, bad, blobs, "non-uniform levels")
 
 
 @pytest.mark.integration

@@ -7,16 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, outlier_count, quantize
-from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
 from qkv_core.model.prompt import encode
-from tests.conftest import qa_rows, replaced, tool_card
+from tests.conftest import expect_invalid, qa_rows, replaced, tool_card
 
 
 def test_the_layout_byte_for_byte():
@@ -98,21 +95,14 @@ def test_a_card_carries_its_outliers_and_bad_ones_are_invalid(tiny):
     assert torch.equal(card.got.values[0], card.expected("value", 0))
     more = replaced(header)  # declares more outliers than the blob holds: a size mismatch
     more.layers[0].key.outliers = 200
-    name_card(more, blobs)
-    with pytest.raises(CardError) as err:
-        ReceiverEngine(tiny).accept(frames(more, blobs))
-    assert err.value.kind == ErrorKind.INVALID
+    expect_invalid(tiny, more, blobs, "sizes do not match")
     spec = header.layers[0]  # indices out of order: swap the first two outliers' indices of K
     k = outlier_count(codec.key, kv.keys[0].numel())
     start = encoded_size(codec.key, *kv.keys[0].shape) - 6 * k
     data = bytearray(blobs[0])
     data[start : start + 8] = data[start + 4 : start + 8] + data[start : start + 4]
-    tampered = [bytes(data), *blobs[1:]]
-    bad = replaced(header)
-    name_card(bad, tampered)
-    with pytest.raises(CardError, match="outlier indices") as err:
-        ReceiverEngine(tiny).accept(frames(bad, tampered))
-    assert err.value.kind == ErrorKind.INVALID and spec.key_bytes == len(blobs[0]) - spec.value_bytes
+    expect_invalid(tiny, replaced(header), [bytes(data), *blobs[1:]], "outlier indices")
+    assert spec.key_bytes == len(blobs[0]) - spec.value_bytes
 
 
 @pytest.mark.integration

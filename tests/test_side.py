@@ -8,17 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind, name_card
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.packing import packed_size
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, quantize
-from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
 from qkv_core.model.prompt import encode
-from tests.conftest import qa_rows, replaced, tool_card
+from tests.conftest import expect_invalid, qa_rows, replaced, tool_card
 
 
 def test_the_layout_byte_for_byte():
@@ -119,20 +116,12 @@ def test_a_card_carries_its_side_width_and_a_wrong_one_is_invalid(tiny):
     for side_bits, message in ((0, "sizes do not match"), (4, "bad tensor codec")):
         bad = replaced(header)  # fp16 side information would be a size mismatch; 4 bits is no width
         bad.layers[0].key.side_bits = side_bits
-        name_card(bad, blobs)
-        with pytest.raises(CardError, match=message) as err:
-            ReceiverEngine(tiny).accept(frames(bad, blobs))
-        assert err.value.kind == ErrorKind.INVALID
+        expect_invalid(tiny, bad, blobs, message)
     heads, tokens, dim = card.kv.keys[0].shape  # a NaN scale top in layer 0's K: every scale NaN
     top = packed_size(heads * dim * tokens, 3) + 4
     data = bytearray(blobs[0])
     data[top : top + 2] = torch.tensor([float("nan")], dtype=torch.float16).view(torch.uint8).tolist()
-    tampered = [bytes(data), *blobs[1:]]
-    bad = replaced(header)
-    name_card(bad, tampered)
-    with pytest.raises(CardError, match="non-finite") as err:
-        ReceiverEngine(tiny).accept(frames(bad, tampered))
-    assert err.value.kind == ErrorKind.INVALID
+    expect_invalid(tiny, replaced(header), [bytes(data), *blobs[1:]], "non-finite")
 
 
 @pytest.mark.integration
