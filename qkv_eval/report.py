@@ -5,6 +5,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from qkv_core.codec.allocation import frontier
 from qkv_core.facts.text import normalize
 from qkv_eval.run_config import EvalConfig
 
@@ -110,11 +111,7 @@ def _save(plt, fig, out: Path) -> None:
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """The (bits, F1, codec) points that no other beats with more F1 at no more bits, fewest bits first."""
-    out: list[tuple[float, float, str]] = []
-    for point in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not out or point[1] > out[-1][1]:
-            out.append(point)
-    return out
+    return frontier(points, cost=lambda p: p[0], error=lambda p: -p[1])
 
 
 def provenance(results: list[dict]) -> str:

@@ -38,9 +38,10 @@ Allocators:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -168,12 +169,15 @@ def coded_sizer(kv: KVCache, card: CardTarget) -> Sizer:
 Option = tuple[TensorCodec, int, float]  # (codec, bytes, calibrated error)
 
 
-def _frontier(menu: list[Option]) -> list[Option]:
-    """The options no other beats on both bytes and error, cheapest first."""
-    out: list[Option] = []
-    for option in sorted(menu, key=lambda o: (o[1], o[2])):
-        if not out or option[2] < out[-1][2]:
-            out.append(option)
+T = TypeVar("T")
+
+
+def frontier(items: Iterable[T], cost: Callable[[T], float], error: Callable[[T], float]) -> list[T]:
+    """The Pareto frontier: the items no other beats with less error at no more cost, cheapest first."""
+    out: list[T] = []
+    for item in sorted(items, key=lambda i: (cost(i), error(i))):
+        if not out or error(item) < error(out[-1]):
+            out.append(item)
     return out
 
 
@@ -227,7 +231,7 @@ def budget(profiles: Sequence[Profile], kind: Adaptive, shapes: list[Shape], car
     last_resort = sum(min(o[1] for o in menu if o[0].bits > LAST_RESORT_BITS) for menu in options) > limit
     if not last_resort:
         options = [[o for o in menu if o[0].bits > LAST_RESORT_BITS] for menu in options]
-    options = [_frontier(menu) for menu in options]
+    options = [frontier(menu, cost=lambda o: o[1], error=lambda o: o[2]) for menu in options]
     n = len(shapes)
     harm = profiles[0].dropped if last_resort and card.may_drop else []
     order = sorted(range(n), key=harm.__getitem__) if harm else []  # cheapest to lose first

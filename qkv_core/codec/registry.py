@@ -149,7 +149,7 @@ _KEYS_ONLY = {PRE_ROPE}
 
 
 def with_tools(layers: list[LayerCodec], tools: Iterable[str]) -> list[LayerCodec]:
-    """Every tensor of `layers` with tools (suffixes: +rot, +zstd, +prerope) applied (+prerope: K alone)."""
+    """Every tensor of `layers` with tools (suffixes, as `tooled` takes them) applied (+prerope: K alone)."""
     return [LayerCodec(tooled(c.key, "key", tools), tooled(c.value, "value", tools)) for c in layers]
 
 
