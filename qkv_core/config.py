@@ -51,6 +51,8 @@ class Limits:
     max_intakes: int = setting(8, "cards arriving at once", "receiver")
     max_inflight_bytes: int = setting(1 << 30, "decoded bytes of all cards arriving at once", "receiver")
     idle_timeout_s: float = setting(30.0, "a card stream that sends nothing this long is dropped", "receiver")
+    intake_timeout_s: float = setting(600.0, "a card stream not complete this long after it began is dropped "
+                                      "(however often it sends)", "receiver")
     receiver_timeout_s: float = setting(120.0, "deadline of each call to the receiver (or the client's, if sooner)",
                                         "sender")
 
@@ -111,6 +113,8 @@ class ServiceConfig:
     receiver_key: str = setting("", "the client certificate's key (PEM)", "sender")
     receiver_token: str = setting("", "bearer token for the receiver (its file's tenant '*': the sender relays "
                                       "its callers' tenants)", "sender", secret=True)
+    receiver_insecure: bool = setting(False, "send --receiver-token in plaintext to a receiver off loopback (refused "
+                                      "without this: give --receiver-ca)", "sender")
     receiver_balance: str = setting("pick_first", "pick_first (one receiver per sender) or round_robin (every address "
                                     "of --receiver; needs receivers that share a store tier)", "sender")
     receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of --receiver",
@@ -120,8 +124,10 @@ class ServiceConfig:
                                        "context handed on again is not prefilled again; 0: none", "sender")
     delta_min_tokens: int = setting(64, "a held prefix is extended by a delta card only when it is at least this "
                                     "long (the prompt's own head is shared by every context); 0: never", "sender")
-    session_bytes: int = setting(64 << 20, "text of the open sessions the sender keeps (least recently used dropped "
-                                 "past it)", "sender")
+    session_bytes: int = setting(64 << 20, "memory of the open sessions the sender keeps, counted as held (least "
+                                 "recently used dropped past it)", "sender")
+    session_max_per_tenant: int = setting(4096, "open sessions one tenant may hold (its least recently used dropped "
+                                          "past it)", "sender")
     auto_codecs: str = setting(AUTO_CODECS, "candidates of codec auto, comma-separated: text, fp16, kivi-B, budget-B",
                                "sender")
     max_quality_loss: float = setting(MAX_QUALITY_LOSS, "codec auto never picks an option whose predicted next-token "

@@ -5,6 +5,8 @@ import argparse
 import logging
 import sys
 
+from qkvcomm_client import PlaintextToken
+
 from qkv_core import allocator
 from qkv_core.config import qa_file
 from qkvcomm_cli.commands import ask, bench, calibrate, certs, demo, evaluate, health, serve
@@ -33,4 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data = qa_file(args.data)
         except FileNotFoundError as e:
             raise SystemExit(f"qkvcomm {args.command}: {e}") from None
-    return args.run(args)
+    try:
+        return args.run(args)
+    except PlaintextToken as e:  # a refusal to start, not a fault: one line
+        raise SystemExit(f"qkvcomm {args.command}: {e}") from None

@@ -42,17 +42,23 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
                        ) -> pb.PushCardResponse:
         tenant = self._tenant(context)
         requests = aiter(request_iterator)
-        idle_s = self.cfg.limits.idle_timeout_s
+        limits = self.cfg.limits
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.intake_timeout_s  # a stream that trickles frames is dropped too
         with self.engine.intake(tenant) as intake:
             try:
                 while True:
+                    wait_s = min(limits.idle_timeout_s, deadline - loop.time())
                     try:
-                        frame = (await asyncio.wait_for(anext(requests), idle_s)).frame
+                        frame = (await asyncio.wait_for(anext(requests), max(0.0, wait_s))).frame
                     except StopAsyncIteration:
                         break
                     except TimeoutError:
-                        raise IdleTimeout(f"the card stream sent nothing for {idle_s:g} s (idle_timeout_s, "
-                                          "QKVCOMM_IDLE_TIMEOUT_S)") from None
+                        if wait_s < limits.idle_timeout_s:
+                            raise IdleTimeout(f"the card stream took longer than {limits.intake_timeout_s:g} s "
+                                              "(intake_timeout_s, QKVCOMM_INTAKE_TIMEOUT_S)") from None
+                        raise IdleTimeout(f"the card stream sent nothing for {limits.idle_timeout_s:g} s "
+                                          "(idle_timeout_s, QKVCOMM_IDLE_TIMEOUT_S)") from None
                     if frame.WhichOneof("frame") == "header":  # validating a header can take a while: off the loop
                         ready = await asyncio.to_thread(intake.feed, frame)
                     else:
@@ -155,12 +161,12 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
         log.info("receiver speed: prefill %.0f tokens/s, first token %.0f ms, card decoding %.0f MB/s (fp16 KV)",
                  speed.prefill_tokens_per_s, speed.first_token_s * 1e3, speed.dequantize_bytes_per_s / 1e6)
 
-    def refresh(reply: pb.InfoResponse) -> None:
-        reply.store_free_bytes = max(0, cfg.store.store_bytes - store.nbytes)
+    def refresh(reply: pb.InfoResponse, tenant: str) -> None:  # the caller's own cards: others' stay unseen
+        reply.store_free_bytes = max(0, cfg.store.store_bytes - store.tenant_bytes(tenant))
 
     running = await start(
         "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServiceServicer_to_server(servicer, s), cfg, metrics,
-        auth, InfoServicer(info, refresh),
+        auth, InfoServicer(info, refresh, auth),
     )
     running.closers.append(engine.close)
     await _report_tiers(running, engine)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
-from qkvcomm_client import ClientTLS, call_metadata, error_info, open_channel
+from qkvcomm_client import ClientTLS, call_metadata, check_token_transport, error_info, open_channel
 
 from qkv_core.card.blocks import extendable
 from qkv_core.card.framing import frames
@@ -93,7 +93,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         self._receiver_info: tuple[float, pb.InfoResponse | None] | None = None  # (when fetched, what)
         self.fact_config = FactConfig(cfg.facts_method, cfg.facts_budget_bytes)  # a bad setting fails at start
         self._reprobe: asyncio.Task | None = None
-        self.sessions = Sessions(cfg.session_bytes)
+        self.sessions = Sessions(cfg.session_bytes, cfg.session_max_per_tenant)
         self.sent = SentCards()
         self.auto = AutoPolicy(engine.lm.fingerprint, engine.profile, cfg.auto_codecs.split(","), cfg.max_quality_loss)
         metrics.watch_auto(self.auto)
@@ -165,7 +165,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             self._reprobe = asyncio.create_task(self._probe(up, quiet=True))  # this request uses the estimate it has
         probe_s = time.perf_counter() - start
         start = time.perf_counter()
-        tokens = len(self.engine.context_ids(context))
+        tokens = len(self.engine.context_ids(context, up.tenant))
         receiver = Receiver(speed.prefill_tokens_per_s, speed.first_token_s, speed.dequantize_bytes_per_s)
         decision = await asyncio.to_thread(self.auto.choose, context, tokens, receiver, text_ok)
         decide_s = time.perf_counter() - start
@@ -233,7 +233,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
                 return self._reused(known, codec)
             self.sent.forget(memo)
         parent = await self._find_parent(context, codec, layers, up)
-        card = await self._prepare(context, codec, facts, layers, parent)
+        card = await self._prepare(context, codec, facts, layers, parent, up.tenant)
         held = await self._has_card(card.header.card_id, up)
         reply, sent, transfer_s = None, 0, 0.0
         if not held.present:
@@ -244,7 +244,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
                     raise
                 log.info("the receiver no longer holds %s, which card %s extends; pushing the whole card",
                          parent.card_id[:12], card.header.card_id[:12])
-                card = await self._prepare(context, codec, facts, layers, None)
+                card = await self._prepare(context, codec, facts, layers, None, up.tenant)
                 reply, sent, transfer_s = await self._push(card, up)
         header = card.header
         stats = pb.HandoffStats(
@@ -284,7 +284,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         if (not self.cfg.delta_min_tokens or info is None or not info.features.sessions
                 or not self.engine.can_extend(codec, layers, self.cfg.receiver_layers)):
             return None
-        ids = self.engine.context_ids(context)
+        ids = self.engine.context_ids(context, up.tenant)
         hashes = self.engine.block_hashes(ids)
         if not hashes:
             return None
@@ -295,11 +295,11 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         return Parent(found.card_id, tokens) if found.card_id and tokens >= max(1, self.cfg.delta_min_tokens) else None
 
     async def _prepare(self, context: str, codec: str, facts: FactConfig | None, layers: SelectionConfig,
-                       parent: Parent | None) -> PreparedCard:
+                       parent: Parent | None, tenant: str) -> PreparedCard:
         cancel = threading.Event()  # a client that goes away stops the prefill at its next chunk
         try:
             card = await asyncio.to_thread(
-                self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers, cancel, parent
+                self.engine.prepare, context, codec, facts, layers, self.cfg.receiver_layers, cancel, parent, tenant
             )
         except asyncio.CancelledError:
             cancel.set()
@@ -344,7 +344,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
 
     async def _share_text(self, context: str, up: Upstream) -> pb.HandoffStats:
         """The text baseline: the receiver prefills the context itself."""
-        ids = self.engine.context_ids(context)
+        ids = self.engine.context_ids(context, up.tenant)
         fp = self.engine.lm.fingerprint
         stats = pb.HandoffStats(
             card_id=text_card_id(fp, ids), codec=TEXT, context_tokens=len(ids),
@@ -411,12 +411,18 @@ def _count_wire(stats: pb.HandoffStats, sent: int) -> None:
     stats.compression_ratio_fp32 = stats.kv_fp32_bytes / sent
 
 
+def receiver_tls(cfg: ServiceConfig) -> ClientTLS:
+    """How the sender reaches its receiver; PlaintextToken when its token would cross the network in clear."""
+    tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name, cfg.receiver_insecure)
+    check_token_transport(cfg.receiver, tls, cfg.receiver_token)
+    return tls
+
+
 async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:
     if not cfg.receiver:
         raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
     metrics, auth = Metrics("sender", lm.fingerprint.name), Auth(cfg.auth_tokens)
-    tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name)
-    channel = open_channel(cfg.receiver, tls, receiver_channel_options(cfg.receiver_balance), aio=True)
+    channel = open_channel(cfg.receiver, receiver_tls(cfg), receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
     engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files,
                           cfg.context_cache_bytes)
@@ -435,6 +441,7 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
 
 
 async def main(cfg: ServiceConfig) -> None:
+    receiver_tls(cfg)  # refused before the model loads
     lm = load_model(cfg.runtime)
     running, channel = await start_sender(cfg, lm)
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import re
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -31,14 +30,13 @@ from pathlib import Path
 import grpc
 from qkvcomm_client.channel import TENANT_HEADER
 
-from qkv_core.store.records import DEFAULT_TENANT
+from qkv_core.store.records import DEFAULT_TENANT, TENANT
 from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
 
 RELAY = "*"
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable without a token
-TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 Metadata = Iterable[tuple[str, str | bytes]]
 
 

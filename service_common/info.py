@@ -14,6 +14,7 @@ from qkv_core.engine.performance import Performance
 from qkv_core.model.loading import LoadedModel
 from qkv_core.types import Fingerprint
 from qkv_core.wire import pb
+from service_common.auth import Auth
 
 INFO_TOKENS = 1024  # codec costs are quoted at this context length
 
@@ -56,17 +57,19 @@ def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[
 
 class InfoServicer(services_pb2_grpc.InfoServiceServicer):
     """qkvcomm.v1.InfoService, served by both services: their answer, built once at start;
-    `refresh` fills in what changes (a receiver's free store bytes) on each call."""
+    `refresh(reply, tenant)` fills in what changes (a receiver's free store bytes) on each call, in
+    the caller's tenant's figures only, so no tenant learns what another pushed."""
 
-    def __init__(self, info: pb.InfoResponse, refresh: Callable[[pb.InfoResponse], None] | None = None):
-        self.info, self.refresh = info, refresh
+    def __init__(self, info: pb.InfoResponse, refresh: Callable[[pb.InfoResponse, str], None] | None = None,
+                 auth: Auth | None = None):
+        self.info, self.refresh, self.auth = info, refresh, auth or Auth()
 
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         if self.refresh is None:
             return self.info
         reply = pb.InfoResponse()
         reply.CopyFrom(self.info)
-        self.refresh(reply)
+        self.refresh(reply, self.auth.tenant(context.invocation_metadata()))
         return reply
 
     async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeResponse:

@@ -53,8 +53,11 @@ def test_headers_that_claim_what_the_data_does_not_hold_are_refused(receiver_stu
     _fails(push_with(context_tokens=10**9), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_context_tokens")
     more = card.header.context_tokens + 1
     _fails(push_with(context_tokens=more), grpc.StatusCode.INVALID_ARGUMENT, "context token ids")
-    # a card without its ids (older senders) claiming more tokens than its layers hold
-    _fails(push_with(context_tokens=more, context_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "no layer holds")
+    # a card without its ids or block hashes (older senders) claiming more tokens than its layers hold
+    _fails(push_with(context_tokens=more, context_ids=[], block_hashes=[]), grpc.StatusCode.INVALID_ARGUMENT,
+           "no layer holds")
+    # block hashes the receiver cannot derive (no ids) are not indexed on trust
+    _fails(push_with(context_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "carries the context_ids")
     _fails(push_with(fact_summary="x" * 100_000), grpc.StatusCode.RESOURCE_EXHAUSTED, "max_fact_summary_bytes")
     _fails(push_with(card_id=""), grpc.StatusCode.INVALID_ARGUMENT, "card_id")
     _fails(push_with(card_id="a" * 100_000), grpc.StatusCode.INVALID_ARGUMENT, "card_id")

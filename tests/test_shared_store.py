@@ -90,6 +90,11 @@ def test_a_wrong_store_key_is_detected(tiny, server, tmp_path):
     b = ReceiverEngine(tiny, StoreConfig(store_redis=server.url, store_key=keys[1]))
     card = SenderEngine(tiny).prepare("Depot 5 holds 105 crates. " * 8, "kivi-4")
     _push(a, card)
+    key = ("", card.header.card_id)
+    assert b.store.get(card.header.card_id) is None  # another key names it otherwise: not even found
+    client = redis.Redis.from_url(server.url)
+    for suffix in ("", ":0"):  # moved where b's key looks: it does not open
+        client.set(b.store.shared.key(key) + suffix, client.get(a.store.shared.key(key) + suffix))
     assert b.store.get(card.header.card_id) is None and b.store.stats.get("redis", "corrupt") == 1
 
 

@@ -135,13 +135,20 @@ def test_sealed_files_open_only_with_their_key_and_name(tiny, cards, tmp_path):
     key.write_text(os.urandom(32).hex())
     other.write_text(os.urandom(32).hex())
     store_dir = tmp_path / "cards"
-    served = _push(_receiver(tiny, store_dir=str(store_dir), store_key=str(key)), cards[2])
+    card_id = cards[2].header.card_id
+    served = _push(_receiver(tiny, store_dir=str(store_dir), store_key=str(key)), cards[2], tenant="alice")
     (path,) = store_dir.rglob("*.card")
     plain_card = bytes(cards[2].blobs[0][:64])
     assert plain_card not in path.read_bytes()  # sealed: the data is not readable on disk
-    assert _same(_receiver(tiny, store_dir=str(store_dir), store_key=str(key)).store.get(cards[2].header.card_id), served)
+    # named by a keyed hash: neither the tenant nor the card id shows, and the file is the owner's alone
+    assert card_id not in str(path) and b"alice".hex() not in str(path) and path.parent.name == "sealed"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert _same(_receiver(tiny, store_dir=str(store_dir), store_key=str(key)).store.get(card_id, "alice"), served)
     wrong = _receiver(tiny, store_dir=str(store_dir), store_key=str(other))
-    assert wrong.store.get(cards[2].header.card_id) is None and wrong.store.stats.get("disk", "corrupt") == 1
+    assert wrong.store.get(card_id, "alice") is None  # another key names it otherwise: not even found
+    path.rename(wrong.store.disk.path(("alice", card_id)))  # moved where that key looks: it does not open
+    wrong = _receiver(tiny, store_dir=str(store_dir), store_key=str(other))
+    assert wrong.store.get(card_id, "alice") is None and wrong.store.stats.get("disk", "corrupt") == 1
 
 
 def test_a_sealed_entry_moved_to_another_card_or_tenant_does_not_open(tiny, cards, tmp_path):
@@ -149,11 +156,26 @@ def test_a_sealed_entry_moved_to_another_card_or_tenant_does_not_open(tiny, card
     from qkv_core.store.records import CardRecord
 
     sealer = Sealer(os.urandom(32))
-    data = to_bytes(CardRecord(cards[0].header, cards[0].blobs), "m", ("alice", "x"), sealer)
-    assert list(from_bytes(data, "m", ("alice", "x"), sealer))
-    for model, key in (("m", ("bob", "x")), ("m", ("alice", "y")), ("n", ("alice", "x"))):
+    x, y = cards[0].header.card_id, "0" * 64
+    data = to_bytes(CardRecord(cards[0].header, cards[0].blobs), "m", ("alice", x), sealer)
+    assert list(from_bytes(data, "m", ("alice", x), sealer))
+    for model, key in (("m", ("bob", x)), ("m", ("alice", y)), ("n", ("alice", x))):
         with pytest.raises(CardError, match="AES-GCM"):
             list(from_bytes(data, model, key, sealer))
+
+
+def test_an_unsealed_entry_under_another_cards_name_is_refused(tiny, cards, tmp_path):
+    """No key: whoever writes the disk can put a valid card under another's name; the read checks
+    that the entry holds the card asked for, drops it and counts it."""
+    receiver = _receiver(tiny, store_dir=str(tmp_path))
+    _push(receiver, cards[0])
+    _push(receiver, cards[1])
+    a, b = (receiver.store.disk.path(("", c.header.card_id)) for c in cards[:2])
+    b.write_bytes(a.read_bytes())  # card 0's bytes, named card 1
+    restarted = _receiver(tiny, store_dir=str(tmp_path))
+    assert restarted.store.get(cards[1].header.card_id) is None
+    assert restarted.store.stats.get("disk", "corrupt") == 1 and not b.exists()
+    assert _same(restarted.store.get(cards[0].header.card_id), receiver.store.get(cards[0].header.card_id))
 
 
 def test_a_card_from_another_model_on_disk_is_not_served(tiny, cards, tmp_path):

@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 // Ask a Q-KVComm sender a question about a context: node ask.js --sender HOST:PORT
 //   (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--session ID] [--max-new-tokens N] [--json]
-//   [--ca PEM [--cert PEM --key PEM] [--server-name NAME]] [--token TOKEN | QKVCOMM_TOKEN=...] [--tenant T]
+//   [--ca PEM [--cert PEM --key PEM] [--server-name NAME]] [--token TOKEN | QKVCOMM_TOKEN=...] [--tenant T] [--insecure]
 //   [--timeout-s SECONDS]
 // The answer streams to stdout as it is generated; the handoff stats follow on stderr
 // (or, with --json, one JSON object on stdout). A command line over index.js (the library).
 // With --ca (or --cert) the channel speaks TLS; the token travels as 'authorization: Bearer ...'.
+// A token to a host off loopback without TLS is refused unless --insecure.
 'use strict';
 const fs = require('fs');
 const { parseArgs } = require('util');
@@ -20,7 +21,7 @@ async function main() {
       'max-new-tokens': { type: 'string', default: '0' }, json: { type: 'boolean', default: false },
       ca: { type: 'string' }, cert: { type: 'string' }, key: { type: 'string' }, 'server-name': { type: 'string' },
       token: { type: 'string', default: process.env.QKVCOMM_TOKEN || '' }, tenant: { type: 'string', default: '' },
-      'timeout-s': { type: 'string', default: '600' },
+      'timeout-s': { type: 'string', default: '600' }, insecure: { type: 'boolean', default: false },
     },
   });
   const context = values.context ?? (values['context-file'] && fs.readFileSync(values['context-file'], 'utf8'));
@@ -28,10 +29,16 @@ async function main() {
     console.error('usage: ask.js --sender HOST:PORT (--context TEXT | --context-file PATH) --question TEXT [--codec NAME] [--json]');
     process.exit(2);
   }
-  const client = connect(values.sender, {
-    ca: values.ca, cert: values.cert, key: values.key, serverName: values['server-name'],
-    token: values.token, tenant: values.tenant, timeoutS: Number(values['timeout-s']),
-  });
+  let client;
+  try {
+    client = connect(values.sender, {
+      ca: values.ca, cert: values.cert, key: values.key, serverName: values['server-name'],
+      token: values.token, tenant: values.tenant, timeoutS: Number(values['timeout-s']), insecure: values.insecure,
+    });
+  } catch (err) {
+    console.error(`error: ${err.message}`);
+    process.exit(2);
+  }
   const request = {
     context, question: values.question, codec: values.codec, session: values.session,
     max_new_tokens: Number(values['max-new-tokens']),

@@ -24,7 +24,8 @@ const PROTO_DIR = [process.env.QKVCOMM_PROTO_DIR, path.join(__dirname, 'proto'),
  * @property {string} [cert] client certificate (PEM file), for a server that requires one (mTLS)
  * @property {string} [key] the client certificate's key (PEM file)
  * @property {string} [serverName] the name the server's certificate must carry, when not the host dialled
- * @property {string} [token] bearer token ('authorization: Bearer ...')
+ * @property {string} [token] bearer token ('authorization: Bearer ...'); refused in plaintext off loopback
+ * @property {boolean} [insecure] send the token in plaintext to a host off loopback anyway (warned once)
  * @property {string} [tenant] tenant to act for (tokens of tenant '*' only)
  * @property {number} [timeoutS] deadline of each call in seconds (default 600)
  */
@@ -41,6 +42,22 @@ const PROTO_DIR = [process.env.QKVCOMM_PROTO_DIR, path.join(__dirname, 'proto'),
  * @property {string} [session] a dialogue id: the context is appended to the session's so far, and
  *   only its new tokens travel (a delta card); with a session the context may be empty
  */
+
+// Whether a target (HOST:PORT, [V6]:PORT) stays on this host.
+function isLoopback(address) {
+  const host = (address.includes(':') ? address.slice(0, address.lastIndexOf(':')) : address).replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+// A bearer token never crosses the network in plaintext unless `insecure` says so.
+function checkTokenTransport(address, { ca, cert, token, insecure }) {
+  if (!token || ca || cert || isLoopback(address)) return;
+  if (!insecure) {
+    throw new Error(`refusing to send a bearer token in plaintext to ${address}: give the server's CA (--ca) ` +
+      'so the channel speaks TLS, or --insecure to send it in the clear anyway');
+  }
+  console.warn(`warning: sending a bearer token in plaintext to ${address} (--insecure): anyone on the path can read it`);
+}
 
 function credentials({ ca, cert, key }) {
   if (!ca && !cert) return grpc.credentials.createInsecure();
@@ -167,8 +184,9 @@ class Client {
  * @param {Options} [options]
  * @returns {Client}
  */
-function connect(address, options) {
+function connect(address, options = {}) {
+  checkTokenTransport(address, options);
   return new Client(address, options);
 }
 
-module.exports = { connect, Client, errorInfo, PROTO_DIR };
+module.exports = { connect, Client, errorInfo, isLoopback, PROTO_DIR };

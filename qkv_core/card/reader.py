@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES
+from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
 from qkv_core.card.header import (
     CARD_ID,
     READABLE_VERSIONS,
@@ -172,7 +172,8 @@ class CardReader:
 
     def _check_blocks(self, h: pb.CardHeader) -> None:
         """The block hashes and, for a delta card, its parent: well-formed (the parent itself is the
-        receiver's to find)."""
+        receiver's to find). Block hashes are what FindPrefix answers by, so they must be the ones
+        the card's own context_ids make: a card cannot claim another context's prefix."""
         if h.parent_card_id or h.parent_tokens:
             if not CARD_ID.fullmatch(h.parent_card_id) or not 0 < h.parent_tokens < h.context_tokens:
                 raise CardError(ErrorKind.INVALID, "a delta card names its parent by card id and extends 1 to "
@@ -185,10 +186,14 @@ class CardReader:
         if ids and (len(ids) != h.context_tokens or context_digest(ids) != h.context_ids_sha256):
             raise CardError(ErrorKind.INVALID, f"the card's {len(h.context_ids)} context token ids are not its "
                             f"{h.context_tokens} tokens of digest context_ids_sha256")
-        expected = h.context_tokens // BLOCK_TOKENS - h.parent_tokens // BLOCK_TOKENS
-        if h.block_hashes and (len(h.block_hashes) != expected or any(len(b) != HASH_BYTES for b in h.block_hashes)):
-            raise CardError(ErrorKind.INVALID, f"the card names {len(h.block_hashes)} block hashes; its tokens make "
-                            f"{expected} of {HASH_BYTES} bytes")
+        if h.parent_card_id and not ids:
+            raise CardError(ErrorKind.INVALID, "a delta card carries its context_ids (its parent's are checked against them)")
+        if h.block_hashes:
+            if not ids:
+                raise CardError(ErrorKind.INVALID, "a card that names block hashes carries the context_ids they hash")
+            own = block_hashes(fingerprint_from_pb(h.model), ids)[h.parent_tokens // BLOCK_TOKENS :]
+            if list(h.block_hashes) != own:
+                raise CardError(ErrorKind.INVALID, "the card's block hashes are not those of its context_ids")
 
     def _skip_empty_layers(self) -> None:
         while self._layer < len(self.layers) and self.layers[self._layer].size == 0:

@@ -182,7 +182,7 @@ class ReceiverEngine:
                 raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
         self.alignments = {a.sender.weights_sha256: a for a in alignments}
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
-        self.store = CardStore(store, namespace(lm.fingerprint), self.decode)
+        self.store = CardStore(store, namespace(lm.fingerprint), self.decode, max_card_bytes)
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
 
@@ -211,6 +211,9 @@ class ReceiverEngine:
         if header.parent_tokens > held.header.context_tokens:
             raise CardError(ErrorKind.INVALID, f"the delta extends {header.parent_tokens} tokens of a parent that "
                             f"holds {held.header.context_tokens}")
+        if held.header.context_ids[: header.parent_tokens] != header.context_ids[: header.parent_tokens]:
+            raise CardError(ErrorKind.INVALID, f"the delta's context does not begin with its parent's "
+                            f"{header.parent_tokens} tokens (card {header.parent_card_id[:12]})")
         if self.store.depth(held.header, tenant) >= MAX_CHAIN:
             raise CardError(ErrorKind.PRECONDITION, f"the delta's parent is the end of a chain of {MAX_CHAIN} deltas, "
                             "the most this receiver stitches: send the whole card")

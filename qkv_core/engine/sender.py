@@ -4,6 +4,11 @@ The context cache keeps the KV of recent contexts (context_cache_bytes). A conte
 with one of them (a dialogue's next turn, the same document with another question) is prefilled
 from the longest such prefix on, whole blocks of BLOCK_TOKENS: only its new tokens go through
 the model. A card can be a delta: only the tokens after a prefix the receiver holds (`Parent`).
+
+Every memo here that answers a repeat faster (the context cache and its block index, the facts
+cache, the last tokenization) is keyed by tenant, the role vLLM's per-request `cache_salt` plays:
+a tenant's timing never tells whether another tenant shared a text (CVE-2025-46570's class).
+The budget is shared; only hits are private.
 """
 from __future__ import annotations
 
@@ -33,10 +38,12 @@ from qkv_core.model.kv import prefill
 from qkv_core.model.loading import LoadedModel
 from qkv_core.model.prompt import PromptFormat, context_ids
 from qkv_core.store.lru import ByteLRU
+from qkv_core.store.records import DEFAULT_TENANT
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
 PROBE_QUERIES = 32  # tokenmix: attention from the context's last tokens ranks its tokens
+CacheKey = tuple[str, str, str]  # (tenant, "probe" or "", SHA-256 of the ids): a context cache entry
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,11 @@ class SenderEngine:
         self._profile_lock = threading.Lock()  # profiles are calibrated once, by the first request that needs one
         self.facts = FactCache()
         self.cache_bytes = cache_bytes
-        self._last_ids: tuple[str, list[int]] | None = None
+        self._last_ids: tuple[str, str, list[int]] | None = None  # (tenant, context, its ids)
+        # (tenant, "probe" or "", digest of the ids) -> the cache and the probe's attention
         self._prefilled: ByteLRU[tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda entry: _nbytes(entry[0]))
-        self._blocks: dict[bytes, tuple[str, str]] = {}  # block hash -> the cached context it begins
-        self._blocks_of: dict[tuple[str, str], list[bytes]] = {}
+        self._blocks: dict[tuple[str, bytes], CacheKey] = {}  # (tenant, block hash) -> the cached context it begins
+        self._blocks_of: dict[CacheKey, list[tuple[str, bytes]]] = {}
         self._blocks_lock = threading.Lock()
 
     def profile(self, tools: str = "") -> allocation.Profile:
@@ -93,28 +101,28 @@ class SenderEngine:
                 self._profiles[tools] = calibration.load_or_calibrate(self.lm, self.profile_path, tools)
             return self._profiles[tools]
 
-    def context_ids(self, context: str) -> list[int]:
-        """The context's prompt tokens; the last context's are remembered (codec auto tokenizes it just
-        before prepare does)."""
+    def context_ids(self, context: str, tenant: str = DEFAULT_TENANT) -> list[int]:
+        """The context's prompt tokens; the tenant's last context's are remembered (codec auto
+        tokenizes it just before prepare does)."""
         last = self._last_ids
-        if last is not None and last[0] == context:
-            return last[1]
+        if last is not None and last[:2] == (tenant, context):
+            return last[2]
         ids = context_ids(self.lm.tokenizer, self.prompt, context, self.limits)
-        self._last_ids = (context, ids)
+        self._last_ids = (tenant, context, ids)
         return ids
 
     def block_hashes(self, ids: list[int]) -> list[bytes]:
         return block_hashes(self.lm.fingerprint, ids)
 
     def prefill(self, ids: list[int], probe: bool = False, cancel: threading.Event | None = None,
-                ) -> tuple[KVCache, torch.Tensor | None]:
+                tenant: str = DEFAULT_TENANT) -> tuple[KVCache, torch.Tensor | None]:
         """The cache of `ids`, and with `probe` the attention each token receives (tokenmix);
-        `cancel` stops a long prefill between chunks. Recent ones come from the context cache (the
-        card path only reads them); without `probe`, a cached prefix is extended."""
-        key = ("probe" if probe else "", hashlib.sha256(array("l", ids).tobytes()).hexdigest())
+        `cancel` stops a long prefill between chunks. Recent ones of the same `tenant` come from the
+        context cache (the card path only reads them); without `probe`, a cached prefix is extended."""
+        key = (tenant, "probe" if probe else "", hashlib.sha256(array("l", ids).tobytes()).hexdigest())
         if (held := self._prefilled.get(key)) is not None:
             return held
-        hashes = [] if probe else self.block_hashes(ids)
+        hashes = [] if probe else [(tenant, h) for h in self.block_hashes(ids)]
         if not probe:
             past, start = self._cached_prefix(hashes, len(ids))
             entry = prefill(self.lm, ids[start:], past, cancel=cancel)[0], None
@@ -131,8 +139,9 @@ class SenderEngine:
                     self._blocks_of[key] = hashes
         return entry
 
-    def _cached_prefix(self, hashes: list[bytes], tokens: int) -> tuple[KVCache | None, int]:
-        """The longest cached prefix of a context (at most tokens - 1 of its tokens) and its length."""
+    def _cached_prefix(self, hashes: list[tuple[str, bytes]], tokens: int) -> tuple[KVCache | None, int]:
+        """The longest cached prefix of a context (at most tokens - 1 of its tokens) and its length;
+        `hashes` are (tenant, block hash): only the tenant's own contexts are found."""
         for i in reversed(range(min(len(hashes), (tokens - 1) // BLOCK_TOKENS))):
             with self._blocks_lock:
                 key = self._blocks.get(hashes[i])
@@ -142,7 +151,7 @@ class SenderEngine:
                 return held[0].span(0, n), n
         return None, 0
 
-    def _forget(self, keys: list[tuple[str, str]]) -> None:
+    def _forget(self, keys: list[CacheKey]) -> None:
         with self._blocks_lock:
             for key in keys:
                 for digest in self._blocks_of.pop(key, []):
@@ -207,12 +216,14 @@ class SenderEngine:
     def prepare(
         self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig(),
         receiver_layers: int = 0, cancel: threading.Event | None = None, parent: Parent | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> PreparedCard:
         """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too.
         `receiver_layers`: the depth of a receiver running another model; the card then carries
         the layer map and only the layers that receiver reads. `cancel`: set when the caller goes
         away; the prefill stops at its next chunk and nothing is encoded (Cancelled). `parent`: a
-        delta card of the tokens after the parent's (`can_extend` must hold)."""
+        delta card of the tokens after the parent's (`can_extend` must hold). `tenant`: whose
+        context cache and facts cache may answer (no other tenant's)."""
         if receiver_layers and (layers.ratio < 1 or receiver_layers == self.lm.num_layers):
             raise RequestError("a cross-model card takes every layer its map reads, for a receiver of another depth")
         if parent is not None and not self.can_extend(codec_name, layers, receiver_layers):
@@ -220,9 +231,9 @@ class SenderEngine:
         kind = codecs.adaptive(codec_name)
         if kind is None:
             codecs.resolve(codec_name, self.lm.num_layers, self.codec_files)  # a bad name fails before the prefill
-        ids = self.context_ids(context)
+        ids = self.context_ids(context, tenant)
         start = time.perf_counter()
-        kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe, cancel=cancel)
+        kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe, cancel=cancel, tenant=tenant)
         prefill_s = time.perf_counter() - start
         if cancel is not None and cancel.is_set():
             raise Cancelled("the caller went away before the card was encoded")
@@ -234,7 +245,7 @@ class SenderEngine:
             plan.selected = sorted(set(plan.sources))
         facts_start = time.perf_counter()
         if facts:
-            extracted = self.facts.get(context, facts)
+            extracted = self.facts.get(context, facts, tenant)
             plan.facts = [pb.Fact(**asdict(f)) for f in extracted.facts]
             plan.fact_summary = extracted.summary
         facts_s = time.perf_counter() - facts_start

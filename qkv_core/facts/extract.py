@@ -72,7 +72,8 @@ def extract(text: str, cfg: FactConfig = FactConfig()) -> Extraction:
 
 
 class FactCache:
-    """Extractions keyed by a hash of the text and the config, least recently used evicted."""
+    """Extractions keyed by tenant and a hash of the text and the config, least recently used
+    evicted: a tenant's hit never depends on what another tenant sent."""
 
     def __init__(self, entries: int = 256):
         self.entries = entries
@@ -80,8 +81,9 @@ class FactCache:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
-    def get(self, text: str, cfg: FactConfig) -> Extraction:
-        key = hashlib.sha256(repr(sorted(asdict(cfg).items())).encode() + b"\0" + text.encode(errors="replace")).hexdigest()
+    def get(self, text: str, cfg: FactConfig, tenant: str = "") -> Extraction:
+        key = hashlib.sha256(b"\0".join([tenant.encode(), repr(sorted(asdict(cfg).items())).encode(),
+                                          text.encode(errors="replace")])).hexdigest()
         with self._lock:
             if key in self._items:
                 self.hits += 1

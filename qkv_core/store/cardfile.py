@@ -9,9 +9,17 @@ Layout (little-endian):
     sealed  a 12-byte random nonce, then AES-256-GCM (the tag last) of the plain frames, with the
             associated data "qkvcomm-store\\0" MODEL "\\0" TENANT "\\0" CARD_ID: an entry moved to
             another name, tenant or model does not open, nor does one under another key
+
+Whatever the tier, the first frame must be the header of the card asked for (sealed or not), and
+the reader then checks the content against that id: an entry written under another card's name
+is refused, never served for it. With a key, the names entries are stored under are keyed hashes
+(`Sealer.name`: HMAC-SHA256 of model, tenant and card id under a key derived from the store key),
+so a reader of the disk or of Redis learns neither tenants nor card ids.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 from collections.abc import Iterator
@@ -38,6 +46,7 @@ class Sealer:
         if len(key) != 32:
             raise ValueError("the store key must be 32 bytes (64 hex digits)")
         self._aead = AESGCM(key)
+        self._names = hashlib.sha256(b"qkvcomm-store-names\0" + key).digest()  # never the sealing key itself
 
     @classmethod
     def from_file(cls, path: str) -> "Sealer":
@@ -46,6 +55,11 @@ class Sealer:
             return cls(bytes.fromhex(raw.decode().strip()))
         except (UnicodeDecodeError, ValueError):
             return cls(raw)
+
+    def name(self, model: str, key: Key) -> str:
+        """The keyed name an entry is stored under: 64 hex digits that only a holder of the key can
+        compute from (model, tenant, card id)."""
+        return hmac.new(self._names, _aad(model, key), hashlib.sha256).hexdigest()
 
     def seal(self, data: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(NONCE_BYTES)
@@ -69,8 +83,8 @@ def to_bytes(record: CardRecord, model: str, key: Key, sealer: Sealer | None) ->
 
 
 def from_bytes(data: bytes, model: str, key: Key, sealer: Sealer | None) -> Iterator[pb.CardFrame]:
-    """The frames of a stored card (DATA_LOSS on a bad magic, a failed seal or a truncated frame;
-    the reader they go through checks the rest)."""
+    """The frames of a stored card (DATA_LOSS on a bad magic, a failed seal, a truncated frame or
+    a header of another card than `key` names; the reader they go through checks the rest)."""
     magic, body = data[:8], data[8:]
     if magic == SEALED:
         if sealer is None:
@@ -89,7 +103,10 @@ def from_bytes(data: bytes, model: str, key: Key, sealer: Sealer | None) -> Iter
         if offset + length > len(body):
             raise CardError(ErrorKind.DATA_LOSS, "truncated stored card")
         try:
-            yield pb.CardFrame.FromString(body[offset : offset + length])
+            frame = pb.CardFrame.FromString(body[offset : offset + length])
         except DecodeError as e:
             raise CardError(ErrorKind.DATA_LOSS, f"undecodable frame in a stored card: {e}") from None
+        if offset == _LENGTH.size and (frame.WhichOneof("frame") != "header" or frame.header.card_id != key[1]):
+            raise CardError(ErrorKind.DATA_LOSS, f"the entry stored as card {key[1][:12]} holds another card")
+        yield frame
         offset += length

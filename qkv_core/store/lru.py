@@ -48,6 +48,12 @@ class ByteLRU(Generic[V]):
         with self.lock:
             return self._items.get(key)
 
+    def size_of(self, key: Key) -> int:
+        """An entry's counted size (0 when absent)."""
+        with self.lock:
+            value = self._items.get(key)
+            return 0 if value is None else self._size(value)
+
     def pop(self, key: Key) -> V | None:
         with self.lock:
             value = self._items.pop(key, None)
@@ -61,15 +67,17 @@ class ByteLRU(Generic[V]):
             return list(self._items)
 
     def shrink_to(self, budget: int, keep: Key | None = None) -> list[Key]:
-        """Drop the least recently used until at most `budget` bytes are held (never `keep`)."""
+        """Drop the least recently used until at most `budget` bytes are held (never `keep`, which
+        becomes the most recent if it was the oldest). Touches only what it drops: no copy of the keys."""
         dropped = []
         with self.lock:
-            for key in list(self._items):
-                if self.nbytes <= budget:
-                    break
-                if key != keep:
-                    self.pop(key)
-                    dropped.append(key)
+            while self.nbytes > budget and len(self._items) > (keep in self._items):
+                key = next(iter(self._items))
+                if key == keep:
+                    self._items.move_to_end(key)
+                    continue
+                self.pop(key)
+                dropped.append(key)
         return dropped
 
     def __contains__(self, key: Key) -> bool:

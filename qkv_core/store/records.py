@@ -1,12 +1,14 @@
 """What the store holds: a card as received (compact) and a card decoded for use."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
 DEFAULT_TENANT = ""
+TENANT = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a tenant's name (service_common.auth checks callers against it)
 Key = tuple[str, str]  # (tenant, card id): a tenant sees only its own cards
 
 

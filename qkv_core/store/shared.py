@@ -5,17 +5,23 @@ An entry is a card file's bytes (qkv_core.store.cardfile, sealed when the store 
 chunks of at most 1 MiB under KEY:0 .. KEY:N-1, then KEY itself holding "N LENGTH SHA256",
 written last, so that a reader never takes a partial entry for a card. Every key carries the TTL.
 
-    KEY = qkvcomm:card:MODEL:TENANT:CARD_ID     (MODEL: 16 hex digits of the weights hash;
-                                                 TENANT: its name in hex, "-" for the default)
+    KEY = qkvcomm:card:MODEL:TENANT:CARD_ID     no store key (MODEL: 16 hex digits of the weights
+                                                 hash; TENANT: its name in hex, "-" for the default)
+    KEY = qkvcomm:card:MODEL:sealed:NAME        with a store key: NAME is the keyed hash of tenant
+                                                 and card id (cardfile.Sealer.name)
 
-Reads check the length and the SHA-256 before the card's own checks. Redis being down never fails
-a call: the failing call is counted and logged, the tier is marked down and skipped for RETRY_S
-seconds, then tried again; meanwhile the receiver serves from its local tiers.
+Reads bound the index by the receiver's card limit before fetching anything, then check the
+length and the SHA-256 before the card's own checks (which include that the entry holds the card
+asked for). An entry that fails any check is one bad entry: dropped and counted, the tier stays up.
+Redis being down never fails a call: the failing call is counted and logged, the tier is marked
+down and skipped for RETRY_S seconds, then tried again; meanwhile the receiver serves from its
+local tiers.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -35,16 +41,22 @@ TIMEOUT_S = 1.0
 
 
 class RedisTier:
-    def __init__(self, url: str, model: str, ttl_s: int, sealer: Sealer | None, stats: StoreStats):
+    def __init__(self, url: str, model: str, ttl_s: int, sealer: Sealer | None, stats: StoreStats,
+                 max_entry_bytes: int):
+        """`max_entry_bytes`: the largest entry read back (a card at the receiver's limit with its
+        header); an index that claims more is refused before any chunk is fetched."""
         self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
         self.url = url.split("@")[-1]  # what is logged: never a password in the URL
         self.model, self.ttl_s, self.sealer, self.stats = model, ttl_s, sealer, stats
+        self.max_entry_bytes = max_entry_bytes
         self._down_until = 0.0
         self._lock = threading.Lock()
         stats.set_up("redis", True)
 
     def key(self, key: Key) -> str:
         tenant, card_id = key
+        if self.sealer is not None:
+            return f"qkvcomm:card:{self.model}:sealed:{self.sealer.name(self.model, key)}"
         return f"qkvcomm:card:{self.model}:{tenant.encode().hex() or '-'}:{card_id}"
 
     def _available(self) -> bool:
@@ -105,26 +117,43 @@ class RedisTier:
             meta = self.client.get(name)
             if meta is None:
                 return None
-            count, length, digest = meta.decode().split()
-            chunks = self.client.mget([f"{name}:{i}" for i in range(int(count))]) if int(count) else []
+            count, length, digest = self._index(meta)
+            chunks = self.client.mget([f"{name}:{i}" for i in range(count)]) if count else []
         except redis.RedisError as e:
             self._failed("read", e)
             return None
-        except ValueError:
-            raise CardError(ErrorKind.DATA_LOSS, "shared entry has a malformed index") from None
         self._recovered()
         if any(c is None for c in chunks):
             raise CardError(ErrorKind.DATA_LOSS, "shared entry lost chunks (expired or evicted)")
+        if sum(map(len, chunks)) != length:
+            raise CardError(ErrorKind.DATA_LOSS, "shared entry fails its length check")
         data = b"".join(chunks)
-        if len(data) != int(length) or hashlib.sha256(data).hexdigest() != digest:
-            raise CardError(ErrorKind.DATA_LOSS, "shared entry fails its length or SHA-256 check")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CardError(ErrorKind.DATA_LOSS, "shared entry fails its SHA-256 check")
         return from_bytes(data, self.model, key, self.sealer)
 
+    def _index(self, meta: bytes) -> tuple[int, int, str]:
+        """(chunks, bytes, SHA-256) of an entry's index "N LENGTH SHA256"; DATA_LOSS unless it is well formed
+        and within max_entry_bytes, with N the chunks LENGTH takes."""
+        try:
+            count, length, digest = meta.decode().split()
+            count_n, length_n = int(count), int(length)
+        except (UnicodeDecodeError, ValueError):
+            raise CardError(ErrorKind.DATA_LOSS, "shared entry has a malformed index") from None
+        if not 0 < length_n <= self.max_entry_bytes or count_n != math.ceil(length_n / CHUNK_BYTES) or len(digest) != 64:
+            raise CardError(ErrorKind.DATA_LOSS, f"shared entry's index claims {count_n} chunks of {length_n} bytes "
+                            f"(at most {self.max_entry_bytes} here)")
+        return count_n, length_n, digest
+
     def drop(self, key: Key) -> None:
+        """Remove an entry; one whose index is unreadable loses its index (its chunks expire)."""
         name = self.key(key)
         try:
             meta = self.client.get(name)
-            count = int(meta.decode().split()[0]) if meta else 0
+            try:
+                count = self._index(meta)[0] if meta else 0
+            except CardError:
+                count = 0
             self.client.delete(name, *[f"{name}:{i}" for i in range(count)])
-        except (redis.RedisError, ValueError) as e:
+        except redis.RedisError as e:
             self._failed("drop", e)

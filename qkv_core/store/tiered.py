@@ -15,7 +15,9 @@ tokens only) and decoded onto its parent, which the reader looks up here in turn
 its decoded form only as long as its parent is held (one whose parent is gone is dropped).
 Whole-layer cards are indexed by their block hashes (qkv_core.store.prefixes) for FindPrefix.
 Keys are (tenant, card id): a tenant never sees another's cards, and a card already held is never
-replaced (first writer wins). A text handoff has no encoded form: it lives in the hot tier only.
+replaced (first writer wins). A card id is checked (64 lowercase hex digits) before any tier is
+touched, so no request string ever becomes a file name or a Redis key. A text handoff has no
+encoded form: it lives in the hot tier only.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind
+from qkv_core.card.header import CARD_ID, CardError, ErrorKind
 from qkv_core.card.reencode import reencode
 from qkv_core.config import StoreConfig
+from qkv_core.errors import RequestError
 from qkv_core.store.cardfile import Sealer
 from qkv_core.store.disk import DiskTier
 from qkv_core.store.lru import ByteLRU
@@ -39,13 +42,21 @@ from qkv_core.wire import pb
 
 log = logging.getLogger(__name__)
 Decode = Callable[[Iterable[pb.CardFrame], str], tuple[CardRecord, KVCache]]  # frames, tenant
+ENTRY_MARGIN = 16 << 20  # a stored card's header and framing beside its payload: far above what the limits allow
+
+
+def checked_id(card_id: str) -> str:
+    """`card_id` if it is a card id (64 lowercase hex digits); INVALID_ARGUMENT otherwise."""
+    if not CARD_ID.fullmatch(card_id):
+        raise RequestError("a card id is 64 lowercase hex digits (a SHA-256)")
+    return card_id
 
 
 class CardStore:
-    def __init__(self, cfg: StoreConfig, model: str, decode: Decode):
+    def __init__(self, cfg: StoreConfig, model: str, decode: Decode, max_card_bytes: int = 1 << 30):
         """`model`: the namespace of the disk and Redis entries (the weights hash); `decode`: the
         engine's validating reader, frames (and their tenant) in, the card as received and its decoded
-        cache out."""
+        cache out; `max_card_bytes`: the largest card the receiver takes (bounds what a tier may claim)."""
         self.cfg = cfg
         self.namespace = model
         self.decode = decode
@@ -54,8 +65,12 @@ class CardStore:
         self.hot: ByteLRU[StoredCard] = ByteLRU(lambda c: c.nbytes)
         self.memory: ByteLRU[CardRecord] = ByteLRU(lambda r: r.nbytes)
         sealer = Sealer.from_file(cfg.store_key) if cfg.store_key else None
+        if cfg.store_redis and sealer is None:
+            log.warning("the shared tier %s is not sealed (no store_key): whoever can write to it can fill it, and "
+                        "its key names show tenants and card ids", cfg.store_redis.split("@")[-1])
         self.disk = DiskTier(Path(cfg.store_dir), model, cfg.store_disk_bytes, sealer, self.stats) if cfg.store_dir else None
-        self.shared = RedisTier(cfg.store_redis, model, cfg.store_redis_ttl_s, sealer, self.stats) if cfg.store_redis else None
+        self.shared = (RedisTier(cfg.store_redis, model, cfg.store_redis_ttl_s, sealer, self.stats,
+                                 max_card_bytes + ENTRY_MARGIN) if cfg.store_redis else None)
 
     def put(self, card: StoredCard, record: CardRecord | None, tenant: str = DEFAULT_TENANT) -> bool:
         """Keep an accepted card (`record` None: a text handoff). False if the tenant holds it already."""
@@ -76,7 +91,7 @@ class CardStore:
 
     def get(self, card_id: str, tenant: str = DEFAULT_TENANT) -> StoredCard | None:
         """The decoded card, from whichever tier holds it (brought up to the faster ones)."""
-        key = (tenant, card_id)
+        key = (tenant, checked_id(card_id))
         if (card := self.hot.get(key)) is not None:
             self.stats.count("hot", "hit")
             return card
@@ -112,7 +127,7 @@ class CardStore:
 
     def has(self, card_id: str, tenant: str = DEFAULT_TENANT) -> pb.CardHeader | None:
         """The header of a card the tenant holds in any tier (brought up, as `get` does)."""
-        key = (tenant, card_id)
+        key = (tenant, checked_id(card_id))
         held = self.hot.get(key) or self.memory.get(key)
         if held is not None:
             return held.header
@@ -184,6 +199,12 @@ class CardStore:
                     self.memory.replace(key, CardRecord(*smaller))
                     self.stats.count("memory", "reencode")
         self.stats.count("memory", "evict", len(self.memory.shrink_to(int(low))))
+
+    def tenant_bytes(self, tenant: str) -> int:
+        """Bytes the tenant's cards take in RAM (memory tier and hot tier): what its Info reports."""
+        with self.memory.lock, self.hot.lock:
+            return (sum(self.memory.size_of(key) for key in self.memory.coldest() if key[0] == tenant)
+                    + sum(self.hot.size_of(key) for key in self.hot.coldest() if key[0] == tenant))
 
     @property
     def nbytes(self) -> int:

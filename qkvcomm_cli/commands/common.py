@@ -33,10 +33,12 @@ def connection_flags(p: argparse.ArgumentParser, token: bool = True) -> None:
         p.add_argument("--token", default=os.environ.get("QKVCOMM_TOKEN", ""),
                        help="bearer token (default QKVCOMM_TOKEN, which keeps it out of the process list)")
         p.add_argument("--tenant", default="", help="tenant to act for (a token of tenant '*' only)")
+        p.add_argument("--insecure", action="store_true",
+                       help="send the token in plaintext to a host off loopback (refused without this)")
 
 
 def client_tls(args: argparse.Namespace) -> ClientTLS:
-    return ClientTLS(args.ca, args.cert, args.key, args.server_name)
+    return ClientTLS(args.ca, args.cert, args.key, args.server_name, getattr(args, "insecure", False))
 
 
 def print_stats(answer: object) -> None:

@@ -12,11 +12,12 @@ metadata). The generated stubs and messages are in `qkvcomm.v1`.
 """
 from qkvcomm_client.aio import AsyncReceiverClient, AsyncSenderClient
 from qkvcomm_client.answers import Answer, AnswerStream, AsyncAnswerStream
-from qkvcomm_client.channel import ClientTLS, call_metadata, open_channel
+from qkvcomm_client.channel import ClientTLS, PlaintextToken, call_metadata, check_token_transport, open_channel
 from qkvcomm_client.errors import ErrorInfo, QKVCommError, error_info
 from qkvcomm_client.sync import ReceiverClient, SenderClient
 
 __all__ = [
     "Answer", "AnswerStream", "AsyncAnswerStream", "AsyncReceiverClient", "AsyncSenderClient", "ClientTLS",
-    "ErrorInfo", "QKVCommError", "ReceiverClient", "SenderClient", "call_metadata", "error_info", "open_channel",
+    "ErrorInfo", "PlaintextToken", "QKVCommError", "ReceiverClient", "SenderClient", "call_metadata",
+    "check_token_transport", "error_info", "open_channel",
 ]

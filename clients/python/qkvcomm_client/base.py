@@ -7,7 +7,7 @@ from qkvcomm.v1 import services_pb2 as pb
 from qkvcomm.v1 import services_pb2_grpc
 
 from qkvcomm_client import mirrors
-from qkvcomm_client.channel import ClientTLS, call_metadata, open_channel, retry_options
+from qkvcomm_client.channel import ClientTLS, call_metadata, check_token_transport, open_channel, retry_options
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
@@ -17,7 +17,8 @@ class Connection:
 
     address    HOST:PORT of the service
     tls        how to reach a TLS service (plaintext when empty)
-    token      bearer token, for services that require one
+    token      bearer token, for services that require one; never sent in plaintext off loopback
+               unless `tls.insecure` (PlaintextToken)
     tenant     the tenant to act for (a relay token, tenant '*', only)
     timeout_s  the deadline of a call that names none
     retries    extra attempts of the idempotent calls on UNAVAILABLE (channel.py); 0: none
@@ -29,6 +30,7 @@ class Connection:
                  aio: bool = False):
         self.address = address
         self.timeout_s = timeout_s
+        check_token_transport(address, tls, token)
         self._metadata = call_metadata(token, tenant)
         self._channel = open_channel(address, tls, [*retry_options(retries), *options], aio=aio)
         self._info = services_pb2_grpc.InfoServiceStub(self._channel)

@@ -9,12 +9,16 @@ compute.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 TENANT_HEADER = "x-qkvcomm-tenant"  # the tenant a relay token (tenant '*') acts for
 IDEMPOTENT = (
@@ -34,6 +38,7 @@ class ClientTLS:
     cert: str = ""  # client certificate (PEM), for servers that require one (mTLS)
     key: str = ""  # its key
     server_name: str = ""  # the name to check the server's certificate against, when not the host dialled
+    insecure: bool = False  # allow a bearer token in plaintext to a host off loopback (warned about once)
 
     @property
     def enabled(self) -> bool:
@@ -65,6 +70,40 @@ def open_channel(target: str, tls: ClientTLS = ClientTLS(), options: Sequence[tu
     if not tls.enabled:
         return module.insecure_channel(target, options=list(options))
     return module.secure_channel(target, tls.credentials(), options=[*options, *tls.options()])
+
+
+class PlaintextToken(ValueError):
+    """A bearer token would travel in plaintext off this host."""
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target (HOST:PORT, [V6]:PORT, unix:PATH) stays on this host."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.removeprefix("dns:").removeprefix("///").rsplit(":", 1)[0] if ":" in target else target
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_warned: set[str] = set()
+
+
+def check_token_transport(target: str, tls: ClientTLS, token: str) -> None:
+    """PlaintextToken when `token` would go to `target` in plaintext and `target` is not on this host,
+    unless `tls.insecure` says so (then a warning, once per target)."""
+    if not token or tls.enabled or is_loopback(target):
+        return
+    if not tls.insecure:
+        raise PlaintextToken(f"refusing to send a bearer token in plaintext to {target}: give the server's CA "
+                             "(--ca) so the channel speaks TLS, or --insecure to send it in the clear anyway")
+    if target not in _warned:
+        _warned.add(target)
+        log.warning("sending a bearer token in plaintext to %s (--insecure): anyone on the path can read it", target)
 
 
 def call_metadata(token: str, tenant: str = "") -> list[tuple[str, str]]:

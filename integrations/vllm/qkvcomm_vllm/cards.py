@@ -50,7 +50,7 @@ class CardFiles:
         self.sealer = Sealer.from_file(store_key) if store_key else None
 
     def path(self, card_id: str, tenant: str = DEFAULT_TENANT) -> Path:
-        return card_path(self.store_dir, self.namespace, (tenant, card_id))
+        return card_path(self.store_dir, self.namespace, (tenant, card_id), self.sealer)
 
     def load(self, card_id: str, shape: Shape, tenant: str = DEFAULT_TENANT) -> Card:
         """The card decoded (fp32, CPU); CardError if it is absent, damaged or of another shape."""
