@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from qkvcomm_client import PlaintextToken
-
-from qkv_core import allocator
+from qkv_core import allocator, package_version
 from qkv_core.config import qa_file
 from qkvcomm_cli.commands import ask, bench, calibrate, certs, demo, evaluate, health, serve
 
@@ -17,6 +16,9 @@ COMMANDS = (serve, ask, demo, health, certs, calibrate, evaluate, bench)
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qkvcomm", description="Hand compressed KV caches between LLM agents over gRPC.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--debug", action="store_true", default=os.environ.get("QKVCOMM_DEBUG", "") not in ("", "0"),
+                    help="show the Python traceback of an error (also QKVCOMM_DEBUG=1)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -37,5 +39,19 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"qkvcomm {args.command}: {e}") from None
     try:
         return args.run(args)
-    except PlaintextToken as e:  # a refusal to start, not a fault: one line
-        raise SystemExit(f"qkvcomm {args.command}: {e}") from None
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a user's mistake (a missing file, a bad flag, a busy port) is one line
+        if args.debug:
+            raise
+        print(f"qkvcomm {args.command}: error: {_message(e)} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _message(error: Exception) -> str:
+    """An error as one line: its text, or its type when it has none."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+

@@ -122,9 +122,11 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
     async def _share(self, request: pb.ShareRequest | pb.AskRequest, up: Upstream) -> tuple[pb.HandoffStats, bool]:
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
-        context, codec = request.context, request.codec or self.cfg.codec
+        context, named = request.context, request.codec
         if request.session:
             context = self.sessions.context(up.tenant, request.session, context)
+            named = named or self.sessions.codec(up.tenant, request.session)  # a session keeps its codec
+        codec = named or self.cfg.codec
         layers = self._layers(request)
         auto = None
         if codec == AUTO:  # text only where the request can take it: no facts asked for, every layer
@@ -147,7 +149,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         if auto is not None:
             stats.auto.CopyFrom(auto)
         if request.session:
-            self.sessions.commit(up.tenant, request.session, context, request.context)
+            self.sessions.commit(up.tenant, request.session, context, request.context, named)
         stats.total_s = time.perf_counter() - start
         return stats, facts is not None
 
@@ -233,7 +235,14 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
                 return self._reused(known, codec)
             self.sent.forget(memo)
         parent = await self._find_parent(context, codec, layers, up)
-        card = await self._prepare(context, codec, facts, layers, parent, up.tenant)
+        try:
+            card = await self._prepare(context, codec, facts, layers, parent, up.tenant)
+        except RequestError as e:  # the sender's own choice of a delta must not fail the request
+            if parent is None:
+                raise
+            log.info("no delta card of %s on %s (%s); sending the whole card", codec, parent.card_id[:12], e)
+            parent = None
+            card = await self._prepare(context, codec, facts, layers, None, up.tenant)
         held = await self._has_card(card.header.card_id, up)
         reply, sent, transfer_s = None, 0, 0.0
         if not held.present:

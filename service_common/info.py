@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 from qkvcomm.v1 import services_pb2_grpc
 
+from qkv_core import package_version
 from qkv_core.card.header import fingerprint_to_pb
 from qkv_core.codec import registry
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
@@ -17,13 +17,6 @@ from qkv_core.wire import pb
 from service_common.auth import Auth
 
 INFO_TOKENS = 1024  # codec costs are quoted at this context length
-
-
-def package_version() -> str:
-    try:
-        return version("qkvcomm")
-    except PackageNotFoundError:  # run from a checkout without an install
-        return "0+unknown"
 
 
 def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:

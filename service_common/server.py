@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
 from service_common.auth import Auth, AuthInterceptor
 from service_common.info import InfoServicer
 from service_common.metrics import Metrics
-from service_common.tls import is_loopback, server_credentials
+from service_common.tls import is_loopback_host, server_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,6 +32,10 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# A server never shares its port: with gRPC's default SO_REUSEPORT a second server would bind the
+# same port and the kernel would split calls between the two processes.
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+_FILES = ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens", "receiver_ca", "receiver_cert", "receiver_key")
 INFO_SERVICE = services_pb2.DESCRIPTOR.services_by_name["InfoService"].full_name
 READY = "ready"  # first word of the line a service prints once it listens
 
@@ -65,7 +70,7 @@ async def start(
     def denied(code: grpc.StatusCode) -> None:
         metrics.errors.labels(reason=code.name.lower()).inc()
 
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[AuthInterceptor(auth, denied)])
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[AuthInterceptor(auth, denied)])
     add_servicer(server)
     services_pb2_grpc.add_InfoServiceServicer_to_server(info, server)
     health_servicer = health.aio.HealthServicer()
@@ -77,23 +82,65 @@ async def start(
     )
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert or cfg.tls_key:
-        port = server.add_secure_port(address, server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+        credentials = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        port = _bound(name, address, lambda a: server.add_secure_port(a, credentials))
     else:
         if cfg.tls_client_ca:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked over TLS")
-        if not is_loopback(cfg.host):
+        if not is_loopback_host(cfg.host):
             log.warning("%s listens on %s without TLS: anyone who can reach it reads the cards (contexts) it "
                         "carries; set --tls-cert and --tls-key", name, address)
-        port = server.add_insecure_port(address)
+        port = _bound(name, address, server.add_insecure_port)
     if port == 0:
-        raise OSError(f"{name}: cannot listen on {cfg.host}:{cfg.port}")
+        raise OSError(f"{name}: cannot listen on {address} (in use, or not an address of this host)")
+    try:  # the metrics port first: a busy one refuses the start before the gRPC port opens
+        http = metrics.serve(cfg.metrics_port, cfg.host) if cfg.metrics_port >= 0 else None
+    except OSError as e:
+        raise OSError(f"{name}: cannot serve /metrics on {cfg.host}:{cfg.metrics_port}: {e.strerror} "
+                      "(--metrics-port; -1 turns it off)") from None
     await server.start()
     for service in ("", full_service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    if cfg.metrics_port < 0:  # disabled
+    if http is None:  # disabled
         return Running(server, health_servicer, port, -1, lambda: None)
-    http = metrics.serve(cfg.metrics_port, cfg.host)
     return Running(server, health_servicer, port, http.server_port, http.shutdown)
+
+
+def _bound(name: str, address: str, add_port: Callable[[str], int]) -> int:
+    """The port gRPC bound (0 when it could not); newer gRPC raises instead of returning 0."""
+    try:
+        return add_port(address)
+    except RuntimeError:
+        return 0
+
+
+def preflight(role: str, cfg: ServiceConfig) -> None:
+    """What a service can check before it loads a model, so a mistake costs a second, not a model
+    load: required settings, readable files, free ports. ValueError or OSError naming the setting."""
+    if role == "sender" and not cfg.receiver:
+        raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
+    for setting in _FILES:
+        path = getattr(cfg, setting)
+        if path and not os.access(path, os.R_OK):
+            flag = setting.replace("_", "-")
+            raise OSError(f"--{flag} {path}: {'not readable' if os.path.exists(path) else 'no such file'}")
+    for one, other in (("tls_cert", "tls_key"), ("receiver_cert", "receiver_key")):
+        if bool(getattr(cfg, one)) != bool(getattr(cfg, other)):
+            raise ValueError(f"--{one.replace('_', '-')} and --{other.replace('_', '-')} go together")
+    for what, port in (("gRPC", cfg.port), ("metrics", cfg.metrics_port)):
+        if port > 0:
+            _free(cfg.host, port, what)
+
+
+def _free(host: str, port: int, what: str) -> None:
+    """OSError naming the port when something already listens there (bound without SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({what} port): {e.strerror}") from None
 
 
 async def serve_forever(name: str, running: Running, cfg: ServiceConfig) -> None:

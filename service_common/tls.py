@@ -12,24 +12,15 @@ Clients (the CLI, the sender's channel to its receiver) use `qkvcomm_client.Clie
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from qkvcomm_client.channel import is_loopback_host
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class _ReloadingFiles:

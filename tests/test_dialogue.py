@@ -124,3 +124,45 @@ def test_a_session_can_ask_again_on_its_context_and_refuses_an_unknown_one(servi
         with pytest.raises(grpc.RpcError) as e:
             client.ask("", row["question"], session="never-opened")
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_session_keeps_its_codec_and_finds_its_cards_after_a_turn_in_another(services):
+    """kivi-4 named on the first turn only: turns 2 and 3 stay kivi-4 deltas. A turn in int8 is
+    a whole card; a later kivi-4 turn is a delta on the kivi-4 card again."""
+    row = qa_rows("squad.jsonl", 240)[160]
+    with SenderClient(services.sender) as client:
+        first = client.share(row["context"], codec="kivi-4", session="keeps-1")
+        turns = [client.share(f"Note {i}: the record above is from the archive.", session="keeps-1") for i in (2, 3)]
+        assert first.codec == "kivi-4" and not first.delta
+        assert all(t.codec == "kivi-4" and t.delta and 0 < t.wire_bytes < first.wire_bytes for t in turns)
+        switched = client.share("Note 4: checked again.", codec="int8", session="keeps-1")
+        back = client.share("Note 5: and once more.", codec="kivi-4", session="keeps-1")
+    assert switched.codec == "int8" and not switched.delta
+    assert back.codec == "kivi-4" and back.delta and back.wire_bytes < first.wire_bytes
+
+
+@pytest.mark.parametrize("codec", ["budget-3", "budget-2"])
+def test_a_short_follow_up_on_a_held_card_succeeds_with_budget_codecs(services, embedded, codec):
+    """A few tokens past a held fp16 card (any codec's delta may extend a lossless parent): a delta
+    that small cannot meet a budget on its own, so the sender sends the whole card rather than fail
+    the request it chose to make a delta."""
+    words = qa_rows("squad.jsonl", 240)[{"budget-3": 190, "budget-2": 230}[codec]]["context"].split()
+    sender = SenderEngine(embedded)
+
+    def common(text: str) -> int:  # tokens a note after `text` leaves alone (the prompt's tail follows the context)
+        a, b = sender.context_ids(text), sender.context_ids(text + " Yes.")
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+    while common(" ".join(words)) % BLOCK_TOKENS:  # whole blocks held: the delta is about the note alone
+        words.pop()
+    context = " ".join(words)
+    whole = 0
+    with SenderClient(services.sender) as client:
+        held = client.share(context, codec="fp16")
+        for note in (" Yes.", " Checked.", " See the note below for details."):  # 1-15 tokens more
+            answer = client.ask(context + note, "What is this about?", codec=codec, max_new_tokens=8)
+            s = answer.stats
+            assert s.codec == codec and s.wire_bytes > 0 and answer.text.strip()
+            assert 0 < s.context_tokens - held.context_tokens <= 15
+            whole += not s.delta
+    assert whole >= 1  # at least one note was too short for a budget delta: sent whole, not refused

@@ -2,7 +2,9 @@
 
 A call in session S with text T hands on the context  (S's context so far) + "\\n" + T,  and that
 becomes S's context once the handoff succeeds. A call whose text repeats the session's last turn
-exactly is that turn again (a client's retry after a lost reply), and appends nothing. The prompt
+exactly is that turn again (a client's retry after a lost reply), and appends nothing. A session
+remembers the codec its last turn named, so a turn that names none keeps it (and stays a delta
+card) instead of falling back to the sender's default. The prompt
 format cuts the context after a newline
 (qkv_core.model.prompt), so the previous context's tokens are a prefix of the new one's and the
 card can be a delta. Sessions are per tenant, in memory; calls within one session are meant to
@@ -29,15 +31,16 @@ ENTRY_BYTES = 330
 TENANT_BYTES = 480
 
 
-def held_bytes(session: str, context: str, last: str) -> int:
+def held_bytes(session: str, context: str, last: str, codec: str = "") -> int:
     """The memory one session takes: its strings and its entry."""
-    return sys.getsizeof(session) + sys.getsizeof(context) + sys.getsizeof(last) + ENTRY_BYTES
+    return sum(map(sys.getsizeof, (session, context, last, codec))) + ENTRY_BYTES
 
 
 class Sessions:
     def __init__(self, max_bytes: int, max_per_tenant: int = 4096):
         self.max_bytes, self.max_per_tenant = max_bytes, max_per_tenant
-        self._texts: ByteLRU[tuple[str, str, str]] = ByteLRU(lambda held: held_bytes(*held))  # (session, context, last)
+        # (session, context, last turn, codec)
+        self._texts: ByteLRU[tuple[str, str, str, str]] = ByteLRU(lambda held: held_bytes(*held))
         self._of: dict[str, OrderedDict[str, None]] = {}  # tenant -> its sessions, least recently used first
 
     def context(self, tenant: str, session: str, text: str) -> str:
@@ -51,14 +54,20 @@ class Sessions:
             if not text:
                 raise RequestError(f"session {session!r} is not open here (new, or expired), and the context is empty")
             return text
-        _, context, last = held
+        _, context, last, _ = held
         return f"{context}\n{text}" if text and text != last else context
 
-    def commit(self, tenant: str, session: str, context: str, text: str) -> None:
-        """`context` is now the session's, `text` the turn that made it (after its handoff succeeded)."""
+    def codec(self, tenant: str, session: str) -> str:
+        """The codec the session's last turn named ("" for a new session)."""
+        held = self._texts.peek((tenant, session))
+        return held[3] if held is not None else ""
+
+    def commit(self, tenant: str, session: str, context: str, text: str, codec: str = "") -> None:
+        """`context` is now the session's, `text` the turn that made it and `codec` the codec it named
+        (after its handoff succeeded)."""
         key = (tenant, session)
         held = self._texts.pop(key)
-        self._texts.add(key, (session, context.strip(), text.strip() or (held[2] if held else "")))
+        self._texts.add(key, (session, context.strip(), text.strip() or (held[2] if held else ""), codec))
         own = self._of.setdefault(tenant, OrderedDict())
         own[session] = None
         own.move_to_end(session)

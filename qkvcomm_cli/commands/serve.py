@@ -35,7 +35,10 @@ def config(args: argparse.Namespace) -> ServiceConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from service_common.server import preflight  # noqa: PLC0415
+
     cfg = config(args)
+    preflight(args.role, cfg)  # before the model loads
     if args.role == "receiver":
         from receiver_service.server import main as serve  # noqa: PLC0415 - keep `qkvcomm --help` fast
     else:

@@ -76,11 +76,8 @@ class PlaintextToken(ValueError):
     """A bearer token would travel in plaintext off this host."""
 
 
-def is_loopback(target: str) -> bool:
-    """Whether a gRPC target (HOST:PORT, [V6]:PORT, unix:PATH) stays on this host."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = target.removeprefix("dns:").removeprefix("///").rsplit(":", 1)[0] if ":" in target else target
+def is_loopback_host(host: str) -> bool:
+    """Whether a host name or address (IPv6 with or without brackets) is this host's loopback."""
     host = host.strip("[]")
     if host == "localhost":
         return True
@@ -88,6 +85,14 @@ def is_loopback(target: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target (HOST:PORT, [V6]:PORT, dns:///HOST:PORT, unix:PATH) stays on this host."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    address = target.removeprefix("dns:").removeprefix("///")
+    return is_loopback_host(address.rsplit(":", 1)[0] if ":" in address else address)
 
 
 _warned: set[str] = set()
