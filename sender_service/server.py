@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +86,7 @@ class Upstream:
 class SenderServicer(services_pb2_grpc.SenderServiceServicer):
     def __init__(self, engine: SenderEngine, channel: grpc.aio.Channel, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
         self.engine = engine
+        self.channel = channel
         self.receiver = services_pb2_grpc.ReceiverServiceStub(channel)
         self.receiver_meta = services_pb2_grpc.InfoServiceStub(channel)
         self.metrics = metrics
@@ -119,9 +121,19 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         tenant = self.auth.tenant(context.invocation_metadata())
         return Upstream(timeout, call_metadata(self.cfg.receiver_token, tenant), tenant)
 
+    async def _receiver_ready(self, up: Upstream) -> None:
+        """Wait, within the request's deadline, for the channel to the receiver to connect: a receiver
+        that is starting (or restarting) is waited for, not refused with the channel's last error
+        while its reconnection backs off. If it never comes, the first call fails as it would."""
+        if self.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.channel.channel_ready(), up.timeout)
+
     async def _share(self, request: pb.ShareRequest | pb.AskRequest, up: Upstream) -> tuple[pb.HandoffStats, bool]:
         """The handoff's stats, and whether its card carries facts."""
         start = time.perf_counter()
+        await self._receiver_ready(up)
         context, named = request.context, request.codec
         if request.session:
             context = self.sessions.context(up.tenant, request.session, context)

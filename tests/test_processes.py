@@ -36,3 +36,34 @@ def test_cli_ask_json_against_service_processes():
             assert sender.stop() == 0  # SIGTERM: graceful shutdown, clean exit
     finally:
         assert receiver.stop() == 0
+
+
+def test_a_sender_and_a_receiver_started_together_answer_the_first_ask():
+    """Started at the same moment, the sender's first calls meet a receiver that is still loading
+    and measuring its speed; the first ask made after both print `ready` waits for it (within its
+    deadline) instead of failing with the channel's last connection error."""
+    import socket
+    import threading
+
+    from conftest import ask
+
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        started: dict = {}
+        threads = [threading.Thread(target=lambda: started.setdefault("receiver", spawn(
+                       "receiver", port=port, env={"QKVCOMM_PERFORMANCE_TOKENS": "512"}))),
+                   threading.Thread(target=lambda: started.setdefault("sender", spawn(
+                       "sender", "--receiver", f"127.0.0.1:{port}")))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        try:
+            answer = ask(started["sender"].address, "The rate limit is 600 requests per minute.",
+                         "What is the rate limit?", codec="int8", timeout_s=120)
+            assert "600" in answer.text, (attempt, answer.text)
+        finally:
+            for child in started.values():
+                child.stop()
