@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -213,6 +214,37 @@ def qa_file(name: str | Path) -> Path:
     return candidate
 
 
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+               "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+_TIME_UNITS = {"": 1.0, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1073741824", "2G" (10^9), "512Mi" (2^20), "1.5GiB"; ValueError naming the forms."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size: bytes, or a number with k, M, G, T (powers of 1000) or "
+                         "Ki, Mi, Gi, Ti (powers of 1024), e.g. 2G or 512Mi")
+    return int(float(match[1]) * _SIZE_UNITS[match[2] or ""])
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "30", "30s", "500ms", "2m", "1h"; ValueError naming the forms."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h)?\s*", text.lower())
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration: seconds, or a number with ms, s, m or h, e.g. 30s")
+    return float(match[1]) * _TIME_UNITS[match[2] or ""]
+
+
+def parser_for(f: dataclasses.Field, kind: type) -> Any:
+    """How a setting's text is read: sizes (…_bytes) and durations (…_s) take units."""
+    if kind is int and f.name.endswith("_bytes"):
+        return parse_size
+    if kind is float and f.name.endswith("_s"):
+        return parse_duration
+    return _parse_bool if kind is bool else kind
+
+
 def _names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -230,9 +262,9 @@ def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any], defa
             continue
         kind = type(f.default)
         try:
-            values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+            values[f.name] = parser_for(f, kind)(raw)
         except ValueError as e:
-            raise ValueError(f"QKVCOMM_{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from e
+            raise ValueError(f"QKVCOMM_{f.name.upper()}={raw!r}: {e}") from e
     unknown = set(overrides) - _names(cls) - set(_NESTED)
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")

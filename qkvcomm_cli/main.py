@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from qkv_core import allocator, package_version
 from qkv_core.config import qa_file
@@ -13,8 +14,15 @@ from qkvcomm_cli.commands import ask, bench, calibrate, certs, demo, evaluate, h
 COMMANDS = (serve, ask, demo, health, certs, calibrate, evaluate, bench)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line and exit code 2, not a usage dump (`--help` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qkvcomm", description="Hand compressed KV caches between LLM agents over gRPC.")
+    ap = OneLineParser(prog="qkvcomm", description="Hand compressed KV caches between LLM agents over gRPC.")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     ap.add_argument("--debug", action="store_true", default=os.environ.get("QKVCOMM_DEBUG", "") not in ("", "0"),
                     help="show the Python traceback of an error (also QKVCOMM_DEBUG=1)")

@@ -37,6 +37,10 @@ MISTAKES = {
     "sender without receiver": (["serve-sender"], "--receiver"),
     "TLS certificate": (["serve-receiver", "--tls-cert", "nope.crt", "--tls-key", "nope.key"], "--tls-cert nope.crt"),
     "certificate without key": (["serve-receiver", "--tls-cert", __file__], "go together"),
+    "size without a unit it knows": (["serve-receiver", "--store-bytes", "2X"], "is not a size"),
+    "a share of no layers": (["ask", "--layers", "0", "--context", "x", "--question", "q"], "(0, 1]"),
+    "unknown flag": (["ask", "--context", "x", "--question", "q", "--no-such-flag"], "unrecognized arguments"),
+    "nothing listening": (["health", "--address", "127.0.0.1:1"], "UNREACHABLE"),
 }
 
 
@@ -83,3 +87,18 @@ def test_two_grpc_servers_never_share_a_port():
     assert bind([], port)[1] == port  # a second default server shares the port: the bug
     _held, port = bind(SERVER_OPTIONS)
     assert bind(SERVER_OPTIONS, port)[1] == 0 and bind([], port)[1] == 0
+
+
+def test_sizes_and_durations_take_units_in_flags_and_variables():
+    from qkv_core.config import ServiceConfig, parse_duration, parse_size
+
+    assert parse_size("2G") == 2 * 10**9 and parse_size("512Mi") == 512 << 20 and parse_size("1024") == 1024
+    assert parse_duration("30s") == 30 and parse_duration("500ms") == 0.5 and parse_duration("2m") == 120
+    cfg = ServiceConfig.from_env({"QKVCOMM_STORE_BYTES": "2Gi", "QKVCOMM_IDLE_TIMEOUT_S": "45s"})
+    assert cfg.store.store_bytes == 2 << 30 and cfg.limits.idle_timeout_s == 45
+    with pytest.raises(ValueError, match="QKVCOMM_STORE_BYTES='lots'.*not a size"):
+        ServiceConfig.from_env({"QKVCOMM_STORE_BYTES": "lots"})
+    from qkvcomm_cli.commands.common import with_port
+
+    assert [with_port(a, 50062) for a in ("localhost", "h:1", "[::1]", "::1")] == [
+        "localhost:50062", "h:1", "[::1]:50062", "[::1]:50062"]

@@ -37,6 +37,24 @@ def connection_flags(p: argparse.ArgumentParser, token: bool = True) -> None:
                        help="send the token in plaintext to a host off loopback (refused without this)")
 
 
+def with_port(address: str, port: int) -> str:
+    """HOST:PORT as given, or HOST with the service's default port (not gRPC's 443)."""
+    if address.startswith(("unix:", "dns:")):
+        return address
+    if address.startswith("["):  # [V6] or [V6]:PORT
+        return address if ":" in address.rsplit("]", 1)[-1] else f"{address}:{port}"
+    colons = address.count(":")
+    return address if colons == 1 else f"[{address}]:{port}" if colons else f"{address}:{port}"
+
+
+def layer_ratio(text: str) -> float:
+    """--layers: a share of layers in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]: the share of layers a card carries")
+    return value
+
+
 def client_tls(args: argparse.Namespace) -> ClientTLS:
     return ClientTLS(args.ca, args.cert, args.key, args.server_name, getattr(args, "insecure", False))
 
@@ -44,15 +62,15 @@ def client_tls(args: argparse.Namespace) -> ClientTLS:
 def print_stats(answer: object) -> None:
     s = answer.stats  # type: ignore[attr-defined]
     if s.card_reused:
-        note = "  [card reused]"
-    elif s.delta:
-        note = f"  [delta: {s.reused_tokens} tokens held, {s.context_tokens - s.reused_tokens} sent]"
+        wire = "nothing sent: the receiver holds the card"
+    elif s.codec == "text":
+        wire = f"wire {s.wire_bytes:,} B of text: the receiver prefilled it"
     else:
-        note = ""
+        delta = f"  [delta: {s.reused_tokens} tokens held, {s.context_tokens - s.reused_tokens} sent]" if s.delta else ""
+        wire = (f"wire {s.wire_bytes:,} B  vs fp16 KV {s.kv_fp16_bytes:,} B  -> {s.compression_ratio:.2f}x "
+                f"(vs fp32: {s.compression_ratio_fp32:.2f}x){delta}")
     print(
-        f"\n--\ncard {s.card_id[:12]}  codec {s.codec}  context {s.context_tokens} tokens\n"
-        f"wire {s.wire_bytes:,} B  vs fp16 KV {s.kv_fp16_bytes:,} B  -> {s.compression_ratio:.2f}x "
-        f"(vs fp32: {s.compression_ratio_fp32:.2f}x){note}\n"
+        f"\n--\ncard {s.card_id[:12]}  codec {s.codec}  context {s.context_tokens} tokens\n{wire}\n"
         f"prefill {s.prefill_s * 1e3:.0f} ms  quantize {s.quantize_s * 1e3:.0f} ms  transfer {s.transfer_s * 1e3:.0f} ms  "
         f"dequantize {s.dequantize_s * 1e3:.0f} ms  ttft {s.ttft_s * 1e3:.0f} ms  total {s.total_s * 1e3:.0f} ms",
         file=sys.stderr,

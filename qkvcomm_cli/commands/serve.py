@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
-from qkv_core.config import ServiceConfig, settings
+from qkv_core.config import ServiceConfig, parser_for, settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +26,19 @@ def setting_flags(p: argparse.ArgumentParser, role: str) -> None:
         elif f.name == "alignments":  # repeatable; the setting holds them comma-separated
             p.add_argument(flag, dest=f.name, action="append", default=None, help=help_text + " (repeatable)")
         else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)
+            p.add_argument(flag, dest=f.name, type=_typed(parser_for(f, type(default))), default=None, help=help_text)
+
+
+def _typed(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: its ValueError's words become the flag's error."""
+
+    def typed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) if str(e) else f"invalid value {text!r}") from None
+
+    return typed
 
 
 def config(args: argparse.Namespace) -> ServiceConfig:

@@ -23,11 +23,15 @@ class _Client(Connection):
 
     def healthy(self, service: str = "", timeout_s: float = 3.0) -> bool:
         """True when the service answers grpc.health.v1 with SERVING (no token needed)."""
+        return self.health(service, timeout_s) == "SERVING"
+
+    def health(self, service: str = "", timeout_s: float = 3.0) -> str:
+        """SERVING or NOT_SERVING as the service answers, or UNREACHABLE when nothing answers."""
         try:
             reply = self._health(mirrors.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError:
-            return False
-        return reply.status == mirrors.SERVING
+            return "UNREACHABLE"
+        return "SERVING" if reply.status == mirrors.SERVING else "NOT_SERVING"
 
     def close(self) -> None:
         self._channel.close()
