@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,11 +17,12 @@ from qkvcomm_client import error_info
 
 from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.errors import Cancelled, Detailed, LimitExceeded, RequestError, Unsupported
-from service_common.auth import Denied
+from service_common.auth import Auth, Denied
 from service_common.metrics import Metrics
 from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("qkvcomm.access")  # one line per call
 
 _CODES = {
     ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -71,12 +74,25 @@ def details_of(error: Exception) -> dict[str, str]:
     return {}
 
 
-class _Served:
-    """One RPC in the metrics: in flight while it runs, then counted by its final status; a
-    failure is counted by reason and ends the call with its status and ErrorInfo."""
+def tenant_tag(auth: Auth, metadata: Any) -> str:
+    """Whose call it was, for a log line: 8 hex digits of the tenant's SHA-256 (never the name, never
+    a token); "-" for the default tenant."""
+    try:
+        tenant = auth.tenant(metadata)
+    except Denied:
+        return "?"
+    return hashlib.sha256(tenant.encode()).hexdigest()[:8] if tenant else "-"
 
-    def __init__(self, metrics: Metrics, method: str):
-        self.metrics, self.method, self.status = metrics, method, "OK"
+
+class _Served:
+    """One RPC in the metrics and the access log: in flight while it runs, then counted by its
+    final status and logged at INFO (logger qkvcomm.access: method, status, milliseconds, tenant
+    tag, and a refusal's reason and message); a failure is counted by reason and ends the call with
+    its status and ErrorInfo."""
+
+    def __init__(self, servicer: Any, method: str, context: grpc.aio.ServicerContext):
+        self.metrics, self.auth, self.method, self.status = servicer.metrics, servicer.auth, method, "OK"
+        self.context, self.why, self.start = context, "", time.perf_counter()
 
     def __enter__(self) -> "_Served":
         self.metrics.in_flight.labels(self.metrics.model_name, self.method).inc()
@@ -91,7 +107,7 @@ class _Served:
             self.cancelled()
             return
         code, message, reason = status_of(error)
-        self.status = code.name
+        self.status, self.why = code.name, f" reason={reason} {message!r}"
         self.metrics.errors.labels(reason=reason).inc()
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error", exc_info=error)
@@ -101,16 +117,19 @@ class _Served:
         m = self.metrics
         m.in_flight.labels(m.model_name, self.method).dec()
         m.requests.labels(m.model_name, self.method, self.status).inc()
+        access.info("%s %s %s %.1f ms tenant=%s%s", m.service, self.method, self.status,
+                    (time.perf_counter() - self.start) * 1e3, tenant_tag(self.auth, self.context.invocation_metadata()), self.why)
 
 
 def guarded(method: Callable) -> Callable:
     """Servicer method decorator: any exception becomes a clear status, counted by reason, and
-    every call is counted by method and status. The servicer holds its Metrics as `self.metrics`."""
+    every call is counted by method and status and logged. The servicer holds its Metrics as
+    `self.metrics` and its Auth as `self.auth`."""
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
-            with _Served(self.metrics, method.__name__) as served:
+            with _Served(self, method.__name__, context) as served:
                 try:
                     async for item in method(self, request, context):
                         yield item
@@ -126,7 +145,7 @@ def guarded(method: Callable) -> Callable:
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        with _Served(self.metrics, method.__name__) as served:
+        with _Served(self, method.__name__, context) as served:
             try:
                 return await method(self, request, context)
             except grpc.aio.AbortError:

@@ -1,18 +1,35 @@
 """Prometheus metrics of one service, in its own registry (two services can share a process).
 
-Names follow Prometheus conventions: base units (bytes, seconds), `_total` for counters.
+Names follow Prometheus conventions: base units (bytes, seconds), `_total` for counters. Each
+service registers its own series only (a sender has no store, a receiver sends no cards), with
+the process and platform collectors beside them and no `_created` series. The endpoint answers
+at /metrics only; any other path is 404.
 """
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    make_wsgi_app,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from qkv_core.policy.auto import AutoPolicy
 from qkv_core.store.tiered import CardStore
 
+disable_created_metrics()  # a `_created` twin of every counter and histogram is noise on a dashboard
 STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "generate")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _RATIO_BUCKETS = (1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
@@ -22,6 +39,8 @@ class Metrics:
     def __init__(self, service: str, model_name: str = ""):
         self.registry = CollectorRegistry()
         r = self.registry
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):  # process_*, python_*
+            r.register(collector)
         self.model_name = model_name
         # As serving engines export them (vLLM's set is the reference): per request, with the model.
         Gauge("qkvcomm_model_info", "The model this service runs (value 1)", ["model_name", "role"],
@@ -47,36 +66,40 @@ class Metrics:
                                       buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
             self.auto_choices = Counter("qkvcomm_auto_choices_total", "What codec auto chose, by option", ["codec"],
                                         registry=r)
-        self.wire_bytes_sent = Counter("qkvcomm_wire_bytes_sent_total", "Card bytes sent (serialized frames)", registry=r)
-        self.wire_bytes_received = Counter(
-            "qkvcomm_wire_bytes_received_total", "Card bytes received (serialized frames)", registry=r
-        )
-        self.cards_sent = Counter("qkvcomm_cards_sent_total", "Cards pushed to a receiver", registry=r)
-        self.cards_received = Counter("qkvcomm_cards_received_total", "Cards accepted", registry=r)
         self.delta_cards = Counter("qkvcomm_delta_cards_total", "Delta cards sent (sender) or accepted (receiver): "
                                    "only the tokens after a held prefix", registry=r)
         self.card_tokens = Counter("qkvcomm_card_tokens_total", "Context tokens of the cards, by part: sent (in the "
                                    "card) or reused (a held prefix a delta extends)", ["part"], registry=r)
-        self.delta_saved_bytes = Counter("qkvcomm_delta_saved_bytes_total", "Wire bytes the delta cards saved: the "
-                                         "reused tokens at the bytes per token of the delta itself", registry=r)
-        self.kv_fp16_bytes = Counter(
-            "qkvcomm_kv_fp16_bytes_total", "fp16 size of all layers of the KV the cards stand for", registry=r
-        )
-        self.compression_ratio = Histogram(
-            "qkvcomm_compression_ratio", "fp16 KV bytes of all layers / card bytes on the wire",
-            buckets=_RATIO_BUCKETS, registry=r,
-        )
         self.stage_seconds = Histogram(
             "qkvcomm_stage_seconds", "Latency of one pipeline stage", ["stage"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.errors = Counter("qkvcomm_errors_total", "Requests refused or failed, by reason", ["reason"], registry=r)
-        self.cards_held = Gauge("qkvcomm_cards_held", "Cards the receiver holds in RAM (memory and hot tiers)", registry=r)
-        self.store_bytes = Gauge("qkvcomm_store_bytes", "Bytes the receiver's store holds in RAM (memory and hot tiers)",
-                                 registry=r)
-        self.intakes = Gauge("qkvcomm_intakes_in_flight", "Cards arriving now (receiver)", registry=r)
-        self.intake_bytes = Gauge(
-            "qkvcomm_intake_bytes_in_flight", "Decoded bytes admitted for the cards arriving now (receiver)", registry=r
-        )
+        if service == "receiver":
+            self.wire_bytes_received = Counter(
+                "qkvcomm_wire_bytes_received_total", "Card bytes received (serialized frames)", registry=r
+            )
+            self.cards_received = Counter("qkvcomm_cards_received_total", "Cards accepted", registry=r)
+            self.cards_held = Gauge("qkvcomm_cards_held", "Cards the receiver holds in RAM (memory and hot tiers)",
+                                    registry=r)
+            self.store_bytes = Gauge("qkvcomm_store_bytes", "Bytes the receiver's store holds in RAM (memory and hot "
+                                     "tiers)", registry=r)
+            self.intakes = Gauge("qkvcomm_intakes_in_flight", "Cards arriving now", registry=r)
+            self.intake_bytes = Gauge(
+                "qkvcomm_intake_bytes_in_flight", "Decoded bytes admitted for the cards arriving now", registry=r
+            )
+        else:
+            self.wire_bytes_sent = Counter("qkvcomm_wire_bytes_sent_total", "Card bytes sent (serialized frames)",
+                                           registry=r)
+            self.cards_sent = Counter("qkvcomm_cards_sent_total", "Cards pushed to a receiver", registry=r)
+            self.delta_saved_bytes = Counter("qkvcomm_delta_saved_bytes_total", "Wire bytes the delta cards saved: "
+                                             "the reused tokens at the bytes per token of the delta itself", registry=r)
+            self.kv_fp16_bytes = Counter(
+                "qkvcomm_kv_fp16_bytes_total", "fp16 size of all layers of the KV the cards stand for", registry=r
+            )
+            self.compression_ratio = Histogram(
+                "qkvcomm_compression_ratio", "fp16 KV bytes of all layers / card bytes on the wire",
+                buckets=_RATIO_BUCKETS, registry=r,
+            )
         self.service = service
 
     def watch_store(self, store: CardStore) -> None:
@@ -101,8 +124,26 @@ class Metrics:
 
     def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
         """Start the /metrics HTTP endpoint in a thread; `.server_port` is the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict, start_response):  # noqa: ANN202 - WSGI
+            if environ.get("PATH_INFO", "") in ("/metrics", "/metrics/"):
+                return metrics(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are at /metrics\n"]
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        server = make_server(host.strip("[]"), port, app, server_class, _Quiet)
+        threading.Thread(target=server.serve_forever, daemon=True, name=f"metrics-{self.service}").start()
         return server
+
+
+class _Quiet(WSGIRequestHandler):
+    """No access line on stderr per scrape."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
 
 
 class _StoreCollector(Collector):

@@ -240,3 +240,35 @@ def test_more_concurrent_generations_than_worker_threads_on_a_layer_selected_car
         answers = list(pool.map(generate, range(12)))
     assert len(answers) == 12 and len(set(answers)) == 1 and answers[0].strip()
     assert receiver_stub.HasCard(pb.HasCardRequest(card_id=card_id), timeout=10).present  # and it still serves
+
+
+def test_each_service_exports_its_own_series_at_metrics_only(services):
+    import urllib.error
+
+    sender = urllib.request.urlopen(f"http://127.0.0.1:{services.sender_metrics}/metrics").read().decode()
+    receiver = urllib.request.urlopen(f"http://127.0.0.1:{services.receiver_metrics}/metrics").read().decode()
+    for own, other, names in ((receiver, sender, ("qkvcomm_cards_held", "qkvcomm_intakes_in_flight",
+                                                 "qkvcomm_wire_bytes_received_total")),
+                              (sender, receiver, ("qkvcomm_wire_bytes_sent_total", "qkvcomm_cards_sent_total",
+                                                  "qkvcomm_compression_ratio_count"))):
+        assert all(f"\n{n}" in own for n in names) and not any(f"\n{n}" in other for n in names)
+    for text in (sender, receiver):
+        assert "_created" not in text and "\nprocess_resident_memory_bytes" in text and "python_info" in text
+    for port in (services.sender_metrics, services.receiver_metrics):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/anything-else")
+        assert e.value.code == 404
+
+
+def test_every_call_is_one_access_line(services, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="qkvcomm.access"):
+        ask(services.sender, FACTS[0][0], FACTS[0][1], codec="int8")
+        with pytest.raises(grpc.RpcError):
+            ask(services.sender, FACTS[0][0], FACTS[0][1], codec="no-such-codec")
+    lines = [r.getMessage() for r in caplog.records if r.name == "qkvcomm.access"]
+    assert any(line.startswith("sender Ask OK ") and " ms tenant=-" in line for line in lines)
+    assert any(line.startswith("receiver Generate OK ") for line in lines)
+    assert any(line.startswith("sender Ask INVALID_ARGUMENT ") and "reason=invalid" in line and "no-such-codec" in line
+               for line in lines)
