@@ -18,7 +18,6 @@ from qkvcomm_client import error_info
 from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.errors import Cancelled, Detailed, LimitExceeded, RequestError, Unsupported
 from service_common.auth import Auth, Denied
-from service_common.metrics import Metrics
 from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
