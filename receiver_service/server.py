@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from qkvcomm.v1 import services_pb2, services_pb2_grpc
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.crossmodel import Alignment
 from qkv_core.engine.performance import measure
-from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.engine.receiver import Generation, Intake, ReceiverEngine
 from qkv_core.model.loading import LoadedModel, load_model
 from qkv_core.wire import pb
 from service_common.auth import Auth
@@ -41,30 +42,9 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
     async def PushCard(self, request_iterator: AsyncIterator[pb.PushCardRequest], context: grpc.aio.ServicerContext,
                        ) -> pb.PushCardResponse:
         tenant = self._tenant(context)
-        requests = aiter(request_iterator)
-        limits = self.cfg.limits
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limits.intake_timeout_s  # a stream that trickles frames is dropped too
         with self.engine.intake(tenant) as intake:
             try:
-                while True:
-                    wait_s = min(limits.idle_timeout_s, deadline - loop.time())
-                    try:
-                        frame = (await asyncio.wait_for(anext(requests), max(0.0, wait_s))).frame
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        if wait_s < limits.idle_timeout_s:
-                            raise IdleTimeout(f"the card stream took longer than {limits.intake_timeout_s:g} s "
-                                              "(intake_timeout_s, QKVCOMM_INTAKE_TIMEOUT_S)") from None
-                        raise IdleTimeout(f"the card stream sent nothing for {limits.idle_timeout_s:g} s "
-                                          "(idle_timeout_s, QKVCOMM_IDLE_TIMEOUT_S)") from None
-                    if frame.WhichOneof("frame") == "header":  # validating a header can take a while: off the loop
-                        ready = await asyncio.to_thread(intake.feed, frame)
-                    else:
-                        ready = intake.feed(frame)
-                    if ready is not None:  # dequantize this layer while the next one is on the wire
-                        await asyncio.to_thread(intake.decode, ready)
+                await self._take_in(aiter(request_iterator), intake)
             finally:
                 self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
             card = intake.finish(self.engine.lm.num_layers)
@@ -80,6 +60,54 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         return pb.PushCardResponse(
             card_id=card.header.card_id, wire_bytes=intake.reader.wire_bytes, dequantize_s=intake.dequantize_s
         )
+
+    async def _take_in(self, requests: AsyncIterator[pb.PushCardRequest], intake: Intake) -> None:
+        """Feed a card's frames to its intake as they arrive. Each complete layer is decoded in a
+        worker thread, in order, while the next frames are read: decoding waits for the layer before
+        it, never the network for decoding. Returns once the last layer is decoded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.limits.intake_timeout_s  # a stream that trickles frames is dropped too
+        decoding: asyncio.Future | None = None
+
+        async def decode_after(previous: asyncio.Future | None, index: int) -> None:
+            if previous is not None:
+                await previous
+            await asyncio.to_thread(intake.decode, index)
+
+        try:
+            while (frame := await self._next_frame(requests, deadline)) is not None:
+                kind = frame.WhichOneof("frame")
+                if kind == "trailer" and decoding is not None:  # a layer's fault is reported before the trailer's
+                    await decoding
+                if kind == "header":  # validating a header can take a while: off the loop
+                    ready = await asyncio.to_thread(intake.feed, frame)
+                else:
+                    ready = intake.feed(frame)
+                if ready is not None:
+                    decoding = asyncio.ensure_future(decode_after(decoding, ready))
+        except BaseException:
+            if decoding is not None:  # the intake is released only once no thread decodes into it
+                with contextlib.suppress(Exception):
+                    await decoding
+            raise
+        if decoding is not None:
+            await decoding
+
+    async def _next_frame(self, requests: AsyncIterator[pb.PushCardRequest], deadline: float) -> pb.CardFrame | None:
+        """The stream's next frame, None at its end; IdleTimeout when it sends nothing for
+        idle_timeout_s or runs past its intake deadline."""
+        limits = self.cfg.limits
+        wait_s = min(limits.idle_timeout_s, deadline - asyncio.get_running_loop().time())
+        try:
+            return (await asyncio.wait_for(anext(requests), max(0.0, wait_s))).frame
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            if wait_s < limits.idle_timeout_s:
+                raise IdleTimeout(f"the card stream took longer than {limits.intake_timeout_s:g} s "
+                                  "(intake_timeout_s, QKVCOMM_INTAKE_TIMEOUT_S)") from None
+            raise IdleTimeout(f"the card stream sent nothing for {limits.idle_timeout_s:g} s "
+                              "(idle_timeout_s, QKVCOMM_IDLE_TIMEOUT_S)") from None
 
     @guarded
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:

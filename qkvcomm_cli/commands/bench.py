@@ -10,8 +10,9 @@ from qkv_core.config import RuntimeConfig
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
                        "`bench fuzz`, `bench load`, `bench tls`, `bench store`, `bench policy --simulate`, "
-                       "`bench dialogue`")
-    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store", "policy", "dialogue"])
+                       "`bench dialogue`, `bench transport`")
+    p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store", "policy", "dialogue",
+                                    "transport"])
     p.add_argument("--cards", type=int, default=200, help="store: distinct cards pushed into a small budget")
     p.add_argument("--budget-mb", type=int, default=32, help="store: store_bytes and hot_bytes of that run, in MiB")
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
@@ -42,10 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
-    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--tokens", type=int, help="codec: the cache's tokens (default 1024); transport: the fp16 card's "
+                   "(default 14000, ~322 MB)")
+    p.add_argument("--paths", default="", help="transport: socket,socket+tls,grpc-bytes,pushcard,pushcard+tls "
+                   "(default: all)")
     p.add_argument("--codecs", default="", help="codec: the codecs to measure (default: every family); "
                    "tls: int8,kivi-4,fp16; dialogue: fp16,kivi-4")
-    p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3)")
+    p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3); "
+                   "transport: the median of this many rounds (3)")
     p.set_defaults(run=run)
 
 
@@ -81,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
         print(bench_dialogue.run(args))
         return 0
+    if args.what == "transport":
+        from qkv_eval import bench_transport  # noqa: PLC0415
+
+        args.tokens, args.repeats = args.tokens or 14000, args.repeats or 3
+        print(bench_transport.run(args))
+        return 0
     if args.what in ("tls", "store"):
         from qkv_eval import bench_store, bench_tls  # noqa: PLC0415
 
@@ -89,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from qkv_eval.bench import CODECS, run_codec_bench, table  # noqa: PLC0415
 
     codecs = args.codecs.split(",") if args.codecs else list(CODECS)
-    rows = run_codec_bench(args.model, args.data, args.tokens, codecs, args.repeats or 10)
-    print(table(rows, args.tokens, args.model))
+    tokens = args.tokens or 1024
+    rows = run_codec_bench(args.model, args.data, tokens, codecs, args.repeats or 10)
+    print(table(rows, tokens, args.model))
     return 0

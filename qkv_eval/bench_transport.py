@@ -1,0 +1,242 @@
+"""`qkvcomm bench transport`: how fast a card's bytes move between two processes, against what the
+link itself carries, side by side in one run (issue 36's "measure first").
+
+The same bytes (an fp16 card of `--tokens` tokens of the embedded model's shape, random KV) go
+from this process to another process on loopback, by each path, interleaved over `--repeats`
+rounds so drift in the machine's speed falls on every path alike:
+
+    socket        a raw TCP socket: sendall from one buffer, recv_into one preallocated buffer.
+                  The ceiling: what the link (here the loopback device) carries.
+    socket+tls    the same through TLS (the dev CA, Python's ssl).
+    grpc-bytes    a bare grpc.aio client stream of the card's frames as serialized bytes into a
+                  server that only counts them: gRPC's own cost, no card checks.
+    pushcard      today's PushCard into a receiver service: every frame parsed, CRC32C and the
+                  content hash checked, each layer decoded while the next arrives.
+    pushcard+tls  the same to a receiver that serves TLS.
+
+Reported per path: the median GB/s of the card's wire bytes (the time from the first byte sent to
+the receiving side's reply), its ratio to the raw socket, and the CPU seconds per GB each side
+spent (this process: `time.process_time`; the peer: its /proc/PID/stat). A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import socket
+import ssl
+import statistics
+import struct
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import torch
+from qkvcomm.v1 import services_pb2_grpc
+from qkvcomm_client import ClientTLS, open_channel
+from tqdm import tqdm
+
+from qkv_core.card.framing import frames
+from qkv_core.card.header import CardPlan, build_card
+from qkv_core.codec import registry
+from qkv_core.config import RuntimeConfig
+from qkv_core.model.loading import load_model
+from qkv_core.types import KVCache
+from qkv_core.wire import pb, push_requests
+from qkv_eval.bench import machine
+from qkvcomm_cli.launch import spawn
+from service_common.certs import DevCerts, make_dev_certs
+from service_common.server import GRPC_OPTIONS
+
+PATHS = ("socket", "socket+tls", "grpc-bytes", "pushcard", "pushcard+tls")
+SINK_METHOD = "/qkvcomm.bench.Sink/Push"
+_ACK = struct.Struct("<Q")  # bytes received: the sink's reply once the last byte is in
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _socket_sink(port: int, nbytes: int, certs: str, ready: multiprocessing.Event) -> None:
+    """Accept connections forever; read `nbytes` from each into one preallocated buffer, then ack."""
+    buffer = memoryview(bytearray(nbytes))
+    context = None
+    if certs:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(Path(certs) / "server.crt", Path(certs) / "server.key")
+    with socket.create_server(("127.0.0.1", port)) as server:
+        ready.set()
+        while True:
+            conn, _ = server.accept()
+            if context is not None:
+                conn = context.wrap_socket(conn, server_side=True)
+            with conn:
+                got = 0
+                while got < nbytes:
+                    n = conn.recv_into(buffer[got:], nbytes - got)
+                    if not n:
+                        break
+                    got += n
+                conn.sendall(_ACK.pack(got))
+
+
+def _grpc_sink(port: int, ready: multiprocessing.Event) -> None:
+    """A gRPC server with one client-streaming method that counts the bytes of what it is sent."""
+
+    async def push(requests, context) -> bytes:  # noqa: ANN001 - generic handler
+        got = 0
+        async for message in requests:
+            got += len(message)
+        return _ACK.pack(got)
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        handler = grpc.method_handlers_generic_handler(
+            "qkvcomm.bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)})
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _card(tokens: int) -> tuple[pb.CardHeader, list[bytes]]:
+    """An fp16 card of `tokens` tokens of the embedded model's shape (random KV: only its size matters)."""
+    lm = load_model(RuntimeConfig(device="cpu"))
+    fp = lm.fingerprint
+    gen = torch.Generator().manual_seed(0)
+    shape = (fp.num_kv_heads, tokens, fp.head_dim)
+    kv = KVCache([torch.randn(shape, generator=gen).half() for _ in range(fp.num_layers)],
+                 [torch.randn(shape, generator=gen).half() for _ in range(fp.num_layers)])
+    ids = torch.randint(0, 1000, (tokens,), generator=gen).tolist()
+    return build_card(fp, ids, kv, CardPlan("fp16", registry.resolve("fp16", fp.num_layers)))
+
+
+class Peer:
+    """The receiving side of one path: how to send it the card, and its process (for its CPU time)."""
+
+    def __init__(self, pid: int, send: Callable[[], int], close: Callable[[], None]):
+        self.pid, self.send, self.close = pid, send, close
+
+
+def _socket_peer(payload: memoryview, certs: DevCerts | None) -> Peer:
+    port, ready = _free_port(), multiprocessing.get_context("spawn").Event()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_socket_sink, args=(port, len(payload), str(certs.directory) if certs else "", ready), daemon=True)
+    process.start()
+    ready.wait(30)
+    context = ssl.create_default_context(cafile=str(certs.ca)) if certs else None
+
+    def send() -> int:
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            conn = context.wrap_socket(raw, server_hostname="localhost") if context else raw
+            conn.sendall(payload)
+            ack = b""
+            while len(ack) < _ACK.size:
+                ack += conn.recv(_ACK.size - len(ack))
+            return _ACK.unpack(ack)[0]
+
+    return Peer(process.pid, send, process.kill)
+
+
+def _grpc_peer(messages: list[bytes]) -> Peer:
+    port, ready = _free_port(), multiprocessing.get_context("spawn").Event()
+    process = multiprocessing.get_context("spawn").Process(target=_grpc_sink, args=(port, ready), daemon=True)
+    process.start()
+    ready.wait(30)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+    push = channel.stream_unary(SINK_METHOD, request_serializer=None, response_deserializer=None)
+
+    def send() -> int:
+        return _ACK.unpack(push(iter(messages), timeout=600))[0]
+
+    def close() -> None:
+        channel.close()
+        process.kill()
+
+    return Peer(process.pid, send, close)
+
+
+def _receiver_peer(header: pb.CardHeader, blobs: list[bytes], certs: DevCerts | None, stack: ExitStack) -> Peer:
+    """A receiver service sized for the card; each send pushes it whole (it validates and decodes it
+    every time; the store keeps the first copy)."""
+    big = ["--max-card-bytes", str(2 * header.payload_bytes + (64 << 20)), "--hot-bytes", "8Gi",
+           "--max-inflight-bytes", "8Gi", "--performance-tokens", "0", "--device", "cpu"]
+    tls = ["--tls-cert", str(certs.cert("server")), "--tls-key", str(certs.key("server"))] if certs else []
+    receiver = spawn("receiver", *big, *tls)
+    stack.callback(receiver.stop)
+    channel = open_channel(receiver.address, ClientTLS(str(certs.ca)) if certs else ClientTLS(), GRPC_OPTIONS)
+    stub = services_pb2_grpc.ReceiverServiceStub(channel)
+
+    def send() -> int:
+        return stub.PushCard(push_requests(frames(header, blobs)), timeout=600).wire_bytes
+
+    return Peer(receiver.process.pid, send, channel.close)
+
+
+def run(args: argparse.Namespace) -> str:
+    header, blobs = _card(args.tokens)
+    messages = [f.SerializeToString() for f in frames(header, blobs)]
+    wire = sum(len(m) for m in messages)
+    payload = memoryview(b"".join(messages))
+    paths = args.paths.split(",") if args.paths else list(PATHS)
+    seconds: dict[str, list[float]] = defaultdict(list)
+    cpu_here: dict[str, list[float]] = defaultdict(list)
+    cpu_peer: dict[str, list[float]] = defaultdict(list)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        certs = make_dev_certs(Path(tmp) / "certs")
+        peers = {}
+        for path in paths:
+            tls = certs if path.endswith("+tls") else None
+            if path.startswith("socket"):
+                peers[path] = _socket_peer(payload, tls)
+            elif path == "grpc-bytes":
+                peers[path] = _grpc_peer(messages)
+            elif path.startswith("pushcard"):
+                peers[path] = _receiver_peer(header, blobs, tls, stack)
+            else:
+                raise SystemExit(f"bench transport: unknown path {path!r}; choose from {', '.join(PATHS)}")
+            stack.callback(peers[path].close)
+        for path, peer in peers.items():  # a first push each: connections made, buffers touched
+            peer.send()
+        for _ in tqdm(range(args.repeats), desc="bench transport", unit="round"):
+            for path, peer in peers.items():
+                here, there = time.process_time(), cpu_seconds(peer.pid)
+                start = time.perf_counter()
+                got = peer.send()
+                seconds[path].append(time.perf_counter() - start)
+                cpu_here[path].append(time.process_time() - here)
+                cpu_peer[path].append(cpu_seconds(peer.pid) - there)
+                if got < wire if path.startswith("pushcard") else got != len(payload):
+                    raise RuntimeError(f"{path}: the peer took {got} of {wire} bytes")
+    return _table(args, wire, paths, seconds, cpu_here, cpu_peer)
+
+
+def _table(args: argparse.Namespace, wire: int, paths: list[str], seconds: dict, cpu_here: dict, cpu_peer: dict) -> str:
+    rate = {p: wire / statistics.median(seconds[p]) / 1e9 for p in paths}
+    ceiling = rate.get("socket")
+    lines = [f"`qkvcomm bench transport --tokens {args.tokens} --repeats {args.repeats}`: an fp16 card of "
+             f"{args.tokens:,} tokens ({wire / 1e6:,.1f} MB on the wire), loopback, median of {args.repeats} "
+             f"interleaved rounds; {machine()}, {os.cpu_count()} cores", "",
+             "| path | GB/s | x raw socket | s (median) | CPU s/GB sender | CPU s/GB receiver |", "|---|---|---|---|---|---|"]
+    for p in paths:
+        ratio = f"{rate[p] / ceiling:.2f}" if ceiling else "-"
+        lines.append(f"| {p} | {rate[p]:.2f} | {ratio} | {statistics.median(seconds[p]):.3f} | "
+                     f"{statistics.median(cpu_here[p]) / wire * 1e9:.2f} | {statistics.median(cpu_peer[p]) / wire * 1e9:.2f} |")
+    return "\n".join(lines)
