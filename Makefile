@@ -19,7 +19,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data profiles fuzz load link-faults bench-auto bench-auto-short test-vllm bench-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
+.PHONY: install run test data profiles fuzz load link-faults bench-auto bench-auto-short bench-gpu bench-transport test-vllm bench-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -67,6 +67,17 @@ profiles: install
 	for tools in $(PROFILE_TOOLS); do QKVCOMM_CACHE_DIR=build/profiles $(PY) -m qkvcomm_cli calibrate codec --tools "$$tools" || exit 1; done
 	QKVCOMM_CACHE_DIR=build/profiles $(PY) -m qkvcomm_cli calibrate layers
 	cp build/profiles/profiles/*.json qkv_core/data/profiles/
+
+# The card path on a GPU (one H100/H200, a few minutes): a Llama-3.1-8B-shaped model with random
+# weights, codec GB/s on the card path and TTFT with a card against re-prefill from 1K to 32K tokens.
+# `make test` runs its dry run (tiny shape, CPU).
+bench-gpu: install
+	$(PY) -m qkvcomm_cli bench gpu --device cuda --codec kivi-4 --lengths 1024,4096,8192,16384,32768 \
+		--json results/bench-gpu.json | tee results/bench-gpu.md
+
+# Card bytes against a raw socket on loopback (results/bench-transport-cpu.md).
+bench-transport: install
+	$(PY) -m qkvcomm_cli bench transport | tee results/bench-transport-cpu.md
 
 # The long runs of the reliability suites (the test suite runs short versions): a PushCard fuzz
 # of 100,000 cases, and 16 clients asking through the services for 10 minutes.

@@ -10,9 +10,11 @@ from qkv_core.config import RuntimeConfig
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (not tests): `bench codec`, `bench ttft`, `bench facts`, "
                        "`bench fuzz`, `bench load`, `bench tls`, `bench store`, `bench policy --simulate`, "
-                       "`bench dialogue`, `bench transport`")
+                       "`bench dialogue`, `bench transport`, `bench gpu`")
     p.add_argument("what", choices=["codec", "ttft", "facts", "fuzz", "load", "tls", "store", "policy", "dialogue",
-                                    "transport"])
+                                    "transport", "gpu"])
+    p.add_argument("--shape", default="llama-3.1-8b", help="gpu: the random-weight model's shape (llama-3.1-8b, "
+                   "tiny)")
     p.add_argument("--cards", type=int, default=200, help="store: distinct cards pushed into a small budget")
     p.add_argument("--budget-mb", type=int, default=32, help="store: store_bytes and hot_bytes of that run, in MiB")
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: mutated PushCard streams")
@@ -23,9 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=100, help="facts: rows per file; tls: rows; store: cards timed")
     p.add_argument("--budget", type=int, default=400, help="facts: summary budget in bytes")
     p.add_argument("--lengths", default="1024,2048,4096,8192", help="ttft: context lengths in tokens")
-    p.add_argument("--codec", default="fp16", help="ttft: codec of the cards")
-    p.add_argument("--device", default="cpu", help="ttft: cpu or cuda")
-    p.add_argument("--json", type=Path, help="ttft: also write the rows here, for `qkvcomm report`'s TTFT chart")
+    p.add_argument("--codec", default="fp16", help="ttft, gpu: codec of the cards")
+    p.add_argument("--device", default="cpu", help="ttft, gpu: cpu or cuda")
+    p.add_argument("--json", type=Path, help="ttft: also write the rows here, for `qkvcomm report`'s TTFT chart; "
+                   "gpu: the whole run")
     p.add_argument("--simulate", action="store_true", help="policy: codec auto's model on paper (the measured run "
                    "is `make bench-auto`)")
     p.add_argument("--preset", default="h100-8b", help="policy: h100-8b or h100-135m (model shape and speeds)")
@@ -44,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, default=Path("squad.jsonl"),
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
     p.add_argument("--tokens", type=int, help="codec: the cache's tokens (default 1024); transport: the fp16 card's "
-                   "(default 14000, ~322 MB)")
+                   "(default 14000, ~322 MB); gpu: the codec rows' cache (default 8192)")
     p.add_argument("--paths", default="", help="transport: socket,socket+tls,grpc-bytes,pushcard,pushcard+tls "
                    "(default: all)")
     p.add_argument("--codecs", default="", help="codec: the codecs to measure (default: every family); "
@@ -85,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
         from qkv_eval import bench_dialogue  # noqa: PLC0415
 
         print(bench_dialogue.run(args))
+        return 0
+    if args.what == "gpu":
+        from qkv_eval import bench_gpu  # noqa: PLC0415
+
+        args.tokens, args.repeats = args.tokens or 8192, args.repeats or 3
+        print(bench_gpu.run(args))
         return 0
     if args.what == "transport":
         from qkv_eval import bench_transport  # noqa: PLC0415
