@@ -124,26 +124,29 @@ def codec_rows(lm: LoadedModel, receiver: ReceiverEngine, codecs: list[str], tok
 
 
 def ttft_rows(lm: LoadedModel, receiver: ReceiverEngine, codec: str, lengths: list[int], repeats: int) -> list[TtftRow]:
-    fp, vocab = lm.fingerprint, lm.model.config.vocab_size
-    question = _ids(QUESTION_TOKENS, vocab, 2)
+    question = _ids(QUESTION_TOKENS, lm.model.config.vocab_size, 2)
     rows = []
     for tokens in tqdm(lengths, desc="bench gpu: ttft", leave=False):
-        ids = _ids(tokens, vocab, tokens)
         with torch.inference_mode():
-            prefill_s, (kv, _) = _timed(lambda: prefill(lm, ids), lm.device, 1)  # noqa: B023
-            plan = CardPlan(codec, registry.resolve(codec, fp.num_layers))
-            encode_s, (header, blobs) = _timed(lambda: build_card(fp, ids, kv, plan), lm.device, 1)  # noqa: B023
-            stream = list(frames(header, blobs))
-            del kv
-            decode_s, held = _timed(lambda: receiver.decode(iter(stream))[1], lm.device, repeats)  # noqa: B023
-            first_s, _ = _timed(lambda: prefill(lm, question, held), lm.device, repeats)  # noqa: B023
-            del held
-            text_s, _ = _timed(lambda: prefill(lm, ids + question), lm.device, repeats)  # noqa: B023
-        rows.append(TtftRow(tokens, codec, prefill_s, encode_s, sum(f.ByteSize() for f in stream), decode_s,
-                            decode_s + first_s, text_s))
+            rows.append(_ttft_row(lm, receiver, codec, _ids(tokens, lm.model.config.vocab_size, tokens), question,
+                                  repeats))
         if lm.device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # this length's caches are gone before the next one's
     return rows
+
+
+def _ttft_row(lm: LoadedModel, receiver: ReceiverEngine, codec: str, ids: list[int], question: list[int],
+              repeats: int) -> TtftRow:
+    fp = lm.fingerprint
+    prefill_s, (kv, _) = _timed(lambda: prefill(lm, ids), lm.device, 1)
+    plan = CardPlan(codec, registry.resolve(codec, fp.num_layers))
+    encode_s, (header, blobs) = _timed(lambda: build_card(fp, ids, kv, plan), lm.device, 1)
+    stream = list(frames(header, blobs))
+    decode_s, held = _timed(lambda: receiver.decode(iter(stream))[1], lm.device, repeats)
+    first_s, _ = _timed(lambda: prefill(lm, question, held), lm.device, repeats)
+    text_s, _ = _timed(lambda: prefill(lm, ids + question), lm.device, repeats)
+    return TtftRow(len(ids), codec, prefill_s, encode_s, sum(f.ByteSize() for f in stream), decode_s,
+                   decode_s + first_s, text_s)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -166,12 +169,12 @@ def run(args: argparse.Namespace) -> str:
 def table(args: argparse.Namespace, where: str, codec: list[CodecRow], ttft: list[TtftRow]) -> str:
     lines = [f"`qkvcomm bench gpu --shape {args.shape} --device {args.device}`: {where}", "",
              f"Codec on the card path, {args.tokens:,}-token cache, best of {args.repeats}:", "",
-             "| codec | bits/elem (wire) | encode GB/s (device KV -> host card) | decode GB/s (host card -> device KV) |",
-             "|---|---|---|---|"]
+             ("| codec | bits/elem (wire) | encode GB/s (device KV -> host card) | decode GB/s (host card -> "
+              "device KV) |"), "|---|---|---|---|"]
     lines += [f"| {r.codec} | {r.bits_per_element:.2f} | {r.encode_gbps:.2f} | {r.decode_gbps:.2f} |" for r in codec]
     lines += ["", f"Time to first token, `{args.codec}` card held in host memory, against re-prefill:", "",
-              "| context tokens | sender prefill ms | encode ms | card MB | card decode ms | TTFT card ms | "
-              "TTFT re-prefill ms | card / re-prefill |", "|---|---|---|---|---|---|---|---|"]
+              ("| context tokens | sender prefill ms | encode ms | card MB | card decode ms | TTFT card ms | "
+               "TTFT re-prefill ms | card / re-prefill |"), "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r.tokens:,} | {r.sender_prefill_s * 1e3:.0f} | {r.encode_s * 1e3:.0f} | {r.wire_bytes / 1e6:.1f} | "
               f"{r.card_decode_s * 1e3:.0f} | {r.ttft_card_s * 1e3:.0f} | {r.ttft_reprefill_s * 1e3:.0f} | "
               f"{r.ttft_card_s / r.ttft_reprefill_s:.2f} |" for r in ttft]
