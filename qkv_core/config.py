@@ -210,7 +210,9 @@ def qa_file(name: str | Path) -> Path:
     candidate = data_dir() / path.name
     if not candidate.exists():
         hint = " (`make data` rebuilds it)" if candidate.name == "squad_longctx.jsonl" else ""
-        raise FileNotFoundError(f"no QA file {str(name)!r}{hint}: looked in QKVCOMM_DATA_DIR={data_dir()}")
+        where = ("QKVCOMM_DATA_DIR" if os.environ.get("QKVCOMM_DATA_DIR")
+                 else "the checkout's data/qa or ./data/qa; set QKVCOMM_DATA_DIR to the folder that holds it, or pass a path")
+        raise FileNotFoundError(f"no QA file {str(name)!r}{hint}: looked for {candidate} ({where})")
     return candidate
 
 
