@@ -267,8 +267,18 @@ def test_every_call_is_one_access_line(services, caplog):
         ask(services.sender, FACTS[0][0], FACTS[0][1], codec="int8")
         with pytest.raises(grpc.RpcError):
             ask(services.sender, FACTS[0][0], FACTS[0][1], codec="no-such-codec")
-    lines = [r.getMessage() for r in caplog.records if r.name == "qkvcomm.access"]
+        import time
+
+        def logged() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "qkvcomm.access"]
+
+        def refused(line: str) -> bool:
+            return line.startswith("sender Ask INVALID_ARGUMENT ") and "no-such-codec" in line
+
+        deadline = time.monotonic() + 10  # a call's line is written as it ends, just after the client has its status
+        while not any(map(refused, logged())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    lines = logged()
     assert any(line.startswith("sender Ask OK ") and " ms tenant=-" in line for line in lines)
     assert any(line.startswith("receiver Generate OK ") for line in lines)
-    assert any(line.startswith("sender Ask INVALID_ARGUMENT ") and "reason=invalid" in line and "no-such-codec" in line
-               for line in lines)
+    assert any(refused(line) and "reason=invalid" in line for line in lines)
