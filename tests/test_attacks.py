@@ -57,7 +57,7 @@ def test_a_tenant_cannot_time_what_another_tenant_shared(secure_services):
                                      q(after_alice), q(fresh), q(own_repeat))
     assert statistics.median(own_repeat) < 0.5 * statistics.median(fresh)  # the cache answers its own tenant fast
     assert min(after_alice) > 0.5 * statistics.median(fresh)  # and never another tenant: every round a full prefill
-    assert 0.6 < statistics.median(after_alice) / statistics.median(fresh) < 1.6
+    assert 0.5 < statistics.median(after_alice) / statistics.median(fresh) < 2.0
 
 
 def test_caches_that_answer_repeats_are_keyed_by_tenant(tiny):
