@@ -143,6 +143,7 @@ def test_sealed_files_open_only_with_their_key_and_name(tiny, cards, tmp_path):
     # named by a keyed hash: neither the tenant nor the card id shows, and the file is the owner's alone
     assert card_id not in str(path) and b"alice".hex() not in str(path) and path.parent.name == "sealed"
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert path.parent.parent.stat().st_mode & 0o777 == 0o700  # the model's directory
     assert _same(_receiver(tiny, store_dir=str(store_dir), store_key=str(key)).store.get(card_id, "alice"), served)
     wrong = _receiver(tiny, store_dir=str(store_dir), store_key=str(other))
     assert wrong.store.get(card_id, "alice") is None  # another key names it otherwise: not even found

@@ -69,6 +69,7 @@ class DiskTier:
         self.root, self.model, self.budget, self.sealer, self.stats = root / model, model, budget, sealer, stats
         root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         self.root.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+        self.root.chmod(PRIVATE_DIR)  # a directory made by an older version (0755) is closed too
         self._lock = threading.Lock()
         self._index: OrderedDict[Path, int] = OrderedDict()  # oldest first; the value is the file's size
         found = []
