@@ -15,8 +15,8 @@ T = TypeVar("T")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_CODEC = "int8"
 AUTO_CODECS = "text,fp16,kivi-8,kivi-4,kivi-3,budget-3,kivi-2"
-MAX_QUALITY_LOSS = 0.1  # nats of predicted next-token KL: kivi-4, budget-3 in; kivi-3, kivi-2 out (README)
-# The best layer selection measured (README, Results: SQuAD and HotpotQA at ratios 0.3, 0.5, 0.7);
+MAX_QUALITY_LOSS = 0.1  # nats of predicted next-token KL: kivi-4, budget-3 in; kivi-3, kivi-2 out (docs/codecs.md)
+# The best layer selection measured (docs/results.md: SQuAD and HotpotQA at ratios 0.3, 0.5, 0.7);
 # KVComm's own score, "combined", was the worst there.
 LAYER_METHOD = "loo"
 MAX_CHUNK_BYTES = 1 << 20  # one card chunk's data, and the gRPC message ceiling it implies

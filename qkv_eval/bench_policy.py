@@ -17,7 +17,7 @@ from qkv_core.codec import registry
 from qkv_core.config import MAX_QUALITY_LOSS
 from qkv_core.policy.decide import TEXT, Link, Option, Receiver, Request, decide, predict
 
-# Predicted next-token KL (nats) of SmolLM2-135M's calibrated profile (README, codec auto), used as
+# Predicted next-token KL (nats) of SmolLM2-135M's calibrated profile (docs/codecs.md, codec auto), used as
 # stand-ins: a real deployment reads its own model's profile.
 QUALITY = {"fp16": 0.0, "kivi-4": 0.0215, "budget-3": 0.0844, "kivi-3": 0.1465, "kivi-2": 0.9419}
 BYTES_PER_TOKEN_OF_TEXT = 4.2  # UTF-8 bytes per token of English prose (SQuAD paragraphs, this tokenizer)
@@ -36,7 +36,7 @@ class Hardware:
     source: str
 
 
-# quant+pack GB/s of the codecs on the H100 (README codec table, 2026-11-23): launch-bound on a
+# quant+pack GB/s of the codecs on the H100 (docs/results.md codec table, 2026-11-23): launch-bound on a
 # 135M model's small tensors, so conservative for an 8B model's.
 H100_QUANTIZE = {"fp16": 5.68, "kivi-4": 3.82, "budget-3": 2.11, "kivi-3": 2.92, "kivi-2": 3.38}
 PRESETS = {
@@ -44,11 +44,11 @@ PRESETS = {
         "an 8B Llama-3 shape (32 layers, 8 KV heads x 128) on an H100", 32, 8, 128, 8192 / 0.27, 0.03,
         H100_QUANTIZE, 1.82,
         "prefill: 8K tokens in ~0.27 s (issue 23's figure for an 8B model on an H100, not measured here); "
-        "first token 30 ms (assumed); codec GB/s: measured on the H100 with SmolLM2 (README codec table)"),
+        "first token 30 ms (assumed); codec GB/s: measured on the H100 with SmolLM2 (docs/results.md codec table)"),
     "h100-135m": Hardware(
         "SmolLM2-135M (30 layers, 3 KV heads x 64) on an H100", 30, 3, 64, 8126 / 0.024, 0.024, H100_QUANTIZE, 1.82,
-        "prefill: 8,126 tokens in 24 ms and first token 24 ms, measured on the H100 (README, bench ttft); "
-        "codec GB/s: measured there (README codec table)"),
+        "prefill: 8,126 tokens in 24 ms and first token 24 ms, measured on the H100 (docs/results.md, bench ttft); "
+        "codec GB/s: measured there (docs/results.md codec table)"),
 }
 OPTIONS = (TEXT, "fp16", "kivi-4", "budget-3", "kivi-3", "kivi-2")
 

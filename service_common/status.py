@@ -1,7 +1,7 @@
 """A refusal as gRPC sends it: the status code, the message, and a google.rpc.Status in the
 trailing metadata (grpc-status-details-bin) whose one detail is a google.rpc.ErrorInfo:
 
-    reason    UPPER_SNAKE, one per kind of refusal (the README's error table): INVALID, LIMIT, ...
+    reason    UPPER_SNAKE, one per kind of refusal (docs/protocol.md): INVALID, LIMIT, ...
     domain    "qkvcomm.v1"
     metadata  machine-readable facts, e.g. sender_model / receiver_model, limit / allowed
 Clients read it with qkvcomm_client.error_info (Python; the sender reads its receiver's refusals

@@ -1,4 +1,4 @@
-"""The dependency rule, read from the imports (ast), as the README's architecture section states it:
+"""The dependency rule, read from the imports (ast), as docs/architecture.md states it:
 no import cycles; qkv_core never imports evaluation, the CLI or the services; the card and codec
 layers never reach a model library (transformers), directly or through what they import; the
 light client imports grpc, protobuf, its stubs and the standard library only."""

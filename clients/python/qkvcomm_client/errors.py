@@ -1,6 +1,6 @@
 """A refused call as the client raises it: `QKVCommError`, a grpc.RpcError that carries the
 status and the google.rpc.ErrorInfo the services attach to every refusal (reason, domain,
-metadata such as sender_model / receiver_model). The README's error table lists the reasons."""
+metadata such as sender_model / receiver_model). docs/protocol.md lists the reasons."""
 from __future__ import annotations
 
 import contextlib

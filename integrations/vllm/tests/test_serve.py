@@ -1,4 +1,4 @@
-"""The documented `vllm serve` path (README, "Cards in vLLM"): an OpenAI-compatible server with the
+"""The documented `vllm serve` path (docs/vllm.md): an OpenAI-compatible server with the
 connector, a completions request naming its card in `kv_transfer_params`, the prompt as token ids.
 Its answers equal the in-process engine's own with the context prefilled, and the usage reports the
 card's tokens as cached (`--enable-prompt-tokens-details`)."""
