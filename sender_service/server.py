@@ -37,7 +37,7 @@ from service_common.auth import Auth
 from service_common.errors import guarded
 from service_common.info import InfoServicer, build_info
 from service_common.metrics import Metrics
-from service_common.server import GRPC_OPTIONS, Running, serve_forever, start
+from service_common.server import GRPC_OPTIONS, Running, require_receiver, serve_forever, start
 
 log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
@@ -440,8 +440,7 @@ def receiver_tls(cfg: ServiceConfig) -> ClientTLS:
 
 
 async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:
-    if not cfg.receiver:
-        raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
+    require_receiver(cfg)
     metrics, auth = Metrics("sender", lm.fingerprint.name), Auth(cfg.auth_tokens)
     channel = open_channel(cfg.receiver, receiver_tls(cfg), receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others

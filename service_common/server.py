@@ -117,8 +117,8 @@ def _bound(name: str, address: str, add_port: Callable[[str], int]) -> int:
 def preflight(role: str, cfg: ServiceConfig) -> None:
     """What a service can check before it loads a model, so a mistake costs a second, not a model
     load: required settings, readable files, free ports. ValueError or OSError naming the setting."""
-    if role == "sender" and not cfg.receiver:
-        raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
+    if role == "sender":
+        require_receiver(cfg)
     for setting in _FILES:
         path = getattr(cfg, setting)
         if path and not os.access(path, os.R_OK):
@@ -130,6 +130,12 @@ def preflight(role: str, cfg: ServiceConfig) -> None:
     for what, port in (("gRPC", cfg.port), ("metrics", cfg.metrics_port)):
         if port > 0:
             _free(cfg.host, port, what)
+
+
+def require_receiver(cfg: ServiceConfig) -> None:
+    """ValueError unless a sender's configuration names its receiver."""
+    if not cfg.receiver:
+        raise ValueError("the sender needs --receiver HOST:PORT (or QKVCOMM_RECEIVER)")
 
 
 def _free(host: str, port: int, what: str) -> None:
