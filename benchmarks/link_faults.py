@@ -43,7 +43,8 @@ except grpc.RpcError as e:
 
 
 def gauge(name: str) -> float:
-    code = (f"import urllib.request; t = urllib.request.urlopen('http://{RCV_IP}:9461/metrics', timeout=5).read().decode();"
+    code = (f"import urllib.request; "
+            f"t = urllib.request.urlopen('http://{RCV_IP}:9461/metrics', timeout=5).read().decode();"
             f"print(next(l.split()[1] for l in t.splitlines() if l.startswith('{name} ')))")
     return float(in_sender_ns(code))
 
@@ -68,16 +69,17 @@ def main() -> int:
                            env={"QKVCOMM_IDLE_TIMEOUT_S": str(IDLE_S)}))
         procs.append(serve(SND, "sender", "--host", "127.0.0.1", "--port", "50062", "--metrics-port", "9462",
                            "--receiver", f"{RCV_IP}:50061"))
-        print(f"link: veth {args.rate} (tbf), receiver idle timeout {IDLE_S:g} s, card: fp16 of {context.stat().st_size:,} "
-              "characters of SQuAD paragraphs\n")
-        print("| cut | Ask during the cut | its time (s) | its transfer (s) | receiver intakes after | card stored by it "
-              "| next Ask | its time (s) |")
+        print(f"link: veth {args.rate} (tbf), receiver idle timeout {IDLE_S:g} s, card: fp16 of "
+              f"{context.stat().st_size:,} characters of SQuAD paragraphs\n")
+        print("| cut | Ask during the cut | its time (s) | its transfer (s) | receiver intakes after "
+              "| card stored by it | next Ask | its time (s) |")
         print("|---|---|---|---|---|---|---|---|")
         base = context.read_text()
         for cut in (float(c) for c in args.cuts.split(",")):
             context.write_text(f"{base}\n\nCut of {cut:g} seconds.")  # a new card for each cut
             result: dict = {}
-            asker = threading.Thread(target=lambda: result.update(json.loads(in_sender_ns(ASK.format(path=str(context))))))
+            ask = ASK.format(path=str(context))
+            asker = threading.Thread(target=lambda: result.update(json.loads(in_sender_ns(ask))))
             asker.start()
             deadline = time.time() + 60
             while time.time() < deadline and gauge("qkvcomm_intakes_in_flight") < 1:
@@ -93,8 +95,9 @@ def main() -> int:
             after = json.loads(in_sender_ns(ASK.format(path=str(context))))
             # The card id is the content's: the next Ask reuses the card exactly when the cut one was stored.
             stored = "yes" if after.get("reused") else "no"
-            print(f"| {cut:g} s | {result.get('status')} | {result.get('s', 0):.1f} | {result.get('transfer_s', 0):.1f} "
-                  f"| {intakes:g} | {stored} | {after['status']} | {after['s']:.1f} |", flush=True)
+            print(f"| {cut:g} s | {result.get('status')} | {result.get('s', 0):.1f} "
+                  f"| {result.get('transfer_s', 0):.1f} | {intakes:g} | {stored} | {after['status']} "
+                  f"| {after['s']:.1f} |", flush=True)
     finally:
         stop(*procs)
         teardown()

@@ -81,7 +81,8 @@ def ask_all(sender: str, rows: list[dict], clients: int, rounds: int, codec: str
 def run_receiver(engine: str, rows: list[dict], args: argparse.Namespace) -> list[dict]:
     print(f"{engine}: starting the receiver and a sender", flush=True)
     with tempfile.TemporaryDirectory() as store:
-        extra = ("--engine", "vllm", "--store-dir", store, "--vllm-args", json.dumps(VLLM_ARGS)) if engine == "vllm" else ()
+        extra = ("--engine", "vllm", "--store-dir", store, "--vllm-args",
+                 json.dumps(VLLM_ARGS)) if engine == "vllm" else ()
         receiver = spawn("receiver", *RUNTIME, "--performance-tokens", "0", *extra, timeout_s=900,
                          python=str(VLLM_PYTHON) if engine == "vllm" else sys.executable)
         try:
@@ -108,7 +109,8 @@ def pct(values: list[float], q: int) -> float:
 def table(passes: list[dict], args: argparse.Namespace) -> str:
     lines = [f"{len(args.rows_used)} SQuAD rows, {args.codec} cards, {args.max_new_tokens} new tokens (greedy), "
              f"{args.rounds} Asks per client; vLLM: {json.dumps(VLLM_ARGS)}", "",
-             "| clients | receiver | Asks | errors | answers/s | tokens/s | TTFT p50 (s) | TTFT p95 (s) | vLLM / HF answers/s |",
+             "| clients | receiver | Asks | errors | answers/s | tokens/s | TTFT p50 (s) | TTFT p95 (s) "
+             "| vLLM / HF answers/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     by = {(p["engine"], p["clients"]): p for p in passes}
     for c in args.clients:
@@ -119,8 +121,9 @@ def table(passes: list[dict], args: argparse.Namespace) -> str:
             rate = p["asks"] / p["wall_s"]
             hf = by.get(("hf", c))
             ratio = f"{rate / (hf['asks'] / hf['wall_s']):.2f}" if engine == "vllm" and hf and hf["asks"] else ""
-            lines.append(f"| {c} | {engine} | {p['asks']} | {len(p['errors'])} | {rate:.2f} | {p['tokens'] / p['wall_s']:.1f} "
-                         f"| {pct(p['ttft_s'], 50):.2f} | {pct(p['ttft_s'], 95):.2f} | {ratio} |")
+            lines.append(f"| {c} | {engine} | {p['asks']} | {len(p['errors'])} | {rate:.2f} "
+                         f"| {p['tokens'] / p['wall_s']:.1f} | {pct(p['ttft_s'], 50):.2f} "
+                         f"| {pct(p['ttft_s'], 95):.2f} | {ratio} |")
     agree = [(by[("hf", c)]["answers"], by[("vllm", c)]["answers"]) for c in args.clients
              if ("hf", c) in by and ("vllm", c) in by]
     same = sum(a[i] == b[i] for a, b in agree for i in a if i in b)

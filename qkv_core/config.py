@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,8 +78,8 @@ class StoreConfig:
     store_dir: str = setting("", "disk tier: a directory; accepted cards are written there and served after a restart",
                              "receiver")
     store_disk_bytes: int = setting(20 << 30, "disk tier: its budget in bytes (oldest files go first)", "receiver")
-    store_redis: str = setting("", "shared tier: redis://HOST:PORT/DB (or rediss://); receivers serve each other's cards",
-                               "receiver")
+    store_redis: str = setting("", "shared tier: redis://HOST:PORT/DB (or rediss://); receivers serve each other's "
+                               "cards", "receiver")
     store_redis_ttl_s: int = setting(86400, "shared tier: how long a card lives in Redis", "receiver")
     prefix_blocks: int = setting(1 << 18, "prefix index: block hashes (16 tokens each) remembered for FindPrefix, "
                                  "so senders can send delta cards", "receiver")
@@ -104,12 +105,15 @@ class ServiceConfig:
     port: int = setting(50061, "gRPC port (0 picks a free one)")
     metrics_port: int = setting(9461, "/metrics HTTP port (0 picks a free one, -1 turns it off)")
     receiver: str = setting("", "HOST:PORT of the receiver", "sender")
-    tls_cert: str = setting("", "TLS certificate (PEM); with --tls-key the port speaks TLS only; re-read when it changes")
+    tls_cert: str = setting("",
+                            "TLS certificate (PEM); with --tls-key the port speaks TLS only; re-read when it changes")
     tls_key: str = setting("", "the TLS certificate's private key (PEM)")
-    tls_client_ca: str = setting("", "CA bundle (PEM) of client certificates; set, every client must present one (mTLS)")
+    tls_client_ca: str = setting("",
+                                 "CA bundle (PEM) of client certificates; set, every client must present one (mTLS)")
     auth_tokens: str = setting("", "token file, one 'TOKEN TENANT' per line; set, every call but health needs "
                                    "'authorization: Bearer TOKEN'")
-    receiver_ca: str = setting("", "CA bundle (PEM) of the receiver's certificate; set, the channel speaks TLS", "sender")
+    receiver_ca: str = setting("", "CA bundle (PEM) of the receiver's certificate; set, the channel speaks TLS",
+                               "sender")
     receiver_cert: str = setting("", "client certificate (PEM) for a receiver that requires one (mTLS)", "sender")
     receiver_key: str = setting("", "the client certificate's key (PEM)", "sender")
     receiver_token: str = setting("", "bearer token for the receiver (its file's tenant '*': the sender relays "
@@ -118,8 +122,8 @@ class ServiceConfig:
                                       "without this: give --receiver-ca)", "sender")
     receiver_balance: str = setting("pick_first", "pick_first (one receiver per sender) or round_robin (every address "
                                     "of --receiver; needs receivers that share a store tier)", "sender")
-    receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of --receiver",
-                                        "sender")
+    receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of "
+                                        "--receiver", "sender")
     codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")
     context_cache_bytes: int = setting(1 << 30, "KV of recent contexts the sender keeps (the model's dtype), so a "
                                        "context handed on again is not prefilled again; 0: none", "sender")
@@ -141,7 +145,8 @@ class ServiceConfig:
     layer_ratio: float = setting(1.0, "share of layers a card carries (a request can override)", "sender", "--layers")
     layer_method: str = setting(LAYER_METHOD, "loo, combined, attention, prior, random or contiguous", "sender")
     layer_profile: str = setting("", "layer-selection profile (JSON); \"\" = the model's, made on first use", "sender")
-    receiver_layers: int = setting(0, "the receiver model's depth when it runs another model (cross-model cards)", "sender")
+    receiver_layers: int = setting(0, "the receiver model's depth when it runs another model (cross-model cards)",
+                                   "sender")
     facts: bool = setting(False, "extract facts into every card (a request can also ask for them)", "sender")
     facts_method: str = setting("hybrid", "simple, yake, spacy or hybrid", "sender")
     facts_budget_bytes: int = setting(400, "size of the fact summary", "sender")
@@ -164,14 +169,15 @@ class ServiceConfig:
             raise ValueError(f"unknown engine {self.engine!r}: choose {' or '.join(ENGINES)}")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> "ServiceConfig":
+    def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> ServiceConfig:
         """Defaults (the `role`'s), then QKVCOMM_* variables, then explicit overrides (None means not
         given). The nested groups (runtime, limits, store) take their fields' names flat: QKVCOMM_DEVICE."""
-        env = os.environ if env is None else env
-        nested = {name: _from_env(kind, env, {k: v for k, v in overrides.items() if k in _names(kind)})
-                  for name, kind in _NESTED.items()}
+        source: Mapping[str, str] = os.environ if env is None else env
+        nested: dict[str, Any] = {
+            name: _from_env(kind, source, {k: v for k, v in overrides.items() if k in _names(kind)})
+            for name, kind in _NESTED.items()}
         rest = {k: v for k, v in overrides.items() if not any(k in _names(kind) for kind in _NESTED.values())}
-        base = _from_env(cls, env, rest, ROLE_DEFAULTS[role])
+        base = _from_env(cls, source, rest, ROLE_DEFAULTS[role])
         return dataclasses.replace(base, **nested)
 
 
@@ -211,7 +217,8 @@ def qa_file(name: str | Path) -> Path:
     if not candidate.exists():
         hint = " (`make data` rebuilds it)" if candidate.name == "squad_longctx.jsonl" else ""
         where = ("QKVCOMM_DATA_DIR" if os.environ.get("QKVCOMM_DATA_DIR")
-                 else "the checkout's data/qa or ./data/qa; set QKVCOMM_DATA_DIR to the folder that holds it, or pass a path")
+                 else "the checkout's data/qa or ./data/qa; set QKVCOMM_DATA_DIR to the folder that holds it, or pass "
+                      "a path")
         raise FileNotFoundError(f"no QA file {str(name)!r}{hint}: looked for {candidate} ({where})")
     return candidate
 
@@ -251,7 +258,8 @@ def _names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
-def _from_env(cls: type[T], env: dict[str, str], overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> T:
+def _from_env(cls: type[T], env: Mapping[str, str], overrides: dict[str, Any],
+              defaults: dict[str, Any] | None = None) -> T:
     values: dict[str, Any] = dict(defaults or {})
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in _NESTED:

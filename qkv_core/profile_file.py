@@ -36,7 +36,8 @@ class ProfileFile:
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"cannot read {cls.KIND} profile {path}: {e}") from e
         if profile.weights_sha256 != fingerprint.weights_sha256:
-            raise ValueError(f"{cls.KIND} profile {path} was calibrated on {profile.model!r}, not on this model's weights")
+            raise ValueError(f"{cls.KIND} profile {path} was calibrated on {profile.model!r}, not on this model's "
+                             f"weights")
         return profile
 
     @classmethod

@@ -24,7 +24,7 @@ class Fingerprint:
         """Size of K and V of all layers for `tokens` tokens (full-attention layers)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * tokens * bytes_per_value
 
-    def mismatch(self, other: "Fingerprint") -> list[str]:
+    def mismatch(self, other: Fingerprint) -> list[str]:
         """Names of the fields that differ (the display name does not count)."""
         return [
             f
@@ -56,14 +56,14 @@ class KVCache:
         """Size of all layers' K and V at `bytes_per_value` (2: the fp16 baseline)."""
         return bytes_per_value * sum(k.numel() + v.numel() for k, v in zip(self.keys, self.values))
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "KVCache":
+    def to(self, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache([k.to(device, dtype) for k in self.keys], [v.to(device, dtype) for v in self.values])
 
-    def span(self, start: int, stop: int | None = None) -> "KVCache":
+    def span(self, start: int, stop: int | None = None) -> KVCache:
         """Tokens start..stop of every layer (views: nothing is copied)."""
         return KVCache([k[:, start:stop] for k in self.keys], [v[:, start:stop] for v in self.values])
 
-    def extended(self, tail: "KVCache") -> "KVCache":
+    def extended(self, tail: KVCache) -> KVCache:
         """This cache followed by `tail`'s tokens, layer by layer (a new cache)."""
         return KVCache([torch.cat((a, b), dim=1) for a, b in zip(self.keys, tail.keys)],
                        [torch.cat((a, b), dim=1) for a, b in zip(self.values, tail.values)])

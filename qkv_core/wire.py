@@ -1,25 +1,15 @@
-"""The protobuf messages of proto/qkvcomm/v1, as one namespace: `pb.CardHeader`, `pb.AskRequest`, ...
-
-The modules are generated from proto/ by `make proto` (grpcio-tools); they are build
-outputs, never edited or committed.
-"""
+"""What travels: the protobuf messages (`pb`, re-exported from qkv_core.pb) and the request
+streams built from them."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from types import SimpleNamespace
 
-try:
-    from qkvcomm.v1 import card_pb2, services_pb2
-except ImportError as e:  # pragma: no cover - only without generated stubs
-    raise ImportError("protobuf stubs are missing: run `make proto` (or `make run`) first") from e
+from qkv_core import pb
 
-pb = SimpleNamespace(
-    **{name: getattr(card_pb2, name) for name in card_pb2.DESCRIPTOR.message_types_by_name},
-    **{name: getattr(services_pb2, name) for name in services_pb2.DESCRIPTOR.message_types_by_name},
-)
+__all__ = ["pb", "push_requests"]
 
 
-def push_requests(frames: Iterable[pb.CardFrame]) -> Iterator[pb.PushCardRequest]:  # type: ignore[name-defined]
+def push_requests(frames: Iterable[pb.CardFrame]) -> Iterator[pb.PushCardRequest]:
     """A card's frames as ReceiverService.PushCard's request stream."""
     for frame in frames:
         yield pb.PushCardRequest(frame=frame)

@@ -138,7 +138,8 @@ def pays_below_gbps(plain: Row, coded: Row) -> float | None:
     if plain.bits_per_element - coded.bits_per_element < MIN_SAVED_BITS:
         return None
     saved_bits = 8 * (plain.bits_per_element - coded.bits_per_element) / 16
-    extra_s = sum(1 / c - 1 / p for c, p in ((coded.quant_gbps, plain.quant_gbps), (coded.dequant_gbps, plain.dequant_gbps)))
+    extra_s = sum(1 / c - 1 / p for c,
+                  p in ((coded.quant_gbps, plain.quant_gbps), (coded.dequant_gbps, plain.dequant_gbps)))
     return saved_bits / extra_s if extra_s > 0 else math.inf
 
 
@@ -146,13 +147,14 @@ def table(rows: list[Row], tokens: int, model: str) -> str:
     lines = [
         f"codec bench: {model}, {tokens}-token cache, fp16 input; {machine()}",
         "",
-        "| codec | device | bits/elem (wire) | ratio vs fp16 | rel err K | rel err V | quant+pack GB/s | unpack+dequant GB/s "
-        "| +zstd pays below (Gbit/s) |",
+        "| codec | device | bits/elem (wire) | ratio vs fp16 | rel err K | rel err V | quant+pack GB/s "
+        "| unpack+dequant GB/s | +zstd pays below (Gbit/s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by_name = {(r.codec, r.device): r for r in rows}
     for r in rows:
-        plain = by_name.get((r.codec.removesuffix(ENTROPY_CODED), r.device)) if r.codec.endswith(ENTROPY_CODED) else None
+        plain = by_name.get((r.codec.removesuffix(ENTROPY_CODED),
+                             r.device)) if r.codec.endswith(ENTROPY_CODED) else None
         pays = pays_below_gbps(plain, r) if plain else None
         lines.append(
             f"| {r.codec} | {r.device} | {r.bits_per_element:.2f} | {r.ratio_fp16:.2f} | {r.rel_err_k:.4f} | "

@@ -162,17 +162,19 @@ def drift_table(args: argparse.Namespace, codecs: tuple[str, ...] = ("kivi-4", "
             for hops in DRIFT_HOPS:
                 sender, receiver = SenderEngine(lm), ReceiverEngine(lm)
                 cells.append(statistics.mean(context_drift(sender, receiver, c, codec, hops, deltas) for c in contexts))
-            lines.append(f"| {codec} | {'deltas' if deltas else 're-encode'} | " + " | ".join(f"{d:.4f}" for d in cells) + " |")
+            row = " | ".join(f"{d:.4f}" for d in cells)
+            lines.append(f"| {codec} | {'deltas' if deltas else 're-encode'} | {row} |")
     return "\n".join(lines)
 
 
 def table(records: list[Dialogue], args: argparse.Namespace) -> str:
     lines = [f"machine: {machine()}",
-             f"`qkvcomm bench dialogue --dialogues {args.dialogues} --turns {args.turns} --doc-chars {args.doc_chars}`: "
-             f"{args.model}, documents from {args.longctx}, follow-up turns of ~{TURN_CHARS} characters from {args.data}, "
-             "Share per turn in one session, loopback", "",
+             f"`qkvcomm bench dialogue --dialogues {args.dialogues} --turns {args.turns} "
+             f"--doc-chars {args.doc_chars}`: {args.model}, documents from {args.longctx}, follow-up turns of "
+             f"~{TURN_CHARS} characters from {args.data}, Share per turn in one session, loopback", "",
              "| codec | mode | dialogues | tokens at the end | wire MB, all turns | wire MB, last turn | "
-             "follow-up turn: handoff ms (mean) | of which the sender's prefill | at 1 Gbit/s: wire ms per follow-up turn | "
+             "follow-up turn: handoff ms (mean) | of which the sender's prefill "
+             "| at 1 Gbit/s: wire ms per follow-up turn | "
              "final answer F1 | final answers equal |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r.codec, r.mode): [x for x in records if (x.codec, x.mode) == (r.codec, r.mode)] for r in records}
@@ -184,11 +186,13 @@ def table(records: list[Dialogue], args: argparse.Namespace) -> str:
             f"| {codec} | {mode} | {len(runs)} | {statistics.mean(r.turns[-1].context_tokens for r in runs):,.0f} | "
             f"{statistics.mean(sum(t.wire_bytes for t in r.turns) for r in runs) / 1e6:,.1f} | "
             f"{statistics.mean(r.turns[-1].wire_bytes for r in runs) / 1e6:,.2f} | "
-            f"{statistics.mean(t.seconds for t in follow) * 1e3:,.0f} | {statistics.mean(t.prefill_s for t in follow) * 1e3:,.0f} | "
+            f"{statistics.mean(t.seconds for t in follow) * 1e3:,.0f} | "
+            f"{statistics.mean(t.prefill_s for t in follow) * 1e3:,.0f} | "
             f"{statistics.mean(t.wire_bytes for t in follow) / GBIT * 1e3:,.0f} | "
             f"{statistics.mean(r.f1 for r in runs):.1f} | {equal}/{len(runs)} |")
     lines += ["", "Per turn (first dialogue of each codec): wire MB, deltas / whole cards", "",
-              "| codec | " + " | ".join(f"turn {i + 1}" for i in range(args.turns)) + " |", "|---|" + "---|" * args.turns]
+              "| codec | " + " | ".join(f"turn {i + 1}" for i in range(args.turns)) + " |",
+              "|---|" + "---|" * args.turns]
     for codec in dict.fromkeys(r.codec for r in records):
         delta, whole = by[(codec, "deltas")][0], by[(codec, "whole cards")][0]
         lines.append(f"| {codec} | " + " | ".join(f"{a.wire_bytes / 1e6:.2f} / {b.wire_bytes / 1e6:.2f}"

@@ -43,7 +43,8 @@ def measure(path: Path, method: str, limit: int, budget: int) -> Row:
         kept += len(result.facts)
         size += len(result.summary.encode())
     n = max(1, len(rows))
-    return Row(path.name, method, len(rows), 100 * hits / n, 100 * hits_all / n, kept / n, size / n, 1e6 * seconds / max(1, chars))
+    return Row(path.name, method, len(rows), 100 * hits / n, 100 * hits_all / n, kept / n, size / n,
+               1e6 * seconds / max(1, chars))
 
 
 def run_facts_bench(paths: list[Path], limit: int, budget: int) -> list[Row]:

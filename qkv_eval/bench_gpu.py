@@ -105,7 +105,8 @@ def _ids(tokens: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(2, min(vocab, 32000), (tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def codec_rows(lm: LoadedModel, receiver: ReceiverEngine, codecs: list[str], tokens: int, repeats: int) -> list[CodecRow]:
+def codec_rows(lm: LoadedModel, receiver: ReceiverEngine, codecs: list[str], tokens: int,
+               repeats: int) -> list[CodecRow]:
     fp = lm.fingerprint
     gen = torch.Generator().manual_seed(1)
     shape = (fp.num_kv_heads, tokens, fp.head_dim)

@@ -66,7 +66,9 @@ def options(hw: Hardware, tokens: int) -> list[Option]:
 def crossover(card: Option, text: Option, request: Request, receiver: Receiver, rtt_s: float) -> float | None:
     """The link speed (bytes/s) above which `card` beats `text`; None if it never does."""
     lo, hi = 1e3, 1e13
-    faster = lambda t: predict(card, request, Link(t, rtt_s), receiver) < predict(text, request, Link(t, rtt_s), receiver)  # noqa: E731
+    def faster(t: float) -> bool:
+        return predict(card, request, Link(t, rtt_s), receiver) < predict(text, request, Link(t, rtt_s), receiver)
+
     if not faster(hi):
         return None
     if faster(lo):

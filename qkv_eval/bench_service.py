@@ -52,7 +52,9 @@ class LoadReport:
         ok = self.statuses.get("OK", 0)
 
         def pct(values: list[float], q: float) -> str:
-            return f"{statistics.quantiles(values, n=100, method='inclusive')[q - 1] * 1e3:,.0f}" if len(values) > 1 else "-"
+            if len(values) < 2:
+                return "-"
+            return f"{statistics.quantiles(values, n=100, method='inclusive')[q - 1] * 1e3:,.0f}"
 
         lines = [
             f"{self.clients} clients x {self.seconds / 60:.1f} min; mix {', '.join(f'{c}@{r:g}' for c, r in MIXES)}",
@@ -141,15 +143,16 @@ def main(args: argparse.Namespace) -> int:
         from qkv_core.engine.sender import SenderEngine  # noqa: PLC0415
         from qkv_core.model.loading import load_model  # noqa: PLC0415
 
-        cards = fuzz.base_cards(SenderEngine(load_model(RuntimeConfig(model=args.model, device="cpu", dtype="float32"))))
+        lm = load_model(RuntimeConfig(model=args.model, device="cpu", dtype="float32"))
+        cards = fuzz.base_cards(SenderEngine(lm))
         receiver = spawn("receiver", f"--model={args.model}", "--device=cpu")
         try:
             report = fuzz.run(receiver.address, cards, args.cases, seed=args.seed, progress=True)
             print(f"receiver RSS after the run: {rss_bytes(receiver.process.pid) / 1e6:,.0f} MB")
         finally:
             receiver.stop()
-        print(f"`qkvcomm bench fuzz --cases {args.cases} --seed {args.seed}`, base codecs {', '.join(fuzz.BASE_CODECS)} "
-              "+ int8 prior@0.5\n")
+        print(f"`qkvcomm bench fuzz --cases {args.cases} --seed {args.seed}`, base codecs "
+              f"{', '.join(fuzz.BASE_CODECS)} + int8 prior@0.5\n")
         print(report.table())
         return 0 if report.ok else 1
     rows = list(load_rows(args.data, 40))
@@ -160,7 +163,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         sender.stop()
         receiver.stop()
-    print(f"`qkvcomm bench load --clients {args.clients} --minutes {args.minutes:g}`, {len(rows)} rows of {args.data.name}\n")
+    print(f"`qkvcomm bench load --clients {args.clients} --minutes {args.minutes:g}`, {len(rows)} rows of "
+          f"{args.data.name}\n")
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps({"statuses": report.statuses, "crossed": report.crossed,

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> str:
     lines += budget_run(lm, sender, contexts, args)
     lines += ["| codec | mean tokens | old store: decoded per card | memory tier: card as received | smaller by |",
               "|---|---|---|---|---|"]
-    cold = ["", "| codec | memory | disk (restarted) | Redis (another receiver) | re-push (prefill + encode + accept) |",
+    cold = ["",
+            "| codec | memory | disk (restarted) | Redis (another receiver) | re-push (prefill + encode + accept) |",
             "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         server = redis_server.RedisServer(Path(tmp)) if redis_server.available() else None
@@ -109,7 +110,8 @@ def budget_run(lm, sender: SenderEngine, contexts: list[str], args: argparse.Nam
     gc.collect()
     before = rss_bytes(os.getpid())
     decoded_total = 0
-    rows = ["| cards pushed | cards held | memory tier | hot tier | RSS growth | those cards decoded (the old store's form) |",
+    rows = ["| cards pushed | cards held | memory tier | hot tier | RSS growth "
+            "| those cards decoded (the old store's form) |",
             "|---|---|---|---|---|---|"]
     step = max(1, args.cards // 4)
     for n, context in enumerate(tqdm(contexts[: args.cards], desc="bench store budget", unit="card"), 1):
@@ -120,5 +122,5 @@ def budget_run(lm, sender: SenderEngine, contexts: list[str], args: argparse.Nam
             s = receiver.store
             rows.append(f"| {n} | {len(s)} | {s.memory.nbytes / 2**20:,.1f} MiB | {s.hot.nbytes / 2**20:,.1f} MiB | "
                         f"{(rss_bytes(os.getpid()) - before) / 2**20:,.1f} MiB | {decoded_total / 2**20:,.1f} MiB |")
-    return [f"Distinct kivi-4 cards into a store of store_bytes = hot_bytes = {args.budget_mb} MiB (RSS of this process, "
-            "measured before the other parts):", "", *rows, ""]
+    return [f"Distinct kivi-4 cards into a store of store_bytes = hot_bytes = {args.budget_mb} MiB "
+            "(RSS of this process, measured before the other parts):", "", *rows, ""]

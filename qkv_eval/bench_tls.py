@@ -48,7 +48,8 @@ def _pair(mode: str, certs: DevCerts, runtime: list[str]) -> Iterator[tuple[Chil
     tokens = ["--auth-tokens", str(certs.directory / "tokens")]
     receiver_args = {"plaintext": [], "tls": [], "mtls": [*server, "--tls-client-ca", str(certs.ca), *tokens]}[mode]
     sender_args = {"plaintext": [], "tls": [*server, *tokens],
-                   "mtls": [*server, *tokens, "--receiver-ca", str(certs.ca), "--receiver-cert", str(certs.cert("client")),
+                   "mtls": [*server, *tokens, "--receiver-ca", str(certs.ca),
+                            "--receiver-cert", str(certs.cert("client")),
                             "--receiver-key", str(certs.key("client"))]}[mode]
     env = {"QKVCOMM_RECEIVER_TOKEN": RELAY} if mode == "mtls" else {}  # a secret: not on the command line
     with ExitStack() as stack:
@@ -117,7 +118,8 @@ def lookup_table(times: dict[str, list[float]]) -> str:
     return "\n".join(lines)
 
 
-def table(codecs: list[str], rows: list[dict], client: dict, transfer: dict, wire: dict, args: argparse.Namespace) -> str:
+def table(codecs: list[str], rows: list[dict], client: dict, transfer: dict, wire: dict,
+          args: argparse.Namespace) -> str:
     med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731 - ms
     lines = [
         f"`qkvcomm bench tls --data {args.data.name} --limit {args.limit}` ({len(rows)} rows, model {args.model}, "
@@ -130,6 +132,6 @@ def table(codecs: list[str], rows: list[dict], client: dict, transfer: dict, wir
         base_c, base_t = med(client[codec, "plaintext"]), med(transfer[codec, "plaintext"])
         for mode in MODES:
             c, t = med(client[codec, mode]), med(transfer[codec, mode])
-            lines.append(f"| {codec} | {statistics.mean(wire[codec]) / 1e6:.2f} MB | {mode} | {c:,.0f} | {c / base_c:.2f} "
-                         f"| {t:,.1f} | {t / base_t:.2f} |")
+            lines.append(f"| {codec} | {statistics.mean(wire[codec]) / 1e6:.2f} MB | {mode} | {c:,.0f} "
+                         f"| {c / base_c:.2f} | {t:,.1f} | {t / base_t:.2f} |")
     return "\n".join(lines)

@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> str:
             else:
                 raise SystemExit(f"bench transport: unknown path {path!r}; choose from {', '.join(PATHS)}")
             stack.callback(peers[path].close)
-        for path, peer in peers.items():  # a first push each: connections made, buffers touched
+        for peer in peers.values():  # a first push each: connections made, buffers touched
             peer.send()
         for _ in tqdm(range(args.repeats), desc="bench transport", unit="round"):
             for path, peer in peers.items():
@@ -234,9 +234,11 @@ def _table(args: argparse.Namespace, wire: int, paths: list[str], seconds: dict,
     lines = [f"`qkvcomm bench transport --tokens {args.tokens} --repeats {args.repeats}`: an fp16 card of "
              f"{args.tokens:,} tokens ({wire / 1e6:,.1f} MB on the wire), loopback, median of {args.repeats} "
              f"interleaved rounds; {machine()}, {os.cpu_count()} cores", "",
-             "| path | GB/s | x raw socket | s (median) | CPU s/GB sender | CPU s/GB receiver |", "|---|---|---|---|---|---|"]
+             "| path | GB/s | x raw socket | s (median) | CPU s/GB sender | CPU s/GB receiver |",
+             "|---|---|---|---|---|---|"]
     for p in paths:
         ratio = f"{rate[p] / ceiling:.2f}" if ceiling else "-"
         lines.append(f"| {p} | {rate[p]:.2f} | {ratio} | {statistics.median(seconds[p]):.3f} | "
-                     f"{statistics.median(cpu_here[p]) / wire * 1e9:.2f} | {statistics.median(cpu_peer[p]) / wire * 1e9:.2f} |")
+                     f"{statistics.median(cpu_here[p]) / wire * 1e9:.2f} | "
+                     f"{statistics.median(cpu_peer[p]) / wire * 1e9:.2f} |")
     return "\n".join(lines)

@@ -78,7 +78,8 @@ def table(rows: list[Row], model: str, codec: str, device: str) -> str:
     lines = [
         f"TTFT bench: {model} on {device}, `{codec}` cards, 1 new token; {machine()}",
         "",
-        "| context tokens | sender prefill ms | quantize ms | wire MB | dequantize ms | TTFT card ms | TTFT re-prefill ms | speed-up |",
+        "| context tokens | sender prefill ms | quantize ms | wire MB | dequantize ms | TTFT card ms "
+        "| TTFT re-prefill ms | speed-up |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

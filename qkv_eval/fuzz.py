@@ -272,7 +272,8 @@ def run(receiver: str, cards: list[PreparedCard], cases: int, seed: int = 0, tim
         if health.status != health_pb2.HealthCheckResponse.SERVING:
             report.fail("receiver not SERVING after the run")
         clean = cards[0]
-        if push(iter(map(as_request, _signed(clean.header, clean.blobs))), timeout=timeout_s).card_id != clean.header.card_id:
+        if push(iter(map(as_request, _signed(clean.header, clean.blobs))),
+                timeout=timeout_s).card_id != clean.header.card_id:
             report.fail("a clean card was not accepted after the run")
     report.seconds = time.perf_counter() - start
     return report

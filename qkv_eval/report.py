@@ -10,8 +10,8 @@ from qkv_core.facts.text import normalize
 from qkv_eval.run_config import EvalConfig
 
 COLUMNS = [
-    "model", "device", "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete", "coherent",
-    "relevance", "bits/elem", "wire KB/row", "ratio vs fp16", "TTFT ms",
+    "model", "device", "data", "context", "mode", "codec", "rows", "EM", "F1", "contains", "= skyline", "complete",
+    "coherent", "relevance", "bits/elem", "wire KB/row", "ratio vs fp16", "TTFT ms",
 ]
 
 
@@ -132,14 +132,16 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
         c = config_of(r)
         if r["model"] == results[0]["model"] and (_plain_kv(r) or c.mode in ("baseline", "skyline")):
             by_data[(c.data.stem, c.context_field, r["summary"]["rows"])].append(r)
-    panels = sorted(((k, runs) for k, runs in by_data.items() if sum(config_of(r).mode == "kv" for r in runs) >= min_codecs),
+    panels = sorted(((k, runs) for k, runs in by_data.items()
+                     if sum(config_of(r).mode == "kv" for r in runs) >= min_codecs),
                     key=lambda p: (-p[0][2], p[0][:2]))
     if not panels:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, ((data, context, rows), runs) in zip(axes[0], panels):
-        points = [(bits_per_element(r["summary"]), r["summary"]["f1"], config_of(r).codec) for r in runs if config_of(r).mode == "kv"]
+        points = [(bits_per_element(r["summary"]), r["summary"]["f1"],
+                   config_of(r).codec) for r in runs if config_of(r).mode == "kv"]
         best = pareto(points)
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="lightgrey")
         ax.plot([p[0] for p in best], [p[1] for p in best], "o-", color="tab:blue", label="Pareto frontier")
@@ -147,13 +149,16 @@ def f1_vs_bits_chart(results: list[dict], out: Path, min_codecs: int = 4) -> boo
             ax.annotate(codec, (bits, f1), textcoords="offset points", xytext=(4, -10), fontsize=8)
         for r in runs:
             if (mode := config_of(r).mode) != "kv":
-                ax.axhline(r["summary"]["f1"], linestyle="--", color="tab:green" if mode == "skyline" else "tab:red", label=mode)
-        ax.set(xscale="log", xlabel="bits per KV element on the wire (log)", ylabel="F1", title=f"{data} ({context}), {rows} rows")
+                ax.axhline(r["summary"]["f1"], linestyle="--", color="tab:green" if mode == "skyline" else "tab:red",
+                           label=mode)
+        ax.set(xscale="log", xlabel="bits per KV element on the wire (log)", ylabel="F1",
+               title=f"{data} ({context}), {rows} rows")
         ax.set_xticks([2, 3, 4, 6, 8, 16], labels=["2", "3", "4", "6", "8", "16"])
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{results[0]['model']}: answer F1 vs card size ({provenance([r for _, runs in panels for r in runs])})")
+    fig.suptitle(f"{results[0]['model']}: answer F1 vs card size "
+                 f"({provenance([r for _, runs in panels for r in runs])})")
     _save(plt, fig, out)
     return True
 
@@ -196,7 +201,8 @@ def ttft_chart(benches: list[dict], out: Path) -> bool:
     for b in benches:
         tokens = [r["tokens"] for r in b["rows"]]
         label = f"{b['model']} on {b['device']}"
-        line, = ax.plot(tokens, [r["ttft_card_s"] * 1e3 for r in b["rows"]], marker="o", label=f"{label}: card ({b['codec']})")
+        line, = ax.plot(tokens, [r["ttft_card_s"] * 1e3 for r in b["rows"]], marker="o",
+                        label=f"{label}: card ({b['codec']})")
         ax.plot(tokens, [r["ttft_text_s"] * 1e3 for r in b["rows"]], marker="s", linestyle="--", color=line.get_color(),
                 label=f"{label}: re-prefill")
     ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="receiver time to first token (ms)",
@@ -253,7 +259,8 @@ def hops_table(results: list[dict]) -> str:
     out = ["| model | data | codec | relay | " + " | ".join(f"{h} hop{'s' * (h > 1)}" for h in hops) + " |",
            "|" + "---|" * (len(hops) + 4)]
     for (model, data, rows, codec, relay), f1 in sorted(chains.items()):
-        out.append(f"| {model} | {data}[{rows}] | {codec} | {relay} | " + " | ".join(_fmt(f1.get(h), ".1f") for h in hops) + " |")
+        cells = " | ".join(_fmt(f1.get(h), ".1f") for h in hops)
+        out.append(f"| {model} | {data}[{rows}] | {codec} | {relay} | {cells} |")
     return "\n".join(out)
 
 
@@ -269,15 +276,16 @@ def datasets_table(results: list[dict], codecs: tuple[str, ...] = ("fp16", "kivi
     grid = {k: v for k, v in grid.items() if len(v) == len(cols)}
     if not grid:
         return ""
-    out = ["| model | data | context | rows | " + " | ".join(f"F1 {c}" for c in cols) + " |", "|" + "---|" * (len(cols) + 4)]
+    out = ["| model | data | context | rows | " + " | ".join(f"F1 {c}" for c in cols) + " |",
+           "|" + "---|" * (len(cols) + 4)]
     for (model, data, context, rows), f1 in sorted(grid.items()):
         out.append(f"| {model} | {data} | {context} | {rows} | " + " | ".join(f"{f1[c]:.1f}" for c in cols) + " |")
     return "\n".join(out)
 
 
 def results_md(results: list[dict], command: str, charts: list[Path]) -> str:
-    machines = sorted({f"{r['config'].get('device', 'cpu')} ({r['config']['dtype']}) on {r['config']['machine']}, {r['config']['date']}"
-                       for r in results})
+    machines = sorted({f"{c.get('device', 'cpu')} ({c['dtype']}) on {c['machine']}, {c['date']}"
+                       for c in (r["config"] for r in results)})
     parts = [
         "# Results",
         "",

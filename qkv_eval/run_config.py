@@ -42,7 +42,8 @@ class EvalConfig:
             raise ValueError("facts go with single-hop kv cards (or alone, in facts mode)")
         if self.mode == "facts" and not self.facts:
             raise ValueError("facts mode needs a fact method")
-        if self.sender_model and (self.mode != "kv" or self.hops > 1 or self.layers < 1 or self.facts or not self.alignment):
+        single_hop_kv = self.mode == "kv" and self.hops == 1 and self.layers >= 1 and not self.facts
+        if self.sender_model and not (single_hop_kv and self.alignment):
             raise ValueError("a cross-model eval is single-hop kv with all layers, no facts, and an --alignment")
 
     def to_json(self) -> dict:
@@ -50,7 +51,7 @@ class EvalConfig:
         return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
 
     @classmethod
-    def from_json(cls, config: dict) -> "EvalConfig":
+    def from_json(cls, config: dict) -> EvalConfig:
         """The configuration of a saved result; results written before configs were typed hold every
         value as a string, and both read back the same. Keys that are no field (date, machine) are left."""
         values: dict = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -110,10 +111,12 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
                               "(idle_timeout_s, QKVCOMM_IDLE_TIMEOUT_S)") from None
 
     @guarded
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         stats = Generation(request.card_id)
         max_new = request.max_new_tokens or self.cfg.max_new_tokens
-        pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats, self._tenant(context))
+        pieces = self.engine.generate(request.card_id, request.query, max_new, request.facts, stats,
+                                      self._tenant(context))
         async for piece in iterate_in_thread(pieces):
             yield pb.GenerateResponse(text=piece)
         self.metrics.ttft.observe(stats.ttft_s)
@@ -142,7 +145,8 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         return pb.HasCardResponse(present=True, context_tokens=header.context_tokens)
 
     @guarded
-    async def FindPrefix(self, request: pb.FindPrefixRequest, context: grpc.aio.ServicerContext) -> pb.FindPrefixResponse:
+    async def FindPrefix(self, request: pb.FindPrefixRequest,
+                         context: grpc.aio.ServicerContext) -> pb.FindPrefixResponse:
         found = await asyncio.to_thread(self.engine.find_prefix, request.block_hashes, self._tenant(context),
                                         request.codecs)
         if found is None:
@@ -193,7 +197,8 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
         reply.store_free_bytes = max(0, cfg.store.store_bytes - store.tenant_bytes(tenant))
 
     running = await start(
-        "receiver", SERVICE, lambda s: services_pb2_grpc.add_ReceiverServiceServicer_to_server(servicer, s), cfg, metrics,
+        "receiver", SERVICE, functools.partial(services_pb2_grpc.add_ReceiverServiceServicer_to_server, servicer),
+        cfg, metrics,
         auth, InfoServicer(info, refresh, auth),
     )
     running.closers.append(engine.close)
@@ -212,7 +217,8 @@ async def _report_tiers(running: Running, engine: ReceiverEngine) -> None:
     for tier, ok in engine.store.stats.up.items():
         await running.health.set(f"qkvcomm.store.{tier}", status(ok))
     engine.store.stats.listeners.append(  # called from worker threads
-        lambda tier, ok: asyncio.run_coroutine_threadsafe(running.health.set(f"qkvcomm.store.{tier}", status(ok)), loop))
+        lambda tier, ok: asyncio.run_coroutine_threadsafe(
+            running.health.set(f"qkvcomm.store.{tier}", status(ok)), loop))
 
 
 async def main(cfg: ServiceConfig) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -49,7 +50,9 @@ _RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backo
           "retryableStatusCodes": ["UNAVAILABLE"]}
 PUSH_ATTEMPTS = 2
 INFO_TTL_S = 30.0
-LOSSLESS = (TEXT, "fp32", "fp16")  # parents any delta may extend: no coarser than the fp16 KV ratios are quoted against  # how long the receiver's Info is trusted before the next handoff asks again
+# parents any delta may extend: no coarser than the fp16 KV ratios are quoted against  # how long the receiver's Info is
+# trusted before the next handoff asks again
+LOSSLESS = (TEXT, "fp32", "fp16")
 
 
 def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
@@ -59,7 +62,8 @@ def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
     if balance not in ("pick_first", "round_robin"):
         raise ValueError(f"receiver_balance must be pick_first or round_robin, not {balance!r}")
     config = {"loadBalancingConfig": [{balance: {}}],
-              "methodConfig": [{"name": [{"service": "qkvcomm.v1.ReceiverService", "method": "HasCard"}], "retryPolicy": _RETRY}]}
+              "methodConfig": [{"name": [{"service": "qkvcomm.v1.ReceiverService", "method": "HasCard"}],
+                                "retryPolicy": _RETRY}]}
     return [
         *GRPC_OPTIONS,
         ("grpc.service_config", json.dumps(config)),
@@ -79,12 +83,13 @@ class Upstream:
     metadata: list[tuple[str, str]]
     tenant: str = ""
 
-    def remaining(self, since: float) -> "Upstream":
+    def remaining(self, since: float) -> Upstream:
         return Upstream(max(0.0, self.timeout - (time.perf_counter() - since)), self.metadata, self.tenant)
 
 
 class SenderServicer(services_pb2_grpc.SenderServiceServicer):
-    def __init__(self, engine: SenderEngine, channel: grpc.aio.Channel, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
+    def __init__(self, engine: SenderEngine, channel: grpc.aio.Channel, metrics: Metrics, cfg: ServiceConfig,
+                 auth: Auth):
         self.engine = engine
         self.channel = channel
         self.receiver = services_pb2_grpc.ReceiverServiceStub(channel)
@@ -110,7 +115,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         return self.fact_config if asked or self.cfg.facts else None
 
     def _layers(self, request: pb.ShareRequest | pb.AskRequest) -> SelectionConfig:
-        return SelectionConfig(request.layer_ratio or self.cfg.layer_ratio, request.layer_method or self.cfg.layer_method)
+        return SelectionConfig(request.layer_ratio or self.cfg.layer_ratio,
+                               request.layer_method or self.cfg.layer_method)
 
     def _upstream(self, context: grpc.aio.ServicerContext) -> Upstream:
         """Calls to the receiver on this request's behalf: the deadline is the setting, or the
@@ -187,7 +193,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         choice = pb.AutoChoice(
             options=[pb.AutoOption(codec=s.option.name, predicted_s=s.predicted_s, wire_bytes=s.option.wire_bytes,
                                    quality_loss=s.option.quality_loss, eligible=s.eligible) for s in decision.scored],
-            predicted_s=decision.chosen.predicted_s, throughput_bytes_per_s=link.throughput.value, rtt_s=link.rtt_s.value,
+            predicted_s=decision.chosen.predicted_s, throughput_bytes_per_s=link.throughput.value,
+            rtt_s=link.rtt_s.value,
             receiver_prefill_tokens_per_s=speed.prefill_tokens_per_s, max_quality_loss=self.auto.max_quality_loss,
             decide_s=decide_s, probe_s=probe_s if probe_s > 1e-3 else 0.0,
         )
@@ -215,7 +222,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         now = time.monotonic()
         if self._receiver_info is None or now - self._receiver_info[0] > INFO_TTL_S:
             try:
-                info = await self.receiver_meta.Info(pb.InfoRequest(), timeout=min(up.timeout, 10.0), metadata=up.metadata)
+                info = await self.receiver_meta.Info(pb.InfoRequest(), timeout=min(up.timeout, 10.0),
+                                                     metadata=up.metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -347,7 +355,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
             sent = 0
             try:
                 left = up.remaining(since=t0)
-                reply = await self.receiver.PushCard(push_requests(counted()), timeout=left.timeout, metadata=left.metadata)
+                reply = await self.receiver.PushCard(push_requests(counted()), timeout=left.timeout,
+                                                     metadata=left.metadata)
                 break
             except grpc.aio.AioRpcError as e:  # a broken stream: push the card again, whole (its id is its content)
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUSH_ATTEMPTS - 1:
@@ -434,7 +443,8 @@ def _count_wire(stats: pb.HandoffStats, sent: int) -> None:
 
 def receiver_tls(cfg: ServiceConfig) -> ClientTLS:
     """How the sender reaches its receiver; PlaintextToken when its token would cross the network in clear."""
-    tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name, cfg.receiver_insecure)
+    tls = ClientTLS(cfg.receiver_ca, cfg.receiver_cert, cfg.receiver_key, cfg.receiver_server_name,
+                    cfg.receiver_insecure)
     check_token_transport(cfg.receiver, tls, cfg.receiver_token)
     return tls
 
@@ -448,7 +458,8 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
                           cfg.context_cache_bytes)
     servicer = SenderServicer(engine, channel, metrics, cfg, auth)
     running = await start(
-        "sender", SERVICE, lambda s: services_pb2_grpc.add_SenderServiceServicer_to_server(servicer, s), cfg, metrics, auth,
+        "sender", SERVICE, functools.partial(services_pb2_grpc.add_SenderServiceServicer_to_server, servicer),
+        cfg, metrics, auth,
         InfoServicer(build_info("sender", lm, cfg)),
     )
     try:  # tell the operator now; every handoff checks again (cached), so a fixed receiver is picked up
@@ -456,7 +467,8 @@ async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, gr
     except Unsupported as e:
         log.error("the receiver at %s cannot take this sender's cards: %s", cfg.receiver, e)
     except grpc.aio.AioRpcError as e:  # nothing was cached: the first handoff asks
-        log.warning("the receiver at %s did not answer Info yet (%s); handoffs will ask it", cfg.receiver, e.code().name)
+        log.warning("the receiver at %s did not answer Info yet (%s); handoffs will ask it", cfg.receiver,
+                    e.code().name)
     return running, channel
 
 

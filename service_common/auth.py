@@ -66,7 +66,8 @@ def parse_tokens(text: str, where: str = "token file") -> list[tuple[bytes, str]
             continue
         fields = line.split()
         if len(fields) != 2 or not (fields[1] == RELAY or TENANT.fullmatch(fields[1])):
-            raise ValueError(f"{where} line {number}: expected 'TOKEN TENANT' with a tenant of 1-64 [A-Za-z0-9._-] or '*'")
+            raise ValueError(f"{where} line {number}: expected 'TOKEN TENANT' with a tenant of 1-64 [A-Za-z0-9._-] or "
+                             f"'*'")
         entries.append((_digest(fields[0]), fields[1]))
     return entries
 

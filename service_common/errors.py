@@ -58,7 +58,8 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
         return error.code, str(error), error.code.name.lower()
     if isinstance(error, grpc.aio.AioRpcError) and error.code() in _MISCONFIGURED:
         # the receiver refused the sender's own credentials: the sender's configuration, not the client's doing
-        return grpc.StatusCode.INTERNAL, f"the receiver refused this sender's credentials: {error.details()}", "upstream_auth"
+        return (grpc.StatusCode.INTERNAL, f"the receiver refused this sender's credentials: {error.details()}",
+                "upstream_auth")
     if isinstance(error, grpc.aio.AioRpcError):  # a peer's status, passed on
         return error.code(), f"receiver: {error.details()}", f"upstream_{error.code().name.lower()}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}", "internal"
@@ -93,7 +94,7 @@ class _Served:
         self.metrics, self.auth, self.method, self.status = servicer.metrics, servicer.auth, method, "OK"
         self.context, self.why, self.start = context, "", time.perf_counter()
 
-    def __enter__(self) -> "_Served":
+    def __enter__(self) -> _Served:
         self.metrics.in_flight.labels(self.metrics.model_name, self.method).inc()
         return self
 
@@ -117,7 +118,8 @@ class _Served:
         m.in_flight.labels(m.model_name, self.method).dec()
         m.requests.labels(m.model_name, self.method, self.status).inc()
         access.info("%s %s %s %.1f ms tenant=%s%s", m.service, self.method, self.status,
-                    (time.perf_counter() - self.start) * 1e3, tenant_tag(self.auth, self.context.invocation_metadata()), self.why)
+                    (time.perf_counter() - self.start) * 1e3, tenant_tag(self.auth, self.context.invocation_metadata()),
+                    self.why)
 
 
 def guarded(method: Callable) -> Callable:

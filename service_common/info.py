@@ -1,7 +1,7 @@
 """The Info RPC's answer: what a service runs and offers, built from its model and configuration."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from qkvcomm.v1 import services_pb2_grpc
@@ -30,8 +30,8 @@ def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
     return out
 
 
-def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: list[Fingerprint] = (),
-               store_tiers: list[str] = (), performance: Performance | None = None) -> pb.InfoResponse:
+def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: Sequence[Fingerprint] = (),
+               store_tiers: Sequence[str] = (), performance: Performance | None = None) -> pb.InfoResponse:
     limits = cfg.limits
     speed = pb.ServicePerformance(**vars(performance)) if performance else None
     whole_only = role == "receiver" and cfg.engine == "vllm"

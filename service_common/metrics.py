@@ -47,7 +47,8 @@ class Metrics:
               registry=r).labels(model_name, service).set(1)
         self.requests = Counter("qkvcomm_requests_total", "RPCs served, by method and final status",
                                 ["model_name", "method", "status"], registry=r)
-        self.in_flight = Gauge("qkvcomm_requests_in_flight", "RPCs being served now", ["model_name", "method"], registry=r)
+        self.in_flight = Gauge("qkvcomm_requests_in_flight", "RPCs being served now", ["model_name", "method"],
+                               registry=r)
         self.prompt_tokens = Counter("qkvcomm_prompt_tokens_total", "Context tokens prefilled (sender: into cards; "
                                      "receiver: text handoffs)", ["model_name"], registry=r).labels(model_name)
         # Time to first token, each service its own series: the receiver's from Generate to the first token,
@@ -134,7 +135,7 @@ class Metrics:
 
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
-        server = make_server(host.strip("[]"), port, app, server_class, _Quiet)
+        server: WSGIServer = make_server(host.strip("[]"), port, app, server_class, _Quiet)
         threading.Thread(target=server.serve_forever, daemon=True, name=f"metrics-{self.service}").start()
         return server
 
@@ -161,13 +162,15 @@ class _StoreCollector(Collector):
         yield events
         sizes = GaugeMetricFamily("qkvcomm_store_tier_bytes", "Bytes held per store tier", labels=["tier"])
         cards = GaugeMetricFamily("qkvcomm_store_tier_cards", "Cards held per store tier", labels=["tier"])
-        for tier, nbytes, count in (("hot", store.hot.nbytes, len(store.hot)), ("memory", store.memory.nbytes, len(store.memory)),
+        for tier, nbytes, count in (("hot", store.hot.nbytes, len(store.hot)),
+                                    ("memory", store.memory.nbytes, len(store.memory)),
                                     *((("disk", store.disk.used, len(store.disk)),) if store.disk else ())):
             sizes.add_metric([tier], nbytes)
             cards.add_metric([tier], count)
         yield sizes
         yield cards
-        up = GaugeMetricFamily("qkvcomm_store_tier_up", "1 while an optional store tier (disk, redis) works", labels=["tier"])
+        up = GaugeMetricFamily("qkvcomm_store_tier_up", "1 while an optional store tier (disk, redis) works",
+                               labels=["tier"])
         for tier, ok in store.stats.up.items():
             up.add_metric([tier], 1.0 if ok else 0.0)
         yield up

@@ -16,12 +16,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
+from qkvcomm_client.channel import is_loopback_host
 
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
 from service_common.auth import Auth, AuthInterceptor
 from service_common.info import InfoServicer
 from service_common.metrics import Metrics
-from service_common.tls import is_loopback_host, server_credentials
+from service_common.tls import server_credentials
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from qkvcomm_client.channel import is_loopback_host
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,8 @@ def synthetic_profile(layers: int = 30, seed: int = 0, dropped: list[float] | No
     g = torch.Generator().manual_seed(seed)
     scale = {k: torch.rand(layers, generator=g).add(0.1).tolist() for k in allocation.KINDS}
     kl = {k: {str(b): [a * 4.0 ** -b for a in scale[k]] for b in allocation.BITS} for k in allocation.KINDS}
-    return allocation.Profile("synthetic", "0" * 64, 1, 1, {f: kl for f in allocation.FAMILIES}, kl, dropped=dropped or [])
+    return allocation.Profile("synthetic", "0" * 64, 1, 1, {f: kl for f in allocation.FAMILIES}, kl,
+                              dropped=dropped or [])
 
 
 def tiny_model(seed: int = 0, layers: int = 3, head_dim: int = 16) -> LoadedModel:
@@ -229,7 +230,8 @@ def tool_card(lm: LoadedModel, name: str) -> ToolCard:
     ids = encode(lm.tokenizer, "The summit is in Lyon on 4 May. The rate limit is 600 requests per minute.")
     kv, _ = prefill(lm, ids)
     header, blobs = build_card(lm.fingerprint, ids, kv, CardPlan(name, resolve(name, lm.num_layers)))
-    return ToolCard(lm.fingerprint, ids, kv, header, blobs, ReceiverEngine(lm).accept(frames(header, blobs)).kv, resolve(name, 1)[0])
+    return ToolCard(lm.fingerprint, ids, kv, header, blobs, ReceiverEngine(lm).accept(frames(header, blobs)).kv,
+                    resolve(name, 1)[0])
 
 
 def expect_invalid(lm: LoadedModel, header: pb.CardHeader, blobs: list[bytes], match: str) -> None:

@@ -52,7 +52,10 @@ def test_a_tenant_cannot_time_what_another_tenant_shared(secure_services):
         after_alice.append(_share_prefill_s(s, "bob", doc))
         fresh.append(_share_prefill_s(s, "bob", other))
         own_repeat.append(_share_prefill_s(s, "alice", doc + " A note."))  # alice extends her own: a cached prefix
-    q = lambda xs: [round(v * 1e3, 1) for v in statistics.quantiles(xs, n=4)]
+
+    def q(xs: list[float]) -> list[float]:
+        return [round(v * 1e3, 1) for v in statistics.quantiles(xs, n=4)]
+
     logging.getLogger(__name__).info("prefill ms quartiles: bob after alice %s, bob fresh %s, alice's own repeat %s",
                                      q(after_alice), q(fresh), q(own_repeat))
     assert statistics.median(own_repeat) < 0.5 * statistics.median(fresh)  # the cache answers its own tenant fast

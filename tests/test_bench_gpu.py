@@ -22,7 +22,8 @@ def test_the_gpu_bench_dry_run_measures_every_row(tmp_path):
     table = bench_gpu.run(args)
     run = json.loads(out.read_text())
     bits = {r["codec"]: r["bits_per_element"] for r in run["codec"]}
-    assert list(bits) == ["fp16", "kivi-4", "kivi-2+rot+prerope"] and bits["fp16"] > 16 > bits["kivi-4"] > bits["kivi-2+rot+prerope"]
+    assert list(bits) == ["fp16", "kivi-4",
+                          "kivi-2+rot+prerope"] and bits["fp16"] > 16 > bits["kivi-4"] > bits["kivi-2+rot+prerope"]
     assert all(r["encode_gbps"] > 0 and r["decode_gbps"] > 0 for r in run["codec"])
     assert [r["tokens"] for r in run["ttft"]] == [64, 192] and all(r["ttft_card_s"] > r["card_decode_s"] > 0
                                                                   for r in run["ttft"])

@@ -170,7 +170,8 @@ def test_the_budget_pays_for_the_header():
     limit = 3 * 2 * sum(math.prod(s) for s in shapes) / 8
     step = 3 * 400 * 64 / 8  # one tensor one bit wider
     for overhead in (0, 20_000):
-        layers = allocation.budget([synthetic_profile()], adaptive("budget-3"), shapes, CardTarget(overhead_bytes=overhead)).layers
+        layers = allocation.budget([synthetic_profile()], adaptive("budget-3"), shapes,
+                                   CardTarget(overhead_bytes=overhead)).layers
         payload = sum(encoded_size(c, *s) for layer, s in zip(layers, shapes) for c in (layer.key, layer.value))
         assert limit - overhead - step <= payload <= limit - overhead
 
@@ -211,7 +212,8 @@ def test_the_overhead_bound_holds(lm, profiles, tmp_path, codec):
     ids = sender.context_ids(CONTEXT)
     kv, _ = prefill(lm, ids)
     bound = overhead_bound(lm.fingerprint, ids, kv, codec)
-    assert wire - card.header.payload_bytes <= bound <= wire - card.header.payload_bytes + 250 * 6  # slack: room for levels
+    # slack: room for levels
+    assert wire - card.header.payload_bytes <= bound <= wire - card.header.payload_bytes + 250 * 6
 
 
 SHIPPED_TOOLS = ("", "+rot+prerope", "+rot+prerope+s8", "+rot+prerope+lloyd")  # Makefile: PROFILE_TOOLS
@@ -246,7 +248,8 @@ def test_a_model_without_shipped_profiles_calibrates_its_own(monkeypatch, tmp_pa
     monkeypatch.setenv("QKVCOMM_CACHE_DIR", str(tmp_path))
     lm = tiny_model(layers=2)
     profile = calibration.load_or_calibrate(lm, tools="+rot")
-    assert profile.tools == "+rot" and (tmp_path / "profiles" / allocation.Profile.path_for(lm.fingerprint, None, "+rot").name).exists()
+    saved = tmp_path / "profiles" / allocation.Profile.path_for(lm.fingerprint, None, "+rot").name
+    assert profile.tools == "+rot" and saved.exists()
 
 
 def test_coded_sizes_equal_the_coded_tensors_with_every_tool(lm):
@@ -257,6 +260,8 @@ def test_coded_sizes_equal_the_coded_tensors_with_every_tool(lm):
     sizes = allocation.coded_sizer(kv, CardTarget(lm.fingerprint))
     for bits in (1, 2, 3):
         for kind, tensors in (("key", kv.keys), ("value", kv.values)):
-            codecs = [entropy_coded(tooled(getattr(KIVI(bits), kind), kind, ("+rot", "+prerope", "+s8")))] * len(tensors)
-            coded = encode_tensors([rope_removed(t, c, lm.fingerprint, len(ids)) for t, c in zip(tensors, codecs)], codecs)
+            codecs = [entropy_coded(tooled(getattr(KIVI(bits), kind), kind,
+                                           ("+rot", "+prerope", "+s8")))] * len(tensors)
+            coded = encode_tensors([rope_removed(t, c, lm.fingerprint, len(ids)) for t, c in zip(tensors, codecs)],
+                                   codecs)
             assert sizes(kind, codecs) == [b.numel() for b in coded]

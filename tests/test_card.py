@@ -62,7 +62,8 @@ def test_an_id_names_its_content_only(tiny, made):
     """A card relabelled with another card's id, or with its data swapped under a real header, is
     refused at the trailer even when its framing (CRCs, digest) is made honestly for the lie."""
     ids, kv, header, blobs = made
-    other, other_blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("fp16", codecs.resolve("fp16", tiny.num_layers)))
+    other, other_blobs = build_card(tiny.fingerprint, ids, kv,
+                                    CardPlan("fp16", codecs.resolve("fp16", tiny.num_layers)))
     relabelled = pb.CardHeader()
     relabelled.CopyFrom(other)
     relabelled.card_id = header.card_id
@@ -165,6 +166,7 @@ def test_a_card_takes_the_oldest_version_that_undoes_its_tools_and_older_readers
         tooled, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan(name, codecs.resolve(name, tiny.num_layers)))
         assert tooled.format_version == version, name
         read(tiny, frames(tooled, blobs))
-        monkeypatch.setattr("qkv_core.card.reader.READABLE_VERSIONS", tuple(range(2, version)))  # a receiver from before them
+        # a receiver from before them
+        monkeypatch.setattr("qkv_core.card.reader.READABLE_VERSIONS", tuple(range(2, version)))
         _expect(tiny, frames(tooled, blobs), ErrorKind.PRECONDITION, f"version {version} is not supported")
         monkeypatch.undo()

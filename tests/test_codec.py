@@ -19,7 +19,8 @@ def test_spec_string():
     assert layer.value == TensorCodec(16)
 
 
-@pytest.mark.parametrize("name", ["int4", "seed-9", "kivi-0", "k=4/row;v=4/token", "k=4/token", "k=4/token;v=4/token;x=1"])
+@pytest.mark.parametrize("name",
+                         ["int4", "seed-9", "kivi-0", "k=4/row;v=4/token", "k=4/token", "k=4/token;v=4/token;x=1"])
 def test_unknown_names_are_refused_clearly(name):
     with pytest.raises(ValueError):
         resolve(name, 2)

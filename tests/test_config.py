@@ -45,4 +45,5 @@ def test_every_setting_is_a_flag_of_its_service_and_flags_win(monkeypatch):
     sender = config(parser().parse_args(["serve-sender", "--facts", "--layers", "0.5", "--receiver-timeout-s", "3"]))
     assert (sender.port, sender.metrics_port) == (50062, 9462)  # each service has its own default ports
     assert sender.facts is True and sender.layer_ratio == 0.5 and sender.limits.receiver_timeout_s == 3.0
-    assert "--max-intakes" not in parser().format_help() and not hasattr(parser().parse_args(["serve-sender"]), "max_intakes")
+    assert "--max-intakes" not in parser().format_help()
+    assert not hasattr(parser().parse_args(["serve-sender"]), "max_intakes")

@@ -47,7 +47,8 @@ def test_rope_is_undone_exactly():
     assert not torch.allclose(kv.keys[0][:, 0], kv.keys[0][:, -1], atol=1e-3)  # RoPE did move them
     torch.testing.assert_close(rope.apply(plain, freq, 0), kv.keys[0], rtol=1e-5, atol=1e-5)
     # positions count from `start`: the last token alone, at its position, is undone the same way
-    torch.testing.assert_close(rope.apply(kv.keys[0][:, -1:], freq, len(ids) - 1, -1.0), plain[:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rope.apply(kv.keys[0][:, -1:], freq, len(ids) - 1, -1.0), plain[:, -1:], rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["stats", "ridge"])
@@ -57,7 +58,8 @@ def test_a_model_aligned_onto_itself_is_the_identity(method, tmp_path):
     assert alignment.sources == list(range(lm.fingerprint.num_layers))
     kv, _ = prefill(lm, encode(lm.tokenizer, CORPUS[2]))
     tol = 1e-4 if method == "stats" else 2e-2
-    for a in (alignment, Alignment.load(alignment.save(tmp_path / f"a{'.json' if method == 'stats' else '.safetensors'}"))):
+    saved = tmp_path / f"a{'.json' if method == 'stats' else '.safetensors'}"
+    for a in (alignment, Alignment.load(alignment.save(saved))):
         out = a.apply(kv, lm.device, lm.dtype)
         for got, want in zip(out.keys + out.values, kv.keys + kv.values):
             assert (got - want).norm() / want.norm() < tol

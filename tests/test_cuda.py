@@ -49,7 +49,8 @@ def test_compact_side_information_on_cuda_reads_as_on_the_cpu():
             there = dequantize(blob.cuda(), codec, tuple(x.shape), torch.float32).cpu()
             assert torch.allclose(here, there, rtol=1e-5, atol=1e-5)
         err = float((dequantize(gpu, codec, tuple(x.shape), torch.float32).cpu() - x).norm() / x.norm())
-        assert err < 1.05 * float((dequantize(quantize(x, reference), reference, tuple(x.shape), torch.float32) - x).norm() / x.norm())
+        assert err < 1.05 * float((dequantize(quantize(x, reference), reference, tuple(x.shape),
+                                              torch.float32) - x).norm() / x.norm())
 
 
 def test_salient_tokens_on_cuda_with_positions_from_the_cpu():

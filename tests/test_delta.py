@@ -19,7 +19,8 @@ from qkv_core.model.kv import next_logits, prefill
 from qkv_core.store.prefixes import MAX_CHAIN, PrefixIndex
 from qkv_core.wire import pb
 
-DOC = " ".join(f"Depot {i} in sector {i} holds {100 + 7 * i} crates and opens at {i % 12 + 1} o'clock." for i in range(14))
+DOC = " ".join(f"Depot {i} in sector {i} holds {100 + 7 * i} crates and opens at {i % 12 + 1} o'clock."
+               for i in range(14))
 TURNS = [DOC, "The summit moved to Lyon on 4 May.", "Bulk exports moved to the v4 endpoint; the rate limit is 600."]
 
 
@@ -59,7 +60,8 @@ def test_the_prefix_index_finds_the_longest_held_prefix_per_tenant():
     index = PrefixIndex(max_blocks=6)
     a = [bytes([i]) * 32 for i in range(4)]
     index.add("", pb.CardHeader(card_id="A", block_hashes=a, codec="fp16"))
-    index.add("", pb.CardHeader(card_id="B", block_hashes=[b"\x09" * 32], parent_tokens=4 * BLOCK_TOKENS, codec="kivi-2"))
+    index.add("", pb.CardHeader(card_id="B", block_hashes=[b"\x09" * 32], parent_tokens=4 * BLOCK_TOKENS,
+                                codec="kivi-2"))
     held = {"A", "B"}
     assert index.longest("", a + [b"\x09" * 32], held.__contains__) == ("B", 5 * BLOCK_TOKENS)
     assert index.longest("", a + [b"\x09" * 32], held.__contains__, {"kivi-4", "fp16"}) == ("A", 4 * BLOCK_TOKENS)
@@ -78,7 +80,8 @@ def test_the_sender_prefills_only_what_follows_a_cached_prefix(tiny, monkeypatch
     sender.prefill(first)
     seen = []
     real = sender_module.prefill
-    monkeypatch.setattr(sender_module, "prefill", lambda lm, ids, past=None, **kw: seen.append(len(ids)) or real(lm, ids, past, **kw))
+    monkeypatch.setattr(sender_module, "prefill", lambda lm, ids, past=None,
+                        **kw: seen.append(len(ids)) or real(lm, ids, past, **kw))
     ids = sender.context_ids(_transcript(2))
     assert ids[: len(first)] == first  # the prompt cuts after a newline: the turn extends the tokens
     kv, _ = sender.prefill(ids)
@@ -102,7 +105,8 @@ def test_a_delta_card_stitches_into_the_cache_of_the_whole_context(tiny, codec):
         whole = sender.prepare(_transcript(n), codec)
         stitched = _push(receiver, delta)
         assert stitched.kv.tokens == header.context_tokens
-        if codec.startswith("fp32"):  # lossless: the bytes are the new tokens' alone, and the cache is the whole context's
+        # lossless: the bytes are the new tokens' alone, and the cache is the whole context's
+        if codec.startswith("fp32"):
             per_token = whole.header.payload_bytes / whole.header.context_tokens
             assert header.payload_bytes == per_token * (header.context_tokens - parent.tokens)
             probe = sender.context_ids("Question: how many crates?")[-8:]

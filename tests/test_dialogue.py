@@ -96,7 +96,8 @@ def test_a_delta_whose_parent_is_gone_is_sent_whole(services, monkeypatch):
     """The receiver found a prefix, then lost it before the delta arrived: the sender sends the whole card."""
     row = ROWS[4]
     held = ask(services.sender, row["context"], row["question"], codec="int8").stats
-    monkeypatch.setattr(ReceiverEngine, "find_prefix", lambda self, hashes, tenant="", codecs=(): ("ab" * 32, held.context_tokens - 1))
+    monkeypatch.setattr(ReceiverEngine, "find_prefix", lambda self, hashes, tenant="",
+                        codecs=(): ("ab" * 32, held.context_tokens - 1))
     refused = gauge(services.receiver_metrics, "qkvcomm_errors_total", reason="parent_missing")
     answer = ask(services.sender, row["context"] + "\nA later note.", row["question"], codec="int8")
     s = answer.stats

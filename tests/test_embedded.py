@@ -52,7 +52,8 @@ def test_card_answers_real_questions_and_withholding_it_does_not(embedded):
         kv, _ = prefill(embedded, c)
         card = "".join(stream_text(embedded, generate(embedded, card_round_trip(embedded, kv, c, "fp16"), q, 24)))
         skyline = "".join(stream_text(embedded, generate(embedded, None, c + q, 24)))
-        baseline = "".join(stream_text(embedded, generate(embedded, None, encode(tok, fmt.baseline(row["question"])), 24)))
+        baseline = "".join(stream_text(embedded,
+                                       generate(embedded, None, encode(tok, fmt.baseline(row["question"])), 24)))
         hits_card += any(a.lower() in card.lower() for a in row["answers"])
         hits_baseline += any(a.lower() in baseline.lower() for a in row["answers"])
         same_as_skyline += card == skyline

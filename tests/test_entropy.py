@@ -45,10 +45,12 @@ def test_the_frame_holds_the_codes_in_row_order_at_an_aligned_width():
     assert content(coded) == [0xF4, 0x08, 0x00, 0x3C, 0x00, 0x3C, 0, 0, 0, 0]
     # the plain layout keeps the tensor's order (token by token): 0,3,1,0 | 3,2
     assert quantize(x, TensorCodec(2, Granularity.PER_CHANNEL)).tolist()[:2] == [0x1C, 0x0B]
-    assert torch.equal(dequantize(coded, TensorCodec(2, Granularity.PER_CHANNEL, entropy=ZSTD), x.shape, torch.float32), x)
+    assert torch.equal(dequantize(coded, TensorCodec(2, Granularity.PER_CHANNEL, entropy=ZSTD), x.shape, torch.float32),
+                       x)
     # 3-bit codes are packed at 4 bits, two a byte, so none straddles a byte: 0|7<<4, 1|5<<4, 2
     per_token = TensorCodec(3, Granularity.PER_TOKEN, entropy=ZSTD)
-    assert content(quantize(torch.tensor([[[0.0, 7.0, 1.0, 5.0, 2.0]]]), per_token)) == [0x70, 0x51, 0x02, 0x00, 0x3C, 0, 0]
+    packed = content(quantize(torch.tensor([[[0.0, 7.0, 1.0, 5.0, 2.0]]]), per_token))
+    assert packed == [0x70, 0x51, 0x02, 0x00, 0x3C, 0, 0]
     assert encoded_size(per_token, 1, 1, 5) == 7
 
 
@@ -78,7 +80,8 @@ def test_entropy_coding_is_lossless_on_random_tensors(codec, heads, tokens, seed
     coded = TensorCodec(**{**codec.__dict__, "entropy": ZSTD})
     blob = quantize(x, coded)
     assert blob.numel() <= entropy.bound(encoded_size(coded, heads, tokens, 8))
-    assert torch.equal(dequantize(blob, coded, x.shape, torch.float32), dequantize(quantize(x, codec), codec, x.shape, torch.float32))
+    assert torch.equal(dequantize(blob, coded, x.shape, torch.float32),
+                       dequantize(quantize(x, codec), codec, x.shape, torch.float32))
 
 
 def test_the_grammar():
@@ -204,4 +207,5 @@ def test_the_link_speed_below_which_coding_pays():
     assert pays_below_gbps(plain, coded) == pytest.approx(0.25)
     assert pays_below_gbps(plain, Row(**{**coded.__dict__, "quant_gbps": 4.0, "dequant_gbps": 4.0})) == math.inf
     assert pays_below_gbps(plain, Row(**{**coded.__dict__, "bits_per_element": 2.2499})) is None  # a budget: no saving
-    assert "| kivi-2+zstd | cpu | 1.75 | 9.10 | 0.3000 | 0.4000 | 1.00 | 1.00 | 0.25 |" in table([plain, coded], 1024, "m")
+    rows = table([plain, coded], 1024, "m")
+    assert "| kivi-2+zstd | cpu | 1.75 | 9.10 | 0.3000 | 0.4000 | 1.00 | 1.00 | 0.25 |" in rows

@@ -49,8 +49,9 @@ def test_report_table_and_chart(tmp_path):
     from qkvcomm_cli.main import main
 
     def result(mode, codec, f1, ratio, predictions):
-        return {"model": "m", "config": {"data": "x/squad.jsonl", "context_field": "context", "mode": mode, "codec": codec,
-                                         "hops": "1", "date": "2026-11-22", "machine": "test", "device": "cpu", "dtype": "fp32"},
+        return {"model": "m", "config": {"data": "x/squad.jsonl", "context_field": "context", "mode": mode,
+                                         "codec": codec, "hops": "1", "date": "2026-11-22", "machine": "test",
+                                         "device": "cpu", "dtype": "fp32"},
                 "summary": {"rows": 3, "em": 0.0, "f1": f1, "contains": 50.0, "wire_bytes_mean": 1000.0 if ratio else 0,
                             "compression_ratio": ratio, "ttft_s_mean": 0.1},
                 "examples": [{"id": str(i), "prediction": p} for i, p in enumerate(predictions)]}
@@ -59,7 +60,8 @@ def test_report_table_and_chart(tmp_path):
     runs = {"sky": ("skyline", "fp16", 15.0, None, ["Paris.", "1889", "no"]),
             "k4": ("kv", "kivi-4", 14.0, 4.0, ["paris", "1890", "no"])}
     # the F1-vs-bits chart draws a frontier from 4 codecs of the same rows on
-    runs |= {c: ("kv", c, f1, ratio, ["paris", "1889", "no"]) for c, f1, ratio in [("fp16", 15.0, 1.0), ("int8", 15.0, 1.9), ("kivi-2", 5.0, 7.0)]}
+    runs |= {c: ("kv", c, f1, ratio, ["paris", "1889", "no"]) for c, f1,
+             ratio in [("fp16", 15.0, 1.0), ("int8", 15.0, 1.9), ("kivi-2", 5.0, 7.0)]}
     for name, args in runs.items():
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(result(*args)))
@@ -75,23 +77,28 @@ def test_report_table_and_chart(tmp_path):
     assert "ttft_vs_context.png" in text and sum(line.startswith("| m |") for line in text.splitlines()) == 5
     assert (tmp_path / "ttft_vs_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # 2 of 3 answers agree with the skyline's after normalization
-    assert "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |" in text
+    row = "| squad.jsonl | context | kv | kivi-4 | 3 | 0.0 | 14.0 | 50.0 | 67 | - | - | - | 4.00 | 1.0 | 4.00 | 100 |"
+    assert row in text
     assert "| skyline | - |" in text and "f1_vs_bits.png" in text
     assert (tmp_path / "f1_vs_bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f1_vs_bits_chart([result(*runs["sky"]), result(*runs["k4"])], tmp_path / "one.png") is False
     later = result(*runs["k4"])
     later["config"] |= {"date": "2026-12-02", "machine": "gpu"}
     assert provenance([result(*runs["sky"])]) == "2026-11-22; test"
-    points = [(16.0, 15.0, "fp16"), (8.4, 15.0, "int8"), (4.0, 14.0, "kivi-4"), (4.0, 12.0, "seed-4"), (2.3, 5.0, "kivi-2"), (3.0, 4.0, "x")]
-    assert [p[2] for p in pareto(points)] == ["kivi-2", "kivi-4", "int8"]  # fp16 answers no better than int8 at more bits
-    assert provenance([later, result(*runs["sky"])]) == "runs of 2026-11-22 to 2026-12-02; gpu, test"  # not the first run's alone
+    points = [(16.0, 15.0, "fp16"), (8.4, 15.0, "int8"), (4.0, 14.0, "kivi-4"), (4.0, 12.0, "seed-4"),
+              (2.3, 5.0, "kivi-2"), (3.0, 4.0, "x")]
+    # fp16 answers no better than int8 at more bits
+    assert [p[2] for p in pareto(points)] == ["kivi-2", "kivi-4", "int8"]
+    # not the first run's alone
+    assert provenance([later, result(*runs["sky"])]) == "runs of 2026-11-22 to 2026-12-02; gpu, test"
 
 
 def test_hops_table_lines_up_f1_by_hop_count():
     from qkv_eval.report import hops_table
 
     def run(codec, hops, f1, **extra):
-        return {"model": "m", "config": {"data": "x/squad.jsonl", "mode": "kv", "codec": codec, "hops": str(hops), **extra},
+        config = {"data": "x/squad.jsonl", "mode": "kv", "codec": codec, "hops": str(hops), **extra}
+        return {"model": "m", "config": config,
                 "summary": {"rows": 30, "f1": f1}}
 
     runs = [run("fp16", 1, 9.4), run("fp16", 5, 10.1), run("kivi-4", 1, 9.0), run("kivi-4", 3, 8.0),
@@ -115,7 +122,8 @@ def test_layers_table_and_chart_line_up_methods_by_ratio(tmp_path):
     full = [run("fp16", 15.5), run("kivi-4", 14.1)]
     assert layers_table(full) == "" and f1_vs_layers_chart(full, tmp_path / "none.png") is False
     runs = full + [run("fp16", 10.2, 0.5, "loo"), run("fp16", 6.9, 0.3, "loo"), run("fp16", 4.4, 0.5, "prior"),
-                   run("kivi-4", 9.6, 0.5, "loo"), run("kivi-4", 1.0, 0.5, "loo", facts="hybrid")]  # facts: not this table
+                   # facts: not this table
+                   run("kivi-4", 9.6, 0.5, "loo"), run("kivi-4", 1.0, 0.5, "loo", facts="hybrid")]
     table = layers_table(runs).splitlines()
     assert table[0] == ("| method | squad[100] fp16 @0.3 | squad[100] fp16 @0.5 | squad[100] fp16 @1 "
                         "| squad[100] kivi-4 @0.5 | squad[100] kivi-4 @1 |")
@@ -130,8 +138,8 @@ def test_datasets_table_needs_every_column():
     from qkv_eval.report import datasets_table
 
     def run(data, mode, codec, f1):
-        return {"model": "m", "config": {"data": f"x/{data}.jsonl", "context_field": "context", "mode": mode, "codec": codec,
-                                         "hops": "1"}, "summary": {"rows": 30, "f1": f1}}
+        config = {"data": f"x/{data}.jsonl", "context_field": "context", "mode": mode, "codec": codec, "hops": "1"}
+        return {"model": "m", "config": config, "summary": {"rows": 30, "f1": f1}}
 
     runs = [run("coqa", "baseline", "fp16", 3.0), run("coqa", "skyline", "fp16", 20.0), run("coqa", "kv", "fp16", 19.5),
             run("coqa", "kv", "kivi-4", 18.0), run("coqa", "kv", "kivi-2", 1.0),
@@ -145,5 +153,6 @@ def test_run_config_survives_json_typed_and_reads_old_string_configs():
     cfg = EvalConfig(Path("x/squad.jsonl"), mode="kv", codec="kivi-4", limit=100, hops=3, layers=1.0, relevance=False)
     again = EvalConfig.from_json(json.loads(json.dumps(cfg.to_json())))
     assert again == cfg and isinstance(cfg.to_json()["limit"], int)
-    old = {k: str(v) for k, v in cfg.to_json().items()} | {"date": "2026-11-22", "machine": "x"}  # results before typing
+    # results before typing
+    old = {k: str(v) for k, v in cfg.to_json().items()} | {"date": "2026-11-22", "machine": "x"}
     assert EvalConfig.from_json(old) == cfg

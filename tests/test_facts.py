@@ -64,8 +64,8 @@ def test_every_method_keeps_exact_facts_within_budget(method):
 
 
 def test_methods_add_their_extractors():
-    types = {m: {f.type.split(":")[0] for f in extract(NEWS + " " + STORY, FactConfig(method=m, budget_bytes=4000)).facts}
-             for m in METHODS}
+    facts = {m: extract(NEWS + " " + STORY, FactConfig(method=m, budget_bytes=4000)).facts for m in METHODS}
+    types = {m: {f.type.split(":")[0] for f in found} for m, found in facts.items()}
     assert "keyphrase" in types["yake"] and "keyphrase" in types["hybrid"] and "keyphrase" not in types["simple"]
     assert "entity" in types["spacy"] and "entity" in types["hybrid"] and "entity" not in types["yake"]
     assert "Elena Ruiz" in extract(NEWS, FactConfig(method="spacy")).summary
@@ -112,7 +112,8 @@ def test_the_card_carries_the_facts_and_the_receiver_reads_the_summary_first(tin
     sender, receiver = SenderEngine(tiny), ReceiverEngine(tiny)
     card = sender.prepare(API, "fp32", FactConfig(method="simple"))
     header = card.header
-    assert [f.text for f in header.facts] == header.fact_summary.split("; ") and "600 requests per minute" in header.fact_summary
+    assert [f.text for f in header.facts] == header.fact_summary.split("; ")
+    assert "600 requests per minute" in header.fact_summary
     receiver.accept(frames(header, card.blobs))
     got = "".join(receiver.generate(header.card_id, "What is the limit?", 8, True, Generation("")))
     # the same tokens as decoding after "Facts: <summary>\nQuestion: ..." on the sender's own cache

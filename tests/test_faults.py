@@ -78,7 +78,8 @@ def test_sender_killed_mid_push_frees_the_receivers_intake():
         assert _wait_for(lambda: gauge(port, "qkvcomm_intakes_in_flight") == 0, 30)
         assert gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
         with grpc.insecure_channel(receiver.address) as channel:  # and it still takes cards
-            assert not services_pb2_grpc.ReceiverServiceStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64)).present
+            stub = services_pb2_grpc.ReceiverServiceStub(channel)
+            assert not stub.HasCard(pb.HasCardRequest(card_id="0" * 64)).present
     finally:
         sender.stop()
         receiver.stop()
@@ -112,7 +113,8 @@ def test_sigterm_during_a_long_prefill_ends_the_sender_within_its_grace():
     receiver = spawn("receiver")
     sender = spawn("sender", "--receiver", receiver.address, env={"QKVCOMM_GRACE_S": str(grace_s)})
     try:
-        long = "\n\n".join(r["context"] for r in qa_rows("squad.jsonl", 240)[:60])  # ~9,000 tokens: a prefill of many seconds
+        # ~9,000 tokens: a prefill of many seconds
+        long = "\n\n".join(r["context"] for r in qa_rows("squad.jsonl", 240)[:60])
         outcome: dict = {}
 
         def run():

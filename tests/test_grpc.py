@@ -157,7 +157,8 @@ def test_facts_ride_in_the_card_and_reach_the_receivers_prompt(services, embedde
 
 
 def test_health_and_reflection(services):
-    for address, name in [(services.receiver, "qkvcomm.v1.ReceiverService"), (services.sender, "qkvcomm.v1.SenderService")]:
+    for address, name in [(services.receiver, "qkvcomm.v1.ReceiverService"),
+                          (services.sender, "qkvcomm.v1.SenderService")]:
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for service in ("", name):
@@ -175,7 +176,8 @@ def test_metrics_endpoints(services, embedded):
     receiver = urllib.request.urlopen(f"http://127.0.0.1:{services.receiver_metrics}/metrics").read().decode()
 
     def value(text, name):
-        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
 
     assert value(sender, "qkvcomm_wire_bytes_sent_total") > 0
     assert value(sender, "qkvcomm_wire_bytes_sent_total") <= value(receiver, "qkvcomm_wire_bytes_received_total")
@@ -188,7 +190,8 @@ def test_metrics_endpoints(services, embedded):
     # as serving engines export them: the model, requests by method and status, tokens, TTFT once per service
     model = f'model_name="{embedded.fingerprint.name}"'
     assert f'qkvcomm_model_info{{{model}' in receiver and 'role="receiver"' in receiver
-    oks = [line for line in sender.splitlines() if line.startswith("qkvcomm_requests_total{") and 'method="Ask"' in line]
+    oks = [line for line in sender.splitlines()
+           if line.startswith("qkvcomm_requests_total{") and 'method="Ask"' in line]
     assert any('status="OK"' in line and float(line.split()[-1]) >= 1 for line in oks)
     assert any('status="INVALID_ARGUMENT"' in line for line in oks)  # the refused asks of other tests
     assert value(receiver, "qkvcomm_generation_tokens_total") >= 1 and value(sender, "qkvcomm_prompt_tokens_total") >= 1

@@ -65,7 +65,8 @@ def test_every_refusal_carries_its_error_info(services, receiver_stub, call, cod
         do = lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id="0" * 64, query="Who?",  # noqa: E731
                                                                     max_new_tokens=10**6)))
     elif call == "future_card":
-        do = lambda: receiver_stub.PushCard(push_requests(iter([pb.CardFrame(header=pb.CardHeader(format_version=FORMAT_VERSION + 9))])))  # noqa: E731
+        future = pb.CardFrame(header=pb.CardHeader(format_version=FORMAT_VERSION + 9))
+        do = lambda: receiver_stub.PushCard(push_requests(iter([future])))  # noqa: E731
     else:
         with grpc.insecure_channel(services.receiver) as channel:
             push = channel.stream_unary("/qkvcomm.v1.ReceiverService/PushCard", request_serializer=lambda b: b,

@@ -25,7 +25,8 @@ MODULES = _modules()
 def _runtime_imports(path: Path, module: str) -> set[str]:
     """Every module this file imports when it runs (imports under `if TYPE_CHECKING:` excluded)."""
     tree = ast.parse(path.read_text())
-    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+    type_only = {id(n) for node in ast.walk(tree)
+                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
                  for stmt in node.body for n in ast.walk(stmt)}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()

@@ -57,7 +57,8 @@ def test_the_layout_byte_for_byte():
     scale = float(torch.tensor(1 / 3).to(torch.float16).nextafter(torch.tensor(1.0, dtype=torch.float16)))
     assert scale == pytest.approx(0.33349609375)
     expected = [scale * 3 * LLOYD[2][c] for c in (0, 0, 2, 3)]
-    assert dequantize(quantize(x, codec), codec, (1, 1, 4), torch.float32).flatten().tolist() == pytest.approx(expected, abs=1e-7)
+    got = dequantize(quantize(x, codec), codec, (1, 1, 4), torch.float32).flatten().tolist()
+    assert got == pytest.approx(expected, abs=1e-7)
 
 
 @settings(max_examples=40, deadline=None)
@@ -123,6 +124,7 @@ def test_lloyd_levels_lose_less_on_a_real_model(embedded):
             for name in (f"kivi-{bits}+rot+prerope", f"kivi-{bits}+rot+prerope+lloyd"):
                 codec = getattr(registry.resolve(name, 1)[0], kind)
                 got = reconstructed(tensors, [codec] * len(tensors), embedded.fingerprint, len(ids))
-                err[name] = sum(float((a - b).pow(2).sum()) for a, b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors)
+                err[name] = sum(float((a - b).pow(2).sum()) for a,
+                                b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors)
             plain, lloyd = err.values()
             assert lloyd < (0.8 if bits == 2 else 0.5) * plain, (bits, kind, err)

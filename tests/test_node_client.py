@@ -63,7 +63,8 @@ def test_node_client_completes_a_tls_and_token_handoff(secure_services):
     s = secure_services
     tls = ["--ca", str(s.certs.ca), "--context", DEMO_CONTEXT, "--question", DEMO_QUESTION, "--json"]
     done = subprocess.run(["node", str(NODE_DIR / "ask.js"), "--sender", s.sender, *tls],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "QKVCOMM_TOKEN": TOKENS["alice"]})
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "QKVCOMM_TOKEN": TOKENS["alice"]})
     assert done.returncode == 0, done.stderr
     assert "600" in json.loads(done.stdout)["answer"]
     refused = _ask(s.sender, *tls, "--token", "not-a-token")
@@ -77,7 +78,8 @@ def test_the_node_package_installs_outside_the_repo_and_its_library_asks(service
                             capture_output=True, text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
     app = tmp_path / "app"
     app.mkdir()
-    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefer-offline", "--silent", str(tmp_path / packed)],
+    subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefer-offline", "--silent",
+                    str(tmp_path / packed)],
                    cwd=app, capture_output=True, text=True, timeout=300, check=True)
     script = """
 const { connect, errorInfo } = require('qkvcomm-node-client');
@@ -86,7 +88,8 @@ const { connect, errorInfo } = require('qkvcomm-node-client');
   const info = await client.info();
   const answer = await client.ask({ context: process.argv[2], question: process.argv[3], codec: 'kivi-4' });
   let refused = null;
-  try { await client.ask({ context: 'Some text.', question: 'Who?', codec: 'int4' }); } catch (err) { refused = errorInfo(err); }
+  try { await client.ask({ context: 'Some text.', question: 'Who?', codec: 'int4' }); } catch (err) { refused =
+  errorInfo(err); }
   client.close();
   console.log(JSON.stringify({ model: info.model.name, answer: answer.text, codec: answer.stats.codec, refused }));
 })();

@@ -26,7 +26,8 @@ def test_the_layout_byte_for_byte():
     blob = quantize(x, codec)
     assert blob.tolist() == [0b11110100, 0x67, 0x32, 0x00, 0x00, 3, 0, 0, 0, 0x80, 0x48]
     assert blob.numel() == encoded_size(codec, 1, 1, 4)
-    assert dequantize(blob, codec, (1, 1, 4), torch.float32).flatten().tolist() == pytest.approx([0.0, 0.20007, 0.60022, 9.0], abs=1e-4)
+    assert dequantize(blob, codec, (1, 1, 4),
+                      torch.float32).flatten().tolist() == pytest.approx([0.0, 0.20007, 0.60022, 9.0], abs=1e-4)
 
 
 @settings(max_examples=40, deadline=None)
@@ -68,7 +69,8 @@ def test_spikes_no_longer_stretch_their_rows():
     err = {}
     for name in ("kivi-2", "kivi-2+out10", "kivi-2+out100"):
         layer = registry.resolve(name, 1)[0]
-        err[name] = [float((dequantize(quantize(x, c), c, x.shape, torch.float32) - x).norm() / x.norm()) for c in (layer.key, layer.value)]
+        err[name] = [float((dequantize(quantize(x, c), c, x.shape,
+                                       torch.float32) - x).norm() / x.norm()) for c in (layer.key, layer.value)]
     assert all(a > b > c for a, b, c in zip(*err.values())), err
 
 
@@ -79,7 +81,8 @@ def test_the_tool_and_its_refusals():
     assert registry.resolve("fp16+out10", 1)[0].key == TensorCodec(16)  # nothing to keep exact
     assert registry.resolve("k=2/channel+out5;v=2/token", 1)[0].key.outliers == 5
     kind = registry.adaptive("budget-2+out10+rot+zstd")
-    assert kind.profile_tools == "+rot+out10" and kind.profile_sets == ("+rot", "+rot+out10")  # with or without, per tensor
+    # with or without, per tensor
+    assert kind.profile_tools == "+rot+out10" and kind.profile_sets == ("+rot", "+rot+out10")
     assert registry.adaptive("budget-2+lloyd+out10").profile_sets == ("", "+lloyd", "+out10", "+lloyd+out10")
     for bad in ("kivi-2+out0", "kivi-2+out10001"):
         with pytest.raises(RequestError, match="outliers are 1..10000"):
@@ -119,7 +122,8 @@ def test_outliers_cut_the_error_on_a_real_model(embedded):
             for name in (base, f"{base}+out10"):
                 codec = getattr(registry.resolve(name, 1)[0], kind)
                 got = reconstructed(tensors, [codec] * len(tensors), embedded.fingerprint, len(ids))
-                err.append(sum(float((a - b).pow(2).sum()) for a, b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors))
+                err.append(sum(float((a - b).pow(2).sum()) for a,
+                               b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors))
             cut[base, kind] = err[1] / err[0]
     assert all(ratio < 1 for ratio in cut.values()), cut
     assert cut["kivi-2+rot", "key"] > cut["kivi-2", "key"], cut

@@ -88,7 +88,7 @@ def profile():
     return allocation.Profile("synthetic", "0" * 64, 1, 1, errors, sensitivity)
 
 
-def wire_bytes(layers, fp: "Fingerprint", tokens: int) -> int:
+def wire_bytes(layers, fp: Fingerprint, tokens: int) -> int:
     return registry_wire_bytes(layers, fp.num_kv_heads, tokens, fp.head_dim)
 
 
@@ -168,7 +168,8 @@ def test_auto_over_live_services_reports_its_choice_and_answers(embedded, servic
     import grpc
     from conftest import TEST_CONFIG, ask, serve_pair
 
-    sender_cfg = dataclasses.replace(TEST_CONFIG, codec_profile=_synthetic_profile(tmp_path / "p.json", embedded.fingerprint))
+    sender_cfg = dataclasses.replace(TEST_CONFIG,
+                                     codec_profile=_synthetic_profile(tmp_path / "p.json", embedded.fingerprint))
     context = ("The Atlas API allows 600 requests per minute per key. Exports use the /v4/exports endpoint. "
                "Support answers within two business days.")
     question = "How many requests per minute does the Atlas API allow?"

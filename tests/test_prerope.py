@@ -33,14 +33,17 @@ def test_the_rotation_by_hand():
     freq = rope._inv_freq(PLAIN, 2)
     assert freq.tolist() == [1.0]
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
-    assert torch.allclose(rope.apply(x, freq, 1), torch.tensor([[[math.cos(1), math.sin(1)], [-math.sin(2), math.cos(2)]]]))
+    assert torch.allclose(rope.apply(x, freq, 1),
+                          torch.tensor([[[math.cos(1), math.sin(1)], [-math.sin(2), math.cos(2)]]]))
     assert torch.allclose(rope.apply(rope.apply(x, freq, 7), freq, 7, -1.0), x, atol=1e-6)
     assert rope._inv_freq(PLAIN, 8).tolist() == [1.0, 10000.0 ** -0.25, 10000.0 ** -0.5, 10000.0 ** -0.75]
 
 
 def test_only_plain_rope_is_taken(tiny):
-    gemma = '{"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"}, "sliding_attention": {"rope_theta": 10000.0}}'
-    for bad in (gemma, '{"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}', '{"rope_theta": null}', "not json"):
+    gemma = ('{"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"}, '
+             '"sliding_attention": {"rope_theta": 10000.0}}')
+    for bad in (gemma, '{"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}', '{"rope_theta": null}',
+                "not json"):
         with pytest.raises(RequestError, match="plain RoPE"):
             rope.inv_freq(dataclasses.replace(tiny.fingerprint, rope=bad))
     with pytest.raises(RequestError, match="keys only"):
@@ -60,7 +63,8 @@ def test_a_pre_rope_blob_is_the_plain_layout_of_the_keys_without_rope(tiny):
     unroped = rope.apply(kv.keys[0], rope.inv_freq(tiny.fingerprint), 0, -1.0)
     plain = TensorCodec(3, Granularity.PER_CHANNEL)
     assert k_blob == quantize(unroped, plain).numpy().tobytes()
-    assert v_blob == quantize(kv.values[0], TensorCodec(3, Granularity.PER_TOKEN)).numpy().tobytes()  # values as they are
+    # values as they are
+    assert v_blob == quantize(kv.values[0], TensorCodec(3, Granularity.PER_TOKEN)).numpy().tobytes()
     # a cache that begins later in the context (a delta) has its keys unrotated at their own positions
     tail = rope_removed(kv.keys[0][:, 5:], layers[0].key, tiny.fingerprint, len(ids))
     assert torch.allclose(tail, unroped[:, 5:], atol=1e-5)
@@ -90,12 +94,14 @@ def test_a_pre_rope_card_gives_the_receiver_its_keys_back(tiny):
 def test_a_card_claiming_pre_rope_values_or_a_model_without_plain_rope_is_invalid(tiny):
     ids = encode(tiny.tokenizer, CONTEXT)
     kv, _ = prefill(tiny, ids)
-    header, blobs = build_card(tiny.fingerprint, ids, kv, CardPlan("fp16+prerope", registry.resolve("fp16+prerope", tiny.num_layers)))
+    header, blobs = build_card(tiny.fingerprint, ids, kv,
+                               CardPlan("fp16+prerope", registry.resolve("fp16+prerope", tiny.num_layers)))
     values = replaced(header)
     values.layers[0].value.pre_rope = True
     scaled = replaced(header)  # a model whose RoPE a reader cannot apply from the fingerprint alone
     scaled.model.rope = '{"factor": 8.0, "rope_theta": 500000.0, "rope_type": "llama3"}'
-    receiver_of_scaled = dataclasses.replace(tiny, fingerprint=dataclasses.replace(tiny.fingerprint, rope=scaled.model.rope))
+    receiver_of_scaled = dataclasses.replace(tiny,
+                                             fingerprint=dataclasses.replace(tiny.fingerprint, rope=scaled.model.rope))
     for bad, lm, match in [(values, tiny, "values carry no RoPE"), (scaled, receiver_of_scaled, "plain RoPE")]:
         name_card(bad, blobs)  # a sender that means what it sends: only the reader's checks stand in between
         with pytest.raises(CardError, match=match) as err:

@@ -31,7 +31,8 @@ def test_cli_ask_json_against_service_processes():
                  "--question", "Who?", "--codec", "int4"], capture_output=True, text=True, timeout=120,
             )
             assert refused.returncode == 1  # a status with its ErrorInfo reason, not a traceback
-            assert "INVALID_ARGUMENT INVALID: unknown codec 'int4'" in refused.stderr and "Traceback" not in refused.stderr
+            assert "INVALID_ARGUMENT INVALID: unknown codec 'int4'" in refused.stderr
+            assert "Traceback" not in refused.stderr
         finally:
             assert sender.stop() == 0  # SIGTERM: graceful shutdown, clean exit
     finally:

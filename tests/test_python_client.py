@@ -138,7 +138,8 @@ print(json.dumps(out))
 @pytest.mark.e2e
 def test_the_client_installed_alone_hands_off_against_live_services(services, embedded, tmp_path):
     wheels, env_dir = tmp_path / "wheels", tmp_path / "venv"
-    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(ROOT / "clients/python")]
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels),
+             str(ROOT / "clients/python")]
     subprocess.run(build, check=True, timeout=600)
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"

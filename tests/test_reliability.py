@@ -77,7 +77,8 @@ def test_generation_limits_name_the_limit(receiver_stub, card):
     _fails(lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="Code?",
                                                          max_new_tokens=limit + 1), timeout=30)),
            grpc.StatusCode.RESOURCE_EXHAUSTED, "max_new_tokens_limit")
-    _fails(lambda: list(receiver_stub.Generate(pb.GenerateRequest(card_id=card.header.card_id, query="why " * 20_000), timeout=30)),
+    long_query = pb.GenerateRequest(card_id=card.header.card_id, query="why " * 20_000)
+    _fails(lambda: list(receiver_stub.Generate(long_query, timeout=30)),
            grpc.StatusCode.RESOURCE_EXHAUSTED, "max_query_tokens")
 
 
@@ -91,7 +92,8 @@ def test_a_stream_that_stalls_after_its_header_is_dropped_after_the_idle_timeout
 
     start = time.perf_counter()
     try:
-        _fails(lambda: receiver_stub.PushCard(push_requests(stalled()), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED, "idle_timeout_s")
+        _fails(lambda: receiver_stub.PushCard(push_requests(stalled()), timeout=30), grpc.StatusCode.DEADLINE_EXCEEDED,
+               "idle_timeout_s")
     finally:
         release.set()
     assert 2.5 < time.perf_counter() - start < 15  # the services under test use a 3 s idle timeout
@@ -127,7 +129,9 @@ def test_streams_held_open_stay_within_the_admission_and_are_released_when_cance
     while gauge(port, "qkvcomm_intakes_in_flight") and time.time() < deadline:
         time.sleep(0.05)
     assert gauge(port, "qkvcomm_intakes_in_flight") == 0 and gauge(port, "qkvcomm_intake_bytes_in_flight") == 0
-    assert receiver_stub.PushCard(push_requests(frames(card.header, card.blobs)), timeout=60).card_id == card.header.card_id  # serves on
+    # serves on
+    assert receiver_stub.PushCard(push_requests(frames(card.header, card.blobs)),
+                                  timeout=60).card_id == card.header.card_id
 
 
 def test_a_card_larger_than_the_store_is_refused_before_its_data(embedded, card):

@@ -76,7 +76,8 @@ def test_the_codec_grammar():
     assert spec.key.rotation and not spec.value.rotation
     v_only = registry.resolve("k=2/channel;v=2/token+rot", 1)[0]  # the suffix is the last tensor's, not the name's
     assert not v_only.key.rotation and v_only.value.rotation
-    assert registry.spec_of(spec.key) == "3/group/16+rot" and registry.spec_of(registry.resolve("fp16+rot", 1)[0].key) == "fp16+rot"
+    assert registry.spec_of(spec.key) == "3/group/16+rot"
+    assert registry.spec_of(registry.resolve("fp16+rot", 1)[0].key) == "fp16+rot"
     with pytest.raises(RequestError, match="takes \\+zstd only"):
         registry.adaptive("seed-adaptive+rot")  # its profile ranks unrotated per-tensor errors
     assert registry.adaptive("budget-3+rot").profile_tools == "+rot"  # budget-B reads a rotated profile

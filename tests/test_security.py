@@ -28,7 +28,8 @@ QUESTION = "What is the vault code?"
 
 def _tls(s, client: bool = False) -> ClientTLS:
     certs = s.certs
-    return ClientTLS(str(certs.ca), str(certs.cert("client")), str(certs.key("client"))) if client else ClientTLS(str(certs.ca))
+    return ClientTLS(str(certs.ca), str(certs.cert("client")),
+                     str(certs.key("client"))) if client else ClientTLS(str(certs.ca))
 
 
 def _code(call) -> grpc.StatusCode:  # noqa: ANN001
@@ -74,7 +75,8 @@ def test_tokens_are_required_and_checked(secure_services):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and error_info(err.value).reason == "UNAUTHENTICATED"
     channel, stub, _ = _receiver(s, "alice")
     with channel:
-        assert _code(lambda: stub.HasCard(pb.HasCardRequest(card_id="0" * 64), timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(lambda: stub.HasCard(pb.HasCardRequest(card_id="0" * 64),
+                                          timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
         # a tenant's token may not act for another tenant; the relay's may
         for_bob = call_metadata(TOKENS["alice"], "bob")
         assert _code(lambda: stub.HasCard(pb.HasCardRequest(card_id="0" * 64), metadata=for_bob, timeout=5)) \
@@ -113,12 +115,14 @@ def test_a_forged_card_neither_replaces_a_card_nor_reaches_another_tenant(secure
     with channel:
         stub.PushCard(push_requests(frames(real.header, real.blobs)), metadata=alice)
         for tenant in ("alice", "bob"):
-            code = _code(lambda: stub.PushCard(push_requests(frames(forged.header, forged.blobs)), metadata=call_metadata(TOKENS[tenant], "")))
+            code = _code(lambda: stub.PushCard(push_requests(frames(forged.header, forged.blobs)),
+                                               metadata=call_metadata(TOKENS[tenant], "")))
             assert code == grpc.StatusCode.INVALID_ARGUMENT
         query = pb.GenerateRequest(card_id=real.header.card_id, query=QUESTION, max_new_tokens=12)
         answer = "".join(r.text for r in stub.Generate(query, metadata=alice))
         assert "7731" in answer and "5000" not in answer
-        assert not stub.HasCard(pb.HasCardRequest(card_id=real.header.card_id), metadata=call_metadata(TOKENS["bob"], "")).present
+        assert not stub.HasCard(pb.HasCardRequest(card_id=real.header.card_id),
+                                metadata=call_metadata(TOKENS["bob"], "")).present
 
 
 def test_requests_name_codecs_not_files(secure_services, tmp_path):
@@ -142,7 +146,8 @@ def test_a_rotated_certificate_is_served_without_restart(tiny, tmp_path):
     from receiver_service.server import start_receiver
 
     live = make_dev_certs(tmp_path / "live")
-    cfg = dataclasses.replace(TEST_CONFIG, metrics_port=-1, tls_cert=str(live.cert("server")), tls_key=str(live.key("server")))
+    cfg = dataclasses.replace(TEST_CONFIG, metrics_port=-1, tls_cert=str(live.cert("server")),
+                              tls_key=str(live.key("server")))
 
     def serving(port: int, ca: str) -> bool:
         with open_channel(f"127.0.0.1:{port}", ClientTLS(ca)) as channel:
@@ -189,7 +194,8 @@ def test_token_file_rules(tmp_path):
     assert auth.tenant([("authorization", "Bearer s3cret")]) == "alice"
     assert auth.tenant([("authorization", "bearer s3cret"), ("x-qkvcomm-tenant", "alice")]) == "alice"
     assert auth.tenant(call_metadata("relay", "bob")) == "bob" and auth.tenant(call_metadata("relay", "")) == ""
-    for metadata, code in (([], grpc.StatusCode.UNAUTHENTICATED), (call_metadata("s3cre", ""), grpc.StatusCode.UNAUTHENTICATED),
+    for metadata, code in (([], grpc.StatusCode.UNAUTHENTICATED),
+                           (call_metadata("s3cre", ""), grpc.StatusCode.UNAUTHENTICATED),
                            ([("authorization", "Basic s3cret")], grpc.StatusCode.UNAUTHENTICATED),
                            (call_metadata("s3cret", "bob"), grpc.StatusCode.PERMISSION_DENIED),
                            (call_metadata("relay", "bad tenant!"), grpc.StatusCode.PERMISSION_DENIED)):

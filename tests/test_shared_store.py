@@ -116,7 +116,8 @@ def test_the_receiver_reports_redis_down_in_health_and_metrics_and_keeps_serving
     def probe(port: int, metrics_port: int) -> tuple[int, int, bool, str]:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            held = services_pb2_grpc.ReceiverServiceStub(channel).HasCard(pb.HasCardRequest(card_id="0" * 64), timeout=10)
+            stub = services_pb2_grpc.ReceiverServiceStub(channel)
+            held = stub.HasCard(pb.HasCardRequest(card_id="0" * 64), timeout=10)
             overall = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
             tier = health.Check(health_pb2.HealthCheckRequest(service="qkvcomm.store.redis"), timeout=5).status
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
@@ -156,8 +157,8 @@ def test_a_sender_balancing_over_two_receivers_that_share_redis_answers_every_qu
     with service_loop() as run:
         receivers = [run(start_receiver(cfg, embedded)) for _ in range(2)]
         target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in receivers)
-        sender, channel = run(start_sender(dataclasses.replace(TEST_CONFIG, receiver=target, receiver_balance="round_robin"),
-                                           embedded))
+        balanced = dataclasses.replace(TEST_CONFIG, receiver=target, receiver_balance="round_robin")
+        sender, channel = run(start_sender(balanced, embedded))
         try:
             cards = []
             for i, code in enumerate(("7731", "4052", "9186", "2640")):

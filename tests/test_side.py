@@ -52,12 +52,14 @@ ROW_DIMS = {Granularity.PER_TOKEN: (2,), Granularity.PER_CHANNEL: (1,), Granular
     constant_rows=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_round_trips_stay_within_half_a_step_of_grids_one_code_wide(bits, granularity, tokens, spread, constant_rows, seed):
+def test_round_trips_stay_within_half_a_step_of_grids_one_code_wide(bits, granularity, tokens, spread,
+                                                                    constant_rows, seed):
     """Every value decodes to within half its row's scale; each zero point lies at or below its row
     and within one grid step of it, each scale covers its row and is at most one grid ratio above
     the scale it needs; entropy coding changes nothing."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, tokens, 8, generator=g) * torch.rand(2, tokens, 1, generator=g).mul(spread) + torch.randn(2, 1, 8, generator=g)
+    x = (torch.randn(2, tokens, 8, generator=g) * torch.rand(2, tokens, 1, generator=g).mul(spread)
+         + torch.randn(2, 1, 8, generator=g))
     if constant_rows:
         x[:, ::3] = 0.25
     codec = TensorCodec(bits, granularity, side_bits=8)
@@ -89,7 +91,8 @@ def test_it_composes_with_the_other_tools(tools):
     for kind in ("key", "value"):
         plain = getattr(registry.resolve(f"kivi-2{tools}", 1)[0], kind)
         compact = getattr(registry.resolve(f"kivi-2{tools}+s8", 1)[0], kind)
-        errors = [float((dequantize(quantize(x, c), c, x.shape, torch.float32) - x).norm() / x.norm()) for c in (plain, compact)]
+        errors = [float((dequantize(quantize(x, c), c, x.shape, torch.float32) - x).norm() / x.norm())
+                  for c in (plain, compact)]
         assert errors[1] == pytest.approx(errors[0], rel=0.15)
         assert encoded_size(compact, *x.shape) < encoded_size(plain, *x.shape)
 
@@ -136,6 +139,7 @@ def test_half_the_side_bytes_for_about_the_same_error_on_a_real_model(embedded):
         for name in ("kivi-2+rot+prerope", "kivi-2+rot+prerope+s8"):
             codec = getattr(registry.resolve(name, 1)[0], kind)
             got = reconstructed(tensors, [codec] * len(tensors), embedded.fingerprint, len(ids))
-            err.append(sum(float((a - b).pow(2).sum()) for a, b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors))
+            err.append(sum(float((a - b).pow(2).sum()) for a,
+                           b in zip(got, tensors)) / sum(float(t.pow(2).sum()) for t in tensors))
             size.append(sum(encoded_size(codec, *t.shape) for t in tensors))
         assert size[1] < size[0] and err[0] <= err[1] < 1.05 * err[0], (kind, size, err)

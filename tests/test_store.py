@@ -88,7 +88,8 @@ def test_above_the_high_water_mark_cold_cards_are_reencoded_before_any_is_droppe
     assert store.get(cards[0].header.card_id).kv.tokens == cards[0].header.context_tokens
     for card in cards[3:]:  # more pressure than re-encoding can absorb: then the coldest go
         _push(receiver, card)
-    assert store.stats.get("memory", "evict") > 0 and store.memory.nbytes <= store.cfg.store_bytes * store.cfg.store_high_water
+    assert store.stats.get("memory",
+                           "evict") > 0 and store.memory.nbytes <= store.cfg.store_bytes * store.cfg.store_high_water
 
 
 def test_reencoding_stops_at_two_bits(cards):

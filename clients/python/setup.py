@@ -39,6 +39,7 @@ class BuildPyWithStubs(build_py):
             raise RuntimeError(f"protoc failed on {protos}")
         for package in ("qkvcomm", "qkvcomm/v1"):
             (out / package / "__init__.py").touch()
+        (out / "qkvcomm" / "py.typed").touch()  # the .pyi stubs type every message (PEP 561)
 
 
 class SdistWithProtos(sdist):

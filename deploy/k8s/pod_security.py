@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+ALLOWED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                   "secret"}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 
 
@@ -40,7 +41,8 @@ def violations(name: str, spec: dict) -> Iterator[str]:
     for volume in spec.get("volumes") or []:
         kinds = set(volume) - {"name"}
         if not kinds <= ALLOWED_VOLUMES:
-            yield f"{name}: volume {volume['name']} is of a type restricted does not allow: {sorted(kinds - ALLOWED_VOLUMES)}"
+            yield (f"{name}: volume {volume['name']} is of a type restricted does not allow: "
+                   f"{sorted(kinds - ALLOWED_VOLUMES)}")
     for container in (spec.get("initContainers") or []) + (spec.get("containers") or []):
         where = f"{name} container {container['name']}"
         sc = container.get("securityContext") or {}

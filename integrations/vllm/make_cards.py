@@ -51,7 +51,8 @@ def main() -> int:
         out.append({"card_id": card_id, "prompt": ids + query, "context_tokens": len(ids), "answers": row["answers"],
                     "context": row["context"], "question": row["question"]})
     foreign, _ = write(SenderEngine(tiny_model()), "The rate limit is 600 requests per minute.")
-    (args.out / "rows.json").write_text(json.dumps({"model": lm.fingerprint.name, "namespace": namespace(lm.fingerprint),
+    (args.out / "rows.json").write_text(json.dumps({"model": lm.fingerprint.name,
+                                                    "namespace": namespace(lm.fingerprint),
                                                     "model_dir": str(model_source(lm.fingerprint.name)),
                                                     "rows": out, "foreign_card": foreign}))
     print(f"{len(out)} cards and one foreign card under {args.out / 'store'}")

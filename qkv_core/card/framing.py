@@ -49,7 +49,9 @@ def overhead_bound(fp: Fingerprint, context_ids: list[int], kv: KVCache, codec: 
     wide = TensorCodec(FP16_BITS)
     header = card_header(fp, context_ids, kv, CardPlan(codec, [LayerCodec(wide, wide)] * n), [(_WIDEST, _WIDEST)] * n)
     header.card_id, header.num_chunks, header.payload_bytes = "0" * 64, _WIDEST, 2**40
-    chunks = n + kv.nbytes(2) // MAX_CHUNK_BYTES + 1  # every layer's blob starts one, and the rest at most one per MAX_CHUNK_BYTES
-    chunk = pb.CardFrame(chunk=pb.LayerChunk(index=_WIDEST, layer=n, offset=_WIDEST, data=b"", crc32c=_WIDEST)).ByteSize() + 5
+    # every layer's blob starts one, and the rest at most one per MAX_CHUNK_BYTES
+    chunks = n + kv.nbytes(2) // MAX_CHUNK_BYTES + 1
+    chunk = pb.CardFrame(chunk=pb.LayerChunk(index=_WIDEST, layer=n, offset=_WIDEST, data=b"",
+                                             crc32c=_WIDEST)).ByteSize() + 5
     trailer = pb.CardFrame(trailer=pb.CardTrailer(num_chunks=_WIDEST, payload_bytes=2**40, sha256=bytes(32)))
     return pb.CardFrame(header=header).ByteSize() + n * _TOOL_FIELDS + chunks * chunk + trailer.ByteSize()

@@ -73,10 +73,11 @@ def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
 
 
 def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
-    return pb.TensorCodec(
-        bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,
+    return pb.TensorCodec(  # the enums as their wire numbers (the stubs name only str or the enum)
+        bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,  # type: ignore[arg-type]
         sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
-        rotation_seed=c.rotation, entropy=int(c.entropy), pre_rope=c.pre_rope, levels=c.levels, outliers=c.outliers,
+        rotation_seed=c.rotation, entropy=int(c.entropy),  # type: ignore[arg-type]
+        pre_rope=c.pre_rope, levels=c.levels, outliers=c.outliers,
         side_bits=c.side_bits,
     )
 
@@ -93,7 +94,7 @@ def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
 
 
-def content_hash(header: pb.CardHeader) -> "hashlib._Hash":
+def content_hash(header: pb.CardHeader) -> hashlib._Hash:
     """The running hash that names a card: SHA-256 over the header as sent, with card_id and
     num_chunks cleared, then every layer's data in order. The sender names its card with its
     digest and the trailer repeats it; the receiver computes it from what arrives, so an id
@@ -137,7 +138,8 @@ class CardPlan:
         return encode_layers(kv, self.layers, self.sent(), self.salient, fp, self.parent_tokens + kv.tokens)
 
 
-def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan) -> tuple[pb.CardHeader, list[bytes]]:
+def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache,
+               plan: CardPlan) -> tuple[pb.CardHeader, list[bytes]]:
     """The card of `kv` under `plan`: its header, named by its content, and its layer blobs. A delta
     plan (parent_card_id) takes the cache of the tokens after parent_tokens only."""
     _check_plan(context_ids, kv, plan)
@@ -173,7 +175,8 @@ def format_version(codecs: list[TensorCodec]) -> int:
     return PLAIN_FORMAT_VERSION
 
 
-def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan, sizes: list[tuple[int, int]]) -> pb.CardHeader:
+def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan,
+                sizes: list[tuple[int, int]]) -> pb.CardHeader:
     """The header of the card; `sizes`: each sent layer's (K, V) bytes as encoded."""
     layers = [
         pb.LayerSpec(sender_layer=i, receiver_layer=i, key=codec_to_pb(plan.layers[i].key),
@@ -195,7 +198,8 @@ def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: Card
         layer_sources=plan.sources,
         context_ids_sha256=context_digest(context_ids),
         context_ids=context_ids,
-        block_hashes=block_hashes(fp, context_ids)[plan.parent_tokens // BLOCK_TOKENS :],  # the blocks ending after the parent
+        # the blocks ending after the parent
+        block_hashes=block_hashes(fp, context_ids)[plan.parent_tokens // BLOCK_TOKENS :],
         parent_card_id=plan.parent_card_id,
         parent_tokens=plan.parent_tokens,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -62,7 +62,7 @@ class CardReader:
         self.wire_bytes = 0
         self._next_chunk = 0
         self._layer = 0
-        self._digest = None  # the content hash, from the header on
+        self._digest: Any = None  # the content hash (a hashlib object), from the header on
         self._done = False
 
     def feed(self, frame: pb.CardFrame) -> int | None:
@@ -118,11 +118,13 @@ class CardReader:
             if h.layer_sources and list(h.layer_sources) != self.alignment.sources:
                 raise CardError(
                     ErrorKind.PRECONDITION,
-                    f"card maps its layers as {list(h.layer_sources)}, this receiver's alignment as {self.alignment.sources}",
+                    f"card maps its layers as {list(h.layer_sources)}, this receiver's alignment as "
+                    f"{self.alignment.sources}",
                 )
             self.source = theirs
         elif h.layer_sources:
-            raise CardError(ErrorKind.PRECONDITION, f"card was mapped for a receiver of {len(h.layer_sources)} layers, not this model")
+            raise CardError(ErrorKind.PRECONDITION,
+                            f"card was mapped for a receiver of {len(h.layer_sources)} layers, not this model")
         if h.context_tokens == 0 or not h.layers:
             raise CardError(ErrorKind.INVALID, "card holds no tokens or no layers")
         if not CARD_ID.fullmatch(h.card_id):
@@ -153,7 +155,8 @@ class CardReader:
                 if key.pre_rope:
                     rope.inv_freq(fp)  # the card's model must have plain RoPE to apply it again
                 fits = all(
-                    wire_size_fits(c, size, fp.num_kv_heads, spec.tokens, fp.head_dim, salient_count(salient, own, spec.tokens, c))
+                    wire_size_fits(c, size, fp.num_kv_heads, spec.tokens, fp.head_dim,
+                                   salient_count(salient, own, spec.tokens, c))
                     for size, c in ((spec.key_bytes, key), (spec.value_bytes, value))
                 )
             except ValueError as e:
@@ -165,7 +168,8 @@ class CardReader:
         if total != h.payload_bytes:
             raise CardError(ErrorKind.INVALID, f"payload_bytes {h.payload_bytes} != sum of layer sizes {total}")
         if total > self.max_card_bytes:
-            raise CardError(ErrorKind.TOO_LARGE, f"card of {total} bytes exceeds this receiver's limit of {self.max_card_bytes}")
+            raise CardError(ErrorKind.TOO_LARGE,
+                            f"card of {total} bytes exceeds this receiver's limit of {self.max_card_bytes}")
         self.header = h
         self._digest = content_hash(h)
         self._skip_empty_layers()
@@ -181,13 +185,15 @@ class CardReader:
             if self.alignment is not None:
                 raise CardError(ErrorKind.PRECONDITION, "a delta card must come from the receiver's own model")
             if h.shared_prefix_tokens or h.salient_tokens:
-                raise CardError(ErrorKind.INVALID, "a delta card holds every layer, and no shared prefix or salient tokens")
+                raise CardError(ErrorKind.INVALID,
+                                "a delta card holds every layer, and no shared prefix or salient tokens")
         ids = list(h.context_ids)
         if ids and (len(ids) != h.context_tokens or context_digest(ids) != h.context_ids_sha256):
             raise CardError(ErrorKind.INVALID, f"the card's {len(h.context_ids)} context token ids are not its "
                             f"{h.context_tokens} tokens of digest context_ids_sha256")
         if h.parent_card_id and not ids:
-            raise CardError(ErrorKind.INVALID, "a delta card carries its context_ids (its parent's are checked against them)")
+            raise CardError(ErrorKind.INVALID,
+                            "a delta card carries its context_ids (its parent's are checked against them)")
         if h.block_hashes:
             if not ids:
                 raise CardError(ErrorKind.INVALID, "a card that names block hashes carries the context_ids they hash")
@@ -203,7 +209,8 @@ class CardReader:
         if c.index != self._next_chunk:
             raise CardError(ErrorKind.DATA_LOSS, f"chunk {c.index} arrived where chunk {self._next_chunk} was expected")
         if len(c.data) > MAX_CHUNK_BYTES:
-            raise CardError(ErrorKind.INVALID, f"chunk {c.index} holds {len(c.data)} bytes; the limit is {MAX_CHUNK_BYTES}")
+            raise CardError(ErrorKind.INVALID,
+                            f"chunk {c.index} holds {len(c.data)} bytes; the limit is {MAX_CHUNK_BYTES}")
         if not c.data:
             raise CardError(ErrorKind.INVALID, f"chunk {c.index} is empty")
         if crc32c(c.data) != c.crc32c:
@@ -252,9 +259,11 @@ class CardReader:
         data = torch.frombuffer(layer.buf, dtype=torch.uint8).to(device)
         split = layer.spec.key_bytes
         h = self.header
+        assert h is not None  # layers are read only after their header
         try:
             k, v = (
-                dequantize(blob, c, shape, dtype, layer_salient(h.salient_tokens, h.context_tokens, layer.spec.tokens, c))
+                dequantize(blob, c, shape, dtype,
+                           layer_salient(h.salient_tokens, h.context_tokens, layer.spec.tokens, c))
                 for blob, c in ((data[:split], layer.key), (data[split:], layer.value))
             )
         except ValueError as e:  # an entropy-coded tensor that is not what its codec implies
@@ -262,5 +271,6 @@ class CardReader:
         k = rope_restored(k, layer.key, self.source, h.context_tokens)
         layer.buf = bytearray()  # the dequantized tensors replace the bytes
         if not bool(torch.isfinite(torch.stack([k.abs().amax(), v.abs().amax()])).all()):
-            raise CardError(ErrorKind.INVALID, f"layer {layer.spec.receiver_layer} decodes to non-finite values (NaN or Inf)")
+            raise CardError(ErrorKind.INVALID,
+                            f"layer {layer.spec.receiver_layer} decodes to non-finite values (NaN or Inf)")
         return k, v

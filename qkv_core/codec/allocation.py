@@ -112,11 +112,13 @@ def kivi_codecs(kind: str, bits: int, tools: Sequence[str], levels: Levels, num_
     return [replace(codec, levels=tuple(x)) for x in fitted] if fitted else [codec] * num_layers
 
 
-def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4), split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:
+def seed_adaptive(profile: Profile, widths: tuple[int, int, int] = (8, 6, 4),
+                  split: tuple[float, float] = (0.3, 0.4)) -> list[LayerCodec]:
     """The seed paper's allocation: layers ranked by per-tensor error at the lowest width."""
     high, mid, low = widths
     lowest = min(widths)
-    sensitivity = [k + v for k, v in zip(profile.error("tensor", "key", lowest), profile.error("tensor", "value", lowest))]
+    sensitivity = [k + v for k,
+                   v in zip(profile.error("tensor", "key", lowest), profile.error("tensor", "value", lowest))]
     ranked = sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])
     n_high = round(split[0] * len(ranked))
     n_mid = round(split[1] * len(ranked))
@@ -214,12 +216,14 @@ def budget(profiles: Sequence[Profile], kind: Adaptive, shapes: list[Shape], car
     layers whose loss costs least are dropped, for the d whose allocation errs least."""
     if [p.tools for p in profiles] != list(kind.profile_sets):
         raise ValueError(f"{kind.allocator}{kind.profile_tools} needs profiles calibrated with "
-                         f"{' and '.join(t or 'no tools' for t in kind.profile_sets)}, not {[p.tools or 'none' for p in profiles]}")
+                         f"{' and '.join(t or 'no tools' for t in kind.profile_sets)}, not "
+                         f"{[p.tools or 'none' for p in profiles]}")
     if any(len(shapes) != p.num_layers for p in profiles):
         raise ValueError(f"the profile has {profiles[0].num_layers} layers, the cache {len(shapes)}")
     options: list[list[Option]] = []  # per tensor (every K, then every V)
     for kv_kind in KINDS:
-        per_codec = [(p.codecs(kv_kind, bits), p.sensitivity[kv_kind][str(bits)]) for p in profiles for bits in p.widths(kv_kind)]
+        per_codec = [(p.codecs(kv_kind, bits),
+                      p.sensitivity[kv_kind][str(bits)]) for p in profiles for bits in p.widths(kv_kind)]
         per_codec.append(([TensorCodec(FP16_BITS)] * len(shapes), [0.0] * len(shapes)))
         per_option = []
         for codecs, errors in per_codec:
@@ -246,10 +250,12 @@ def budget(profiles: Sequence[Profile], kind: Adaptive, shapes: list[Shape], car
         if best is None or error < best[0]:
             best = (error, kept, choice)
     if best is None:
-        smallest = sum(menu[0][1] for menu in options) if not order else min(options[i][0][1] + options[n + i][0][1] for i in range(n))
+        smallest = (sum(menu[0][1] for menu in options) if not order
+                    else min(options[i][0][1] + options[n + i][0][1] for i in range(n)))
         raise RequestError(
-            f"{kind.allocator}-{kind.bits:g} is below the smallest allocation here: {_bits_per_element(smallest + card.overhead_bytes, shapes):.2f} "
-            f"bits per element at {shapes[0][1]} tokens (scales, zero points and the header weigh more on short contexts)"
+            f"{kind.allocator}-{kind.bits:g} is below the smallest allocation here: "
+            f"{_bits_per_element(smallest + card.overhead_bytes, shapes):.2f} bits per element at {shapes[0][1]} "
+            "tokens (scales, zero points and the header weigh more on short contexts)"
         )
     _, kept, choice = best
     picked = [menu[0][0] for menu in options]  # a dropped layer's codecs are never used
@@ -264,7 +270,8 @@ TOKENMIX_HIGH = 8
 TOKENMIX_LOW = 2  # the narrowest width of the ordinary tokens
 
 
-def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor, overhead_bytes: int = 0) -> tuple[list[LayerCodec], list[int]]:
+def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor,
+             overhead_bytes: int = 0) -> tuple[list[LayerCodec], list[int]]:
     """(codecs, salient positions): sink tokens in fp16, the most-attended tokens at 8 bits and
     the rest at the widest width that leaves room for a tenth of the tokens at 8 bits, with as
     many 8-bit tokens as the budget allows (the card's `overhead_bytes` paid for too)."""
@@ -275,7 +282,8 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor, overh
     def layer(low: int) -> LayerCodec:
         kivi = KIVI(low)
         return LayerCodec(*(
-            TensorCodec(low, c.granularity, sink_tokens=TOKENMIX_SINK, salient_bits=TOKENMIX_HIGH) for c in (kivi.key, kivi.value)
+            TensorCodec(low, c.granularity, sink_tokens=TOKENMIX_SINK, salient_bits=TOKENMIX_HIGH)
+            for c in (kivi.key, kivi.value)
         ))
 
     def size(low: int, count: int) -> int:
@@ -289,8 +297,9 @@ def tokenmix(target: float, shapes: list[Shape], importance: torch.Tensor, overh
     fitting = [w for w in range(TOKENMIX_HIGH - 1, TOKENMIX_LOW - 1, -1) if size(w, 0) <= limit]
     if not fitting:
         raise RequestError(
-            f"tokenmix-{target:g} is below its smallest allocation here: {_bits_per_element(size(TOKENMIX_LOW, 0), shapes):.2f} "
-            f"bits per element at {tokens} tokens (the fp16 sink and the scales weigh more on short contexts)"
+            f"tokenmix-{target:g} is below its smallest allocation here: "
+            f"{_bits_per_element(size(TOKENMIX_LOW, 0), shapes):.2f} bits per element at {tokens} tokens "
+            "(the fp16 sink and the scales weigh more on short contexts)"
         )
     low = next((w for w in fitting if size(w, reserve) <= limit), fitting[-1])
     lo, hi = 0, len(ranked)  # the largest count that fits: size grows with the count
@@ -306,7 +315,7 @@ def allocate(kind: Adaptive, profiles: Sequence[Profile], kv: KVCache, importanc
     when kind.needs_profile, `importance` (the attention each context token receives) when
     kind.needs_probe. With kind.entropy every tensor is entropy coded: budget-B counts the coded
     bytes, the others allocate as without and then code."""
-    shapes = [tuple(k.shape) for k in kv.keys]
+    shapes: list[Shape] = [(k.shape[0], k.shape[1], k.shape[2]) for k in kv.keys]
     if kind.allocator == "budget":
         return budget(profiles, kind, shapes, card, coded_sizer(kv, card) if kind.entropy else None)
     if kind.needs_probe:

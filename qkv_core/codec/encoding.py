@@ -19,7 +19,8 @@ from qkv_core.codec.rotation import rotate
 from qkv_core.types import Fingerprint, KVCache
 
 
-def layer_salient(positions: Sequence[int], context_tokens: int, layer_tokens: int, codec: TensorCodec) -> torch.Tensor | None:
+def layer_salient(positions: Sequence[int], context_tokens: int, layer_tokens: int,
+                  codec: TensorCodec) -> torch.Tensor | None:
     """The salient context positions as indices into one layer's quantized middle (a layer
     holds the last `layer_tokens` tokens of the context); None when the codec has none."""
     if not codec.salient_bits or not positions:
@@ -84,7 +85,8 @@ def rope_restored(key: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None,
     return rope.apply(key, rope.inv_freq(fp), context_tokens - key.shape[1]).to(key.dtype)
 
 
-def quantizer_input(tensor: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None, context_tokens: int) -> torch.Tensor:
+def quantizer_input(tensor: torch.Tensor, codec: TensorCodec, fp: Fingerprint | None,
+                    context_tokens: int) -> torch.Tensor:
     """A K or V tensor as `codec`'s quantizer sees it: RoPE removed (pre-RoPE keys), then rotated."""
     x = rope_removed(tensor, codec, fp, context_tokens)
     return rotate(x, codec.rotation) if codec.rotation else x
@@ -95,4 +97,5 @@ def reconstructed(tensors: list[torch.Tensor], codecs: Sequence[TensorCodec], fp
     """Each K (or V) tensor as a receiver gets it back from its codec: coded (pre-RoPE keys with
     RoPE removed at their positions), decoded, RoPE restored."""
     blobs = encode_tensors([rope_removed(t, c, fp, context_tokens) for t, c in zip(tensors, codecs)], list(codecs))
-    return [rope_restored(dequantize(b, c, tuple(t.shape), t.dtype), c, fp, context_tokens) for b, c, t in zip(blobs, codecs, tensors)]
+    return [rope_restored(dequantize(b, c, (t.shape[0], t.shape[1], t.shape[2]), t.dtype), c, fp, context_tokens)
+            for b, c, t in zip(blobs, codecs, tensors)]

@@ -37,13 +37,13 @@ def bound(size: int) -> int:
 
 def compress(blob: torch.Tensor) -> torch.Tensor:
     """One zstd frame of a flat uint8 tensor, on the tensor's device."""
-    frame = zstandard.ZstdCompressor(level=LEVEL).compress(blob.cpu().contiguous().numpy())  # read in place
+    frame = zstandard.ZstdCompressor(level=LEVEL).compress(blob.cpu().contiguous().numpy().data)  # read in place
     return _tensor(frame, blob.device)
 
 
 def decompress(frame: torch.Tensor, size: int) -> torch.Tensor:
     """The content of one zstd frame that must hold exactly `size` bytes; ValueError otherwise."""
-    data = frame.cpu().contiguous().numpy()  # read in place, not copied
+    data = frame.cpu().contiguous().numpy().data  # read in place, not copied
     try:
         declared = zstandard.frame_content_size(data)
         if declared != size:

@@ -15,7 +15,8 @@ the fp16 sink window and the fp16 recent window. With token-level mixed precisio
 (salient_bits, and a set of salient tokens known to both sides) the middle is two such
 parts: the ordinary tokens at `bits`, then the salient tokens at `salient_bits`. With
 bits=16 the blob is the fp16 tensor itself, with bits=32 the fp32 tensor (lossless).
-Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for the stored (fp16) scale, and a
+Zero points are rounded down and scales up to fp16 before the codes are computed, so |x - x_hat| <= scale/2 holds for
+the stored (fp16) scale, and a
 constant row stores scale 0 and dequantizes to its zero point exactly (never 0/0) (compact side
 information below rounds onto its grids the same way).
 With `outliers` (dense-and-sparse) a quantized part's k = values * outliers // 10,000 values that lie
@@ -50,7 +51,8 @@ from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
 from qkv_core.codec.rotation import rotate, unrotate
 from qkv_core.errors import RequestError
 
-_BATCH_ELEMENTS = 1 << 20  # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
+# 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
+_BATCH_ELEMENTS = 1 << 20
 FP16_BITS = 16
 FP32_BITS = 32
 OUTLIER_SCALE = 10_000  # TensorCodec.outliers counts per this many values (basis points)
@@ -110,8 +112,8 @@ class TensorCodec:
         if self.entropy not in iter(Entropy):
             raise RequestError(f"unknown entropy coder {self.entropy}")
         if self.outliers and (self.is_float or self.salient_bits or not 0 < self.outliers <= OUTLIER_SCALE):
-            raise RequestError(f"outliers are 1..{OUTLIER_SCALE} per {OUTLIER_SCALE} values of an integer codec without "
-                               f"salient tokens, got {self.outliers}")
+            raise RequestError(f"outliers are 1..{OUTLIER_SCALE} per {OUTLIER_SCALE} values of an integer codec "
+                               f"without salient tokens, got {self.outliers}")
         if self.levels and (self.is_float or self.salient_bits or len(self.levels) != 1 << self.bits
                             or not all(0.0 <= a < b <= 1.0 for a, b in zip(self.levels, self.levels[1:]))):
             raise RequestError(f"non-uniform levels are 2^bits ascending fractions within [0, 1] of an integer codec "
@@ -191,7 +193,8 @@ def _side_size(codec: TensorCodec, rows: int) -> int:
 
 def _part_size(codec: TensorCodec, bits: int, heads: int, tokens: int, dim: int) -> int:
     rows, width = _rows(codec, heads, tokens, dim)
-    return packed_size(rows * width, _code_width(codec, bits)) + _side_size(codec, rows) + 6 * outlier_count(codec, rows * width)
+    return (packed_size(rows * width, _code_width(codec, bits)) + _side_size(codec, rows)
+            + 6 * outlier_count(codec, rows * width))
 
 
 def encoded_size(codec: TensorCodec, heads: int, tokens: int, dim: int, salient: int = 0) -> int:
@@ -261,6 +264,7 @@ def _plain_blobs(xs: Sequence[torch.Tensor], codec: TensorCodec, salient: torch.
     if len(parts) == 1:
         subsets = [middles]
     else:
+        assert salient is not None  # a second part is the salient tokens'
         ordinary = torch.ones(tokens - sink - recent, dtype=torch.bool, device=xs[0].device)
         ordinary[salient] = False
         keep = ordinary.nonzero().squeeze(1)
@@ -281,7 +285,8 @@ def _encode_part(xs: list[torch.Tensor], codec: TensorCodec, bits: int) -> list[
     per_batch = min(len(xs), max(1, _BATCH_ELEMENTS // xs[0].numel()))
     # One fp32 staging buffer for every batch: the codes are computed in it, in place.
     staging = torch.empty((per_batch, *xs[0].shape), dtype=torch.float32, device=xs[0].device)
-    return [blob for i in range(0, len(xs), per_batch) for blob in _encode_batch(xs[i : i + per_batch], codec, bits, staging)]
+    return [blob for i in range(0, len(xs), per_batch)
+            for blob in _encode_batch(xs[i : i + per_batch], codec, bits, staging)]
 
 
 def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging: torch.Tensor) -> list[torch.Tensor]:
@@ -305,7 +310,8 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     # Codes below 128 go through int8: float->int8 is vectorized on the CPU, float->uint8
     # is not (0.75 vs 0.14 ms for 2M values).
     if codec.levels:  # the nearest of the non-uniform levels, from the value in code units
-        codes = levels.nearest(groups.sub_(zero).mul_(inv), levels.code_units(codec.levels, groups.device)).to(torch.uint8)
+        codes = levels.nearest(groups.sub_(zero).mul_(inv),
+                               levels.code_units(codec.levels, groups.device)).to(torch.uint8)
     else:
         units = groups.sub_(zero - s / 2).mul_(inv)
         if sparse:  # outliers lie outside their row's range: their codes are clamped (and never read)
@@ -320,7 +326,8 @@ def _encode_batch(xs: list[torch.Tensor], codec: TensorCodec, bits: int, staging
     return [torch.cat(parts) for parts in zip(packed, side, *sparse)]
 
 
-_Side = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (zero points, scales) in fp32 as decoded, [tensors, rows]; the bytes
+# (zero points, scales) in fp32 as decoded, [tensors, rows]; the bytes
+_Side = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _fp16_side(low: torch.Tensor, high: torch.Tensor, qmax: int) -> _Side:
@@ -346,7 +353,8 @@ def _compact_side(low: torch.Tensor, high: torch.Tensor, qmax: int) -> _Side:
     if not torch.isfinite(top).all():
         raise ValueError("KV values are not finite, or their range exceeds fp16; use a finer granularity or fp16")
     smallest = torch.where(need > 0, need, top.float()).amin(dim=1, keepdim=True)
-    span = _round_fp16(torch.log2(top.float() / smallest).nan_to_num_(0.0), up=True)  # octaves from the smallest scale to top
+    # octaves from the smallest scale to top
+    span = _round_fp16(torch.log2(top.float() / smallest).nan_to_num_(0.0), up=True)
     position = _SIDE_TOP + _SIDE_TOP * torch.log2(need / top.float()) / span.float()
     sq = torch.where(span > 0, position, float(_SIDE_TOP)).nan_to_num_(0.0).ceil_().clamp_(0, _SIDE_TOP)
     scale = _scales(top, span, sq)
@@ -366,7 +374,8 @@ def _scales(top: torch.Tensor, span: torch.Tensor, codes: torch.Tensor) -> torch
     return top.float() * torch.exp2((codes.float() - _SIDE_TOP) * span.float() / _SIDE_TOP)
 
 
-def _outliers(groups: torch.Tensor, reduced: int, tensors: int, k: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def _outliers(groups: torch.Tensor, reduced: int, tensors: int,
+              k: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(the outlier bytes of each tensor, [k int32 indices ascending] and [k fp16 values], as uint8
     rows, or none; every row's min and max without them). `groups`: the staged tensors in their
     group view, `reduced` the dim a row spans."""

@@ -248,8 +248,9 @@ def adaptive(name: str) -> Adaptive | None:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
     if family != "budget" and set(tools) - {ENTROPY_CODED}:
-        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE}, {LLOYD_LEVELS}, {COMPACT_SIDE} and +outN apply to static "
-                           "codecs and to budget-B, whose profile is calibrated with them")
+        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE}, {LLOYD_LEVELS}, "
+                           f"{COMPACT_SIDE} and +outN apply to static codecs and to budget-B, whose profile is "
+                           "calibrated with them")
     return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], tools)
 
 
@@ -284,8 +285,9 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, +lloyd, +s8, +outN), "
-        "seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like 'k=4/channel;v=4/token+rot' "
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, "
+        "+lloyd, +s8, +outN), seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like "
+        "'k=4/channel;v=4/token+rot' "
         "or a configured codec .json file"
     )
 
@@ -305,15 +307,18 @@ ADAPTIVE = {
     "tokenmix-B": "sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits",
 }
 TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
-    f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded Hadamard transform",
-    f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts coded bytes",
+    f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded "
+                      "Hadamard transform",
+    f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts "
+                            "coded bytes",
     f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
     "NAME+outN": "NAME (a static codec) with N per 10,000 quantized values kept exact (dense-and-sparse); "
                  "budget-B+outN: with or without them per tensor, whichever its profiles favour",
     f"NAME{COMPACT_SIDE}": "NAME (a static codec or budget-B) with every scale and zero point one byte on grids of "
                            "each tensor's own, not fp16 (half the side information)",
     f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
-                           "uniform or each layer's own Lloyd-Max levels (in its profile) per tensor, whichever its profiles favour",
+                           "uniform or each layer's own Lloyd-Max levels (in its profile) per tensor, whichever its "
+                           "profiles favour",
 }
 
 

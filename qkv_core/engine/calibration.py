@@ -54,9 +54,12 @@ def fit_levels(lm: LoadedModel, samples: list[Sample], tools: Sequence[str], max
         for kind in KINDS:
             codec = tooled(getattr(KIVI(2), kind), kind, tools)  # the layout and tools; the width is the fit's
             for layer, t in enumerate(kv.keys if kind == "key" else kv.values):
-                unit = levels.unit_values(quantizer_input(t, codec, lm.fingerprint, len(ids)), per_channel=kind == "key")
-                pooled[kind][layer].append(unit[torch.randint(unit.numel(), (min(unit.numel(), FIT_VALUES),), generator=g)])
-    return {kind: {str(bits): [list(levels.fit(torch.cat(sample), bits, exact_ends=kind == "key" and bits > 1)) for sample in per_layer]
+                unit = levels.unit_values(quantizer_input(t, codec, lm.fingerprint, len(ids)),
+                                          per_channel=kind == "key")
+                picked = torch.randint(unit.numel(), (min(unit.numel(), FIT_VALUES),), generator=g)
+                pooled[kind][layer].append(unit[picked])
+    return {kind: {str(bits): [list(levels.fit(torch.cat(sample), bits, exact_ends=kind == "key" and bits > 1))
+                               for sample in per_layer]
                    for bits in levels.LLOYD} for kind, per_layer in pooled.items()}
 
 
@@ -91,21 +94,26 @@ def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512, too
                         codecs = kivi_codecs(kind, bits, tool_list, fitted, n_layers)
                     else:
                         codecs = [tooled(getattr(pair(bits), kind), kind, tool_list)] * n_layers
-                    for layer, (t, approx) in enumerate(zip(tensors, reconstructed(tensors, codecs, lm.fingerprint, len(ids)))):
+                    for layer, (t, approx) in enumerate(zip(tensors,
+                                                            reconstructed(tensors, codecs, lm.fingerprint, len(ids)))):
                         acc = sums[family][kind][bits][layer]
                         acc[0] += float((approx.float() - t.float()).pow(2).sum())
                         acc[1] += float(t.float().pow(2).sum())
                         if family == "kivi":
-                            kl[kind][str(bits)][layer] += _kl(lm, _replaced(kv, kind, layer, approx), query, reference) / len(samples)
+                            replaced = _replaced(kv, kind, layer, approx)
+                            kl[kind][str(bits)][layer] += _kl(lm, replaced, query, reference) / len(samples)
         if droppable:
             prefix, everything = shared_prefix(lm, ids), set(range(n_layers))
             for layer in range(n_layers):
-                dropped[layer] += _kl(lm, keep_prefix(kv, everything - {layer}, prefix), query, reference) / len(samples)
+                dropped[layer] += _kl(lm, keep_prefix(kv, everything - {layer}, prefix), query,
+                                      reference) / len(samples)
     errors = {
-        f: {k: {str(b): [e / n if n else 0.0 for e, n in layers] for b, layers in by_bits.items()} for k, by_bits in by_kind.items()}
+        f: {k: {str(b): [e / n if n else 0.0 for e, n in layers] for b, layers in by_bits.items()} for k,
+            by_bits in by_kind.items()}
         for f, by_kind in sums.items()
     }
-    return Profile(lm.fingerprint.name, lm.fingerprint.weights_sha256, len(samples), tokens, errors, kl, tools, dropped, fitted)
+    return Profile(lm.fingerprint.name, lm.fingerprint.weights_sha256, len(samples), tokens, errors, kl, tools, dropped,
+                   fitted)
 
 
 def load_or_calibrate(lm: LoadedModel, path: Path | None = None, tools: str = "") -> Profile:

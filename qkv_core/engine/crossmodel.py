@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -82,7 +83,7 @@ class Moments:
     std: list[float]
 
     @classmethod
-    def of(cls, x: torch.Tensor, per_channel: bool) -> "Moments":
+    def of(cls, x: torch.Tensor, per_channel: bool) -> Moments:
         x = x.double() if per_channel else x.double().reshape(-1, 1)
         mean = x.mean(0)
         std = x.var(0, unbiased=False).sqrt().clamp_min(1e-6)
@@ -99,7 +100,7 @@ class Alignment:
     sources: list[int]
     sender_inv_freq: torch.Tensor  # [sender layers, sender head_dim/2]
     receiver_inv_freq: torch.Tensor  # [receiver layers, receiver head_dim/2]
-    maps: list[dict[str, object]]  # per receiver layer: {"k": ..., "v": ...}: (Moments, Moments) or a weight
+    maps: list[dict[str, Any]]  # per receiver layer: {"k": ..., "v": ...}: (Moments, Moments) or a weight
 
     def __post_init__(self) -> None:
         # Each layer's and part's map, made ready once, not per card.
@@ -133,7 +134,7 @@ class Alignment:
         return path
 
     @classmethod
-    def load(cls, path: Path) -> "Alignment":
+    def load(cls, path: Path) -> Alignment:
         """A file written by `save`: which method by its suffix."""
         path = Path(path)
         method = next((m for m in METHODS.values() if m.suffix == path.suffix), None)
@@ -153,7 +154,8 @@ def _affine(src: Moments, dst: Moments) -> tuple[torch.Tensor, torch.Tensor]:
 
 def default_path(sender: Fingerprint, receiver: Fingerprint, method: str) -> Path:
     suffix = METHODS[method].suffix
-    name = f"{sender.name}-{sender.weights_sha256[:16]}__{receiver.name}-{receiver.weights_sha256[:16]}-{method}{suffix}"
+    pair = f"{sender.name}-{sender.weights_sha256[:16]}__{receiver.name}-{receiver.weights_sha256[:16]}"
+    name = f"{pair}-{method}{suffix}"
     return cache_dir() / "alignments" / name
 
 
@@ -240,7 +242,8 @@ class StatsMap:
 
     def load(self, path: Path) -> tuple[dict, torch.Tensor, torch.Tensor, list[dict]]:
         body = json.loads(path.read_text())
-        maps = [{p: (Moments(**m[p]["sender"]), Moments(**m[p]["receiver"])) for p in ("k", "v")} for m in body["layers"]]
+        maps = [{p: (Moments(**m[p]["sender"]), Moments(**m[p]["receiver"])) for p in ("k", "v")}
+                for m in body["layers"]]
         return body, torch.tensor(body["sender_inv_freq"]), torch.tensor(body["receiver_inv_freq"]), maps
 
 
@@ -264,7 +267,7 @@ class RidgeMap:
             return torch.linalg.solve(a.T @ a + reg, a.T @ b)
 
         errors = {a: ((xb[cut:] @ solve(xb[:cut], y[:cut], a) - y[cut:]) ** 2).mean().item() for a in _ALPHAS}
-        return solve(xb, y, min(errors, key=errors.get)).float()
+        return solve(xb, y, min(errors, key=lambda a: errors[a])).float()
 
     def mapper(self, w: torch.Tensor, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: x @ w[:-1] + w[-1]

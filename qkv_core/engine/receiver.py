@@ -96,7 +96,7 @@ class Intake:
     reserved: int = 0  # decoded bytes admitted for this card
     prefix: KVCache | None = None  # a delta card's parent tokens, found when its header arrives
 
-    def __enter__(self) -> "Intake":
+    def __enter__(self) -> Intake:
         self.admission.enter()
         return self
 
@@ -141,17 +141,21 @@ class Intake:
         if (alignment := self.reader.alignment) is not None:
             missing = sorted(set(alignment.sources) - set(self.keys))  # equal to the card's map, when it has one
             if missing:
-                raise CardError(ErrorKind.PRECONDITION, f"a card from another model must carry every layer its alignment reads; {missing} are missing")
+                raise CardError(ErrorKind.PRECONDITION,
+                                f"a card from another model must carry every layer its alignment reads; {missing} are "
+                                f"missing")
             start = time.perf_counter()
-            sender = KVCache([self.keys.get(i) for i in range(alignment.sender.num_layers)],
-                             [self.values.get(i) for i in range(alignment.sender.num_layers)])
+            # the layers the alignment does not read stay None: it never touches them
+            sender = KVCache([self.keys.get(i) for i in range(alignment.sender.num_layers)],  # type: ignore[misc]
+                             [self.values.get(i) for i in range(alignment.sender.num_layers)])  # type: ignore[misc]
             kv = alignment.apply(sender, self.device, self.dtype)
             self.dequantize_s += time.perf_counter() - start
             return StoredCard(header, kv)
         missing = sorted(set(range(num_layers)) - set(self.keys))
         if missing:
             if not header.shared_prefix_tokens:
-                raise CardError(ErrorKind.PRECONDITION, f"card lacks layers {missing} and names no shared prefix for them")
+                raise CardError(ErrorKind.PRECONDITION,
+                                f"card lacks layers {missing} and names no shared prefix for them")
             prefix = self.shared_prefix(header.shared_prefix_tokens)
             for i in missing:
                 self.keys[i], self.values[i] = prefix.keys[i], prefix.values[i]
@@ -179,7 +183,8 @@ class ReceiverEngine:
         self._reads = Admission(dataclasses.replace(limits, max_intakes=sys.maxsize, max_inflight_bytes=sys.maxsize))
         for a in alignments:
             if a.receiver != lm.fingerprint:
-                raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than {lm.fingerprint.name!r}")
+                raise ValueError(f"alignment {a.sender.name} -> {a.receiver.name} is for another receiver model than "
+                                 f"{lm.fingerprint.name!r}")
         self.alignments = {a.sender.weights_sha256: a for a in alignments}
         self.prompt = PromptFormat.for_tokenizer(lm.tokenizer)
         self.store = CardStore(store, namespace(lm.fingerprint), self.decode, max_card_bytes)
@@ -194,8 +199,9 @@ class ReceiverEngine:
         """A new card's intake for `tenant` (whose cards a delta's parent is looked up among); enter it
         (`with`) to be admitted (not `admitted`: the store reading its own tiers, outside the limits)."""
         reader = CardReader(self.lm.fingerprint, self.max_card_bytes, self.alignments, self.limits)
-        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix, functools.partial(self.parent, tenant=tenant),
-                      self.admission if admitted else self._reads, self.store.cfg.hot_bytes)
+        return Intake(reader, self.lm.device, self.lm.dtype, self.shared_prefix,
+                      functools.partial(self.parent, tenant=tenant), self.admission if admitted else self._reads,
+                      self.store.cfg.hot_bytes)
 
     def parent(self, header: pb.CardHeader, tenant: str = DEFAULT_TENANT) -> KVCache:
         """The cache a delta card extends: the first parent_tokens tokens of the tenant's card
@@ -205,7 +211,8 @@ class ReceiverEngine:
             raise CardError(ErrorKind.PARENT_MISSING, f"this receiver does not hold the delta card's parent "
                             f"{header.parent_card_id[:12]} (evicted, or never pushed): send the whole card",
                             {"parent_card_id": header.parent_card_id})
-        if held.header.layer_sources or held.kv.is_ragged or fingerprint_from_pb(held.header.model) != self.lm.fingerprint:
+        foreign = fingerprint_from_pb(held.header.model) != self.lm.fingerprint
+        if held.header.layer_sources or held.kv.is_ragged or foreign:
             raise CardError(ErrorKind.PRECONDITION, "a delta card extends only a card of this receiver's model "
                             "with every layer (not a layer-selected or cross-model one)")
         if header.parent_tokens > held.header.context_tokens:
@@ -239,7 +246,8 @@ class ReceiverEngine:
             self._prefix = (len(head), prefill(self.lm, head)[0] if head else None)
         length, kv = self._prefix
         if tokens != length or kv is None:
-            raise CardError(ErrorKind.PRECONDITION, f"the card's shared prefix is {tokens} tokens; this receiver's chat header is {length}")
+            raise CardError(ErrorKind.PRECONDITION,
+                            f"the card's shared prefix is {tokens} tokens; this receiver's chat header is {length}")
         return kv
 
     def accept(self, stream: Iterable[pb.CardFrame], intake: Intake | None = None, tenant: str = DEFAULT_TENANT,
@@ -314,7 +322,8 @@ def _not_held(card_id: str) -> CardError:
     return CardError(ErrorKind.NOT_FOUND, f"no card {card_id!r} here; push it first")
 
 
-def timed_answer(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int, stats: Generation) -> Iterator[str]:
+def timed_answer(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int,
+                 stats: Generation) -> Iterator[str]:
     """Greedy answer text after `ids` (on top of `kv`), recording TTFT, total time and tokens in `stats`."""
     start = time.perf_counter()
     stats.cached_tokens = kv.tokens if kv is not None else 0

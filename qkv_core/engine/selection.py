@@ -76,7 +76,8 @@ def shared_prefix(lm: LoadedModel, context_ids: list[int]) -> int:
 def keep_prefix(kv: KVCache, layers: set[int], prefix: int) -> KVCache:
     """`kv` with every layer outside `layers` cut to its first `prefix` tokens (a ragged cache)."""
     cut = [i not in layers for i in range(kv.num_layers)]
-    return KVCache([k[:, :prefix] if c else k for k, c in zip(kv.keys, cut)], [v[:, :prefix] if c else v for v, c in zip(kv.values, cut)])
+    return KVCache([k[:, :prefix] if c else k for k, c in zip(kv.keys, cut)],
+                   [v[:, :prefix] if c else v for v, c in zip(kv.values, cut)])
 
 
 def calibrate(lm: LoadedModel, samples: list[Sample]) -> LayerProfile:

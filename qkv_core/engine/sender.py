@@ -88,7 +88,7 @@ class SenderEngine:
         self.cache_bytes = cache_bytes
         self._last_ids: tuple[str, str, list[int]] | None = None  # (tenant, context, its ids)
         # (tenant, "probe" or "", digest of the ids) -> the cache and the probe's attention
-        self._prefilled: ByteLRU[tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda entry: _nbytes(entry[0]))
+        self._prefilled: ByteLRU[CacheKey, tuple[KVCache, torch.Tensor | None]] = ByteLRU(lambda e: _nbytes(e[0]))
         self._blocks: dict[tuple[str, bytes], CacheKey] = {}  # (tenant, block hash) -> the cached context it begins
         self._blocks_of: dict[CacheKey, list[tuple[str, bytes]]] = {}
         self._blocks_lock = threading.Lock()
@@ -125,7 +125,7 @@ class SenderEngine:
         hashes = [] if probe else [(tenant, h) for h in self.block_hashes(ids)]
         if not probe:
             past, start = self._cached_prefix(hashes, len(ids))
-            entry = prefill(self.lm, ids[start:], past, cancel=cancel)[0], None
+            entry: tuple[KVCache, torch.Tensor | None] = prefill(self.lm, ids[start:], past, cancel=cancel)[0], None
         else:
             attended = Probe(PROBE_QUERIES)
             kv, _ = prefill(self.lm, ids, probe=attended)
@@ -177,13 +177,14 @@ class SenderEngine:
         a = allocation.allocate(kind, profiles, kv, importance, card)
         return CardPlan(codec_name, a.layers, a.salient, a.selected, selection="" if a.selected is None else codec_name)
 
-    def plan(self, codec_name: str, ids: list[int], kv: KVCache, importance: torch.Tensor | None, may_drop: bool = False,
-             parent: Parent | None = None) -> tuple[KVCache, CardPlan]:
+    def plan(self, codec_name: str, ids: list[int], kv: KVCache, importance: torch.Tensor | None,
+             may_drop: bool = False, parent: Parent | None = None) -> tuple[KVCache, CardPlan]:
         """The cache a card of context `ids` encodes and its plan: with `parent`, a delta of the tokens
         after the parent's. `may_drop`: budget-B may drop layers (full attention is checked here)."""
         if parent is not None:
             kv = kv.span(parent.tokens)
-        card = allocation.CardTarget(self.lm.fingerprint, len(ids), overhead_bound(self.lm.fingerprint, ids, kv, codec_name),
+        overhead = overhead_bound(self.lm.fingerprint, ids, kv, codec_name)
+        card = allocation.CardTarget(self.lm.fingerprint, len(ids), overhead,
                                      may_drop and parent is None and full_attention(self.lm.model))
         plan = self.allocate(codec_name, kv, importance, card)
         if parent is not None:
@@ -214,8 +215,9 @@ class SenderEngine:
         return True
 
     def prepare(
-        self, context: str, codec_name: str, facts: FactConfig | None = None, layers: SelectionConfig = SelectionConfig(),
-        receiver_layers: int = 0, cancel: threading.Event | None = None, parent: Parent | None = None,
+        self, context: str, codec_name: str, facts: FactConfig | None = None,
+        layers: SelectionConfig = SelectionConfig(), receiver_layers: int = 0, cancel: threading.Event | None = None,
+        parent: Parent | None = None,
         tenant: str = DEFAULT_TENANT,
     ) -> PreparedCard:
         """Prefill, allocate, select layers, encode; with `facts`, extract them into the header too.

@@ -40,7 +40,7 @@ class Sessions:
     def __init__(self, max_bytes: int, max_per_tenant: int = 4096):
         self.max_bytes, self.max_per_tenant = max_bytes, max_per_tenant
         # (session, context, last turn, codec)
-        self._texts: ByteLRU[tuple[str, str, str, str]] = ByteLRU(lambda held: held_bytes(*held))
+        self._texts: ByteLRU[tuple[str, str], tuple[str, str, str, str]] = ByteLRU(lambda held: held_bytes(*held))
         self._of: dict[str, OrderedDict[str, None]] = {}  # tenant -> its sessions, least recently used first
 
     def context(self, tenant: str, session: str, text: str) -> str:
@@ -66,8 +66,8 @@ class Sessions:
         """`context` is now the session's, `text` the turn that made it and `codec` the codec it named
         (after its handoff succeeded)."""
         key = (tenant, session)
-        held = self._texts.pop(key)
-        self._texts.add(key, (session, context.strip(), text.strip() or (held[2] if held else ""), codec))
+        before = self._texts.pop(key)
+        self._texts.add(key, (session, context.strip(), text.strip() or (before[2] if before else ""), codec))
         own = self._of.setdefault(tenant, OrderedDict())
         own[session] = None
         own.move_to_end(session)

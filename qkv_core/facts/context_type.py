@@ -17,11 +17,13 @@ class ContextType(enum.Enum):
 _SIGNALS: dict[ContextType, list[re.Pattern[str]]] = {
     ContextType.API_DOC: [
         re.compile(r"\b(?:GET|POST|PUT|PATCH|DELETE)\b"), re.compile(r"(?<![\w/])/[a-z{][\w\-{}]*/"),
-        re.compile(r"\b(?:API|endpoint|JSON|HTTP|header|request|response|token|status code|rate limit|SDK|webhook)s?\b", re.I),
+        re.compile(r"\b(?:API|endpoint|JSON|HTTP|header|request|response|token|status code|rate limit|SDK|webhook)s?\b",
+                   re.I),
     ],
     ContextType.PRODUCT_SPEC: [
         re.compile(r"\b\d[\d.,]*\s?(?:kg|g|cm|mm|W|watts|mAh|GB|TB|inch(?:es)?|decibels|dB|meters?|hours)\b"),
-        re.compile(r"\b(?:warranty|weighs|dimensions|battery|features|model|price|costs?|filter|sensor|specifications?)\b", re.I),
+        re.compile(r"\b(?:warranty|weighs|dimensions|battery|features|model|price|costs?|filter|sensor|"
+                   r"specifications?)\b", re.I),
         re.compile(r"[$€£]\s?\d|\b\d+\s?(?:dollars|euros)\b"),
     ],
     ContextType.CONVERSATIONAL: [
@@ -49,6 +51,6 @@ def detect(text: str) -> Detection:
     speakers = set(re.findall(r"(?:^|\s)([A-Z][a-z]+|[A-Z]):\s", text))
     if len(speakers) < 2:
         scores[ContextType.CONVERSATIONAL.value] /= 4
-    best = max(scores, key=scores.get)
+    best = max(scores, key=lambda name: scores[name])
     kind = ContextType(best) if scores[best] >= _THRESHOLD else ContextType.GENERAL
     return Detection(kind, scores)

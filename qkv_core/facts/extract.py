@@ -55,7 +55,8 @@ def _rank(facts: list[Fact]) -> list[Fact]:
 
 
 def _cut(ranked: list[Fact], budget: int) -> list[Fact]:
-    chosen, used = [], 0
+    chosen: list[Fact] = []
+    used = 0
     for fact in ranked:
         size = len(fact.text.encode()) + (len(SEPARATOR) if chosen else 0)
         if used + size <= budget:

@@ -28,13 +28,15 @@ PATTERNS: list[tuple[str, re.Pattern[str], float]] = [
     ("version", re.compile(r"\b(?:v|version\s+)\d+(?:\.\d+){0,3}\b|\b\d+\.\d+\.\d+\b", re.I), 0.85),
     ("money", re.compile(
         rf"[$€£¥]\s?{_NUM}(?:\s?(?:million|billion|thousand|[kKmMbB]n?)\b)?|"
-        rf"\b{_NUM}\s?(?:(?:million|billion|thousand)\s)?(?:dollars|euros|pounds sterling|yen|USD|EUR|GBP|cents)\b"), 0.9),
+        rf"\b{_NUM}\s?(?:(?:million|billion|thousand)\s)?"
+        r"(?:dollars|euros|pounds sterling|yen|USD|EUR|GBP|cents)\b"), 0.9),
     ("percent", re.compile(rf"\b{_NUM}\s?(?:%|percent\b|per cent\b)"), 0.9),
     ("date", re.compile(
         rf"\b\d{{1,2}}\s+{_MONTH}(?:,?\s+\d{{4}})?\b|\b{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?\b|"
         rf"\b{_MONTH}\s+\d{{4}}\b|\b\d{{4}}-\d{{2}}-\d{{2}}\b"), 0.9),
     ("time", re.compile(
-        r"\b\d{1,2}:\d{2}(?::\d{2})?(?:\s?[AaPp]\.?[Mm]\.?)?(?:\s?(?:UTC|GMT|[A-Z]{2,4}T))?|\b\d{1,2}\s?(?:am|pm|a\.m\.|p\.m\.)"), 0.85),
+        r"\b\d{1,2}:\d{2}(?::\d{2})?(?:\s?[AaPp]\.?[Mm]\.?)?(?:\s?(?:UTC|GMT|[A-Z]{2,4}T))?|"
+        r"\b\d{1,2}\s?(?:am|pm|a\.m\.|p\.m\.)"), 0.85),
     ("quantity", re.compile(rf"\b{_NUM}[\s-]?{_UNIT}(?![\w])"), 0.8),
     ("year", re.compile(r"\b(?:1[5-9]\d\d|20\d\d)s?\b"), 0.6),
     ("number", re.compile(rf"\b{_NUM}\b"), 0.4),

@@ -62,7 +62,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     probe: Probe | None = kwargs.pop(PROBE, None)
     ragged = kwargs.pop(RAGGED, False)
     if probe is None and not ragged:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
     mask = _bottom_right_causal(query.shape[-2], key.shape[-2], query.device)
     key, value = _expand_kv(query, key, value)
     if probe is None:

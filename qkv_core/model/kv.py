@@ -36,16 +36,17 @@ def prefill(lm: LoadedModel, ids: list[int], past: KVCache | None = None, probe:
     if not ids:
         raise RequestError("cannot prefill an empty prompt")
     if cancel is not None and probe is None and len(ids) > PREFILL_CHUNK:
-        kv = past
+        kv: KVCache | None = past
         for start in range(0, len(ids), PREFILL_CHUNK):
             if cancel.is_set():
                 raise Cancelled(f"prefill stopped after {start} of {len(ids)} tokens: the caller went away")
             kv, logits = prefill(lm, ids[start : start + PREFILL_CHUNK], kv)
+        assert kv is not None  # more than one chunk ran
         return kv, logits
     cache = to_dynamic_cache(lm, past) if past is not None else DynamicCache(config=lm.model.config)
     out = _forward(lm, ids, cache, past, probe)
-    keys = [layer.keys[0] for layer in cache.layers]
-    values = [layer.values[0] for layer in cache.layers]
+    keys = [layer.keys[0] for layer in cache.layers]  # type: ignore[union-attr,index]  # attention layers, filled
+    values = [layer.values[0] for layer in cache.layers]  # type: ignore[union-attr,index]
     return KVCache(keys, values), out.logits[0, -1].float()
 
 
@@ -122,7 +123,7 @@ def stream_text(lm: LoadedModel, tokens: Iterator[int]) -> Iterator[str]:
     emitted = ""
     for token in tokens:
         seen.append(token)
-        text = lm.tokenizer.decode(seen, skip_special_tokens=True)
+        text = str(lm.tokenizer.decode(seen, skip_special_tokens=True))
         if text.endswith("\ufffd"):
             continue
         if len(text) > len(emitted):

@@ -105,7 +105,7 @@ def _converted_dir(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights were dequantized on load; save them as the plain fp32 model they now are.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types the attribute loosely
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -220,7 +220,7 @@ def load_model(cfg: RuntimeConfig) -> LoadedModel:
     start = time.perf_counter()
     source = model_source(cfg.model, cfg.revision)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)  # type: ignore[arg-type]  # (stubs)
     loaded = wrap(cfg.model, model, tokenizer)
     warm_up(loaded)
     log.info("loaded %s on %s/%s in %.1fs", cfg.model, device, dtype, time.perf_counter() - start)

@@ -26,10 +26,10 @@ class PromptFormat:
     tail: str
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "PromptFormat":
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
         if tokenizer.chat_template:
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _MARK}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             head, tail = text.split(_MARK)
             return cls(head, tail)
         bos = tokenizer.bos_token if _adds_bos(tokenizer) else ""

@@ -30,10 +30,11 @@ def check_candidates(names: list[str]) -> list[str]:
         kind = registry.adaptive(name)
         stem, tools = registry.split_tools(name)
         plain = set(tools) <= {registry.ENTROPY_CODED}  # lossless: predicted by the plain profile
-        known = name in (TEXT, "fp16", "fp32") or (stem.startswith("kivi-") and plain) or (kind and kind.allocator == "budget")
+        known = name in (TEXT, "fp16",
+                         "fp32") or (stem.startswith("kivi-") and plain) or (kind and kind.allocator == "budget")
         if not known or name == AUTO:
-            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B (optionally {registry.ENTROPY_CODED}) "
-                             "and budget-B (with any tools) only")
+            raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B (optionally "
+                             f"{registry.ENTROPY_CODED}) and budget-B (with any tools) only")
         if kind is None and name != TEXT:
             registry.resolve(name, 1)  # kivi-9 and the like fail here, at start
     if TEXT not in names and "fp16" not in names and "fp32" not in names:
@@ -42,7 +43,8 @@ def check_candidates(names: list[str]) -> list[str]:
 
 
 class AutoPolicy:
-    def __init__(self, fp: Fingerprint, profile: Callable[[str], Profile], candidates: list[str], max_quality_loss: float):
+    def __init__(self, fp: Fingerprint, profile: Callable[[str], Profile], candidates: list[str],
+                 max_quality_loss: float):
         """`profile(tools)`: the codec profile measured with `tools` ('' for none), as the sender has it."""
         self.fp, self.profile = fp, profile
         self.candidates = check_candidates(candidates)
@@ -87,12 +89,14 @@ class AutoPolicy:
                          [torch.randn(self.fp.num_kv_heads, PRIOR_TOKENS, self.fp.head_dim) for _ in layers])
             start = time.perf_counter()
             CardPlan(name, layers).encode(kv, self.fp)
-            self.rates.observe(name, kv.nbytes(2), time.perf_counter() - start)
-            rate = self.rates.get(name)
+            rate = self.rates.observe(name, kv.nbytes(2), time.perf_counter() - start)
         return rate
 
     def choose(self, context: str, tokens: int, receiver: Receiver, text: bool = True) -> Decision:
         self.receiver = receiver
         request = Request(tokens, self.fp.num_layers, self.fp.kv_bytes(tokens, 2))
-        link = Link(self.link.throughput.value, self.link.rtt_s.value)
+        throughput, rtt_s = self.link.throughput.value, self.link.rtt_s.value
+        if throughput is None or rtt_s is None:
+            raise RuntimeError("codec auto decides on a measured link: probe it first")
+        link = Link(throughput, rtt_s)
         return decide(self.options(context, tokens, text), request, link, receiver, self.max_quality_loss)

@@ -74,7 +74,8 @@ def predict(option: Option, request: Request, link: Link, receiver: Receiver) ->
     return encode + link.rtt_s + max(wire, decode) + decode / request.layers + receiver.first_token_s
 
 
-def decide(options: list[Option], request: Request, link: Link, receiver: Receiver, max_quality_loss: float) -> Decision:
+def decide(options: list[Option], request: Request, link: Link, receiver: Receiver,
+           max_quality_loss: float) -> Decision:
     """The eligible option with the lowest predicted time. Text and fp16 lose nothing, so a
     candidate list that holds either always has an eligible option."""
     scored = [Scored(o, predict(o, request, link, receiver), o.quality_loss <= max_quality_loss) for o in options]

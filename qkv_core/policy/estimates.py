@@ -21,13 +21,15 @@ REPROBE_S = 60.0
 
 class Ewma:
     def __init__(self, alpha: float = ALPHA):
-        self.alpha, self.value = alpha, None  # None: no sample yet
+        self.alpha = alpha
+        self.value: float | None = None  # None: no sample yet
         self._lock = threading.Lock()
 
     def update(self, sample: float) -> float:
         with self._lock:
-            self.value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
-            return self.value
+            value = sample if self.value is None else self.alpha * sample + (1 - self.alpha) * self.value
+            self.value = value
+            return value
 
 
 class LinkEstimate:
@@ -64,10 +66,11 @@ class Rates:
         self._rates: dict[str, Ewma] = {}
         self._lock = threading.Lock()
 
-    def observe(self, codec: str, fp16_bytes: int, seconds: float) -> None:
+    def observe(self, codec: str, fp16_bytes: int, seconds: float) -> float:
+        """The codec's rate with this sample in."""
         with self._lock:
             rate = self._rates.setdefault(codec, Ewma())
-        rate.update(fp16_bytes / max(seconds, 1e-6))
+        return rate.update(fp16_bytes / max(seconds, 1e-6))
 
     def get(self, codec: str) -> float | None:
         rate = self._rates.get(codec)

@@ -49,10 +49,12 @@ def quality_loss(layers: list[LayerCodec], profiles: Sequence[Profile]) -> float
             codec = replace(getattr(layer, kind), entropy=Entropy.NONE)
             if codec.is_float:
                 continue
-            measured = [p for p in profiles if codec.bits in p.widths(kind) and p.codecs(kind, codec.bits)[index] == codec]
+            measured = [p for p in profiles
+                        if codec.bits in p.widths(kind) and p.codecs(kind, codec.bits)[index] == codec]
             if not measured:
-                raise RequestError(f"{registry.spec_of(codec)} has no quality prediction (the profiles measure KIVI layouts "
-                                   f"with {' or '.join(p.tools or 'no tools' for p in profiles)}, {ENTROPY_CODED} aside)")
+                tools = " or ".join(p.tools or "no tools" for p in profiles)
+                raise RequestError(f"{registry.spec_of(codec)} has no quality prediction (the profiles measure KIVI "
+                                   f"layouts with {tools}, {ENTROPY_CODED} aside)")
             total += measured[0].sensitivity[kind][str(codec.bits)][index]
     return total
 

@@ -49,7 +49,7 @@ class Sealer:
         self._names = hashlib.sha256(b"qkvcomm-store-names\0" + key).digest()  # never the sealing key itself
 
     @classmethod
-    def from_file(cls, path: str) -> "Sealer":
+    def from_file(cls, path: str) -> Sealer:
         raw = Path(path).read_bytes()
         try:
             return cls(bytes.fromhex(raw.decode().strip()))
@@ -69,7 +69,8 @@ class Sealer:
         try:
             return self._aead.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], aad)
         except InvalidTag:
-            raise CardError(ErrorKind.DATA_LOSS, "sealed entry fails its AES-GCM check (another key, or altered)") from None
+            raise CardError(ErrorKind.DATA_LOSS,
+                            "sealed entry fails its AES-GCM check (another key, or altered)") from None
 
 
 def _aad(model: str, key: Key) -> bytes:
@@ -78,7 +79,8 @@ def _aad(model: str, key: Key) -> bytes:
 
 
 def to_bytes(record: CardRecord, model: str, key: Key, sealer: Sealer | None) -> bytes:
-    plain = b"".join(_LENGTH.pack(len(b)) + b for b in (f.SerializeToString() for f in frames(record.header, record.blobs)))
+    plain = b"".join(_LENGTH.pack(len(b)) + b
+                     for b in (f.SerializeToString() for f in frames(record.header, record.blobs)))
     return PLAIN + plain if sealer is None else SEALED + sealer.seal(plain, _aad(model, key))
 
 

@@ -3,7 +3,8 @@
     (tenant, block hash) -> {codec: (card id, tokens through that block, its chain depth)}
 
 One entry per codec under a block: a dialogue that switches codec for a turn still finds its
-earlier codec's cards when it switches back. A card is indexed under the hashes its header names (a delta card: the blocks after its parent's,
+earlier codec's cards when it switches back. A card is indexed under the hashes its header names (a delta card: the
+blocks after its parent's,
 which the parent's entries already cover). FindPrefix walks a context's hashes from the longest
 prefix down and answers with the first entry whose card is still held and can take one more delta
 (chains of deltas are at most MAX_CHAIN deep: decoding one decodes its parents); entries of cards
@@ -58,8 +59,8 @@ class PrefixIndex:
         if any are named) covers."""
         for digest in reversed(hashes):
             with self._lock:
-                found = [((tenant, digest, c), self._entries[tenant, digest, c]) for c in self._codecs.get((tenant, digest), ())
-                         if not codecs or c in codecs]
+                found = [((tenant, digest, c), self._entries[tenant, digest, c])
+                         for c in self._codecs.get((tenant, digest), ()) if not codecs or c in codecs]
             for key, (card_id, tokens, depth) in sorted(found, key=lambda kv: kv[1][2]):  # the shortest chain first
                 if depth >= MAX_CHAIN:
                     continue

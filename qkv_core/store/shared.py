@@ -25,6 +25,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import redis
 
@@ -114,20 +115,21 @@ class RedisTier:
             return None
         name = self.key(key)
         try:
-            meta = self.client.get(name)
+            meta = cast(bytes | None, self.client.get(name))  # the client returns bytes (no decode_responses)
             if meta is None:
                 return None
             count, length, digest = self._index(meta)
-            chunks = self.client.mget([f"{name}:{i}" for i in range(count)]) if count else []
+            chunks = cast(list[bytes | None], self.client.mget([f"{name}:{i}" for i in range(count)]) if count else [])
         except redis.RedisError as e:
             self._failed("read", e)
             return None
         self._recovered()
-        if any(c is None for c in chunks):
+        present = [c for c in chunks if c is not None]
+        if len(present) != len(chunks):
             raise CardError(ErrorKind.DATA_LOSS, "shared entry lost chunks (expired or evicted)")
-        if sum(map(len, chunks)) != length:
+        if sum(map(len, present)) != length:
             raise CardError(ErrorKind.DATA_LOSS, "shared entry fails its length check")
-        data = b"".join(chunks)
+        data = b"".join(present)
         if hashlib.sha256(data).hexdigest() != digest:
             raise CardError(ErrorKind.DATA_LOSS, "shared entry fails its SHA-256 check")
         return from_bytes(data, self.model, key, self.sealer)
@@ -140,7 +142,8 @@ class RedisTier:
             count_n, length_n = int(count), int(length)
         except (UnicodeDecodeError, ValueError):
             raise CardError(ErrorKind.DATA_LOSS, "shared entry has a malformed index") from None
-        if not 0 < length_n <= self.max_entry_bytes or count_n != math.ceil(length_n / CHUNK_BYTES) or len(digest) != 64:
+        if (not 0 < length_n <= self.max_entry_bytes or count_n != math.ceil(length_n / CHUNK_BYTES)
+                or len(digest) != 64):
             raise CardError(ErrorKind.DATA_LOSS, f"shared entry's index claims {count_n} chunks of {length_n} bytes "
                             f"(at most {self.max_entry_bytes} here)")
         return count_n, length_n, digest
@@ -149,7 +152,7 @@ class RedisTier:
         """Remove an entry; one whose index is unreadable loses its index (its chunks expire)."""
         name = self.key(key)
         try:
-            meta = self.client.get(name)
+            meta = cast(bytes | None, self.client.get(name))
             try:
                 count = self._index(meta)[0] if meta else 0
             except CardError:

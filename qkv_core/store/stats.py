@@ -16,7 +16,7 @@ class StoreStats:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self.up: dict[str, bool] = {}  # optional tiers: disk, redis
-        self.listeners: list[Callable[[str, bool], None]] = []  # told when a tier goes down or comes back
+        self.listeners: list[Callable[[str, bool], object]] = []  # told when a tier goes down or comes back
 
     def set_up(self, tier: str, ok: bool) -> None:
         changed = self.up.get(tier) != ok

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
+from typing import cast
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CARD_ID, CardError, ErrorKind
@@ -62,13 +63,14 @@ class CardStore:
         self.decode = decode
         self.stats = StoreStats()
         self.prefixes = PrefixIndex(cfg.prefix_blocks)
-        self.hot: ByteLRU[StoredCard] = ByteLRU(lambda c: c.nbytes)
-        self.memory: ByteLRU[CardRecord] = ByteLRU(lambda r: r.nbytes)
+        self.hot: ByteLRU[Key, StoredCard] = ByteLRU(lambda c: c.nbytes)
+        self.memory: ByteLRU[Key, CardRecord] = ByteLRU(lambda r: r.nbytes)
         sealer = Sealer.from_file(cfg.store_key) if cfg.store_key else None
         if cfg.store_redis and sealer is None:
             log.warning("the shared tier %s is not sealed (no store_key): whoever can write to it can fill it, and "
                         "its key names show tenants and card ids", cfg.store_redis.split("@")[-1])
-        self.disk = DiskTier(Path(cfg.store_dir), model, cfg.store_disk_bytes, sealer, self.stats) if cfg.store_dir else None
+        self.disk = DiskTier(Path(cfg.store_dir), model, cfg.store_disk_bytes, sealer,
+                             self.stats) if cfg.store_dir else None
         self.shared = (RedisTier(cfg.store_redis, model, cfg.store_redis_ttl_s, sealer, self.stats,
                                  max_card_bytes + ENTRY_MARGIN) if cfg.store_redis else None)
 
@@ -156,10 +158,10 @@ class CardStore:
 
     def depth(self, header: pb.CardHeader, tenant: str = DEFAULT_TENANT) -> int:
         """The deltas from this card down to a whole card (0: a whole card), counted to MAX_CHAIN + 1."""
-        depth = 0
-        while header is not None and header.parent_card_id and depth <= MAX_CHAIN:
+        depth, held = 0, cast(pb.CardHeader | None, header)
+        while held is not None and held.parent_card_id and depth <= MAX_CHAIN:
             depth += 1
-            header = self.has(header.parent_card_id, tenant)
+            held = self.has(held.parent_card_id, tenant)
         return depth
 
     def _orphaned(self, tier: str, key: Key, error: CardError) -> None:

@@ -17,9 +17,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--context", help="the context text")
     src.add_argument("--context-file", type=Path, help="a file holding the context")
     p.add_argument("--question", required=True, help="the question the receiver answers about the context")
-    p.add_argument("--codec", default="", help="fp32, fp16, int8, seed-B, kivi-B, budget-B, a spec, text, or auto: the sender picks by predicted time to first token (default: the sender's)")
-    p.add_argument("--facts", action="store_true", help="extract facts into the card; the receiver reads their summary first")
-    p.add_argument("--layers", type=layer_ratio, default=0.0, help="share of layers to send, (0, 1] (default: the sender's)")
+    p.add_argument("--codec", default="",
+                   help="fp32, fp16, int8, seed-B, kivi-B, budget-B, a spec, text, or auto: the sender picks by "
+                        "predicted time to first token (default: the sender's)")
+    p.add_argument("--facts", action="store_true",
+                   help="extract facts into the card; the receiver reads their summary first")
+    p.add_argument("--layers", type=layer_ratio, default=0.0,
+                   help="share of layers to send, (0, 1] (default: the sender's)")
     p.add_argument("--layer-method", default="", help="combined, attention, prior, random, contiguous or loo")
     p.add_argument("--session", default="", help="a dialogue id: the context is appended to the session's so far, "
                    "and only its new tokens travel (a delta card); --context '' asks again on the same context")

@@ -72,14 +72,16 @@ def run(args: argparse.Namespace) -> int:
         from qkv_eval import bench_ttft  # noqa: PLC0415
 
         runtime = RuntimeConfig(model=args.model, device=args.device)
-        rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec, args.repeats or 3)
+        rows = bench_ttft.run_ttft_bench(runtime, args.data, [int(n) for n in args.lengths.split(",")], args.codec,
+                                         args.repeats or 3)
         print(bench_ttft.table(rows, args.model, args.codec, args.device))
         if args.json:
             args.json.write_text(bench_ttft.to_json(rows, args.model, args.codec, args.device))
         return 0
     if args.what == "policy":
         if not args.simulate:
-            raise SystemExit("bench policy: --simulate is the paper model; the measured run is `make bench-auto` (root)")
+            raise SystemExit("bench policy: --simulate is the paper model; the measured run is `make bench-auto` "
+                             "(root)")
         from qkv_eval import bench_policy  # noqa: PLC0415
 
         print(bench_policy.run(args))

@@ -16,18 +16,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sender-model", help="pair: the model whose cards the receiver model will take")
     p.add_argument("--receiver-model", help="pair: the receiver's model (default smollm2-135m)")
     p.add_argument("--method", default="stats,ridge", help="pair: alignments to fit, of stats and ridge")
-    p.add_argument("--data", type=Path, help="JSONL of calibration rows (context; for layers also question, answers); default: bundled")
+    p.add_argument("--data", type=Path,
+                   help="JSONL of calibration rows (context; for layers also question, answers); default: bundled")
     p.add_argument("--context-field", default="context")
     p.add_argument("--limit", type=int, default=8, help="calibration rows taken from --data")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per calibration text")
-    p.add_argument("--out", type=Path, help="profile file (default: the model's profile in the cache, used by the sender)")
+    p.add_argument("--out", type=Path,
+                   help="profile file (default: the model's profile in the cache, used by the sender)")
     p.add_argument("--tools", default="", help="codec: the lossy tools every measured codec has, e.g. +rot+prerope "
                    "(the profile budget-B+rot+prerope reads); default none")
     p.add_argument("--allocate", help="also write this adaptive codec's allocation, e.g. budget-3 or seed-adaptive")
     p.add_argument("--tokens", type=int, default=1024, help="context length the --allocate budget is met at")
-    p.add_argument("--codec-out", type=Path, default=Path("codec.json"), help="where --allocate writes (usable as --codec)")
-    p.add_argument("--reuse", action="store_true", help="codec, layers: keep the profile the sender would read (saved in the "
-                   "cache, or shipped for the embedded model) and measure only where there is none")
+    p.add_argument("--codec-out", type=Path, default=Path("codec.json"),
+                   help="where --allocate writes (usable as --codec)")
+    p.add_argument("--reuse", action="store_true",
+                   help="codec, layers: keep the profile the sender would read (saved in the cache, or shipped "
+                   "for the embedded model) and measure only where there is none")
     runtime_flags(p)
     p.set_defaults(run=run)
 
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if what == "pair":
         return _calibrate_pair(args, [context for context, _, _ in samples])
     if args.reuse and (args.data or args.out):
-        raise SystemExit("--reuse keeps the profile the sender reads, on the bundled samples; it takes no --data or --out")
+        raise SystemExit("--reuse keeps the profile the sender reads, on the bundled samples; it takes no --data or "
+                         "--out")
     lm = load_model(runtime(args))
     return (_calibrate_layers if what == "layers" else _calibrate_codec)(args, lm, samples)
 
@@ -60,9 +65,9 @@ def _calibrate_pair(args: argparse.Namespace, texts: list[str]) -> int:
         raise SystemExit("calibrate pair needs --sender-model (and --receiver-model, default smollm2-135m)")
     sender = load_model(runtime(args, args.sender_model))
     receiver = load_model(runtime(args, args.receiver_model or DEFAULT_MODEL))
-    print(f"{sender.fingerprint.name} ({sender.num_layers} layers, {sender.fingerprint.num_kv_heads}x{sender.fingerprint.head_dim}) -> "
-          f"{receiver.fingerprint.name} ({receiver.num_layers} layers, {receiver.fingerprint.num_kv_heads}x{receiver.fingerprint.head_dim}) "
-          f"on {len(texts)} texts")
+    shape = [f"{lm.fingerprint.name} ({lm.num_layers} layers, {lm.fingerprint.num_kv_heads}x{lm.fingerprint.head_dim})"
+             for lm in (sender, receiver)]
+    print(f"{shape[0]} -> {shape[1]} on {len(texts)} texts")
     for method in args.method.split(","):
         alignment = crossmodel.fit(sender, receiver, texts, method, args.max_tokens)
         out = alignment.save(args.out if args.out and "," not in args.method else alignment.default_path())
@@ -77,14 +82,15 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
 
     kind = adaptive(args.allocate) if args.allocate else None
     if args.allocate and (kind is None or kind.needs_probe or kind.entropy):
-        raise SystemExit("--allocate takes seed-adaptive or budget-B[+rot][+prerope] (tokenmix depends on each context's "
-                         "attention, +zstd on its values)")
+        raise SystemExit("--allocate takes seed-adaptive or budget-B[+rot][+prerope] (tokenmix depends on each "
+                         "context's attention, +zstd on its values)")
     if kind is not None and len(kind.profile_sets) > 1:
         raise SystemExit(f"--allocate {args.allocate} reads {len(kind.profile_sets)} profiles "
                          f"({', '.join(t or 'plain' for t in kind.profile_sets)}): calibrate each with --tools")
     tools = kind.profile_tools if kind else args.tools
     if args.tools and args.tools != tools:
-        raise SystemExit(f"--allocate {args.allocate} reads a profile calibrated with {tools or 'no tools'}, not {args.tools}")
+        raise SystemExit(f"--allocate {args.allocate} reads a profile calibrated with {tools or 'no tools'}, not "
+                         f"{args.tools}")
     if args.reuse:
         profile, out = calibration.load_or_calibrate(lm, tools=tools), "kept or made as the sender reads it"
     else:
@@ -92,16 +98,18 @@ def _calibrate_codec(args: argparse.Namespace, lm, samples) -> int:  # noqa: ANN
         out = args.out or allocation.Profile.path_for(lm.fingerprint, None, tools)
         profile.save(out)
     print(f"profile{tools} of {lm.fingerprint.name} on {profile.texts} samples ({profile.tokens} tokens) -> {out}")
-    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS) + " | dropped |  (KIVI: next-token KL, nats, one tensor "
-          "quantized or one layer dropped)")
+    print("| layer | " + " | ".join(f"K{b}/V{b}" for b in allocation.BITS)
+          + " | dropped |  (KIVI: next-token KL, nats, one tensor quantized or one layer dropped)")
     print("|---|" + "---|" * (len(allocation.BITS) + 1))
     for i in range(profile.num_layers):
         kl = profile.sensitivity
         dropped = f"{profile.dropped[i]:.4f}" if profile.dropped else "-"
-        print(f"| {i} | " + " | ".join(f"{kl['key'][str(b)][i]:.4f}/{kl['value'][str(b)][i]:.4f}" for b in allocation.BITS) + f" | {dropped} |")
+        cells = " | ".join(f"{kl['key'][str(b)][i]:.4f}/{kl['value'][str(b)][i]:.4f}" for b in allocation.BITS)
+        print(f"| {i} | {cells} | {dropped} |")
     if kind is not None:
         shapes = [(lm.fingerprint.num_kv_heads, args.tokens, lm.fingerprint.head_dim)] * lm.num_layers
-        layers = allocation.budget([profile], kind, shapes).layers if kind.allocator == "budget" else allocation.seed_adaptive(profile)
+        layers = allocation.budget([profile], kind,
+                                   shapes).layers if kind.allocator == "budget" else allocation.seed_adaptive(profile)
         save_layers(args.codec_out, layers, note=f"{args.allocate} for {lm.fingerprint.name} at {args.tokens} tokens")
         print(f"{args.allocate} at {args.tokens} tokens -> {args.codec_out} (use it as --codec {args.codec_out})")
     return 0

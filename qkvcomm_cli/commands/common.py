@@ -28,7 +28,8 @@ def connection_flags(p: argparse.ArgumentParser, token: bool = True) -> None:
     p.add_argument("--ca", default="", help="CA bundle (PEM) of the server's certificate; set, the client speaks TLS")
     p.add_argument("--cert", default="", help="client certificate (PEM), for a server that requires one (mTLS)")
     p.add_argument("--key", default="", help="the client certificate's key (PEM)")
-    p.add_argument("--server-name", default="", help="name the server's certificate must carry, when not the host dialled")
+    p.add_argument("--server-name", default="",
+                   help="name the server's certificate must carry, when not the host dialled")
     if token:
         p.add_argument("--token", default=os.environ.get("QKVCOMM_TOKEN", ""),
                        help="bearer token (default QKVCOMM_TOKEN, which keeps it out of the process list)")
@@ -66,12 +67,14 @@ def print_stats(answer: object) -> None:
     elif s.codec == "text":
         wire = f"wire {s.wire_bytes:,} B of text: the receiver prefilled it"
     else:
-        delta = f"  [delta: {s.reused_tokens} tokens held, {s.context_tokens - s.reused_tokens} sent]" if s.delta else ""
+        sent = s.context_tokens - s.reused_tokens
+        delta = f"  [delta: {s.reused_tokens} tokens held, {sent} sent]" if s.delta else ""
         wire = (f"wire {s.wire_bytes:,} B  vs fp16 KV {s.kv_fp16_bytes:,} B  -> {s.compression_ratio:.2f}x "
                 f"(vs fp32: {s.compression_ratio_fp32:.2f}x){delta}")
     print(
         f"\n--\ncard {s.card_id[:12]}  codec {s.codec}  context {s.context_tokens} tokens\n{wire}\n"
-        f"prefill {s.prefill_s * 1e3:.0f} ms  quantize {s.quantize_s * 1e3:.0f} ms  transfer {s.transfer_s * 1e3:.0f} ms  "
+        f"prefill {s.prefill_s * 1e3:.0f} ms  quantize {s.quantize_s * 1e3:.0f} ms  "
+        f"transfer {s.transfer_s * 1e3:.0f} ms  "
         f"dequantize {s.dequantize_s * 1e3:.0f} ms  ttft {s.ttft_s * 1e3:.0f} ms  total {s.total_s * 1e3:.0f} ms",
         file=sys.stderr,
     )

@@ -12,22 +12,28 @@ from qkvcomm_cli.commands.common import runtime, runtime_flags
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="answer quality of a mode on a QA JSONL file")
     p.add_argument("--data", type=Path, required=True,
-                   help="JSONL rows with question, answers (or answer), context: a path, or a file name in QKVCOMM_DATA_DIR")
+                   help="JSONL rows with question, answers (or answer), context: a path, or a file name in "
+                        "QKVCOMM_DATA_DIR")
     p.add_argument("--mode", default="kv", help="baseline, skyline, text, kv or facts (the fact summary alone)")
     p.add_argument("--hops", type=int, default=1, help="kv: relay the cache along this many agents (multi-hop)")
     p.add_argument("--deltas", action="store_true",
-                   help="with --hops: each later hop sends only its own turn (a delta card) instead of re-encoding the cache")
+                   help="with --hops: each later hop sends only its own turn (a delta card) instead of re-encoding "
+                        "the cache")
     p.add_argument("--layers", type=float, default=1.0, help="kv: share of layers the card carries")
-    p.add_argument("--layer-method", default=LAYER_METHOD, help="kv: loo, combined, attention, prior, random, contiguous")
+    p.add_argument("--layer-method", default=LAYER_METHOD,
+                   help="kv: loo, combined, attention, prior, random, contiguous")
     p.add_argument("--facts", nargs="?", const="hybrid", default="",
-                   help="kv: send facts with the card (method: simple, yake, spacy, hybrid; default hybrid); facts mode: the method")
+                   help="kv: send facts with the card (method: simple, yake, spacy, hybrid; default hybrid); facts "
+                        "mode: the method")
     p.add_argument("--codec", default="fp16")
     p.add_argument("--limit", type=int, default=0, help="first N rows (0: all)")
     p.add_argument("--context-field", default="context", help="e.g. context_gold for HotpotQA's gold paragraphs")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--json", type=Path, help="write every example and the summary here")
-    p.add_argument("--sender-model", default="", help="kv: a different sender model (cross-model handoff; needs --alignment)")
-    p.add_argument("--alignment", default="", help="cross-model: stats, ridge (the pair's `calibrate pair` file) or a file")
+    p.add_argument("--sender-model", default="",
+                   help="kv: a different sender model (cross-model handoff; needs --alignment)")
+    p.add_argument("--alignment", default="",
+                   help="cross-model: stats, ridge (the pair's `calibrate pair` file) or a file")
     p.add_argument("--no-relevance", dest="relevance", action="store_false",
                    help="skip the MiniLM relevance metric (faster; `qkvcomm rescore` fills it in later)")
     runtime_flags(p)

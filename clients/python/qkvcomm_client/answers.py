@@ -24,7 +24,8 @@ class Answer:
         """The answer and every stats field (uint64 as numbers, not proto3 JSON's strings)."""
         stats = {}
         if self.stats is not None:
-            stats = MessageToDict(self.stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            stats = MessageToDict(self.stats, preserving_proto_field_name=True,
+                                  always_print_fields_with_no_presence=True)
             _uint64_as_int(self.stats.DESCRIPTOR, stats)
         return {"answer": self.text.strip(), **stats}
 

@@ -46,8 +46,8 @@ class Connection:
 
 def share_request(context: str, codec: str, facts: bool, layer_ratio: float, layer_method: str,
                   session: str) -> pb.ShareRequest:
-    return pb.ShareRequest(context=context, codec=codec, facts=facts, layer_ratio=layer_ratio, layer_method=layer_method,
-                           session=session)
+    return pb.ShareRequest(context=context, codec=codec, facts=facts, layer_ratio=layer_ratio,
+                           layer_method=layer_method, session=session)
 
 
 def ask_request(context: str, question: str, codec: str, facts: bool, max_new_tokens: int, layer_ratio: float,

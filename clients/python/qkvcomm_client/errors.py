@@ -49,7 +49,7 @@ class QKVCommError(grpc.RpcError):
         self.metadata = dict(info.metadata) if info else {}
 
     @classmethod
-    def of(cls, error: grpc.RpcError) -> "QKVCommError":
+    def of(cls, error: grpc.RpcError) -> QKVCommError:
         return cls(error.code(), error.details() or "", error_info(error))
 
     def code(self) -> grpc.StatusCode:

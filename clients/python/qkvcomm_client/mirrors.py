@@ -15,6 +15,8 @@ numbers and types, not names, so these parse and emit the same bytes as the orig
 """
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
@@ -52,7 +54,7 @@ def _pool() -> descriptor_pool.DescriptorPool:
 _POOL = _pool()
 
 
-def _class(name: str) -> type:
+def _class(name: str) -> Any:  # a generated message class (protobuf types it no further)
     return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
 
 

@@ -61,8 +61,8 @@ class CardFiles:
         frames = list(from_bytes(data, self.namespace, (tenant, card_id), self.sealer))
         header = frames[0].header
         if header.parent_card_id:
-            raise CardError(ErrorKind.PRECONDITION, f"card {card_id} is a delta card (it extends {header.parent_card_id[:12]}); "
-                            "the connector loads whole cards")
+            raise CardError(ErrorKind.PRECONDITION, f"card {card_id} is a delta card (it extends "
+                            f"{header.parent_card_id[:12]}); the connector loads whole cards")
         fp = fingerprint_from_pb(header.model)
         if (fp.num_layers, fp.num_kv_heads, fp.head_dim) != (shape.layers, shape.kv_heads, shape.head_dim):
             raise CardError(ErrorKind.PRECONDITION, f"card {card_id} is from {fp.name} ({fp.num_layers} layers, "

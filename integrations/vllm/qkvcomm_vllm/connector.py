@@ -76,7 +76,8 @@ class CardLoads(KVConnectorMetadata):
 
 
 class CacheCardConnector(KVConnectorBase_V1):
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig | None" = None):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.files = CardFiles(extra["store_dir"], extra["namespace"], extra.get("store_key", ""))
@@ -95,7 +96,7 @@ class CacheCardConnector(KVConnectorBase_V1):
         return self._cards[key]
 
     # ---- scheduler side
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
         if not (card_id := params.get(CARD)):
             return 0, False
@@ -114,7 +115,7 @@ class CacheCardConnector(KVConnectorBase_V1):
         self._matched[request.request_id] = num_computed_tokens
         return max(0, usable - num_computed_tokens), False
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         # The tokens vLLM found in its own prefix cache come first; the card fills the ones after them.
         start = self._matched.pop(request.request_id, 0)
         if num_external_tokens <= 0:
@@ -125,17 +126,17 @@ class CacheCardConnector(KVConnectorBase_V1):
         slots = (block_ids[:, None] * self.block_size + torch.arange(self.block_size)).flatten()[start:end]
         self._pending[request.request_id] = Load(params[CARD], params.get(TENANT, ""), start, end, slots)
 
-    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matched.pop(request.request_id, None)  # matched, but never allocated (aborted while waiting)
         return False, None
 
-    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = CardLoads(list(self._pending.values()))
         self._pending.clear()
         return meta
 
     # ---- worker side
-    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, CardLoads)
         for load in meta.loads:

