@@ -59,10 +59,11 @@ test: install data $(if $(NPM),$(NODE_MODULES))
 	$(PY) -m pytest -q
 
 # ruff (pyproject's [tool.ruff]) on every Python file, mypy (its [tool.mypy]) on the library, the
-# services and the light client. CI runs it.
+# services and the light client, import-linter (its [tool.importlinter]) on the layers. CI runs it.
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy
+	.venv/bin/lint-imports --no-cache
 
 # The profiles shipped for the embedded model (qkv_core/data/profiles, found by their cache file
 # names): the codec profile plain and with the tool sets of the budget presets, and the layer

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qkv_core import allocator
+from qkv_core import malloc
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec.encoding import encode_tensors, layer_salient, rope_removed, rope_restored
@@ -123,7 +123,7 @@ def machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
         f"{date.today()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads{gpu}, "
-        f"torch {torch.__version__}, glibc malloc thresholds raised: {allocator.tune()}"
+        f"torch {torch.__version__}, glibc malloc thresholds raised: {malloc.tune()}"
     )
 
 

@@ -31,7 +31,8 @@ from qkv_core.codec import registry
 from qkv_core.config import StoreConfig
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.model.kv import prefill
-from qkv_core.model.loading import LoadedModel, model_source, wrap
+from qkv_core.model.loaded import LoadedModel
+from qkv_core.model.loading import model_source, wrap
 from qkv_core.types import KVCache
 from qkv_eval.bench import machine
 

@@ -14,8 +14,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from qkv_core.codec import registry
+from qkv_core.codec.registry import TEXT
 from qkv_core.config import MAX_QUALITY_LOSS
-from qkv_core.policy.decide import TEXT, Link, Option, Receiver, Request, decide, predict
+from qkv_core.policy.decide import Link, Option, Receiver, Request, decide, predict
 
 # Predicted next-token KL (nats) of SmolLM2-135M's calibrated profile (docs/codecs.md, codec auto), used as
 # stand-ins: a real deployment reads its own model's profile.

@@ -42,7 +42,7 @@ from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.facts import FactConfig
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.prompt import encode
 from qkv_core.wire import pb
 from qkv_eval.embedding import similarity

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import NoReturn
 
-from qkv_core import allocator, package_version
+from qkv_core import malloc, package_version
 from qkv_core.config import qa_file
 from qkvcomm_cli.commands import ask, bench, calibrate, certs, demo, evaluate, health, serve
 
@@ -35,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    allocator.tune()
+    malloc.tune()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,

@@ -16,7 +16,8 @@ from qkv_core.config import ServiceConfig
 from qkv_core.engine.crossmodel import Alignment
 from qkv_core.engine.performance import measure
 from qkv_core.engine.receiver import Generation, Intake, ReceiverEngine
-from qkv_core.model.loading import LoadedModel, load_model
+from qkv_core.model.loaded import LoadedModel
+from qkv_core.model.loading import load_model
 from qkv_core.wire import pb
 from service_common.auth import Auth
 from service_common.errors import IdleTimeout, guarded

@@ -16,20 +16,21 @@ from pathlib import Path
 import grpc
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
 from qkvcomm_client import ClientTLS, call_metadata, check_token_transport, error_info, open_channel
+from qkvcomm_client.channel import retry_config
 
 from qkv_core.card.blocks import extendable
 from qkv_core.card.framing import frames
 from qkv_core.card.header import fingerprint_from_pb, model_details, text_card_id
-from qkv_core.codec.registry import codec_files
+from qkv_core.codec.registry import TEXT, codec_files
 from qkv_core.config import ServiceConfig
-from qkv_core.engine.receiver import TEXT
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.engine.sender import Parent, PreparedCard, SenderEngine
 from qkv_core.engine.sent import Sent, SentCards
 from qkv_core.engine.sessions import Sessions
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.facts import FactConfig
-from qkv_core.model.loading import LoadedModel, load_model
+from qkv_core.model.loaded import LoadedModel
+from qkv_core.model.loading import load_model
 from qkv_core.policy.auto import AUTO, AutoPolicy
 from qkv_core.policy.decide import Receiver
 from qkv_core.policy.estimates import PROBE_BYTES
@@ -42,16 +43,14 @@ from service_common.server import GRPC_OPTIONS, Running, require_receiver, serve
 
 log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
-# The channel to the receiver: idempotent lookups are retried on UNAVAILABLE (a receiver restarting),
-# and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to 120 s, so the first Ask
-# after a receiver restart finds it. PushCard is a client stream, which gRPC does not retry; the sender
-# pushes a card again itself after a broken stream (UNAVAILABLE), once: the card id is its content.
-_RETRY = {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-          "retryableStatusCodes": ["UNAVAILABLE"]}
+# The channel to the receiver: idempotent lookups (HasCard, Info) are retried on UNAVAILABLE (a
+# receiver restarting), and reconnection backs off from 100 ms, not gRPC's default 1 s doubling to
+# 120 s, so the first Ask after a receiver restart finds it. PushCard is a client stream, which gRPC
+# does not retry; the sender pushes a card again itself after a broken stream (UNAVAILABLE), once:
+# the card id is its content.
 PUSH_ATTEMPTS = 2
-INFO_TTL_S = 30.0
-# parents any delta may extend: no coarser than the fp16 KV ratios are quoted against  # how long the receiver's Info is
-# trusted before the next handoff asks again
+INFO_TTL_S = 30.0  # how long the receiver's Info is trusted before the next handoff asks again
+# parents any delta may extend: no coarser than the fp16 KV ratios are quoted against
 LOSSLESS = (TEXT, "fp32", "fp16")
 
 
@@ -61,9 +60,7 @@ def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
     resolves to (a headless Service), which is right only when the receivers share a store tier."""
     if balance not in ("pick_first", "round_robin"):
         raise ValueError(f"receiver_balance must be pick_first or round_robin, not {balance!r}")
-    config = {"loadBalancingConfig": [{balance: {}}],
-              "methodConfig": [{"name": [{"service": "qkvcomm.v1.ReceiverService", "method": "HasCard"}],
-                                "retryPolicy": _RETRY}]}
+    config = {"loadBalancingConfig": [{balance: {}}], "methodConfig": [retry_config(4, "0.1s", "1s")]}
     return [
         *GRPC_OPTIONS,
         ("grpc.service_config", json.dumps(config)),
@@ -104,7 +101,7 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         self.sent = SentCards()
         self.auto = AutoPolicy(engine.lm.fingerprint, engine.profile, cfg.auto_codecs.split(","), cfg.max_quality_loss)
         metrics.watch_auto(self.auto)
-        SelectionConfig(cfg.layer_ratio, cfg.layer_method)
+        self.layers = SelectionConfig(cfg.layer_ratio, cfg.layer_method)  # a bad setting fails at start
 
     def _facts(self, asked: bool, codec: str) -> FactConfig | None:
         """The fact extraction a request gets: asked for, or on by the sender's configuration."""
@@ -115,8 +112,9 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         return self.fact_config if asked or self.cfg.facts else None
 
     def _layers(self, request: pb.ShareRequest | pb.AskRequest) -> SelectionConfig:
-        return SelectionConfig(request.layer_ratio or self.cfg.layer_ratio,
-                               request.layer_method or self.cfg.layer_method)
+        if not request.layer_ratio and not request.layer_method:
+            return self.layers
+        return SelectionConfig(request.layer_ratio or self.layers.ratio, request.layer_method or self.layers.method)
 
     def _upstream(self, context: grpc.aio.ServicerContext) -> Upstream:
         """Calls to the receiver on this request's behalf: the deadline is the setting, or the

@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 from qkvcomm_client.channel import TENANT_HEADER
 
+from qkv_core.errors import Refusal
 from qkv_core.store.records import DEFAULT_TENANT, TENANT
 from service_common.status import error_metadata
 
@@ -40,12 +41,13 @@ OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # reachable wit
 Metadata = Iterable[tuple[str, str | bytes]]
 
 
-class Denied(Exception):
+class Denied(Refusal):
     """A call without the right credentials; `code` is its status."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+        self.status, self.reason = code.name, code.name.lower()
 
 
 def _digest(token: str) -> bytes:

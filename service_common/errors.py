@@ -15,47 +15,28 @@ import grpc
 from google.protobuf.message import DecodeError
 from qkvcomm_client import error_info
 
-from qkv_core.card.header import CardError, ErrorKind
-from qkv_core.errors import Cancelled, Detailed, LimitExceeded, RequestError, Unsupported
+from qkv_core.errors import Refusal
 from service_common.auth import Auth, Denied
 from service_common.status import error_metadata
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("qkvcomm.access")  # one line per call
 
-_CODES = {
-    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    ErrorKind.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
-    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.PARENT_MISSING: grpc.StatusCode.FAILED_PRECONDITION,
-}
 _MISCONFIGURED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
-class IdleTimeout(Exception):
+class IdleTimeout(Refusal):
     """A client stream sent nothing for longer than the idle timeout."""
+
+    status, reason = "DEADLINE_EXCEEDED", "idle"
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, metric reason) for an exception raised while serving a call."""
-    if isinstance(error, CardError):
-        return _CODES[error.kind], str(error), error.kind.name.lower()
-    if isinstance(error, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), "limit"
+    if isinstance(error, Refusal):  # each names its status and reason (qkv_core.errors)
+        return grpc.StatusCode[error.status], str(error), error.reason
     if isinstance(error, DecodeError):  # a frame that is no protobuf message of its type: the client's bytes
         return grpc.StatusCode.INVALID_ARGUMENT, f"undecodable message: {error}", "undecodable"
-    if isinstance(error, Cancelled):
-        return grpc.StatusCode.CANCELLED, str(error), "cancelled"
-    if isinstance(error, IdleTimeout):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error), "idle"
-    if isinstance(error, RequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error), "invalid"
-    if isinstance(error, Unsupported):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(error), "precondition"
-    if isinstance(error, Denied):
-        return error.code, str(error), error.code.name.lower()
     if isinstance(error, grpc.aio.AioRpcError) and error.code() in _MISCONFIGURED:
         # the receiver refused the sender's own credentials: the sender's configuration, not the client's doing
         return (grpc.StatusCode.INTERNAL, f"the receiver refused this sender's credentials: {error.details()}",
@@ -67,7 +48,7 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str, str]:
 
 def details_of(error: Exception) -> dict[str, str]:
     """The ErrorInfo metadata of a refusal: its own details, or a receiver's passed on."""
-    if isinstance(error, Detailed):
+    if isinstance(error, Refusal):
         return error.details
     if isinstance(error, grpc.aio.AioRpcError) and (upstream := error_info(error)) is not None:
         return {**upstream.metadata, "upstream_reason": upstream.reason}

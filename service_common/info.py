@@ -11,7 +11,7 @@ from qkv_core.card.header import fingerprint_to_pb
 from qkv_core.codec import registry
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
 from qkv_core.engine.performance import Performance
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.types import Fingerprint
 from qkv_core.wire import pb
 from service_common.auth import Auth

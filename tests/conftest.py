@@ -18,15 +18,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
+from qkv_core.card.header import CardPlan, build_card, name_card
 from qkv_core.codec import allocation
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.registry import LayerCodec, resolve
 from qkv_core.config import Limits, RuntimeConfig, ServiceConfig, data_dir
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.model.kv import prefill
-from qkv_core.model.loading import LoadedModel, load_model, wrap
+from qkv_core.model.loaded import LoadedModel
+from qkv_core.model.loading import load_model, wrap
 from qkv_core.model.prompt import encode
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb

@@ -19,11 +19,11 @@ from qkvcomm_client import ClientTLS, PlaintextToken, SenderClient, call_metadat
 
 from qkv_core.card.blocks import block_hashes
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
 from qkv_core.engine.sessions import Sessions, held_bytes
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.wire import pb, push_requests
 from qkv_eval.redis_server import RedisServer, available
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import FORMAT_VERSION, CardError, CardPlan, ErrorKind, build_card
+from qkv_core.card.header import FORMAT_VERSION, CardPlan, build_card
 from qkv_core.card.reader import CardReader
 from qkv_core.codec import registry as codecs
 from qkv_core.config import MAX_CHUNK_BYTES
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.model.kv import prefill
 from qkv_core.model.prompt import PromptFormat, encode
 from qkv_core.wire import pb

@@ -6,11 +6,11 @@ import torch
 from conftest import CORPUS, tiny_model
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.codec import rope
 from qkv_core.engine.crossmodel import Alignment, aligned_positions, fit, inv_freqs, layer_sources
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.model.kv import generate, prefill
 from qkv_core.model.prompt import encode
 

@@ -8,13 +8,12 @@ from conftest import resigned, tiny_model
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes, extendable
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind
 from qkv_core.config import Limits
 from qkv_core.engine import sender as sender_module
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
 from qkv_core.engine.sessions import Sessions
-from qkv_core.errors import RequestError
+from qkv_core.errors import CardError, ErrorKind, RequestError
 from qkv_core.model.kv import next_logits, prefill
 from qkv_core.store.prefixes import MAX_CHAIN, PrefixIndex
 from qkv_core.wire import pb

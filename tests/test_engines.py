@@ -10,10 +10,11 @@ import pytest
 from conftest import resigned
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind, context_digest
+from qkv_core.card.header import context_digest
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.receiver import Generation, ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
+from qkv_core.errors import CardError, ErrorKind
 from receiver_service.server import load_for
 from service_common.info import build_info
 

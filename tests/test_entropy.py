@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
+from qkv_core.card.header import CardPlan, build_card, name_card
 from qkv_core.card.reader import CardReader
 from qkv_core.codec import entropy, registry
 from qkv_core.codec.allocation import allocate
@@ -20,7 +20,7 @@ from qkv_core.codec.encoding import encode_layers
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, quantize
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.errors import RequestError
+from qkv_core.errors import CardError, ErrorKind, RequestError
 from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.prompt import encode
 from qkv_core.types import KVCache

@@ -3,8 +3,7 @@ import grpc
 import pytest
 from google.protobuf.message import DecodeError
 
-from qkv_core.card.header import CardError, ErrorKind
-from qkv_core.errors import LimitExceeded, RequestError, Unsupported
+from qkv_core.errors import CardError, ErrorKind, LimitExceeded, RequestError, Unsupported
 from service_common.errors import IdleTimeout, status_of
 
 

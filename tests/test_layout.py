@@ -22,17 +22,13 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _runtime_imports(path: Path, module: str) -> set[str]:
-    """Every module this file imports when it runs (imports under `if TYPE_CHECKING:` excluded)."""
+def _imports(path: Path, module: str) -> set[str]:
+    """Every module this file imports, those for type hints only (`if TYPE_CHECKING:`) included:
+    a layer never names a type from a layer above it."""
     tree = ast.parse(path.read_text())
-    type_only = {id(n) for node in ast.walk(tree)
-                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                 for stmt in node.body for n in ast.walk(stmt)}
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in type_only:
-            continue
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -45,7 +41,7 @@ def _runtime_imports(path: Path, module: str) -> set[str]:
     return names
 
 
-GRAPH = {m: _runtime_imports(p, m) for m, p in MODULES.items()}
+GRAPH = {m: _imports(p, m) for m, p in MODULES.items()}
 
 
 def _closure(start: str) -> set[str]:
@@ -85,6 +81,25 @@ def test_the_core_never_imports_evaluation_the_cli_or_the_services():
             assert not bad, f"{m} imports {bad}"
 
 
+# qkv_core's layers, top first; a module imports from its own layer or those below (the modules at
+# qkv_core's top level, types, config, errors, the wire messages, sit below them all).
+CORE_LAYERS = [("engine",), ("policy", "store", "facts"), ("model", "card"), ("codec",)]
+
+
+def test_the_core_layers_import_only_downward():
+    rank = {name: i for i, names in enumerate(CORE_LAYERS) for name in names}
+    for m, imports in GRAPH.items():
+        parts = m.split(".")
+        if parts[0] != "qkv_core" or len(parts) < 3 or parts[1] not in rank:
+            continue
+        above = sorted(i for i in imports if i.startswith("qkv_core.") and len(i.split(".")) > 2
+                       and rank.get(i.split(".")[1], len(CORE_LAYERS)) < rank[parts[1]])
+        assert not above, f"{m} imports {above}, which sit above it"
+        peers = sorted(i for i in imports if i.startswith("qkv_core.") and len(i.split(".")) > 2
+                       and i.split(".")[1] != parts[1] and rank.get(i.split(".")[1]) == rank[parts[1]])
+        assert not peers, f"{m} imports {peers}: layers side by side stay independent"
+
+
 def test_the_card_and_codec_layers_never_reach_transformers():
     for m in MODULES:
         if m.startswith(("qkv_core.card", "qkv_core.codec")):
@@ -97,16 +112,16 @@ def test_the_light_client_imports_only_grpc_protobuf_and_the_standard_library():
     allowed = {"grpc", "google", "qkvcomm", "qkvcomm_client", *sys.stdlib_module_names}
     seen = set()
     for path in client.glob("*.py"):
-        tops = {i.split(".")[0] for i in _runtime_imports(path, f"qkvcomm_client.{path.stem}")}
+        tops = {i.split(".")[0] for i in _imports(path, f"qkvcomm_client.{path.stem}")}
         assert tops <= allowed, f"{path.name} imports {sorted(tops - allowed)}"
-        seen |= {i for i in _runtime_imports(path, "") if i.startswith("google.")}
+        seen |= {i for i in _imports(path, "") if i.startswith("google.")}
     assert seen <= {"google.protobuf", "google.protobuf.json_format", "google.protobuf.message"}, seen
-    assert (client / "sync.py").exists() and "grpc" in _runtime_imports(client / "sync.py", "qkvcomm_client.sync")
+    assert (client / "sync.py").exists() and "grpc" in _imports(client / "sync.py", "qkvcomm_client.sync")
 
 
 def test_the_rules_see_real_imports():
     """The checks above would pass vacuously on a broken reader: make sure it sees known edges."""
     assert "qkv_core.model.kv" in GRAPH["qkv_core.model.loading"]
     assert "transformers" in GRAPH["qkv_core.model.kv"]
-    assert "qkv_core.engine.crossmodel" not in GRAPH["qkv_core.card.reader"]  # a TYPE_CHECKING import
+    assert "qkv_core.card.header" in GRAPH["qkv_core.engine.sender"]
     assert "qkv_core.card.header" in _closure("qkv_core.engine.sender")

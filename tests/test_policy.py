@@ -8,10 +8,11 @@ import math
 import pytest
 
 from qkv_core.codec import allocation
+from qkv_core.codec.registry import TEXT
 from qkv_core.codec.registry import wire_bytes as registry_wire_bytes
 from qkv_core.errors import RequestError
 from qkv_core.policy.auto import AutoPolicy, check_candidates
-from qkv_core.policy.decide import TEXT, Link, Option, Receiver, Request, decide, predict
+from qkv_core.policy.decide import Link, Option, Receiver, Request, decide, predict
 from qkv_core.policy.estimates import MIN_TRANSFER_BYTES, LinkEstimate
 from qkv_core.policy.quality import candidate_layers, quality_loss
 from qkv_core.types import Fingerprint

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, CardPlan, ErrorKind, build_card, name_card
+from qkv_core.card.header import CardPlan, build_card, name_card
 from qkv_core.card.reencode import reencode
 from qkv_core.codec import registry, rope
 from qkv_core.codec.encoding import encode_layers, rope_removed
 from qkv_core.codec.quant import Granularity, TensorCodec, dequantize, quantize
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.errors import RequestError
+from qkv_core.errors import CardError, ErrorKind, RequestError
 from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.prompt import encode
 from tests.conftest import qa_rows, replaced

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from qkv_core.card.header import CardError
 from qkv_core.card.reencode import REENCODED, reencode
 from qkv_core.config import StoreConfig
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
+from qkv_core.errors import CardError
 from qkv_core.store.cardfile import Sealer
 from qkv_core.store.lru import ByteLRU
 

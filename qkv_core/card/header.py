@@ -10,7 +10,6 @@ nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import enum
 import hashlib
 import re
 import struct
@@ -22,7 +21,7 @@ from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
 from qkv_core.codec.encoding import encode_layers
 from qkv_core.codec.quant import Entropy, Granularity, TensorCodec
 from qkv_core.codec.registry import LayerCodec
-from qkv_core.errors import Detailed
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
@@ -34,21 +33,6 @@ PLAIN_FORMAT_VERSION = 2  # 2: the card id and the trailer digest are the conten
 # do not know and decoding it wrong.
 READABLE_VERSIONS = (PLAIN_FORMAT_VERSION, ROTATED_FORMAT_VERSION, FORMAT_VERSION)
 CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
-
-
-class ErrorKind(enum.Enum):
-    INVALID = "invalid argument"  # malformed frames or header
-    PRECONDITION = "failed precondition"  # well-formed, but not for this receiver
-    DATA_LOSS = "data loss"  # checksum, digest or truncation
-    TOO_LARGE = "resource exhausted"
-    NOT_FOUND = "not found"
-    PARENT_MISSING = "parent missing"  # a delta card whose parent the receiver does not hold: send the whole card
-
-
-class CardError(Detailed):
-    def __init__(self, kind: ErrorKind, message: str, details: dict[str, str] | None = None):
-        super().__init__(message, details)
-        self.kind = kind
 
 
 def crc32c(data: bytes) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -14,8 +14,6 @@ from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
 from qkv_core.card.header import (
     CARD_ID,
     READABLE_VERSIONS,
-    CardError,
-    ErrorKind,
     codec_from_pb,
     content_hash,
     context_digest,
@@ -27,11 +25,19 @@ from qkv_core.codec import rope
 from qkv_core.codec.encoding import layer_salient, rope_restored, salient_count
 from qkv_core.codec.quant import TensorCodec, dequantize, wire_size_fits
 from qkv_core.config import MAX_CHUNK_BYTES, Limits
-from qkv_core.types import Fingerprint
+from qkv_core.errors import CardError, ErrorKind
+from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
-if TYPE_CHECKING:
-    from qkv_core.engine.crossmodel import Alignment
+
+class LayerMap(Protocol):
+    """What a receiver holds to take cards from another model (qkv_core.engine.crossmodel.Alignment):
+    the sender's fingerprint, the sender layer each receiver layer reads, and the map itself."""
+
+    sender: Fingerprint
+    sources: list[int]
+
+    def apply(self, kv: KVCache, device: torch.device, dtype: torch.dtype) -> KVCache: ...
 
 
 @dataclass
@@ -49,13 +55,13 @@ class _Layer:
 class CardReader:
     """Validates a card frame by frame. `feed` returns the index of a layer it just completed."""
 
-    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int, alignments: Mapping[str, Alignment] | None = None,
+    def __init__(self, fingerprint: Fingerprint, max_card_bytes: int, alignments: Mapping[str, LayerMap] | None = None,
                  limits: Limits = Limits()):
         self.fingerprint = fingerprint
         self.max_card_bytes = max_card_bytes
         self.limits = limits
         self.alignments = alignments or {}  # by sender weights hash: the other models this receiver takes cards from
-        self.alignment: Alignment | None = None  # set when this card comes from another model
+        self.alignment: LayerMap | None = None  # set when this card comes from another model
         self.source = fingerprint  # the model whose shapes the card's layers have
         self.header: pb.CardHeader | None = None
         self.layers: list[_Layer] = []

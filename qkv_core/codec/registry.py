@@ -33,7 +33,8 @@ A codec name is a preset, a spec string, or a JSON file:
                       caller lists in `files` are opened: a service lists those of its
                       configuration, so a request names codecs, never paths on the server
 
-The first five and specs resolve here; the adaptive ones need the model (qkv_core.allocation).
+The first five and specs resolve here; the adaptive ones need the model (qkv_core.codec.allocation).
+`text` is no codec: the handoff that sends the context itself (TEXT, for the layers that choose).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from qkv_core.codec.levels import LLOYD
 from qkv_core.codec.quant import FP16_BITS, FP32_BITS, OUTLIER_SCALE, Entropy, Granularity, TensorCodec, encoded_size
 from qkv_core.errors import RequestError
 
+TEXT = "text"  # the pseudo-codec of the text handoff: no card, the context itself
 _GRANULARITIES = {
     "tensor": Granularity.PER_TENSOR,
     "token": Granularity.PER_TOKEN,
@@ -283,7 +285,7 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
         raise RequestError(f"codec file {name!r} is not one this service offers: it opens only the codec files "
                            "of its configuration (codec_files, QKVCOMM_CODEC_FILES)")
     if adaptive(name):
-        raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.allocation")
+        raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.codec.allocation")
     raise RequestError(
         f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, "
         "+lloyd, +s8, +outN), seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like "

@@ -19,7 +19,7 @@ from qkv_core.codec.registry import KIVI, LLOYD_LEVELS, split_tools, tooled
 from qkv_core.engine.selection import keep_prefix, shared_prefix
 from qkv_core.model.attention import full_attention
 from qkv_core.model.kv import next_logits, prefill
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.prompt import PromptFormat, encode
 from qkv_core.types import KVCache
 

@@ -36,7 +36,7 @@ from qkv_core.codec import rope
 from qkv_core.config import cache_dir
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.kv import prefill
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.types import Fingerprint, KVCache
 
 _ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strengths tried, relative to the mean feature variance

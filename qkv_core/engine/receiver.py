@@ -15,23 +15,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qkv_core import allocator
+from qkv_core import malloc
 from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES, block_hashes
-from qkv_core.card.header import (
-    CardError,
-    ErrorKind,
-    context_digest,
-    fingerprint_from_pb,
-    fingerprint_to_pb,
-    text_card_id,
-)
+from qkv_core.card.header import context_digest, fingerprint_from_pb, fingerprint_to_pb, text_card_id
 from qkv_core.card.reader import CardReader
+from qkv_core.codec.registry import TEXT
 from qkv_core.config import Limits, StoreConfig
 from qkv_core.engine.crossmodel import Alignment
-from qkv_core.errors import LimitExceeded, RequestError
+from qkv_core.errors import CardError, ErrorKind, LimitExceeded, RequestError
 from qkv_core.model.attention import require_full_attention
 from qkv_core.model.kv import generate, prefill, stream_text
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
 from qkv_core.store.disk import namespace
 from qkv_core.store.prefixes import MAX_CHAIN
@@ -39,8 +33,6 @@ from qkv_core.store.records import DEFAULT_TENANT, CardRecord, StoredCard
 from qkv_core.store.tiered import CardStore
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
-
-TEXT = "text"  # the pseudo-codec of the text handoff
 
 
 class Admission:
@@ -74,7 +66,7 @@ class Admission:
             if trim:
                 self._trimmed = time.monotonic()
         if trim:
-            allocator.trim()
+            malloc.trim()
 
 
 @dataclass

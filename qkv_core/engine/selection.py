@@ -27,7 +27,7 @@ from qkv_core.config import LAYER_METHOD
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.attention import Probe
 from qkv_core.model.kv import answer_log_likelihood, prefill
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.prompt import PromptFormat, encode
 from qkv_core.profile_file import ProfileFile
 from qkv_core.types import KVCache

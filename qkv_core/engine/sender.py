@@ -35,7 +35,7 @@ from qkv_core.errors import Cancelled, RequestError
 from qkv_core.facts import FactCache, FactConfig
 from qkv_core.model.attention import Probe, full_attention, require_full_attention
 from qkv_core.model.kv import prefill
-from qkv_core.model.loading import LoadedModel
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.prompt import PromptFormat, context_ids
 from qkv_core.store.lru import ByteLRU
 from qkv_core.store.records import DEFAULT_TENANT

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -17,11 +16,8 @@ from transformers import DynamicCache
 from qkv_core.errors import Cancelled, RequestError
 from qkv_core.model import attention
 from qkv_core.model.attention import Probe
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.types import KVCache
-
-if TYPE_CHECKING:
-    from qkv_core.model.loading import LoadedModel
-
 
 PREFILL_CHUNK = 1024  # tokens per forward pass of a cancellable prefill
 

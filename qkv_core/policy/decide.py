@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qkv_core.codec.registry import TEXT
 from qkv_core.errors import RequestError
 
 
@@ -59,9 +60,6 @@ class Scored:
 class Decision:
     chosen: Scored
     scored: list[Scored] = field(default_factory=list)  # every option, in the order given
-
-
-TEXT = "text"
 
 
 def predict(option: Option, request: Request, link: Link, receiver: Receiver) -> float:

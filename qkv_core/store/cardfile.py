@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardError, ErrorKind
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.store.records import CardRecord, Key
 from qkv_core.wire import pb
 

@@ -29,7 +29,7 @@ from typing import cast
 
 import redis
 
-from qkv_core.card.header import CardError, ErrorKind
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
 from qkv_core.store.records import CardRecord, Key
 from qkv_core.store.stats import StoreStats

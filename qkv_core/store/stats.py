@@ -1,14 +1,11 @@
-"""What the store counts: events per tier (hits, misses, spills, evictions, reloads, corrupt
-entries, re-encodings, errors) and whether each optional tier is up. The services export them
+"""What the store counts: events per tier (hit, miss, write, spill, evict, reload, corrupt,
+orphan, reencode, error) and whether each optional tier is up. The services export them
 (service_common.metrics); qkv_core knows no Prometheus."""
 from __future__ import annotations
 
 import threading
 from collections import Counter
 from collections.abc import Callable
-
-TIERS = ("hot", "memory", "disk", "redis")
-EVENTS = ("hit", "miss", "write", "spill", "evict", "reload", "corrupt", "reencode", "error")
 
 
 class StoreStats:

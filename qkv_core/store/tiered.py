@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import cast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CARD_ID, CardError, ErrorKind
+from qkv_core.card.header import CARD_ID
 from qkv_core.card.reencode import reencode
 from qkv_core.config import StoreConfig
-from qkv_core.errors import RequestError
+from qkv_core.errors import CardError, ErrorKind, RequestError
 from qkv_core.store.cardfile import Sealer
 from qkv_core.store.disk import DiskTier
 from qkv_core.store.lru import ByteLRU

@@ -54,13 +54,19 @@ class ClientTLS:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+def retry_config(retries: int, first_backoff: str = "0.2s", max_backoff: str = "3s") -> dict:
+    """The gRPC method config that retries the idempotent calls up to `retries` more times (at most
+    4: gRPC's cap) on UNAVAILABLE, backing off from `first_backoff` doubling to `max_backoff`."""
+    policy = {"maxAttempts": min(retries + 1, 5), "initialBackoff": first_backoff, "maxBackoff": max_backoff,
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    return {"name": list(IDEMPOTENT), "retryPolicy": policy}
+
+
 def retry_options(retries: int) -> list[tuple[str, str]]:
     """Channel options that retry the idempotent calls up to `retries` more times on UNAVAILABLE."""
     if retries <= 0:
         return []
-    policy = {"maxAttempts": min(retries + 1, 5), "initialBackoff": "0.2s", "maxBackoff": "3s",
-              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
-    return [("grpc.service_config", json.dumps({"methodConfig": [{"name": list(IDEMPOTENT), "retryPolicy": policy}]}))]
+    return [("grpc.service_config", json.dumps({"methodConfig": [retry_config(retries)]}))]
 
 
 def open_channel(target: str, tls: ClientTLS = ClientTLS(), options: Sequence[tuple[str, object]] = (),

@@ -63,4 +63,3 @@ ErrorInfo = _class("ErrorInfo")
 HealthCheckRequest = _class("HealthCheckRequest")
 HealthCheckResponse = _class("HealthCheckResponse")
 SERVING = 1
-ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"

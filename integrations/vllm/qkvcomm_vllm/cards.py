@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from qkv_core.card.header import CardError, ErrorKind, context_digest, fingerprint_from_pb
+from qkv_core.card.header import context_digest, fingerprint_from_pb
 from qkv_core.card.reader import CardReader
+from qkv_core.errors import CardError, ErrorKind
 from qkv_core.store.cardfile import Sealer, from_bytes
 from qkv_core.store.disk import card_path
 from qkv_core.store.records import DEFAULT_TENANT

@@ -38,7 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from qkv_core.card.header import CardError
+from qkv_core.errors import CardError
 from qkvcomm_vllm.cards import Card, CardFiles, Shape
 
 if TYPE_CHECKING:

@@ -38,11 +38,13 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from qkv_core.card.header import CardError, ErrorKind
+from qkv_core.codec.registry import TEXT
 from qkv_core.config import RuntimeConfig, ServiceConfig
 from qkv_core.engine.crossmodel import Alignment
-from qkv_core.engine.receiver import TEXT, Generation, ReceiverEngine
-from qkv_core.model.loading import LoadedModel, load_model, model_source, resolve_device, resolve_dtype
+from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.errors import CardError, ErrorKind
+from qkv_core.model.loaded import LoadedModel
+from qkv_core.model.loading import load_model, model_source, resolve_device, resolve_dtype
 from qkv_core.store.records import DEFAULT_TENANT, StoredCard
 from qkv_core.types import KVCache
 from qkv_core.wire import pb

@@ -13,7 +13,7 @@ from qkvcomm_vllm.cards import CardFiles, Shape  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-from qkv_core.card.header import CardError  # noqa: E402
+from qkv_core.errors import CardError  # noqa: E402
 
 
 def _generate(llm: LLM, rows: list[dict], card: bool) -> list:
