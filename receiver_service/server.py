@@ -185,7 +185,7 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics.watch_store(engine.store)
     servicer = ReceiverServicer(engine, metrics, cfg, auth)
     store = engine.store
-    tiers = ["hot", "memory", *(["disk"] if store.disk else []), *(["redis"] if store.shared else [])]
+    tiers = ["hot", "memory", *(t.name for t in store.tiers)]
     # measured before the port opens: the device is otherwise idle now, and senders read it from the first Info
     measured = cfg.performance_tokens and cfg.engine == "hf"  # vLLM: not measured yet (qkvcomm_vllm.receiver)
     speed = await asyncio.to_thread(measure, engine, cfg.performance_tokens) if measured else None

@@ -162,9 +162,12 @@ class _StoreCollector(Collector):
         yield events
         sizes = GaugeMetricFamily("qkvcomm_store_tier_bytes", "Bytes held per store tier", labels=["tier"])
         cards = GaugeMetricFamily("qkvcomm_store_tier_cards", "Cards held per store tier", labels=["tier"])
-        for tier, nbytes, count in (("hot", store.hot.nbytes, len(store.hot)),
-                                    ("memory", store.memory.nbytes, len(store.memory)),
-                                    *((("disk", store.disk.used, len(store.disk)),) if store.disk else ())):
+        held = [("hot", (store.hot.nbytes, len(store.hot))), ("memory", (store.memory.nbytes, len(store.memory))),
+                *((t.name, t.held()) for t in store.tiers)]
+        for tier, counted in held:
+            if counted is None:  # a tier that cannot count cheaply (Redis, shared by every receiver)
+                continue
+            nbytes, count = counted
             sizes.add_metric([tier], nbytes)
             cards.add_metric([tier], count)
         yield sizes

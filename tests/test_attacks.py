@@ -121,13 +121,13 @@ def test_a_redis_writer_cannot_take_the_tier_down_stall_it_or_relabel_cards(tiny
     for card in (one, two):
         a.accept(frames(card.header, card.blobs))
     client = redis.Redis.from_url(redis_server.url)
-    name_one, name_two = (a.store.shared.key(("", c.header.card_id)) for c in (one, two))
+    name_one, name_two = (a.store.tier("redis").key(("", c.header.card_id)) for c in (one, two))
     # a data chunk where the index should be: one bad entry, dropped and counted; the tier stays up
     client.set(name_two, client.get(f"{name_two}:0"))
     assert b.store.get(two.header.card_id) is None
     assert b.store.stats.get("redis", "corrupt") == 1 and b.store.stats.up["redis"]
     # an index claiming 1.5 million chunks: refused before anything is fetched
-    a.store.shared.write(("", two.header.card_id), a.store.memory.get(("", two.header.card_id)))
+    a.store.tier("redis").put(("", two.header.card_id), a.store.memory.get(("", two.header.card_id)))
     client.set(name_two, f"1500000 {1_500_000 << 20} {'0' * 64}")
     start = time.perf_counter()
     assert b.store.get(two.header.card_id) is None

@@ -13,7 +13,7 @@ from qkv_core.card.framing import frames
 from qkv_core.config import StoreConfig
 from qkv_core.engine.receiver import Generation, ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
-from qkv_core.store import shared
+from qkv_core.store import redis as redis_tier
 from qkv_eval.redis_server import RedisServer, available
 
 pytestmark = pytest.mark.skipif(not available(), reason="redis-server is not installed (Debian's redis-server package)")
@@ -30,7 +30,7 @@ def server(tmp_path):
 
 @pytest.fixture(autouse=True)
 def quick_retry(monkeypatch):
-    monkeypatch.setattr(shared, "RETRY_S", 0.2)
+    monkeypatch.setattr(redis_tier, "RETRY_S", 0.2)
 
 
 def _pair(lm, url: str, **store):
@@ -74,7 +74,7 @@ def test_a_corrupt_redis_entry_is_detected_dropped_and_counted(tiny, server):
     card = SenderEngine(tiny).prepare("Depot 4 holds 104 crates. " * 8, "kivi-4")
     _push(a, card)
     client = redis.Redis.from_url(server.url)
-    name = b.store.shared.key(("", card.header.card_id))
+    name = b.store.tier("redis").key(("", card.header.card_id))
     client.setrange(f"{name}:0", 200, b"\xff\x00\xff")
     assert b.store.get(card.header.card_id) is None
     assert b.store.stats.get("redis", "corrupt") == 1 and not client.exists(name)
@@ -94,7 +94,7 @@ def test_a_wrong_store_key_is_detected(tiny, server, tmp_path):
     assert b.store.get(card.header.card_id) is None  # another key names it otherwise: not even found
     client = redis.Redis.from_url(server.url)
     for suffix in ("", ":0"):  # moved where b's key looks: it does not open
-        client.set(b.store.shared.key(key) + suffix, client.get(a.store.shared.key(key) + suffix))
+        client.set(b.store.tier("redis").key(key) + suffix, client.get(a.store.tier("redis").key(key) + suffix))
     assert b.store.get(card.header.card_id) is None and b.store.stats.get("redis", "corrupt") == 1
 
 

@@ -148,7 +148,7 @@ def test_sealed_files_open_only_with_their_key_and_name(tiny, cards, tmp_path):
     assert _same(_receiver(tiny, store_dir=str(store_dir), store_key=str(key)).store.get(card_id, "alice"), served)
     wrong = _receiver(tiny, store_dir=str(store_dir), store_key=str(other))
     assert wrong.store.get(card_id, "alice") is None  # another key names it otherwise: not even found
-    path.rename(wrong.store.disk.path(("alice", card_id)))  # moved where that key looks: it does not open
+    path.rename(wrong.store.tier("disk").path(("alice", card_id)))  # moved where that key looks: it does not open
     wrong = _receiver(tiny, store_dir=str(store_dir), store_key=str(other))
     assert wrong.store.get(card_id, "alice") is None and wrong.store.stats.get("disk", "corrupt") == 1
 
@@ -172,7 +172,7 @@ def test_an_unsealed_entry_under_another_cards_name_is_refused(tiny, cards, tmp_
     receiver = _receiver(tiny, store_dir=str(tmp_path))
     _push(receiver, cards[0])
     _push(receiver, cards[1])
-    a, b = (receiver.store.disk.path(("", c.header.card_id)) for c in cards[:2])
+    a, b = (receiver.store.tier("disk").path(("", c.header.card_id)) for c in cards[:2])
     b.write_bytes(a.read_bytes())  # card 0's bytes, named card 1
     restarted = _receiver(tiny, store_dir=str(tmp_path))
     assert restarted.store.get(cards[1].header.card_id) is None

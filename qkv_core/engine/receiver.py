@@ -184,8 +184,9 @@ class ReceiverEngine:
         self._prefix: tuple[int, KVCache | None] | None = None
 
     def close(self) -> None:
-        """Release what the engine holds outside this process's memory: nothing here (the vLLM
-        receiver's engine runs processes of its own)."""
+        """Release what the engine holds outside this process's memory: the store's connections
+        (the vLLM receiver's engine also stops the processes of its own)."""
+        self.store.close()
 
     def intake(self, tenant: str = DEFAULT_TENANT, admitted: bool = True) -> Intake:
         """A new card's intake for `tenant` (whose cards a delta's parent is looked up among); enter it

@@ -22,6 +22,7 @@ from qkv_core.card.header import CARD_ID
 from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
 from qkv_core.store.records import TENANT, CardRecord, Key
 from qkv_core.store.stats import StoreStats
+from qkv_core.store.tier import Tier
 from qkv_core.types import Fingerprint
 from qkv_core.wire import pb
 
@@ -64,7 +65,10 @@ def _listed(path: Path, sealed: bool) -> bool:
         return False
 
 
-class DiskTier:
+class DiskTier(Tier):
+    name = "disk"
+    keeps_spills = True
+
     def __init__(self, root: Path, model: str, budget: int, sealer: Sealer | None, stats: StoreStats):
         self.root, self.model, self.budget, self.sealer, self.stats = root / model, model, budget, sealer, stats
         root.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
@@ -96,13 +100,13 @@ class DiskTier:
     def full(self) -> bool:
         return self.used >= self.budget
 
+    def held(self) -> tuple[int, int]:
+        return self.used, len(self._index)
+
     def __contains__(self, key: Key) -> bool:
         return self.path(key) in self._index
 
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def write(self, key: Key, record: CardRecord) -> bool:
+    def put(self, key: Key, record: CardRecord) -> bool:
         """Write a card through; False when it cannot fit the budget at all."""
         data = to_bytes(record, self.model, key, self.sealer)
         if len(data) > self.budget:
@@ -126,7 +130,7 @@ class DiskTier:
         self.stats.count("disk", "write")
         return True
 
-    def read(self, key: Key) -> Iterator[pb.CardFrame] | None:
+    def get(self, key: Key) -> Iterator[pb.CardFrame] | None:
         """The card's frames, to be read through the validating reader; None if not on disk."""
         path = self.path(key)
         if path not in self._index:
@@ -134,11 +138,11 @@ class DiskTier:
         try:
             data = path.read_bytes()
         except OSError:  # gone behind our back: not a card any more
-            self.drop(key)
+            self.remove(key)
             return None
         return from_bytes(data, self.model, key, self.sealer)
 
-    def drop(self, key: Key) -> None:
+    def remove(self, key: Key) -> None:
         path = self.path(key)
         with self._lock:
             self._index.pop(path, None)

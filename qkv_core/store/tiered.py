@@ -8,6 +8,11 @@
     disk    card files, written through on accept and read after a restart (store_dir)
     redis   the shared tier, written through on accept, read by any receiver (store_redis)
 
+The tiers below RAM are an ordered list of qkv_core.store.tier.Tier, made by the factories in
+TIER_FACTORIES (disk, then redis, then any a deployment registers with register_tier), each of
+which returns None when its tier is not configured. A card accepted is written through every
+tier; one found in a slower tier is written up into the faster ones.
+
 A lookup goes down the tiers and brings what it finds up: every card it decodes goes through the
 engine's validating reader (`decode`), so a corrupt or truncated file or value is detected,
 dropped from its tier and counted, never served. A delta card is kept as it arrived (its own
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -36,14 +42,57 @@ from qkv_core.store.disk import DiskTier
 from qkv_core.store.lru import ByteLRU
 from qkv_core.store.prefixes import MAX_CHAIN, PrefixIndex
 from qkv_core.store.records import DEFAULT_TENANT, CardRecord, Key, StoredCard
-from qkv_core.store.shared import RedisTier
+from qkv_core.store.redis import RedisTier
 from qkv_core.store.stats import StoreStats
+from qkv_core.store.tier import Tier
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
 
 log = logging.getLogger(__name__)
 Decode = Callable[[Iterable[pb.CardFrame], str], tuple[CardRecord, KVCache]]  # frames, tenant
 ENTRY_MARGIN = 16 << 20  # a stored card's header and framing beside its payload: far above what the limits allow
+
+
+@dataclass(frozen=True)
+class TierSetting:
+    """What a tier factory is given: the store's configuration, the model's namespace (the weights
+    hash), the key that seals entries (None: plain), the counters, and the largest entry a tier may
+    hand back (a card at the receiver's limit with its header)."""
+
+    cfg: StoreConfig
+    namespace: str
+    sealer: Sealer | None
+    stats: StoreStats
+    max_entry_bytes: int
+
+
+TierFactory = Callable[[TierSetting], Tier | None]
+
+
+def _disk(s: TierSetting) -> Tier | None:
+    if not s.cfg.store_dir:
+        return None
+    return DiskTier(Path(s.cfg.store_dir), s.namespace, s.cfg.store_disk_bytes, s.sealer, s.stats)
+
+
+def _redis(s: TierSetting) -> Tier | None:
+    if not s.cfg.store_redis:
+        return None
+    if s.sealer is None:
+        log.warning("the shared tier %s is not sealed (no store_key): whoever can write to it can fill it, and "
+                    "its key names show tenants and card ids", s.cfg.store_redis.split("@")[-1])
+    return RedisTier(s.cfg.store_redis, s.namespace, s.cfg.store_redis_ttl_s, s.sealer, s.stats, s.max_entry_bytes)
+
+
+TIER_FACTORIES: dict[str, TierFactory] = {"disk": _disk, "redis": _redis}  # fastest first
+
+
+def register_tier(name: str, factory: TierFactory) -> None:
+    """Add a tier below those registered (slowest last); stores made from now on have it when the
+    factory returns one. `name` is the tier's own (Tier.name)."""
+    if name in TIER_FACTORIES or name in ("hot", "memory"):
+        raise ValueError(f"a store tier named {name!r} exists already")
+    TIER_FACTORIES[name] = factory
 
 
 def checked_id(card_id: str) -> str:
@@ -66,13 +115,15 @@ class CardStore:
         self.hot: ByteLRU[Key, StoredCard] = ByteLRU(lambda c: c.nbytes)
         self.memory: ByteLRU[Key, CardRecord] = ByteLRU(lambda r: r.nbytes)
         sealer = Sealer.from_file(cfg.store_key) if cfg.store_key else None
-        if cfg.store_redis and sealer is None:
-            log.warning("the shared tier %s is not sealed (no store_key): whoever can write to it can fill it, and "
-                        "its key names show tenants and card ids", cfg.store_redis.split("@")[-1])
-        self.disk = DiskTier(Path(cfg.store_dir), model, cfg.store_disk_bytes, sealer,
-                             self.stats) if cfg.store_dir else None
-        self.shared = (RedisTier(cfg.store_redis, model, cfg.store_redis_ttl_s, sealer, self.stats,
-                                 max_card_bytes + ENTRY_MARGIN) if cfg.store_redis else None)
+        setting = TierSetting(cfg, model, sealer, self.stats, max_card_bytes + ENTRY_MARGIN)
+        self.tiers: list[Tier] = [t for make in TIER_FACTORIES.values() if (t := make(setting)) is not None]
+
+    def tier(self, name: str) -> Tier | None:
+        return next((t for t in self.tiers if t.name == name), None)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
 
     def put(self, card: StoredCard, record: CardRecord | None, tenant: str = DEFAULT_TENANT) -> bool:
         """Keep an accepted card (`record` None: a text handoff). False if the tenant holds it already."""
@@ -84,10 +135,8 @@ class CardStore:
             self.prefixes.add(tenant, card.header, self.depth(card.header, tenant))
         if record is not None:
             self.memory.add(key, record)
-            if self.disk is not None:
-                self.disk.write(key, record)
-            if self.shared is not None:
-                self.shared.write(key, record)
+            for tier in self.tiers:
+                tier.put(key, record)
             self._relieve()
         return True
 
@@ -99,30 +148,31 @@ class CardStore:
             return card
         self.stats.count("hot", "miss")
         if (record := self.memory.get(key)) is not None:
-            found: tuple[str, Iterable[pb.CardFrame]] | None = ("memory", frames(record.header, record.blobs))
+            found: tuple[int, Iterable[pb.CardFrame]] | None = (-1, frames(record.header, record.blobs))
         else:
             self.stats.count("memory", "miss")
             found = self._fetch(key)
         if found is None:
             return None
-        tier, stream = found
+        at, stream = found  # at: the index of the tier it came from; -1 the memory tier
+        name = self.tiers[at].name if at >= 0 else "memory"
         try:
             record, kv = self.decode(stream, tenant)
         except CardError as e:
             if e.kind == ErrorKind.PARENT_MISSING:  # a delta whose parent is gone can never be read again
-                self._orphaned(tier, key, e)
+                self._orphaned(name, key, e)
                 return None
-            if tier == "memory" or e.kind not in (ErrorKind.DATA_LOSS, ErrorKind.INVALID):
+            if at < 0 or e.kind not in (ErrorKind.DATA_LOSS, ErrorKind.INVALID):
                 raise
-            self._corrupt(tier, key, e)
+            self._corrupt(self.tiers[at], key, e)
             return None
-        self.stats.count(tier, "hit")
+        self.stats.count(name, "hit")
         card = StoredCard(record.header, kv)
-        if tier != "memory":
-            self.stats.count(tier, "reload")
+        if at >= 0:
+            self.stats.count(name, "reload")
             self.memory.add(key, record)
-            if tier == "redis" and self.disk is not None:
-                self.disk.write(key, record)
+            for faster in self.tiers[:at]:
+                faster.put(key, record)
             self._relieve()
         self._keep_hot(key, card)
         return card
@@ -136,18 +186,16 @@ class CardStore:
         card = self.get(card_id, tenant)
         return None if card is None else card.header
 
-    def _fetch(self, key: Key) -> tuple[str, Iterable[pb.CardFrame]] | None:
-        for tier, source in (("disk", self.disk), ("redis", self.shared)):
-            if source is None:
-                continue
+    def _fetch(self, key: Key) -> tuple[int, Iterable[pb.CardFrame]] | None:
+        for at, tier in enumerate(self.tiers):
             try:
-                stream = source.read(key)
+                stream = tier.get(key)
             except CardError as e:  # the tier's own checks (Redis: the entry's length and digest)
                 self._corrupt(tier, key, e)
                 continue
             if stream is not None:
-                return tier, stream
-            self.stats.count(tier, "miss")
+                return at, stream
+            self.stats.count(tier.name, "miss")
         return None
 
     def find_prefix(self, hashes: list[bytes], tenant: str = DEFAULT_TENANT, codecs: Collection[str] = (),
@@ -164,19 +212,18 @@ class CardStore:
             held = self.has(held.parent_card_id, tenant)
         return depth
 
-    def _orphaned(self, tier: str, key: Key, error: CardError) -> None:
-        self.stats.count(tier, "orphan")
-        log.info("%s tier: delta card %s dropped: %s", tier, key[1][:12], error)
+    def _orphaned(self, name: str, key: Key, error: CardError) -> None:
+        self.stats.count(name, "orphan")
+        log.info("%s tier: delta card %s dropped: %s", name, key[1][:12], error)
         self.memory.pop(key)
-        for source in (self.disk, self.shared):
-            if source is not None:
-                source.drop(key)
+        for tier in self.tiers:
+            tier.remove(key)
 
-    def _corrupt(self, tier: str, key: Key, error: CardError) -> None:
+    def _corrupt(self, tier: Tier, key: Key, error: CardError) -> None:
         """An entry that fails its checks is dropped from its tier and counted, never served."""
-        self.stats.count(tier, "corrupt")
-        log.warning("%s tier: card %s is corrupt (%s); dropped", tier, key[1][:12], error)
-        (self.disk if tier == "disk" else self.shared).drop(key)  # type: ignore[union-attr]
+        self.stats.count(tier.name, "corrupt")
+        log.warning("%s tier: card %s is corrupt (%s); dropped", tier.name, key[1][:12], error)
+        tier.remove(key)
 
     def _keep_hot(self, key: Key, card: StoredCard) -> None:
         self.hot.add(key, card)
@@ -188,13 +235,14 @@ class CardStore:
         if self.memory.nbytes <= budget * self.cfg.store_high_water:
             return
         low = budget * self.cfg.store_low_water
+        keeping = [t for t in self.tiers if t.keeps_spills]
         for key in self.memory.coldest():
             if self.memory.nbytes <= low:
                 return
-            if self.disk is not None and key in self.disk:
+            if any(key in t for t in keeping):
                 self.memory.pop(key)
                 self.stats.count("memory", "spill")
-            elif self.disk is None or self.disk.full:
+            elif all(t.full for t in keeping):  # none to spill to (all() of none is true)
                 record = self.memory.peek(key)
                 smaller = reencode(record.header, record.blobs) if record is not None else None
                 if smaller is not None:

@@ -107,6 +107,7 @@ class VllmReceiverEngine(ReceiverEngine):
             self.llm.shutdown()
 
         self._run(shutdown())
+        super().close()
 
     # ---- what vLLM cannot take
     def shared_prefix(self, tokens: int) -> KVCache:

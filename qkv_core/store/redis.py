@@ -33,6 +33,7 @@ from qkv_core.errors import CardError, ErrorKind
 from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
 from qkv_core.store.records import CardRecord, Key
 from qkv_core.store.stats import StoreStats
+from qkv_core.store.tier import Tier
 from qkv_core.wire import pb
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ RETRY_S = 5.0
 TIMEOUT_S = 1.0
 
 
-class RedisTier:
+class RedisTier(Tier):
+    name = "redis"
+
     def __init__(self, url: str, model: str, ttl_s: int, sealer: Sealer | None, stats: StoreStats,
                  max_entry_bytes: int):
         """`max_entry_bytes`: the largest entry read back (a card at the receiver's limit with its
@@ -78,7 +81,7 @@ class RedisTier:
             self.stats.set_up("redis", True)
             log.info("shared tier %s is back", self.url)
 
-    def write(self, key: Key, record: CardRecord) -> bool:
+    def put(self, key: Key, record: CardRecord) -> bool:
         if not self._available():
             return False
         data = to_bytes(record, self.model, key, self.sealer)
@@ -97,7 +100,7 @@ class RedisTier:
         self.stats.count("redis", "write")
         return True
 
-    def exists(self, key: Key) -> bool:
+    def __contains__(self, key: Key) -> bool:
         if not self._available():
             return False
         try:
@@ -108,7 +111,7 @@ class RedisTier:
         self._recovered()
         return found
 
-    def read(self, key: Key) -> Iterator[pb.CardFrame] | None:
+    def get(self, key: Key) -> Iterator[pb.CardFrame] | None:
         """The card's frames, or None when Redis has no such card (or is down); DATA_LOSS when the
         entry is incomplete or its digest does not match."""
         if not self._available():
@@ -148,7 +151,10 @@ class RedisTier:
                             f"(at most {self.max_entry_bytes} here)")
         return count_n, length_n, digest
 
-    def drop(self, key: Key) -> None:
+    def close(self) -> None:
+        self.client.close()
+
+    def remove(self, key: Key) -> None:
         """Remove an entry; one whose index is unreadable loses its index (its chunks expire)."""
         name = self.key(key)
         try:
