@@ -91,7 +91,6 @@ class StoreConfig:
             raise ValueError("the store's water marks need 0 < store_low_water <= store_high_water <= 1")
 
 
-ENGINES = ("hf", "vllm")  # what answers a receiver's Generate
 # Ports by service: the dataclass defaults are the receiver's; the sender's differ.
 ROLE_DEFAULTS = {"receiver": {}, "sender": {"port": 50062, "metrics_port": 9462}}
 
@@ -163,10 +162,6 @@ class ServiceConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)
     store: StoreConfig = field(default_factory=StoreConfig)
-
-    def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}: choose {' or '.join(ENGINES)}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> ServiceConfig:

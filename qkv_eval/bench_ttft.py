@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from qkv_core.card.framing import frames
 from qkv_core.config import RuntimeConfig, StoreConfig
-from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
+from qkv_core.engine.answering import Generation, timed_answer
+from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import load_model
 from qkv_core.model.prompt import encode

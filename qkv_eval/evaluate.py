@@ -37,8 +37,9 @@ from qkv_core.calibration_data import gold_answers
 from qkv_core.card.framing import frames
 from qkv_core.codec.registry import codec_files
 from qkv_core.config import StoreConfig, qa_file
+from qkv_core.engine.answering import Generation, timed_answer
 from qkv_core.engine.crossmodel import METHODS, Alignment, default_path
-from qkv_core.engine.receiver import Generation, ReceiverEngine, timed_answer
+from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.facts import FactConfig

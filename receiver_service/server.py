@@ -6,18 +6,16 @@ import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 from qkvcomm.v1 import services_pb2, services_pb2_grpc
 
 from qkv_core.config import ServiceConfig
-from qkv_core.engine.crossmodel import Alignment
+from qkv_core.engine.answering import Generation, answer_engine
 from qkv_core.engine.performance import measure
-from qkv_core.engine.receiver import Generation, Intake, ReceiverEngine
+from qkv_core.engine.receiver import Intake, ReceiverEngine
 from qkv_core.model.loaded import LoadedModel
-from qkv_core.model.loading import load_model
 from qkv_core.wire import pb
 from service_common.auth import Auth
 from service_common.errors import IdleTimeout, guarded
@@ -155,31 +153,14 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         return pb.FindPrefixResponse(card_id=found[0], tokens=found[1])
 
 
-def make_engine(cfg: ServiceConfig, lm: LoadedModel) -> ReceiverEngine:
-    """The engine `cfg.engine` names: this process's model (hf) or a vLLM engine (the qkvcomm-vllm extra)."""
-    alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
-    if cfg.engine == "hf":
-        return ReceiverEngine(lm, cfg.store, cfg.max_card_bytes, alignments, cfg.limits)
-    from qkvcomm_vllm.receiver import VllmReceiverEngine  # noqa: PLC0415 - optional: only this engine needs vLLM
-
-    return VllmReceiverEngine(lm, cfg, alignments)
-
-
 def load_for(cfg: ServiceConfig) -> LoadedModel:
-    """The model as `cfg.engine` needs it: whole here (hf), or its fingerprint and tokenizer (vllm)."""
-    if cfg.engine == "hf":
-        return load_model(cfg.runtime)
-    try:
-        from qkvcomm_vllm.receiver import fingerprinted  # noqa: PLC0415
-    except ImportError as e:
-        raise SystemExit(f"--engine vllm needs vLLM and the qkvcomm-vllm package (integrations/vllm; `make "
-                         f"test-vllm` builds such an environment): {e}") from None
-    return fingerprinted(cfg.runtime)
+    """The model as the answer engine `cfg.engine` needs it (qkv_core.engine.answering)."""
+    return answer_engine(cfg.engine).load(cfg.runtime)
 
 
 async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics, auth = Metrics("receiver", lm.fingerprint.name), Auth(cfg.auth_tokens)
-    engine = await asyncio.to_thread(make_engine, cfg, lm)
+    engine = await asyncio.to_thread(ReceiverEngine.from_config, cfg, lm)
     metrics.intakes.set_function(lambda: engine.admission.intakes)
     metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
     metrics.watch_store(engine.store)
@@ -187,9 +168,10 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     store = engine.store
     tiers = ["hot", "memory", *(t.name for t in store.tiers)]
     # measured before the port opens: the device is otherwise idle now, and senders read it from the first Info
-    measured = cfg.performance_tokens and cfg.engine == "hf"  # vLLM: not measured yet (qkvcomm_vllm.receiver)
+    measured = cfg.performance_tokens and engine.answers.measures_speed
     speed = await asyncio.to_thread(measure, engine, cfg.performance_tokens) if measured else None
-    info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers, speed)
+    info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers, speed,
+                      whole_cards_only=engine.answers.whole_cards_only)
     if speed:
         log.info("receiver speed: prefill %.0f tokens/s, first token %.0f ms, card decoding %.0f MB/s (fp16 KV)",
                  speed.prefill_tokens_per_s, speed.first_token_s * 1e3, speed.dequantize_bytes_per_s / 1e6)

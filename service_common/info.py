@@ -31,17 +31,17 @@ def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
 
 
 def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: Sequence[Fingerprint] = (),
-               store_tiers: Sequence[str] = (), performance: Performance | None = None) -> pb.InfoResponse:
+               store_tiers: Sequence[str] = (), performance: Performance | None = None,
+               whole_cards_only: bool = False) -> pb.InfoResponse:
     limits = cfg.limits
     speed = pb.ServicePerformance(**vars(performance)) if performance else None
-    whole_only = role == "receiver" and cfg.engine == "vllm"
     return pb.InfoResponse(
         version=package_version(), role=role, model=fingerprint_to_pb(lm.fingerprint), device=str(lm.device),
         dtype=str(lm.dtype).removeprefix("torch."), codecs=codecs(lm.fingerprint),
         limits=pb.ServiceLimits(max_card_bytes=cfg.max_card_bytes, max_context_tokens=limits.max_context_tokens,
                                 max_new_tokens=limits.max_new_tokens_limit, chunk_bytes=MAX_CHUNK_BYTES),
         features=pb.ServiceFeatures(
-            facts=cfg.facts, layer_selection=not whole_only, sessions=not whole_only,
+            facts=cfg.facts, layer_selection=not whole_cards_only, sessions=not whole_cards_only,
             alignments=[fingerprint_to_pb(a) for a in alignments], tls=bool(cfg.tls_cert), auth=bool(cfg.auth_tokens),
             store_tiers=list(store_tiers), engine=cfg.engine if role == "receiver" else ""),
         performance=speed,

@@ -19,6 +19,7 @@ from qkvcomm.v1 import services_pb2, services_pb2_grpc
 from qkvcomm_client.channel import is_loopback_host
 
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
+from qkv_core.engine.answering import answer_engine
 from service_common.auth import Auth, AuthInterceptor
 from service_common.info import InfoServicer
 from service_common.metrics import Metrics
@@ -120,6 +121,8 @@ def preflight(role: str, cfg: ServiceConfig) -> None:
     load: required settings, readable files, free ports. ValueError or OSError naming the setting."""
     if role == "sender":
         require_receiver(cfg)
+    else:
+        answer_engine(cfg.engine).check(cfg)  # an unknown name, a missing package, a setting it lacks
     for setting in _FILES:
         path = getattr(cfg, setting)
         if path and not os.access(path, os.R_OK):

@@ -11,7 +11,8 @@ from qkvcomm_client import SenderClient, error_info
 
 from qkv_core.card.blocks import BLOCK_TOKENS
 from qkv_core.card.framing import frames
-from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.engine.answering import Generation
+from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
 from qkv_core.model.kv import next_logits
 from qkv_core.model.prompt import encode

@@ -12,11 +12,13 @@ from conftest import resigned
 from qkv_core.card.framing import frames
 from qkv_core.card.header import context_digest
 from qkv_core.config import ServiceConfig
-from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.engine.answering import Generation, HFAnswers, answer_engine
+from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
-from qkv_core.errors import CardError, ErrorKind
+from qkv_core.errors import CardError, ErrorKind, Unsupported
 from receiver_service.server import load_for
 from service_common.info import build_info
+from service_common.server import preflight
 
 CONTEXT = "The depot in Lyon holds 417 crates of tin and opens at nine; the one in Porto holds 88. " * 3
 
@@ -59,22 +61,24 @@ def test_the_hf_engine_counts_the_cards_tokens_as_not_computed(tiny):
     assert stats.tokens > 0 and stats.cached_tokens == card.header.context_tokens > 0
 
 
-def test_the_engine_setting():
+def test_the_engine_setting_names_a_registered_answer_engine():
     assert ServiceConfig.from_env({"QKVCOMM_ENGINE": "vllm"}).engine == "vllm"
     assert ServiceConfig.from_env({}).engine == "hf"
+    assert answer_engine("hf") is HFAnswers
     with pytest.raises(ValueError, match="choose hf or vllm"):
-        ServiceConfig.from_env({}, engine="tgi")
+        preflight("receiver", ServiceConfig.from_env({}, engine="tgi", port=0, metrics_port=-1))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("qkvcomm_vllm") is not None, reason="qkvcomm-vllm is installed here")
 def test_the_vllm_engine_without_vllm_says_what_to_install():
-    with pytest.raises(SystemExit, match="needs vLLM and the qkvcomm-vllm package"):
+    with pytest.raises(Unsupported, match="needs vLLM and the qkvcomm-vllm package"):
         load_for(ServiceConfig.from_env({}, engine="vllm"))
 
 
 def test_info_says_which_engine_answers_and_what_it_takes(tiny):
     hf = build_info("receiver", tiny, ServiceConfig.from_env({})).features
     assert hf.engine == "hf" and hf.sessions and hf.layer_selection
-    vllm = build_info("receiver", tiny, dataclasses.replace(ServiceConfig.from_env({}), engine="vllm")).features
+    vllm = build_info("receiver", tiny, dataclasses.replace(ServiceConfig.from_env({}), engine="vllm"),
+                      whole_cards_only=True).features
     assert vllm.engine == "vllm" and not vllm.sessions and not vllm.layer_selection  # whole cards only
     assert build_info("sender", tiny, ServiceConfig.from_env({}, role="sender")).features.engine == ""

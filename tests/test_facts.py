@@ -104,7 +104,8 @@ def test_bad_config_is_refused():
 
 def test_the_card_carries_the_facts_and_the_receiver_reads_the_summary_first(tiny):
     from qkv_core.card.framing import frames
-    from qkv_core.engine.receiver import Generation, ReceiverEngine
+    from qkv_core.engine.answering import Generation
+    from qkv_core.engine.receiver import ReceiverEngine
     from qkv_core.engine.sender import SenderEngine
     from qkv_core.model.kv import generate, prefill
     from qkv_core.model.prompt import encode

@@ -11,7 +11,8 @@ import redis
 
 from qkv_core.card.framing import frames
 from qkv_core.config import StoreConfig
-from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.engine.answering import Generation
+from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.store import redis as redis_tier
 from qkv_eval.redis_server import RedisServer, available

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -20,11 +21,12 @@ from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES, block_hashes
 from qkv_core.card.header import context_digest, fingerprint_from_pb, fingerprint_to_pb, text_card_id
 from qkv_core.card.reader import CardReader
 from qkv_core.codec.registry import TEXT
-from qkv_core.config import Limits, StoreConfig
+from qkv_core.config import Limits, ServiceConfig, StoreConfig
+from qkv_core.engine.answering import AnswerEngine, Generation, HFAnswers, answer_engine
 from qkv_core.engine.crossmodel import Alignment
 from qkv_core.errors import CardError, ErrorKind, LimitExceeded, RequestError
 from qkv_core.model.attention import require_full_attention
-from qkv_core.model.kv import generate, prefill, stream_text
+from qkv_core.model.kv import prefill
 from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.prompt import CHARS_PER_TOKEN_MAX, PromptFormat, context_ids, encode
 from qkv_core.store.disk import namespace
@@ -156,19 +158,20 @@ class Intake:
         return StoredCard(header, kv if self.prefix is None else self.prefix.extended(kv))
 
 
-@dataclass
-class Generation:
-    card_id: str
-    ttft_s: float = 0.0
-    total_s: float = 0.0
-    tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens the engine did not compute (vLLM: taken from the card)
-
-
 class ReceiverEngine:
+    """A receiver's cards: intake (validate, decode, stitch deltas, store per tenant) and questions
+    over them, answered by its answer engine (qkv_core.engine.answering; default: this process's
+    model, hf)."""
+
     def __init__(self, lm: LoadedModel, store: StoreConfig = StoreConfig(), max_card_bytes: int = 1 << 30,
-                 alignments: Sequence[Alignment] = (), limits: Limits = Limits()):
+                 alignments: Sequence[Alignment] = (), limits: Limits = Limits(),
+                 answers: AnswerEngine | None = None):
         self.lm = lm
+        self.answers = answers if answers is not None else HFAnswers(lm, ServiceConfig())
+        if self.answers.whole_cards_only:
+            if alignments:
+                raise ValueError("this receiver's engine takes cards of its own model only (no --alignment)")
+            store = dataclasses.replace(store, prefix_blocks=0)  # no prefixes offered: senders send whole cards
         self.limits = limits
         self.admission = Admission(limits)
         # The store's own reads of its tiers (a delta's parents among them) are not arrivals: unbounded.
@@ -183,9 +186,17 @@ class ReceiverEngine:
         self.max_card_bytes = max_card_bytes
         self._prefix: tuple[int, KVCache | None] | None = None
 
+    @classmethod
+    def from_config(cls, cfg: ServiceConfig, lm: LoadedModel) -> ReceiverEngine:
+        """The receiver `cfg` describes: its answer engine (`cfg.engine`), alignments, store and limits."""
+        answers = answer_engine(cfg.engine)(lm, cfg)
+        alignments = [Alignment.load(Path(p)) for p in cfg.alignments.split(",") if p]
+        return cls(lm, cfg.store, cfg.max_card_bytes, alignments, cfg.limits, answers)
+
     def close(self) -> None:
-        """Release what the engine holds outside this process's memory: the store's connections
-        (the vLLM receiver's engine also stops the processes of its own)."""
+        """Release what lives outside this process's memory: the answer engine's processes, the
+        store's connections."""
+        self.answers.close()
         self.store.close()
 
     def intake(self, tenant: str = DEFAULT_TENANT, admitted: bool = True) -> Intake:
@@ -230,6 +241,8 @@ class ReceiverEngine:
 
     def shared_prefix(self, tokens: int) -> KVCache:
         """This model's KV of its chat header, which a layer-selected card leaves to the receiver."""
+        if self.answers.whole_cards_only:
+            raise CardError(ErrorKind.PRECONDITION, "this receiver takes whole cards: every layer, no shared prefix")
         try:
             require_full_attention(self.lm.model, self.lm.fingerprint.name)
         except ValueError as e:
@@ -265,13 +278,11 @@ class ReceiverEngine:
             return intake.record(), card
 
     def accept_text(self, context: str, tenant: str = DEFAULT_TENANT) -> tuple[StoredCard, float]:
-        """The text handoff: prefill the context here and keep its cache like a card's.
-        Returns the stored entry and the prefill time."""
+        """The text handoff: keep the context's token ids, and its cache when the answer engine
+        prefills now. Returns the stored entry and the prefill time."""
         header = self.text_header(context)
-        start = time.perf_counter()
-        kv, _ = prefill(self.lm, list(header.context_ids))
-        prefill_s = time.perf_counter() - start
-        card = StoredCard(header, kv)
+        kv, prefill_s = self.answers.text(list(header.context_ids))
+        card = StoredCard(header, kv if kv is not None else KVCache([], []))
         self.store.put(card, None, tenant)
         return card, prefill_s
 
@@ -301,33 +312,9 @@ class ReceiverEngine:
         summary = header.fact_summary if facts else ""
         ids = encode(self.lm.tokenizer, self.prompt.query_part(query, summary))
         self.limits.check("max_query_tokens", len(ids), "the query with its fact summary (tokens)")
-        yield from self.answer(header, ids, max_new_tokens, stats, tenant)
-
-    def answer(self, header: pb.CardHeader, ids: list[int], max_new_tokens: int, stats: Generation, tenant: str,
-               ) -> Iterator[str]:
-        """The answer after the query's token ids `ids` on top of the held card `header` names: here
-        this receiver's own model decodes greedily over the card's cache (qkvcomm_vllm's receiver
-        answers through a vLLM engine instead)."""
-        return timed_answer(self.lm, self.card(header.card_id, tenant).kv, ids, max_new_tokens, stats)
+        yield from self.answers.answer(header, lambda: self.card(header.card_id, tenant).kv, ids, max_new_tokens,
+                                       stats, tenant)
 
 
 def _not_held(card_id: str) -> CardError:
     return CardError(ErrorKind.NOT_FOUND, f"no card {card_id!r} here; push it first")
-
-
-def timed_answer(lm: LoadedModel, kv: KVCache | None, ids: list[int], max_new_tokens: int,
-                 stats: Generation) -> Iterator[str]:
-    """Greedy answer text after `ids` (on top of `kv`), recording TTFT, total time and tokens in `stats`."""
-    start = time.perf_counter()
-    stats.cached_tokens = kv.tokens if kv is not None else 0
-
-    def counted(tokens: Iterator[int]) -> Iterator[int]:
-        for token in tokens:
-            stats.tokens += 1
-            yield token
-
-    for piece in stream_text(lm, counted(generate(lm, kv, ids, max_new_tokens))):
-        if not stats.ttft_s:
-            stats.ttft_s = time.perf_counter() - start
-        yield piece
-    stats.total_s = time.perf_counter() - start

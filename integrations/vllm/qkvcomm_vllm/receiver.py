@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vllm import SamplingParams
@@ -40,12 +40,11 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from qkv_core.codec.registry import TEXT
 from qkv_core.config import RuntimeConfig, ServiceConfig
-from qkv_core.engine.crossmodel import Alignment
-from qkv_core.engine.receiver import Generation, ReceiverEngine
+from qkv_core.engine.answering import AnswerEngine, Generation
 from qkv_core.errors import CardError, ErrorKind
 from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.loading import load_model, model_source, resolve_device, resolve_dtype
-from qkv_core.store.records import DEFAULT_TENANT, StoredCard
+from qkv_core.store.disk import namespace
 from qkv_core.types import KVCache
 from qkv_core.wire import pb
 from qkvcomm_vllm.connector import CARD, TENANT, transfer_config
@@ -77,21 +76,30 @@ def engine_args(cfg: ServiceConfig, lm: LoadedModel, namespace: str) -> AsyncEng
                            kv_transfer_config=connector, **extra)
 
 
-class VllmReceiverEngine(ReceiverEngine):
-    """The receiver's engine with answers from vLLM (module docstring). vLLM runs on an event loop
+class VllmAnswers(AnswerEngine):
+    """Answers from vLLM (module docstring), registered as --engine vllm. vLLM runs on an event loop
     of its own (a daemon thread); each answer is a vLLM request streamed back through a queue."""
 
-    def __init__(self, lm: LoadedModel, cfg: ServiceConfig, alignments: Sequence[Alignment] = ()):
+    whole_cards_only = True
+
+    @classmethod
+    def check(cls, cfg: ServiceConfig) -> None:
         if not cfg.store.store_dir:
             raise ValueError("--engine vllm needs --store-dir: vLLM reads the cards from the disk tier")
-        if alignments:
+        if cfg.alignments:
             raise ValueError("--engine vllm takes cards of its own model only (no --alignment)")
-        store = dataclasses.replace(cfg.store, prefix_blocks=0)  # no prefixes offered: senders send whole cards
-        super().__init__(lm, store, cfg.max_card_bytes, alignments, cfg.limits)
+
+    @classmethod
+    def load(cls, runtime: RuntimeConfig) -> LoadedModel:
+        return fingerprinted(runtime)
+
+    def __init__(self, lm: LoadedModel, cfg: ServiceConfig):
+        super().__init__(lm, cfg)
+        self.check(cfg)
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True).start()
-        args = engine_args(cfg, lm, self.store.namespace)
+        args = engine_args(cfg, lm, namespace(lm.fingerprint))
         self.llm: AsyncLLM = self._run(self._start(args))
         log.info("vLLM engine ready (%s, connector on %s)", args.model, cfg.store.store_dir)
 
@@ -107,22 +115,13 @@ class VllmReceiverEngine(ReceiverEngine):
             self.llm.shutdown()
 
         self._run(shutdown())
-        super().close()
 
-    # ---- what vLLM cannot take
-    def shared_prefix(self, tokens: int) -> KVCache:
-        raise CardError(ErrorKind.PRECONDITION, "a vLLM receiver takes whole cards: every layer, no shared prefix")
-
-    def accept_text(self, context: str, tenant: str = DEFAULT_TENANT) -> tuple[StoredCard, float]:
+    def text(self, ids: list[int]) -> tuple[None, float]:
         """The text handoff keeps the context's token ids; vLLM prefills them at Generate."""
-        header = self.text_header(context)
-        card = StoredCard(header, KVCache([], []))
-        self.store.put(card, None, tenant)
-        return card, 0.0
+        return None, 0.0
 
-    # ---- answers
-    def answer(self, header: pb.CardHeader, ids: list[int], max_new_tokens: int, stats: Generation, tenant: str,
-               ) -> Iterator[str]:
+    def answer(self, header: pb.CardHeader, kv: Callable[[], KVCache], ids: list[int], max_new_tokens: int,
+               stats: Generation, tenant: str) -> Iterator[str]:
         if header.parent_card_id:
             raise CardError(ErrorKind.PRECONDITION, "a vLLM receiver answers on whole cards; this one is a delta card")
         if not header.context_ids:
