@@ -12,8 +12,8 @@ import torch
 from qkv_core import calibration_data
 from qkv_core.codec import rope
 from qkv_core.codec.levels import fit, unit_values
-from qkv_core.codec.registry import ROTATION_SEED
 from qkv_core.codec.rotation import rotate
+from qkv_core.codec.tools import ROTATION_SEED
 from qkv_core.config import RuntimeConfig
 from qkv_core.model.kv import prefill
 from qkv_core.model.loading import load_model

@@ -17,7 +17,7 @@ from qkv_core.card.framing import frames
 from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec.encoding import encode_tensors, layer_salient, rope_removed, rope_restored
 from qkv_core.codec.quant import dequantize
-from qkv_core.codec.registry import ENTROPY_CODED
+from qkv_core.codec.tools import ZSTD
 from qkv_core.config import RuntimeConfig
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.loading import load_model
@@ -114,7 +114,8 @@ def run_codec_bench(model: str, data: Path, tokens: int, presets: list[str], rep
     for device in devices:
         kv16 = kv.to(device, torch.float16)
         for name in tqdm(presets, desc="bench codec", disable=None, leave=False):
-            rows.append(measure(kv16, ids, lm.fingerprint, sender.plan(name, ids, kv16, importance)[1], repeats))
+            plan = sender.plan(sender.codec(name), ids, kv16, importance)[1]
+            rows.append(measure(kv16, ids, lm.fingerprint, plan, repeats))
     return rows
 
 
@@ -153,14 +154,14 @@ def table(rows: list[Row], tokens: int, model: str) -> str:
     ]
     by_name = {(r.codec, r.device): r for r in rows}
     for r in rows:
-        plain = by_name.get((r.codec.removesuffix(ENTROPY_CODED),
-                             r.device)) if r.codec.endswith(ENTROPY_CODED) else None
+        plain = by_name.get((r.codec.removesuffix(ZSTD.suffix),
+                             r.device)) if r.codec.endswith(ZSTD.suffix) else None
         pays = pays_below_gbps(plain, r) if plain else None
         lines.append(
             f"| {r.codec} | {r.device} | {r.bits_per_element:.2f} | {r.ratio_fp16:.2f} | {r.rel_err_k:.4f} | "
             f"{r.rel_err_v:.4f} | {r.quant_gbps:.2f} | {r.dequant_gbps:.2f} | {'' if pays is None else f'{pays:.2f}'} |"
         )
-    if any(r.codec.endswith(ENTROPY_CODED) for r in rows):
+    if any(r.codec.endswith(ZSTD.suffix) for r in rows):
         lines += ["", "+zstd pays below: the link speed under which coding saves time against the same codec "
                   "without it (bits saved / encode and decode time added, no overlap assumed)."]
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from qkv_core.card.framing import frames
 from qkv_core.card.header import build_card
-from qkv_core.codec.registry import adaptive
+from qkv_core.codec.registry import Codec
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import Parent, SenderEngine
 from qkv_core.errors import RequestError
@@ -37,7 +37,7 @@ class Chain:
     notes: list[str] = field(default_factory=list)
 
 
-def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec: str, parent: Parent | None = None,
+def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec: Codec, parent: Parent | None = None,
             ) -> StoredCard:
     """Encode the chain's cache as a card (with `parent`, a delta) and take it in at the receiver;
     returns what arrived."""
@@ -52,14 +52,15 @@ def handoff(sender: SenderEngine, receiver: ReceiverEngine, chain: Chain, codec:
 def run_chain(sender: SenderEngine, receiver: ReceiverEngine, context: str, codec: str, hops: int,
               deltas: bool = False) -> Chain:
     """The cache the last agent holds after `hops` handoffs (hops >= 1; 1 = the plain kv mode)."""
-    if (kind := adaptive(codec)) is not None and kind.needs_probe:
-        raise RequestError(f"{kind.allocator} needs the sender's attention probe; a relayed cache has none")
+    parsed = sender.codec(codec)
+    if parsed.kind is not None and parsed.kind.needs_probe:
+        raise RequestError(f"{parsed.kind.allocator} needs the sender's attention probe; a relayed cache has none")
     lm = sender.lm
     ids = sender.context_ids(context)
     chain = Chain(prefill(lm, ids)[0], ids)
     parent = None
     for hop in range(2, hops + 1):
-        kv = handoff(sender, receiver, chain, codec, parent).kv
+        kv = handoff(sender, receiver, chain, parsed, parent).kv
         parent = Parent(chain.card_id, len(chain.ids)) if deltas else None
         lead = encode(lm.tokenizer, f"Note from agent {hop}:")
         note = lm.tokenizer.decode(list(generate(lm, kv, lead, NOTE_TOKENS))).split("\n")[0].rstrip()
@@ -67,7 +68,7 @@ def run_chain(sender: SenderEngine, receiver: ReceiverEngine, context: str, code
         chain.notes.append(lm.tokenizer.decode(turn))
         chain.kv, _ = prefill(lm, turn, past=kv)
         chain.ids = chain.ids + turn
-    handoff(sender, receiver, chain, codec, parent)
+    handoff(sender, receiver, chain, parsed, parent)
     return chain
 
 

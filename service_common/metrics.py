@@ -26,8 +26,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from qkv_core.codec.registry import TEXT
 from qkv_core.policy.auto import AutoPolicy
 from qkv_core.store.tiered import CardStore
+from qkv_core.wire import pb
 
 disable_created_metrics()  # a `_created` twin of every counter and histogram is noise on a dashboard
 STAGES = ("prefill", "quantize", "facts", "transfer", "dequantize", "generate")
@@ -122,6 +124,33 @@ class Metrics:
 
     def observe(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def record_handoff(self, stats: pb.HandoffStats) -> None:
+        """A sender's handoff (qkv_core.engine.handoff), from its statistics."""
+        if stats.HasField("auto"):
+            self.auto_choices.labels(stats.codec).inc()
+        card = stats.codec != TEXT
+        if card and stats.quantize_s > 0:  # prepared here, not answered from the memo of sent cards
+            self.observe("prefill", stats.prefill_s)
+            self.prompt_tokens.inc(stats.context_tokens)
+            self.observe("quantize", stats.quantize_s)
+            if stats.facts_s:
+                self.observe("facts", stats.facts_s)
+        if stats.card_reused:
+            return
+        self.wire_bytes_sent.inc(stats.wire_bytes)
+        self.observe("transfer", stats.transfer_s)
+        if not card:  # the text baseline is no card: kept out of the card statistics
+            return
+        self.kv_fp16_bytes.inc(stats.kv_fp16_bytes)
+        self.compression_ratio.observe(stats.compression_ratio)
+        self.cards_sent.inc()
+        own = stats.context_tokens - stats.reused_tokens
+        self.card_tokens.labels("sent").inc(own)
+        if stats.delta:
+            self.delta_cards.inc()
+            self.card_tokens.labels("reused").inc(stats.reused_tokens)
+            self.delta_saved_bytes.inc(stats.wire_bytes * stats.reused_tokens / own)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> WSGIServer:
         """Start the /metrics HTTP endpoint in a thread; `.server_port` is the bound port."""

@@ -55,7 +55,8 @@ def card_round_trip(
     importance: torch.Tensor | None = None,
 ) -> KVCache:
     """Encode `kv` as a card and take it in through the receiver engine: the receiver's real path."""
-    plan = (sender or SenderEngine(lm)).allocate(codec_name, kv, importance)
+    sender = sender or SenderEngine(lm)
+    plan = sender.allocate(sender.codec(codec_name), kv, importance)
     receiver = ReceiverEngine(lm)
     return receiver.accept(frames(*build_card(lm.fingerprint, ids, kv, plan))).kv
 

@@ -6,8 +6,9 @@ from conftest import card_round_trip, synthetic_profile, tiny_model
 
 from qkv_core import calibration_data
 from qkv_core.codec import allocation
-from qkv_core.codec.quant import FP16_BITS, encoded_size
+from qkv_core.codec.quant import encoded_size
 from qkv_core.codec.registry import Adaptive, adaptive, codec_files, resolve, save_layers
+from qkv_core.codec.tensor_codec import FP16_BITS
 from qkv_core.engine import calibration
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.kv import prefill

@@ -16,7 +16,8 @@ from qkv_core.codec.allocation import CardTarget
 from qkv_core.codec.encoding import encode_tensors, reconstructed, rope_removed
 from qkv_core.codec.levels import LLOYD
 from qkv_core.codec.quant import encoded_size
-from qkv_core.codec.registry import KIVI, adaptive, codec_files, entropy_coded, resolve, tooled
+from qkv_core.codec.registry import KIVI, adaptive, codec_files, resolve, tooled
+from qkv_core.codec.tools import ZSTD
 from qkv_core.engine import calibration
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.selection import keep_prefix
@@ -260,8 +261,8 @@ def test_coded_sizes_equal_the_coded_tensors_with_every_tool(lm):
     sizes = allocation.coded_sizer(kv, CardTarget(lm.fingerprint))
     for bits in (1, 2, 3):
         for kind, tensors in (("key", kv.keys), ("value", kv.values)):
-            codecs = [entropy_coded(tooled(getattr(KIVI(bits), kind), kind,
-                                           ("+rot", "+prerope", "+s8")))] * len(tensors)
+            tooled_codec = tooled(getattr(KIVI(bits), kind), kind, ("+rot", "+prerope", "+s8"))
+            codecs = [ZSTD.apply(tooled_codec, 0)] * len(tensors)
             coded = encode_tensors([rope_removed(t, c, lm.fingerprint, len(ids)) for t, c in zip(tensors, codecs)],
                                    codecs)
             assert sizes(kind, codecs) == [b.numel() for b in coded]

@@ -1,7 +1,7 @@
 import pytest
 
-from qkv_core.codec.quant import Granularity, TensorCodec
 from qkv_core.codec.registry import LayerCodec, resolve
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
 
 
 def test_presets():

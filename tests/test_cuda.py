@@ -8,7 +8,8 @@ from conftest import CORPUS, tiny_model
 
 from qkv_core.card.framing import frames
 from qkv_core.codec import registry as codecs
-from qkv_core.codec.quant import Granularity, TensorCodec, dequantize, quantize
+from qkv_core.codec.quant import dequantize, quantize
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.selection import SelectionConfig
 from qkv_core.engine.sender import SenderEngine

@@ -188,10 +188,10 @@ def test_cards_that_cannot_be_deltas(tiny):
     from qkv_core.engine.selection import SelectionConfig
 
     sender = SenderEngine(tiny)
-    assert sender.can_extend("kivi-4", SelectionConfig(), 0)
-    assert not sender.can_extend("tokenmix-3", SelectionConfig(), 0)  # ranks the whole context's tokens
-    assert not sender.can_extend("kivi-4", SelectionConfig(0.5, "prior"), 0)
-    assert not sender.can_extend("kivi-4", SelectionConfig(), 5)  # cross-model
+    assert sender.can_extend(sender.codec("kivi-4"), SelectionConfig(), 0)
+    assert not sender.can_extend(sender.codec("tokenmix-3"), SelectionConfig(), 0)  # ranks the whole context's tokens
+    assert not sender.can_extend(sender.codec("kivi-4"), SelectionConfig(0.5, "prior"), 0)
+    assert not sender.can_extend(sender.codec("kivi-4"), SelectionConfig(), 5)  # cross-model
     with pytest.raises(RequestError):
         sender.prepare(_transcript(2), "tokenmix-3", parent=Parent("ab" * 32, 16))
 

@@ -17,7 +17,9 @@ from qkv_core.card.reader import CardReader
 from qkv_core.codec import entropy, registry
 from qkv_core.codec.allocation import allocate
 from qkv_core.codec.encoding import encode_layers
-from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, quantize
+from qkv_core.codec.quant import dequantize, encoded_size, quantize
+from qkv_core.codec.tensor_codec import Entropy, Granularity, TensorCodec
+from qkv_core.codec.tools import ROTATION_SEED
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import CardError, ErrorKind, RequestError
@@ -87,7 +89,7 @@ def test_entropy_coding_is_lossless_on_random_tensors(codec, heads, tokens, seed
 def test_the_grammar():
     layer = registry.resolve("kivi-2+rot+zstd", 1)[0]
     assert layer == registry.resolve("kivi-2+zstd+rot", 1)[0]
-    assert (layer.key.entropy, layer.key.rotation, layer.value.entropy) == (ZSTD, registry.ROTATION_SEED, ZSTD)
+    assert (layer.key.entropy, layer.key.rotation, layer.value.entropy) == (ZSTD, ROTATION_SEED, ZSTD)
     assert registry.spec_of(layer.key) == "2/channel+rot+zstd"
     spec = registry.resolve("k=3/channel;v=2/token+zstd", 1)[0]  # a spec's suffix is its tensor's
     assert (spec.key.entropy, spec.value.entropy) == (Entropy.NONE, ZSTD)
@@ -170,7 +172,7 @@ def test_real_codes_shrink_and_the_receiver_sees_the_same_cache(embedded):
     kv, _ = sender.prefill(ids)
     taken, wire = {}, {}
     for name in ("kivi-2+rot", "kivi-2+rot+zstd"):
-        header, blobs = build_card(embedded.fingerprint, ids, kv, sender.allocate(name, kv, None))
+        header, blobs = build_card(embedded.fingerprint, ids, kv, sender.allocate(sender.codec(name), kv, None))
         wire[name] = header.payload_bytes
         taken[name] = receiver.accept(frames(header, blobs)).kv
     assert wire["kivi-2+rot+zstd"] < 0.9 * wire["kivi-2+rot"]

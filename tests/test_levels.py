@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.levels import LLOYD, fit, lloyd_max, unit_values
-from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, quantize
+from qkv_core.codec.quant import dequantize, quantize
+from qkv_core.codec.tensor_codec import Entropy, Granularity, TensorCodec
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
 from qkv_core.model.prompt import encode

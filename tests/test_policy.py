@@ -8,10 +8,10 @@ import math
 import pytest
 
 from qkv_core.codec import allocation
-from qkv_core.codec.registry import TEXT
+from qkv_core.codec.registry import TEXT, parse
 from qkv_core.codec.registry import wire_bytes as registry_wire_bytes
 from qkv_core.errors import RequestError
-from qkv_core.policy.auto import AutoPolicy, check_candidates
+from qkv_core.policy.auto import AutoPolicy, parse_candidates
 from qkv_core.policy.decide import Link, Option, Receiver, Request, decide, predict
 from qkv_core.policy.estimates import MIN_TRANSFER_BYTES, LinkEstimate
 from qkv_core.policy.quality import candidate_layers, quality_loss
@@ -99,16 +99,17 @@ FP = Fingerprint("synthetic", "llama", 4, 2, 64, "{}", "0" * 64, "0" * 64)
 def test_candidates_cost_what_the_profile_and_the_codec_say(profile):
     tokens = 512
     for bits in (2, 4, 8):
-        layers = candidate_layers(f"kivi-{bits}", [profile], FP, tokens)
+        layers = candidate_layers(parse(f"kivi-{bits}", FP.num_layers), [profile], FP, tokens)
         assert quality_loss(layers, [profile]) == pytest.approx(2 * sum((i + 1) * 4.0 ** -bits for i in range(4)))
         assert bits < 8 * wire_bytes(layers, FP, tokens) / (2 * 4 * 2 * tokens * 64) < bits + 0.6
-    fp16 = candidate_layers("fp16", [profile], FP, tokens)
+    fp16 = candidate_layers(parse("fp16", FP.num_layers), [profile], FP, tokens)
     assert quality_loss(fp16, [profile]) == 0 and wire_bytes(fp16, FP, tokens) == FP.kv_bytes(tokens, 2)
-    budget = candidate_layers("budget-3", [profile], FP, tokens)
+    budget = candidate_layers(parse("budget-3", FP.num_layers), [profile], FP, tokens)
     assert 8 * wire_bytes(budget, FP, tokens) / (2 * 4 * 2 * tokens * 64) <= 3
-    assert quality_loss(budget, [profile]) < quality_loss(candidate_layers("kivi-2", [profile], FP, tokens), [profile])
+    kivi2 = candidate_layers(parse("kivi-2", FP.num_layers), [profile], FP, tokens)
+    assert quality_loss(budget, [profile]) < quality_loss(kivi2, [profile])
     with pytest.raises(RequestError, match="no quality prediction"):
-        quality_loss(candidate_layers("int8", [profile], FP, tokens), [profile])
+        quality_loss(candidate_layers(parse("int8", FP.num_layers), [profile], FP, tokens), [profile])
 
 
 def test_the_policy_lists_what_applies_and_times_its_own_quantization(profile):
@@ -136,18 +137,19 @@ def test_a_budget_with_tools_is_predicted_by_the_profile_of_its_tools(profile):
     plain, tools = options["budget-2.5"], options["budget-2.5+rot+zstd"]
     assert tools.quality_loss == pytest.approx(plain.quality_loss / 4)
     assert tools.wire_bytes == plain.wire_bytes <= 2.5 * 2 * 4 * 2 * 512 * 64 / 8
-    layers = candidate_layers("budget-2.5+rot", [tooled], FP, 512)
+    layers = candidate_layers(parse("budget-2.5+rot", FP.num_layers), [tooled], FP, 512)
     with pytest.raises(RequestError, match="no quality prediction"):
         quality_loss(layers, [profile])  # rotated codecs: the plain profile did not measure them
 
 
 def test_only_predictable_candidates_and_a_lossless_one_are_accepted():
     accepted = ["text", "kivi-4", "kivi-3+zstd", "budget-2.5", "budget-2+rot+prerope+s8+zstd"]
-    assert check_candidates(accepted) == accepted
+    parsed = parse_candidates(accepted, FP.num_layers)
+    assert list(parsed) == accepted and parsed["text"] is None and parsed["kivi-4"].layers[0].key.bits == 4
     for bad in (["text", "int8"], ["text", "tokenmix-3"], ["kivi-4", "kivi-2"], ["text", "kivi-9"], ["auto"],
                 ["text", "kivi-2+rot"]):
         with pytest.raises((ValueError, RequestError)):
-            check_candidates(bad)
+            parse_candidates(bad, FP.num_layers)
 
 
 def _synthetic_profile(path, fp: Fingerprint):

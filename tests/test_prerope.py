@@ -15,7 +15,8 @@ from qkv_core.card.header import CardPlan, build_card, name_card
 from qkv_core.card.reencode import reencode
 from qkv_core.codec import registry, rope
 from qkv_core.codec.encoding import encode_layers, rope_removed
-from qkv_core.codec.quant import Granularity, TensorCodec, dequantize, quantize
+from qkv_core.codec.quant import dequantize, quantize
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import CardError, ErrorKind, RequestError

@@ -3,7 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkv_core.codec.quant import Granularity, TensorCodec, _rows, dequantize, encoded_size, quantize
+from qkv_core.codec.quant import _rows, dequantize, encoded_size, quantize
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
 
 
 def _as_rows(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from qkv_core.card.framing import frames
 from qkv_core.codec import registry
-from qkv_core.codec.quant import Granularity, TensorCodec, dequantize, quantize
+from qkv_core.codec.quant import dequantize, quantize
 from qkv_core.codec.rotation import hadamard, rotate, signs, unrotate
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
+from qkv_core.codec.tools import ROTATION_SEED
 from qkv_core.engine.receiver import ReceiverEngine
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
@@ -70,7 +72,7 @@ def test_rotation_tames_an_outlier_channel_for_per_token_codes():
 
 def test_the_codec_grammar():
     layers = registry.resolve("kivi-2+rot", 3)
-    assert all(c.key.rotation == c.value.rotation == registry.ROTATION_SEED for c in layers)
+    assert all(c.key.rotation == c.value.rotation == ROTATION_SEED for c in layers)
     assert layers[0].key.granularity == Granularity.PER_CHANNEL and layers[0].key.bits == 2
     spec = registry.resolve("k=3/group/16+rot;v=4/token", 1)[0]
     assert spec.key.rotation and not spec.value.rotation

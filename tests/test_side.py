@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from qkv_core.codec import registry
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.packing import packed_size
-from qkv_core.codec.quant import Entropy, Granularity, TensorCodec, dequantize, encoded_size, quantize
+from qkv_core.codec.quant import dequantize, encoded_size, quantize
+from qkv_core.codec.tensor_codec import Entropy, Granularity, TensorCodec
 from qkv_core.engine.sender import SenderEngine
 from qkv_core.errors import RequestError
 from qkv_core.model.prompt import encode

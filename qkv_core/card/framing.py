@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from qkv_core.card.header import CardPlan, card_header, content_hash, crc32c
-from qkv_core.codec.quant import FP16_BITS, TensorCodec
 from qkv_core.codec.registry import LayerCodec
+from qkv_core.codec.tensor_codec import FP16_BITS, TensorCodec
 from qkv_core.config import MAX_CHUNK_BYTES
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb

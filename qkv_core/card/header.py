@@ -19,19 +19,21 @@ import google_crc32c
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
 from qkv_core.codec.encoding import encode_layers
-from qkv_core.codec.quant import Entropy, Granularity, TensorCodec
 from qkv_core.codec.registry import LayerCodec
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
+from qkv_core.codec.tools import TOOLS
 from qkv_core.errors import CardError, ErrorKind
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
-FORMAT_VERSION = 4  # 4: non-uniform levels, outliers or compact side information (TensorCodec fields 10-12)
-ROTATED_FORMAT_VERSION = 3  # 3: tensors may be rotated, entropy coded or pre-RoPE (TensorCodec fields 7-9)
-PLAIN_FORMAT_VERSION = 2  # 2: the card id and the trailer digest are the content hash
-# A card is written as the oldest version whose readers undo every tool it uses, so older receivers
-# keep reading what they can and refuse the rest (PRECONDITION) instead of ignoring a field they
-# do not know and decoding it wrong.
-READABLE_VERSIONS = (PLAIN_FORMAT_VERSION, ROTATED_FORMAT_VERSION, FORMAT_VERSION)
+# 2: the card id and the trailer digest are the content hash; each codec tool names the version
+# that brought it (qkv_core.codec.tools: 3 rotated, entropy coded, pre-RoPE; 4 non-uniform levels,
+# outliers, compact side information). A card is written as the oldest version whose readers undo
+# every tool it uses, so older receivers keep reading what they can and refuse the rest
+# (PRECONDITION) instead of ignoring a field they do not know and decoding it wrong.
+PLAIN_FORMAT_VERSION = 2
+FORMAT_VERSION = max(PLAIN_FORMAT_VERSION, *(t.version for t in TOOLS))  # the newest this code reads and writes
+READABLE_VERSIONS = tuple(range(PLAIN_FORMAT_VERSION, FORMAT_VERSION + 1))
 CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
 
 
@@ -57,23 +59,19 @@ def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
 
 
 def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
-    return pb.TensorCodec(  # the enums as their wire numbers (the stubs name only str or the enum)
-        bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,  # type: ignore[arg-type]
-        sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
-        rotation_seed=c.rotation, entropy=int(c.entropy),  # type: ignore[arg-type]
-        pre_rope=c.pre_rope, levels=c.levels, outliers=c.outliers,
-        side_bits=c.side_bits,
-    )
+    """The wire form of a tensor codec: its base fields, then each tool's field (qkv_core.codec.tools)."""
+    tools = {t.proto_field: t.to_wire(getattr(c, t.field)) for t in TOOLS}
+    return pb.TensorCodec(bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,  # type: ignore[arg-type]
+                          sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
+                          **tools)
 
 
 def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
     try:
-        return TensorCodec(
-            bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
-            sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
-            rotation=msg.rotation_seed, entropy=Entropy(msg.entropy), pre_rope=msg.pre_rope, levels=tuple(msg.levels),
-            outliers=msg.outliers, side_bits=msg.side_bits,
-        )
+        tools = {t.field: t.from_wire(getattr(msg, t.proto_field)) for t in TOOLS}
+        return TensorCodec(bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
+                           sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
+                           **tools)
     except ValueError as e:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
 
@@ -152,11 +150,7 @@ def _check_plan(context_ids: list[int], kv: KVCache, plan: CardPlan) -> None:
 
 def format_version(codecs: list[TensorCodec]) -> int:
     """The oldest card format whose readers undo every tool of `codecs`."""
-    if any(c.levels or c.outliers or c.side_bits for c in codecs):
-        return FORMAT_VERSION
-    if any(c.rotation or c.entropy or c.pre_rope for c in codecs):
-        return ROTATED_FORMAT_VERSION
-    return PLAIN_FORMAT_VERSION
+    return max([PLAIN_FORMAT_VERSION, *(t.version for t in TOOLS for c in codecs if t.on(c))])
 
 
 def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: CardPlan,

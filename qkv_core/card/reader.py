@@ -23,7 +23,8 @@ from qkv_core.card.header import (
 )
 from qkv_core.codec import rope
 from qkv_core.codec.encoding import layer_salient, rope_restored, salient_count
-from qkv_core.codec.quant import TensorCodec, dequantize, wire_size_fits
+from qkv_core.codec.quant import dequantize, wire_size_fits
+from qkv_core.codec.tensor_codec import TensorCodec
 from qkv_core.config import MAX_CHUNK_BYTES, Limits
 from qkv_core.errors import CardError, ErrorKind
 from qkv_core.types import Fingerprint, KVCache

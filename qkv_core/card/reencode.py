@@ -15,7 +15,8 @@ import torch
 
 from qkv_core.card.header import codec_from_pb, codec_to_pb, fingerprint_from_pb, name_card
 from qkv_core.codec.encoding import encode_tensors, layer_salient
-from qkv_core.codec.quant import Granularity, TensorCodec, dequantize
+from qkv_core.codec.quant import dequantize
+from qkv_core.codec.tensor_codec import Granularity, TensorCodec
 from qkv_core.wire import pb
 
 MIN_BITS = 2

@@ -46,8 +46,10 @@ from typing import TypeVar
 import torch
 
 from qkv_core.codec.encoding import encode_tensors, quantizer_input
-from qkv_core.codec.quant import FP16_BITS, TensorCodec, encoded_size
-from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec, entropy_coded, split_tools, tooled, with_tools
+from qkv_core.codec.quant import encoded_size
+from qkv_core.codec.registry import KIVI, SEED, Adaptive, LayerCodec, split_tools, tooled, with_tools
+from qkv_core.codec.tensor_codec import FP16_BITS, TensorCodec
+from qkv_core.codec.tools import ZSTD
 from qkv_core.errors import RequestError
 from qkv_core.profile_file import ProfileFile
 from qkv_core.types import Fingerprint, KVCache
@@ -227,7 +229,7 @@ def budget(profiles: Sequence[Profile], kind: Adaptive, shapes: list[Shape], car
         per_codec.append(([TensorCodec(FP16_BITS)] * len(shapes), [0.0] * len(shapes)))
         per_option = []
         for codecs, errors in per_codec:
-            codecs = [entropy_coded(c) for c in codecs] if coded else codecs  # +zstd is `coded`: no profile has it
+            codecs = [ZSTD.apply(c, 0) for c in codecs] if coded else codecs  # +zstd is `coded`: no profile has it
             sizes = coded(kv_kind, codecs) if coded else [encoded_size(c, *shape) for c, shape in zip(codecs, shapes)]
             per_option.append(list(zip(codecs, sizes, errors)))
         options.extend(list(layer) for layer in zip(*per_option))

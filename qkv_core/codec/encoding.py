@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from qkv_core.codec import rope
-from qkv_core.codec.quant import TensorCodec, dequantize, fp16_windows, quantize_many
+from qkv_core.codec import rope, tools
+from qkv_core.codec.quant import dequantize, fp16_windows, quantize_many
 from qkv_core.codec.registry import LayerCodec
-from qkv_core.codec.rotation import rotate
+from qkv_core.codec.tensor_codec import TensorCodec
 from qkv_core.types import Fingerprint, KVCache
 
 
@@ -89,7 +89,7 @@ def quantizer_input(tensor: torch.Tensor, codec: TensorCodec, fp: Fingerprint | 
                     context_tokens: int) -> torch.Tensor:
     """A K or V tensor as `codec`'s quantizer sees it: RoPE removed (pre-RoPE keys), then rotated."""
     x = rope_removed(tensor, codec, fp, context_tokens)
-    return rotate(x, codec.rotation) if codec.rotation else x
+    return tools.before_quantizing(x, codec)
 
 
 def reconstructed(tensors: list[torch.Tensor], codecs: Sequence[TensorCodec], fp: Fingerprint | None,

@@ -40,91 +40,25 @@ the bytes on the wire are known only once the tensor is encoded.
 """
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from qkv_core.codec import entropy, levels
+from qkv_core.codec import entropy, levels, tools
 from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
-from qkv_core.codec.rotation import rotate, unrotate
+from qkv_core.codec.tensor_codec import (
+    FLOAT_DTYPES,
+    FP16_BITS,
+    OUTLIER_SCALE,
+    Granularity,
+    TensorCodec,
+)
 from qkv_core.errors import RequestError
 
 # 4 MiB of fp32 staging: stays in L3 across the passes, above per-op overhead (best of 2^17..2^22 on a 2-core EPYC)
 _BATCH_ELEMENTS = 1 << 20
-FP16_BITS = 16
-FP32_BITS = 32
-OUTLIER_SCALE = 10_000  # TensorCodec.outliers counts per this many values (basis points)
-SIDE_BITS = (0, 8)  # TensorCodec.side_bits: 0 fp16 scales and zero points, 8 one byte each on per-part grids
 _SIDE_TOP = 255  # the largest compact scale or zero code
 _SIDE_HEADER = 4  # fp16 values before a compact part's codes: zero base, zero step, scale top, scale span
-_FLOAT = {FP16_BITS: torch.float16, FP32_BITS: torch.float32}
-
-
-class Entropy(enum.IntEnum):
-    # Values equal the wire enum qkvcomm.v1.EntropyCoder.
-    NONE = 0
-    ZSTD = 1
-
-
-class Granularity(enum.IntEnum):
-    # Values equal the wire enum qkvcomm.v1.Granularity.
-    PER_TENSOR = 1
-    PER_TOKEN = 2
-    PER_CHANNEL = 3
-    PER_GROUP = 4
-
-
-@dataclass(frozen=True)
-class TensorCodec:
-    bits: int = FP16_BITS
-    granularity: Granularity = Granularity.PER_TOKEN
-    group_size: int = 0
-    sink_tokens: int = 0
-    recent_tokens: int = 0
-    salient_bits: int = 0  # 0: off; else the width of the salient tokens (token-level mixed precision)
-    rotation: int = 0  # 0: off; else the seed of the randomized Hadamard rotation over head_dim
-    entropy: Entropy = Entropy.NONE  # lossless coding of the encoded tensor (qkv_core.codec.entropy)
-    # keys only: the tensor is coded with RoPE removed, and applied again after decoding; the
-    # layer codecs do both (qkv_core.codec.encoding), this module codes whatever it is given
-    pre_rope: bool = False
-    # non-uniform levels (qkv_core.codec.levels): 2^bits fractions of a row's range, ascending
-    # within [0, 1]; () is uniform
-    levels: tuple[float, ...] = ()
-    # dense-and-sparse: per 10,000 quantized values this many (the farthest from their row's mean,
-    # in row standard deviations) are kept exactly in fp16 and left out of their row's range; 0: off
-    outliers: int = 0
-    # the width of each row's scale and zero point: 0 fp16, 8 one byte each on grids of the part's own
-    side_bits: int = 0
-
-    def __post_init__(self) -> None:
-        if self.bits not in _FLOAT and not 1 <= self.bits <= 8:
-            raise RequestError(f"bits must be 1..8, 16 (fp16) or 32 (fp32), got {self.bits}")
-        if self.granularity == Granularity.PER_GROUP and self.group_size < 1:
-            raise RequestError("per-group quantization needs group_size >= 1")
-        if self.salient_bits and (self.is_float or not 1 <= self.salient_bits <= 8):
-            raise RequestError(f"salient_bits must be 1..8 on an integer codec, got {self.salient_bits}")
-        if self.sink_tokens < 0 or self.recent_tokens < 0:
-            raise RequestError("fp16 windows cannot be negative")
-        if not 0 <= self.rotation < 1 << 32:
-            raise RequestError(f"a rotation seed is 1..2^32-1 (0: none), got {self.rotation}")
-        if self.entropy not in iter(Entropy):
-            raise RequestError(f"unknown entropy coder {self.entropy}")
-        if self.outliers and (self.is_float or self.salient_bits or not 0 < self.outliers <= OUTLIER_SCALE):
-            raise RequestError(f"outliers are 1..{OUTLIER_SCALE} per {OUTLIER_SCALE} values of an integer codec "
-                               f"without salient tokens, got {self.outliers}")
-        if self.levels and (self.is_float or self.salient_bits or len(self.levels) != 1 << self.bits
-                            or not all(0.0 <= a < b <= 1.0 for a, b in zip(self.levels, self.levels[1:]))):
-            raise RequestError(f"non-uniform levels are 2^bits ascending fractions within [0, 1] of an integer codec "
-                               f"without salient tokens; got {len(self.levels)} for {self.bits} bits")
-        if self.side_bits not in SIDE_BITS or (self.side_bits and self.is_float):
-            raise RequestError(f"side_bits is 0 (fp16 scales) or 8 (compact, integer codecs), got {self.side_bits}")
-
-    @property
-    def is_float(self) -> bool:
-        """Passthrough in fp16 or fp32, no integer codes."""
-        return self.bits in _FLOAT
 
 
 def fp16_windows(codec: TensorCodec, tokens: int) -> tuple[int, int]:
@@ -223,7 +157,7 @@ def _round_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
 
 
 def _float_bytes(x: torch.Tensor, bits: int = FP16_BITS) -> torch.Tensor:
-    h = x.to(_FLOAT[bits])
+    h = x.to(FLOAT_DTYPES[bits])
     # One reduction (NaN and inf propagate through max): 10x faster than isfinite().all() on fp16.
     if h.numel() and not torch.isfinite(h.abs().amax()):
         raise ValueError(f"KV values are not finite in fp{bits} (NaN, inf or out of range)")
@@ -243,7 +177,7 @@ def quantize_many(
     `salient` (ascending indices into the quantized middle) picks the tokens coded at
     codec.salient_bits; they form their own part after the ordinary tokens."""
     blobs = _plain_blobs(xs, codec, salient)
-    return [entropy.compress(b) for b in blobs] if codec.entropy else blobs
+    return [tools.after_encoding(b, codec) for b in blobs]
 
 
 def _plain_blobs(xs: Sequence[torch.Tensor], codec: TensorCodec, salient: torch.Tensor | None) -> list[torch.Tensor]:
@@ -251,8 +185,7 @@ def _plain_blobs(xs: Sequence[torch.Tensor], codec: TensorCodec, salient: torch.
     shape = xs[0].shape
     if len(shape) != 3 or any(x.shape != shape for x in xs):
         raise ValueError(f"expected [heads, tokens, dim] tensors of one shape, got {[tuple(x.shape) for x in xs]}")
-    if codec.rotation:
-        xs = [rotate(x, codec.rotation) for x in xs]
+    xs = [tools.before_quantizing(x, codec) for x in xs]
     if codec.is_float:
         return [_float_bytes(x, codec.bits) for x in xs]
     heads, tokens, dim = shape
@@ -410,8 +343,7 @@ def dequantize(
     count = 0 if salient is None else salient.numel()
     salient = None if salient is None else salient.to(blob.device)
     size = encoded_size(codec, heads, tokens, dim, count)
-    if codec.entropy:
-        blob = entropy.decompress(blob, size)
+    blob = tools.before_decoding(blob, codec, size)
     if blob.numel() != size:
         raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
 
@@ -424,10 +356,10 @@ def dequantize(
         return out.view(dtype)
 
     def take_float(n: int, bits: int = FP16_BITS) -> torch.Tensor:
-        return take(n, _FLOAT[bits])
+        return take(n, FLOAT_DTYPES[bits])
 
     if codec.is_float:
-        return _unrotated(take_float(heads * tokens * dim, codec.bits).reshape(shape), codec).to(dtype)
+        return tools.after_dequantizing(take_float(heads * tokens * dim, codec.bits).reshape(shape), codec).to(dtype)
     sink, recent = fp16_windows(codec, tokens)
     middle = tokens - sink - recent
     decoded = []
@@ -465,8 +397,7 @@ def dequantize(
         values[:, ordinary], values[:, salient] = decoded
     head_window = take_float(heads * sink * dim).reshape(heads, sink, dim)
     tail_window = take_float(heads * recent * dim).reshape(heads, recent, dim)
-    return _unrotated(torch.cat([head_window.float(), values, tail_window.float()], dim=1), codec).to(dtype)
+    whole = torch.cat([head_window.float(), values, tail_window.float()], dim=1)
+    return tools.after_dequantizing(whole, codec).to(dtype)
 
 
-def _unrotated(x: torch.Tensor, codec: TensorCodec) -> torch.Tensor:
-    return unrotate(x, codec.rotation) if codec.rotation else x

@@ -38,15 +38,15 @@ The first five and specs resolve here; the adaptive ones need the model (qkv_cor
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkv_core.codec.levels import LLOYD
-from qkv_core.codec.quant import FP16_BITS, FP32_BITS, OUTLIER_SCALE, Entropy, Granularity, TensorCodec, encoded_size
+from qkv_core.codec import tools as codec_tools
+from qkv_core.codec.quant import encoded_size
+from qkv_core.codec.tensor_codec import FP16_BITS, FP32_BITS, Granularity, TensorCodec
 from qkv_core.errors import RequestError
 
 TEXT = "text"  # the pseudo-codec of the text handoff: no card, the context itself
@@ -57,13 +57,6 @@ _GRANULARITIES = {
     "group": Granularity.PER_GROUP,
 }
 _ADAPTIVE = re.compile(r"seed-adaptive|(budget|tokenmix)-(\d+(?:\.\d+)?)")
-ROTATED = "+rot"
-ENTROPY_CODED = "+zstd"
-PRE_ROPE = "+prerope"
-LLOYD_LEVELS = "+lloyd"
-COMPACT_SIDE = "+s8"  # scales and zero points one byte each (qkv_core.codec.quant)
-_OUTLIERS = re.compile(r"\+out(\d+)$")  # +outN: N per 10,000 quantized values kept exact (dense-and-sparse)
-ROTATION_SEED = 1  # one seed for every layer: layers of one codec stay one batch (the signs differ per head)
 
 
 @dataclass(frozen=True)
@@ -82,9 +75,7 @@ def KIVI(bits: int) -> LayerCodec:  # noqa: N802
 
 def spec_of(c: TensorCodec) -> str:
     """The SPEC text of one tensor codec (windows are spelled at the layer level)."""
-    tools = "".join(tool for tool, has in ((ROTATED, c.rotation), (ENTROPY_CODED, c.entropy), (PRE_ROPE, c.pre_rope),
-                                           (LLOYD_LEVELS, c.levels), (COMPACT_SIDE, c.side_bits),
-                                           (f"+out{c.outliers}", c.outliers)) if has)
+    tools = codec_tools.spelled(c)
     if c.is_float:
         return f"fp{c.bits}{tools}"
     name = next(k for k, v in _GRANULARITIES.items() if v == c.granularity)
@@ -94,24 +85,13 @@ def spec_of(c: TensorCodec) -> str:
 
 def _tool(name: str) -> str | None:
     """The tool suffix a name ends with (+rot, +zstd, +prerope, +lloyd, +s8, +outN), if any."""
-    if m := _OUTLIERS.search(name):
-        return m[0]
-    return next((t for t in _TOOLS if name.endswith(t)), None)
-
-
-def _apply(tool: str, c: TensorCodec) -> TensorCodec:
-    """A tensor codec with one tool (a suffix) applied."""
-    if m := _OUTLIERS.fullmatch(tool):
-        count = int(m[1])
-        if not 0 < count <= OUTLIER_SCALE:
-            raise RequestError(f"{tool}: outliers are 1..{OUTLIER_SCALE} per {OUTLIER_SCALE} values")
-        return c if c.is_float else dataclasses.replace(c, outliers=count)
-    return _TOOLS[tool](c)
+    found = codec_tools.ending(name)
+    return found[1] if found else None
 
 
 def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
     if tool := _tool(text):
-        return _apply(tool, _parse_tensor(text.removesuffix(tool), sink, recent))
+        return codec_tools.apply(tool, _parse_tensor(text.removesuffix(tool), sink, recent))
     if text in ("fp16", "fp32"):
         return TensorCodec(bits=FP16_BITS if text == "fp16" else FP32_BITS)
     parts = text.split("/")
@@ -119,35 +99,6 @@ def _parse_tensor(text: str, sink: int = 0, recent: int = 0) -> TensorCodec:
         raise RequestError(f"bad tensor spec {text!r}: use BITS/GRANULARITY[/GROUP][+rot], e.g. 4/channel")
     group = int(parts[2]) if len(parts) == 3 else 0
     return TensorCodec(int(parts[0]), _GRANULARITIES[parts[1]], group, sink, recent)
-
-
-def rotated(c: TensorCodec) -> TensorCodec:
-    return dataclasses.replace(c, rotation=ROTATION_SEED)
-
-
-def entropy_coded(c: TensorCodec) -> TensorCodec:
-    return dataclasses.replace(c, entropy=Entropy.ZSTD)
-
-
-def pre_rope(c: TensorCodec) -> TensorCodec:
-    return dataclasses.replace(c, pre_rope=True)
-
-
-def lloyd_levels(c: TensorCodec) -> TensorCodec:
-    """Non-uniform levels from the Lloyd-Max table, for integer widths it has (1..4; wider stay uniform);
-    budget-B replaces them with each layer's own (qkv_core.codec.allocation.kivi_codecs)."""
-    return dataclasses.replace(c, levels=LLOYD[c.bits]) if not c.is_float and c.bits in LLOYD else c
-
-
-def compact_side(c: TensorCodec) -> TensorCodec:
-    """Scales and zero points one byte each, for integer codecs (floats have none)."""
-    return c if c.is_float else dataclasses.replace(c, side_bits=8)
-
-
-# suffix -> what it does to a tensor codec
-_TOOLS = {ROTATED: rotated, ENTROPY_CODED: entropy_coded, PRE_ROPE: pre_rope, LLOYD_LEVELS: lloyd_levels,
-          COMPACT_SIDE: compact_side}
-_KEYS_ONLY = {PRE_ROPE}
 
 
 def with_tools(layers: list[LayerCodec], tools: Iterable[str]) -> list[LayerCodec]:
@@ -166,7 +117,7 @@ def _parse_spec(spec: str) -> LayerCodec:
 
 def _layer(key: TensorCodec, value: TensorCodec) -> LayerCodec:
     if value.pre_rope:
-        raise RequestError(f"{PRE_ROPE} applies to keys only: values carry no RoPE")
+        raise RequestError(f"{codec_tools.PREROPE.suffix} applies to keys only: values carry no RoPE")
     return LayerCodec(key, value)
 
 
@@ -201,32 +152,27 @@ class Adaptive:
     bits: float  # the budget in bits per element (seed-adaptive: none, 0)
     needs_profile: bool  # reads the calibrated codec profile of the model
     needs_probe: bool  # reads the sender's attention probe, so a relayed or precomputed cache cannot use it
-    tools: tuple[str, ...] = ()  # suffixes every tensor takes, in _TOOLS order (budget-B: any; the others: +zstd)
+    tools: tuple[str, ...] = ()  # suffixes every tensor takes, in TOOLS order (budget-B: any; the others: lossless)
 
     @property
     def entropy(self) -> bool:
         """+zstd: every tensor entropy coded (budget-B counts the coded bytes)."""
-        return ENTROPY_CODED in self.tools
+        return codec_tools.ZSTD.suffix in self.tools
 
     @property
     def profile_tools(self) -> str:
-        """The lossy tools its profile is calibrated with ('' for none); +zstd is lossless and moves no error."""
-        return "".join(t for t in self.tools if t != ENTROPY_CODED)
+        """The lossy tools its profile is calibrated with ('' for none); a lossless one moves no error."""
+        return "".join(t for t in self.tools if not codec_tools.of(t).lossless)
 
     @property
     def profile_sets(self) -> tuple[str, ...]:
         """The tool sets of the profiles it reads, one per subset of its per-tensor tools (+lloyd,
         +outN) on top of the tools every tensor takes (+rot, +prerope, +s8): each tensor then takes
         the levels and outliers whose profile cuts more error per byte. Plain tools first."""
-        every = [t for t in self.tools if t != ENTROPY_CODED and not _per_tensor(t)]
-        optional = [t for t in self.tools if _per_tensor(t)]
+        every = [t for t in self.tools if not codec_tools.of(t).lossless and not codec_tools.of(t).per_tensor]
+        optional = [t for t in self.tools if codec_tools.of(t).per_tensor]
         subsets = [[t for i, t in enumerate(optional) if mask >> i & 1] for mask in range(1 << len(optional))]
         return tuple("".join(t for t in self.tools if t in every or t in subset) for subset in subsets)
-
-
-def _per_tensor(tool: str) -> bool:
-    """Whether budget-B offers a tool per tensor (with and without) rather than on every tensor."""
-    return tool == LLOYD_LEVELS or bool(_OUTLIERS.fullmatch(tool))
 
 
 # family -> (needs_profile, needs_probe)
@@ -234,12 +180,12 @@ _FAMILIES = {"seed-adaptive": (True, False), "budget": (True, False), "tokenmix"
 
 
 def split_tools(name: str) -> tuple[str, tuple[str, ...]]:
-    """(the name without its tool suffixes, those suffixes in _TOOLS order)."""
+    """(the name without its tool suffixes, those suffixes in TOOLS order)."""
     found = set()
     while tool := _tool(name):
         found.add(tool)
         name = name.removesuffix(tool)
-    return name, tuple(t for t in _TOOLS if t in found) + tuple(sorted(found - set(_TOOLS)))
+    return name, tuple(sorted(found, key=lambda t: codec_tools.TOOLS.index(codec_tools.of(t))))
 
 
 def adaptive(name: str) -> Adaptive | None:
@@ -249,18 +195,18 @@ def adaptive(name: str) -> Adaptive | None:
     if not m:
         return None
     family = "seed-adaptive" if m[1] is None else m[1]
-    if family != "budget" and set(tools) - {ENTROPY_CODED}:
-        raise RequestError(f"{name!r}: {stem} takes {ENTROPY_CODED} only; {ROTATED}, {PRE_ROPE}, {LLOYD_LEVELS}, "
-                           f"{COMPACT_SIDE} and +outN apply to static codecs and to budget-B, whose profile is "
-                           "calibrated with them")
+    if family != "budget" and any(not codec_tools.of(t).lossless for t in tools):
+        raise RequestError(f"{name!r}: {stem} takes {codec_tools.patterns(lossless=True)} only; "
+                           f"{codec_tools.patterns(lossless=False)} apply to static codecs and to budget-B, whose "
+                           "profile is calibrated with them")
     return Adaptive(family, 0.0 if m[1] is None else float(m[2]), *_FAMILIES[family], tools)
 
 
 def tooled(c: TensorCodec, kind: str, tools: Iterable[str]) -> TensorCodec:
     """A K ("key") or V ("value") codec with tools applied (+prerope: keys only)."""
     for tool in tools:
-        if kind == "key" or tool not in _KEYS_ONLY:
-            c = _apply(tool, c)
+        if kind == "key" or not codec_tools.of(tool).keys_only:
+            c = codec_tools.apply(tool, c)
     return c
 
 
@@ -287,11 +233,36 @@ def resolve(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> list[
     if adaptive(name):
         raise RequestError(f"codec {name!r} is allocated per model; resolve it through qkv_core.codec.allocation")
     raise RequestError(
-        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally +rot, +prerope, "
-        "+lloyd, +s8, +outN), seed-adaptive, tokenmix-B (any of them optionally +zstd), a spec like "
-        "'k=4/channel;v=4/token+rot' "
-        "or a configured codec .json file"
+        f"unknown codec {name!r}: use fp32, fp16, int8, seed-B, kivi-B, budget-B (each optionally "
+        f"{codec_tools.patterns(lossless=False)}), seed-adaptive, tokenmix-B (any of them optionally "
+        f"{codec_tools.patterns(lossless=True)}), a spec like 'k=4/channel;v=4/token+rot' or a configured codec "
+        ".json file"
     )
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A codec name parsed once, at the edge (a request, the CLI, a configuration), for one model:
+    the per-layer codecs of a static codec, or the family of an adaptive one (allocated per cache,
+    qkv_core.codec.allocation). Below the edge nothing parses the name again; `name` travels on as
+    the card's codec field and the statistics' label."""
+
+    name: str
+    layers: tuple[LayerCodec, ...] = ()  # a static codec's, one per layer
+    kind: Adaptive | None = None  # an adaptive codec's family
+
+    @property
+    def needs_probe(self) -> bool:
+        """Allocated from the sender's attention probe (tokenmix): the whole context must be prefilled."""
+        return self.kind is not None and self.kind.needs_probe
+
+
+def parse(name: str, num_layers: int, files: Mapping[str, Path] = {}) -> Codec:  # noqa: B006 - read only
+    """`name` for a model of `num_layers` layers; RequestError (with the options) for a bad one.
+    `files`: the codec files that may be opened, by the name that selects them."""
+    if (kind := adaptive(name)) is not None:
+        return Codec(name, kind=kind)
+    return Codec(name, tuple(resolve(name, num_layers, files)))
 
 
 # The names a request may use, with what they are (a service's Info lists them).
@@ -308,20 +279,7 @@ ADAPTIVE = {
                 "below the all-2-bit card also 1-bit tensors and dropped layers",
     "tokenmix-B": "sink tokens fp16, most-attended tokens 8-bit, the rest low, within B bits",
 }
-TOOLS = {  # suffixes any name above may take (Info lists them as patterns)
-    f"NAME{ROTATED}": "NAME (a static codec or budget-B) with every tensor rotated over head_dim by a seeded "
-                      "Hadamard transform",
-    f"NAME{ENTROPY_CODED}": "NAME (any codec) with every tensor entropy coded, lossless; budget-B+zstd counts "
-                            "coded bytes",
-    f"NAME{PRE_ROPE}": "NAME (a static codec or budget-B) with every K coded with RoPE removed (plain RoPE models)",
-    "NAME+outN": "NAME (a static codec) with N per 10,000 quantized values kept exact (dense-and-sparse); "
-                 "budget-B+outN: with or without them per tensor, whichever its profiles favour",
-    f"NAME{COMPACT_SIDE}": "NAME (a static codec or budget-B) with every scale and zero point one byte on grids of "
-                           "each tensor's own, not fp16 (half the side information)",
-    f"NAME{LLOYD_LEVELS}": "NAME (a static codec) with non-uniform (Lloyd-Max) levels at 1..4 bits; budget-B+lloyd: "
-                           "uniform or each layer's own Lloyd-Max levels (in its profile) per tensor, whichever its "
-                           "profiles favour",
-}
+TOOLS = {f"NAME{t.pattern}": t.description for t in codec_tools.TOOLS}  # suffixes (Info lists them as patterns)
 
 
 def wire_bytes(layers: list[LayerCodec], heads: int, tokens: int, dim: int) -> int:

@@ -15,7 +15,8 @@ from qkv_core.calibration_data import Sample
 from qkv_core.codec import levels
 from qkv_core.codec.allocation import BITS, FAMILIES, KINDS, Levels, Profile, kivi_codecs
 from qkv_core.codec.encoding import quantizer_input, reconstructed
-from qkv_core.codec.registry import KIVI, LLOYD_LEVELS, split_tools, tooled
+from qkv_core.codec.registry import KIVI, split_tools, tooled
+from qkv_core.codec.tools import LLOYD_LEVELS
 from qkv_core.engine.selection import keep_prefix, shared_prefix
 from qkv_core.model.attention import full_attention
 from qkv_core.model.kv import next_logits, prefill
@@ -72,7 +73,7 @@ def calibrate(lm: LoadedModel, samples: list[Sample], max_tokens: int = 512, too
     if stem:
         raise ValueError(f"calibration tools are suffixes like +rot+prerope, not {tools!r}")
     tools = "".join(tool_list)  # in the order every name's tools take (Adaptive.profile_tools)
-    fitted = fit_levels(lm, samples, tool_list, max_tokens) if LLOYD_LEVELS in tool_list else {}
+    fitted = fit_levels(lm, samples, tool_list, max_tokens) if LLOYD_LEVELS.suffix in tool_list else {}
     fmt = PromptFormat.for_tokenizer(lm.tokenizer)
     n_layers = lm.num_layers
     droppable = full_attention(lm.model)

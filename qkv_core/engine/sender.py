@@ -165,28 +165,32 @@ class SenderEngine:
                 self._layer_profile = selection.load_or_calibrate(self.lm, self.layer_profile_path)
             return self._layer_profile
 
-    def allocate(self, codec_name: str, kv: KVCache, importance: torch.Tensor | None,
+    def codec(self, name: str) -> codecs.Codec:
+        """A codec name parsed for this model, with the codec files this sender may open."""
+        return codecs.parse(name, self.lm.num_layers, self.codec_files)
+
+    def allocate(self, codec: codecs.Codec, kv: KVCache, importance: torch.Tensor | None,
                  card: allocation.CardTarget | None = None) -> CardPlan:
         """The per-layer codecs (tokenmix's salient positions, budget-B's dropped layers) for this cache;
         `card` (default: this model's, the cache a whole context, no header paid for, no drops)."""
         card = card or allocation.CardTarget(self.lm.fingerprint)
-        kind = codecs.adaptive(codec_name)
+        kind = codec.kind
         if kind is None:
-            return CardPlan(codec_name, codecs.resolve(codec_name, kv.num_layers, self.codec_files))
+            return CardPlan(codec.name, list(codec.layers))
         profiles = [self.profile(tools) for tools in kind.profile_sets] if kind.needs_profile else []
         a = allocation.allocate(kind, profiles, kv, importance, card)
-        return CardPlan(codec_name, a.layers, a.salient, a.selected, selection="" if a.selected is None else codec_name)
+        return CardPlan(codec.name, a.layers, a.salient, a.selected, selection="" if a.selected is None else codec.name)
 
-    def plan(self, codec_name: str, ids: list[int], kv: KVCache, importance: torch.Tensor | None,
+    def plan(self, codec: codecs.Codec, ids: list[int], kv: KVCache, importance: torch.Tensor | None,
              may_drop: bool = False, parent: Parent | None = None) -> tuple[KVCache, CardPlan]:
         """The cache a card of context `ids` encodes and its plan: with `parent`, a delta of the tokens
         after the parent's. `may_drop`: budget-B may drop layers (full attention is checked here)."""
         if parent is not None:
             kv = kv.span(parent.tokens)
-        overhead = overhead_bound(self.lm.fingerprint, ids, kv, codec_name)
+        overhead = overhead_bound(self.lm.fingerprint, ids, kv, codec.name)
         card = allocation.CardTarget(self.lm.fingerprint, len(ids), overhead,
                                      may_drop and parent is None and full_attention(self.lm.model))
-        plan = self.allocate(codec_name, kv, importance, card)
+        plan = self.allocate(codec, kv, importance, card)
         if parent is not None:
             plan.parent_card_id, plan.parent_tokens = parent.card_id, parent.tokens
         return kv, plan
@@ -202,11 +206,10 @@ class SenderEngine:
         if plan.selected is not None:
             plan.shared_prefix = selection.shared_prefix(self.lm, ids)
 
-    def can_extend(self, codec_name: str, layers: SelectionConfig, receiver_layers: int) -> bool:
+    def can_extend(self, codec: codecs.Codec, layers: SelectionConfig, receiver_layers: int) -> bool:
         """Whether a card of these settings can be a delta: every layer, for this model's receivers,
         no attention probe (tokenmix ranks the whole context's tokens), full attention in every layer."""
-        kind = codecs.adaptive(codec_name)
-        if layers.ratio < 1 or receiver_layers or (kind is not None and kind.needs_probe):
+        if layers.ratio < 1 or receiver_layers or codec.needs_probe:
             return False
         try:
             require_full_attention(self.lm.model, self.lm.fingerprint.name)
@@ -215,7 +218,7 @@ class SenderEngine:
         return True
 
     def prepare(
-        self, context: str, codec_name: str, facts: FactConfig | None = None,
+        self, context: str, codec: codecs.Codec | str, facts: FactConfig | None = None,
         layers: SelectionConfig = SelectionConfig(), receiver_layers: int = 0, cancel: threading.Event | None = None,
         parent: Parent | None = None,
         tenant: str = DEFAULT_TENANT,
@@ -225,22 +228,22 @@ class SenderEngine:
         the layer map and only the layers that receiver reads. `cancel`: set when the caller goes
         away; the prefill stops at its next chunk and nothing is encoded (Cancelled). `parent`: a
         delta card of the tokens after the parent's (`can_extend` must hold). `tenant`: whose
-        context cache and facts cache may answer (no other tenant's)."""
+        context cache and facts cache may answer (no other tenant's). `codec`: parsed (a name is
+        parsed here, once, before the prefill)."""
+        if isinstance(codec, str):
+            codec = self.codec(codec)
         if receiver_layers and (layers.ratio < 1 or receiver_layers == self.lm.num_layers):
             raise RequestError("a cross-model card takes every layer its map reads, for a receiver of another depth")
-        if parent is not None and not self.can_extend(codec_name, layers, receiver_layers):
+        if parent is not None and not self.can_extend(codec, layers, receiver_layers):
             raise RequestError("a delta card takes every layer of this model, and a codec without an attention probe")
-        kind = codecs.adaptive(codec_name)
-        if kind is None:
-            codecs.resolve(codec_name, self.lm.num_layers, self.codec_files)  # a bad name fails before the prefill
         ids = self.context_ids(context, tenant)
         start = time.perf_counter()
-        kv, importance = self.prefill(ids, probe=kind is not None and kind.needs_probe, cancel=cancel, tenant=tenant)
+        kv, importance = self.prefill(ids, probe=codec.needs_probe, cancel=cancel, tenant=tenant)
         prefill_s = time.perf_counter() - start
         if cancel is not None and cancel.is_set():
             raise Cancelled("the caller went away before the card was encoded")
         start = time.perf_counter()
-        kv, plan = self.plan(codec_name, ids, kv, importance, layers.ratio >= 1 and not receiver_layers, parent)
+        kv, plan = self.plan(codec, ids, kv, importance, layers.ratio >= 1 and not receiver_layers, parent)
         self.select(plan, ids, layers)
         if receiver_layers:
             plan.sources = layer_sources(self.lm.num_layers, receiver_layers)

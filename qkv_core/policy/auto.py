@@ -15,6 +15,7 @@ from qkv_core.card.header import CardPlan
 from qkv_core.codec import registry
 from qkv_core.codec.allocation import Profile
 from qkv_core.codec.registry import TEXT
+from qkv_core.codec.tools import ZSTD
 from qkv_core.errors import RequestError
 from qkv_core.policy.decide import Decision, Link, Option, Receiver, Request, decide
 from qkv_core.policy.estimates import LinkEstimate, Rates
@@ -25,22 +26,24 @@ AUTO = "auto"
 PRIOR_TOKENS = 256
 
 
-def check_candidates(names: list[str]) -> list[str]:
-    """The configured candidates, or a clear error for one auto cannot predict."""
+def parse_candidates(names: list[str], num_layers: int) -> dict[str, registry.Codec | None]:
+    """The configured candidates parsed (text: None), or a clear error for one auto cannot predict."""
+    parsed: dict[str, registry.Codec | None] = {}
     for name in names:
-        kind = registry.adaptive(name)
+        if name == TEXT:
+            parsed[name] = None
+            continue
         stem, tools = registry.split_tools(name)
-        plain = set(tools) <= {registry.ENTROPY_CODED}  # lossless: predicted by the plain profile
-        known = name in (TEXT, "fp16",
-                         "fp32") or (stem.startswith("kivi-") and plain) or (kind and kind.allocator == "budget")
-        if not known or name == AUTO:
+        plain = set(tools) <= {ZSTD.suffix}  # lossless: predicted by the plain profile
+        codec = registry.parse(name, num_layers) if name != AUTO else None  # kivi-9 and the like fail here, at start
+        budget = codec is not None and codec.kind is not None and codec.kind.allocator == "budget"
+        if codec is None or not (name in ("fp16", "fp32") or (stem.startswith("kivi-") and plain) or budget):
             raise ValueError(f"auto candidate {name!r}: auto predicts text, fp16, fp32, kivi-B (optionally "
-                             f"{registry.ENTROPY_CODED}) and budget-B (with any tools) only")
-        if kind is None and name != TEXT:
-            registry.resolve(name, 1)  # kivi-9 and the like fail here, at start
+                             f"{ZSTD.suffix}) and budget-B (with any tools) only")
+        parsed[name] = codec
     if TEXT not in names and "fp16" not in names and "fp32" not in names:
         raise ValueError("auto candidates need a lossless option (text, fp16 or fp32) so that one is always eligible")
-    return names
+    return parsed
 
 
 class AutoPolicy:
@@ -48,20 +51,20 @@ class AutoPolicy:
                  max_quality_loss: float):
         """`profile(tools)`: the codec profile measured with `tools` ('' for none), as the sender has it."""
         self.fp, self.profile = fp, profile
-        self.candidates = check_candidates(candidates)
+        self.candidates = parse_candidates(candidates, fp.num_layers)
         self.max_quality_loss = max_quality_loss
         self.link, self.rates = LinkEstimate(), Rates()
         self.receiver: Receiver | None = None  # as its last Info reported it
         self._candidates: dict[tuple[str, int], tuple[list, float]] = {}  # (name, token bucket) -> layers, loss
 
-    def candidate(self, name: str, tokens: int) -> tuple[list, float]:
+    def candidate(self, codec: registry.Codec, tokens: int) -> tuple[list, float]:
         """A candidate's layer codecs and predicted loss, made once per power-of-two token bucket: a
         budget's allocation shifts with the length only through the weight of its scales, and the
         decision runs on every request (the card itself is allocated at its exact length)."""
-        key = (name, 1 << max(0, tokens - 1).bit_length())
+        key = (codec.name, 1 << max(0, tokens - 1).bit_length())
         if key not in self._candidates:
-            profiles = [self.profile(tools) for tools in profile_sets(name)]
-            layers = candidate_layers(name, profiles, self.fp, tokens)
+            profiles = [self.profile(tools) for tools in profile_sets(codec)]
+            layers = candidate_layers(codec, profiles, self.fp, tokens)
             self._candidates[key] = layers, quality_loss(layers, profiles)
         return self._candidates[key]
 
@@ -69,14 +72,13 @@ class AutoPolicy:
         """Every candidate that applies to this context (a budget below its smallest allocation does not;
         text does not when the request needs a card: facts asked for, or a layer selection)."""
         out = []
-        for name in self.candidates:
-            if name == TEXT and not text:
-                continue
-            if name == TEXT:
-                out.append(Option(TEXT, len(context.encode())))
+        for name, codec in self.candidates.items():
+            if codec is None:  # text
+                if text:
+                    out.append(Option(TEXT, len(context.encode())))
                 continue
             try:
-                layers, loss = self.candidate(name, tokens)
+                layers, loss = self.candidate(codec, tokens)
             except RequestError:
                 continue
             size = registry.wire_bytes(layers, self.fp.num_kv_heads, tokens, self.fp.head_dim)

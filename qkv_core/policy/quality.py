@@ -17,26 +17,28 @@ from dataclasses import replace
 
 from qkv_core.codec import registry
 from qkv_core.codec.allocation import KINDS, Profile, budget
-from qkv_core.codec.quant import Entropy
-from qkv_core.codec.registry import ENTROPY_CODED, LayerCodec
+from qkv_core.codec.registry import LayerCodec
+from qkv_core.codec.tensor_codec import Entropy
+from qkv_core.codec.tools import ZSTD
 from qkv_core.errors import RequestError
 from qkv_core.types import Fingerprint
 
 
-def profile_sets(name: str) -> tuple[str, ...]:
-    """The tools of the profiles that predict `name` (budget-B: its own; any other: the plain one)."""
-    kind = registry.adaptive(name)
-    return kind.profile_sets if kind else ("",)
+def profile_sets(codec: registry.Codec) -> tuple[str, ...]:
+    """The tools of the profiles that predict `codec` (budget-B: its own; any other: the plain one)."""
+    return codec.kind.profile_sets if codec.kind else ("",)
 
 
-def candidate_layers(name: str, profiles: Sequence[Profile], fp: Fingerprint, tokens: int) -> list[LayerCodec]:
-    """The per-layer codecs `name` gives a context of `tokens` tokens (budget-B: allocated now, from
-    `profiles`, one per profile_sets(name), without coding)."""
-    kind = registry.adaptive(name)
+def candidate_layers(codec: registry.Codec, profiles: Sequence[Profile], fp: Fingerprint,
+                     tokens: int) -> list[LayerCodec]:
+    """The per-layer codecs `codec` gives a context of `tokens` tokens (budget-B: allocated now, from
+    `profiles`, one per profile_sets(codec), without coding)."""
+    kind = codec.kind
     if kind is None:
-        return registry.resolve(name, fp.num_layers)
+        return list(codec.layers)
     if kind.allocator != "budget":
-        raise RequestError(f"{name} has no quality prediction; auto candidates are text, fp16, kivi-B and budget-B")
+        raise RequestError(f"{codec.name} has no quality prediction; auto candidates are text, fp16, kivi-B and "
+                           "budget-B")
     return budget(profiles, kind, [(fp.num_kv_heads, tokens, fp.head_dim)] * fp.num_layers).layers
 
 
@@ -54,7 +56,7 @@ def quality_loss(layers: list[LayerCodec], profiles: Sequence[Profile]) -> float
             if not measured:
                 tools = " or ".join(p.tools or "no tools" for p in profiles)
                 raise RequestError(f"{registry.spec_of(codec)} has no quality prediction (the profiles measure KIVI "
-                                   f"layouts with {tools}, {ENTROPY_CODED} aside)")
+                                   f"layouts with {tools}, {ZSTD.suffix} aside)")
             total += measured[0].sensitivity[kind][str(codec.bits)][index]
     return total
 
