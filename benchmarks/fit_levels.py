@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from qkv_core import calibration_data
+from qkv_core import bundled
 from qkv_core.codec import rope
 from qkv_core.codec.levels import fit, unit_values
 from qkv_core.codec.rotation import rotate
@@ -26,7 +26,7 @@ def main() -> None:
     lm = load_model(RuntimeConfig())
     fmt = PromptFormat.for_tokenizer(lm.tokenizer)
     pooled = []
-    for text in calibration_data.texts():
+    for text in bundled.texts():
         ids = encode(lm.tokenizer, fmt.context_part(text))[:1024]
         kv, _ = prefill(lm, ids)
         for k, v in zip(kv.keys, kv.values):
@@ -35,7 +35,7 @@ def main() -> None:
             pooled += [unit_values(k, per_channel=True), unit_values(v, per_channel=False)]
     values = torch.cat(pooled)
     sample = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE]]
-    print(f"# {values.numel()} values from {len(calibration_data.texts())} texts; Lloyd-Max on {sample.numel()}")
+    print(f"# {values.numel()} values from {len(bundled.texts())} texts; Lloyd-Max on {sample.numel()}")
     for bits in (1, 2, 3, 4):
         print(f"    {bits}: ({', '.join(repr(x) for x in fit(sample, bits))}),")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from qkvcomm_client import SenderClient
 
-from qkv_core.calibration_data import gold_answers
+from qkv_core.bundled import gold_answers
 from qkv_core.config import qa_file
 from qkv_eval.bench import machine
 from qkv_eval.evaluate import load_rows

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qkv_core.calibration_data import gold_answers
+from qkv_core.bundled import gold_answers
 from qkv_core.facts import METHODS, FactConfig, extract
 from qkv_eval.bench import machine
 from qkv_eval.evaluate import load_rows

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qkv_core.calibration_data import gold_answers
+from qkv_core.bundled import gold_answers
 from qkv_core.card.framing import frames
 from qkv_core.codec.registry import codec_files
 from qkv_core.config import StoreConfig, qa_file

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import card_round_trip, synthetic_profile, tiny_model
 
-from qkv_core import calibration_data
+from qkv_core import bundled
 from qkv_core.codec import allocation
 from qkv_core.codec.quant import encoded_size
 from qkv_core.codec.registry import Adaptive, adaptive, codec_files, resolve, save_layers
@@ -14,7 +14,7 @@ from qkv_core.engine.sender import SenderEngine
 from qkv_core.model.kv import prefill
 from qkv_core.model.prompt import PromptFormat, encode
 
-SAMPLES = calibration_data.samples()[:2]
+SAMPLES = bundled.samples()[:2]
 
 
 @pytest.fixture(scope="module")

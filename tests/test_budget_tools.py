@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import synthetic_profile, tiny_model
 
-from qkv_core import calibration_data
+from qkv_core import bundled
 from qkv_core.card.framing import frames, overhead_bound
 from qkv_core.card.header import codec_from_pb
 from qkv_core.codec import allocation
@@ -27,8 +27,8 @@ from qkv_core.model.kv import next_logits, prefill
 from qkv_core.model.prompt import encode
 from qkvcomm_cli.commands import calibrate as calibrate_cli
 
-SAMPLES = calibration_data.samples()[:2]
-CONTEXT = calibration_data.samples()[0][0]
+SAMPLES = bundled.samples()[:2]
+CONTEXT = bundled.samples()[0][0]
 TOOLS = "+rot+prerope"
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from qkv_core import calibration_data
+from qkv_core import bundled
 from qkv_core.card.framing import frames
 from qkv_core.engine import selection
 from qkv_core.engine.receiver import ReceiverEngine
@@ -22,7 +22,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def profile(lm):
-    return selection.calibrate(lm, calibration_data.samples()[:2])
+    return selection.calibrate(lm, bundled.samples()[:2])
 
 
 def test_calibration_measures_every_layer_and_round_trips(lm, profile, tmp_path):

@@ -14,6 +14,7 @@ import hashlib
 import re
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import google_crc32c
 
@@ -60,18 +61,20 @@ def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
 
 def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
     """The wire form of a tensor codec: its base fields, then each tool's field (qkv_core.codec.tools)."""
-    tools = {t.proto_field: t.to_wire(getattr(c, t.field)) for t in TOOLS}
-    return pb.TensorCodec(bits=c.bits, granularity=int(c.granularity), group_size=c.group_size,  # type: ignore[arg-type]
-                          sink_tokens=c.sink_tokens, recent_tokens=c.recent_tokens, salient_bits=c.salient_bits,
-                          **tools)
+    base: dict[str, Any] = {
+        "bits": c.bits, "granularity": int(c.granularity), "group_size": c.group_size,
+        "sink_tokens": c.sink_tokens, "recent_tokens": c.recent_tokens, "salient_bits": c.salient_bits}
+    return pb.TensorCodec(**base, **{t.proto_field: t.to_wire(getattr(c, t.field)) for t in TOOLS
+                                     if t.proto_field not in base})
 
 
 def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
     try:
-        tools = {t.field: t.from_wire(getattr(msg, t.proto_field)) for t in TOOLS}
-        return TensorCodec(bits=msg.bits, granularity=Granularity(msg.granularity), group_size=msg.group_size,
-                           sink_tokens=msg.sink_tokens, recent_tokens=msg.recent_tokens, salient_bits=msg.salient_bits,
-                           **tools)
+        base: dict[str, Any] = {
+            "bits": msg.bits, "granularity": Granularity(msg.granularity), "group_size": msg.group_size,
+            "sink_tokens": msg.sink_tokens, "recent_tokens": msg.recent_tokens, "salient_bits": msg.salient_bits}
+        return TensorCodec(**base, **{t.field: t.from_wire(getattr(msg, t.proto_field)) for t in TOOLS
+                                      if t.field not in base})
     except ValueError as e:
         raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
 

@@ -138,7 +138,15 @@ OUTLIERS = Tool("+out", "outliers", "outliers", _outliers, 4,
                 "budget-B+outN: with or without them per tensor, whichever its profiles favour",
                 per_tensor=True, numbered=True)
 
-TOOLS = (ROT, ZSTD, PREROPE, LLOYD_LEVELS, COMPACT_SIDE, OUTLIERS)  # the order names are spelled and sorted in
+TOOLS = [ROT, ZSTD, PREROPE, LLOYD_LEVELS, COMPACT_SIDE, OUTLIERS]  # the order names are spelled and sorted in
+
+
+def register_tool(tool: Tool) -> None:
+    """Add a tool after those registered. Its field must be one a receiver of the card's format
+    version reads (version), and its suffix must not end another's."""
+    if any(t.suffix.startswith(tool.suffix) or tool.suffix.startswith(t.suffix) for t in TOOLS):
+        raise ValueError(f"codec tool {tool.suffix!r} clashes with {', '.join(t.suffix for t in TOOLS)}")
+    TOOLS.append(tool)
 
 
 def ending(name: str) -> tuple[Tool, str] | None:

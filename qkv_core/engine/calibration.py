@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qkv_core import calibration_data
-from qkv_core.calibration_data import Sample
+from qkv_core import bundled
+from qkv_core.bundled import Sample
 from qkv_core.codec import levels
 from qkv_core.codec.allocation import BITS, FAMILIES, KINDS, Levels, Profile, kivi_codecs
 from qkv_core.codec.encoding import quantizer_input, reconstructed
@@ -121,4 +121,4 @@ def load_or_calibrate(lm: LoadedModel, path: Path | None = None, tools: str = ""
     """The saved profile with `tools`, or one calibrated on the bundled samples (and saved) on first
     use. `path`: the plain profile's file; one with tools lies beside it (Profile.path_for)."""
     return Profile.load_or_make(lm.fingerprint, Profile.path_for(lm.fingerprint, path, tools),
-                                lambda: calibrate(lm, calibration_data.samples(), tools=tools))
+                                lambda: calibrate(lm, bundled.samples(), tools=tools))

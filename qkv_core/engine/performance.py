@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from qkv_core.calibration_data import texts
+from qkv_core.bundled import texts
 from qkv_core.card.framing import frames
 from qkv_core.card.header import CardPlan, build_card
 from qkv_core.codec import registry

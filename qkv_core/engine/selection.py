@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qkv_core import calibration_data
-from qkv_core.calibration_data import Sample
+from qkv_core import bundled
+from qkv_core.bundled import Sample
 from qkv_core.config import LAYER_METHOD
 from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.attention import Probe
@@ -105,7 +105,7 @@ def calibrate(lm: LoadedModel, samples: list[Sample]) -> LayerProfile:
 
 def load_or_calibrate(lm: LoadedModel, path: Path | None = None) -> LayerProfile:
     """The saved profile, or one calibrated on the bundled samples (and saved) on first use."""
-    return LayerProfile.load_or_make(lm.fingerprint, path, lambda: calibrate(lm, calibration_data.samples()))
+    return LayerProfile.load_or_make(lm.fingerprint, path, lambda: calibrate(lm, bundled.samples()))
 
 
 def _minmax(xs: list[float]) -> list[float]:

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qkv_core import calibration_data  # noqa: PLC0415
+    from qkv_core import bundled  # noqa: PLC0415
     from qkv_core.model.loading import load_model  # noqa: PLC0415
     from qkv_eval.evaluate import load_rows  # noqa: PLC0415
 
@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if what is None:
         raise SystemExit("calibrate what? codec, layers, or pair (--sender-model A --receiver-model B)")
     if args.data:
-        samples = calibration_data.from_rows(list(load_rows(args.data, args.limit)), args.context_field)
+        samples = bundled.from_rows(list(load_rows(args.data, args.limit)), args.context_field)
     else:
-        samples = calibration_data.samples()
+        samples = bundled.samples()
     if what == "pair":
         return _calibrate_pair(args, [context for context, _, _ in samples])
     if args.reuse and (args.data or args.out):
