@@ -7,7 +7,7 @@ import grpc
 from qkvcomm.v1 import services_pb2_grpc
 
 from qkv_core import package_version
-from qkv_core.card.header import fingerprint_to_pb
+from qkv_core.card.convert import fingerprint_to_pb
 from qkv_core.codec import registry
 from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
 from qkv_core.engine.performance import Performance

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardPlan, build_card, name_card
+from qkv_core.card.header import CardPlan, build_card
+from qkv_core.card.naming import name_card
 from qkv_core.codec import allocation
 from qkv_core.codec.encoding import reconstructed
 from qkv_core.codec.registry import LayerCodec, resolve

@@ -9,8 +9,8 @@ import torch
 from conftest import synthetic_profile, tiny_model
 
 from qkv_core import bundled
+from qkv_core.card.convert import codec_from_pb
 from qkv_core.card.framing import frames, overhead_bound
-from qkv_core.card.header import codec_from_pb
 from qkv_core.codec import allocation
 from qkv_core.codec.allocation import CardTarget
 from qkv_core.codec.encoding import encode_tensors, reconstructed, rope_removed

@@ -152,7 +152,7 @@ def test_the_sender_keeps_recent_contexts_and_their_cards_stay_the_same(tiny, mo
 
 
 def test_a_card_names_its_context_by_the_digest_of_its_token_ids(tiny, made):
-    from qkv_core.card.header import context_digest
+    from qkv_core.card.naming import context_digest
 
     ids, _, header, _ = made
     assert len(header.context_ids_sha256) == 32 and header.context_ids_sha256 == context_digest(ids)

@@ -10,7 +10,7 @@ import pytest
 from conftest import resigned
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import context_digest
+from qkv_core.card.naming import context_digest
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.answering import Generation, HFAnswers, answer_engine
 from qkv_core.engine.receiver import ReceiverEngine

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardPlan, build_card, name_card
+from qkv_core.card.header import CardPlan, build_card
+from qkv_core.card.naming import name_card
 from qkv_core.card.reader import CardReader
 from qkv_core.codec import entropy, registry
 from qkv_core.codec.allocation import allocate

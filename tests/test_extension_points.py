@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable, Iterator
 import pytest
 import torch
 
+from qkv_core.card.convert import fingerprint_to_pb
 from qkv_core.card.framing import frames
-from qkv_core.card.header import fingerprint_to_pb
 from qkv_core.codec import tools
 from qkv_core.codec.tensor_codec import TensorCodec
 from qkv_core.config import ServiceConfig

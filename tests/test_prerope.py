@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CardPlan, build_card, name_card
+from qkv_core.card.header import CardPlan, build_card
+from qkv_core.card.naming import name_card
 from qkv_core.card.reencode import reencode
 from qkv_core.codec import registry, rope
 from qkv_core.codec.encoding import encode_layers, rope_removed

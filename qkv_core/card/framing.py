@@ -1,11 +1,12 @@
 """A card as a stream of frames: header, chunks of at most MAX_CHUNK_BYTES in layer order, each
 with its CRC32C, then the trailer with the totals and the content hash of header and data
-(header.content_hash: the digest the card id names)."""
+(naming.content_hash: the digest the card id names)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from qkv_core.card.header import CardPlan, card_header, content_hash, crc32c
+from qkv_core.card.header import CardPlan, card_header
+from qkv_core.card.naming import content_hash, crc32c
 from qkv_core.codec.registry import LayerCodec
 from qkv_core.codec.tensor_codec import FP16_BITS, TensorCodec
 from qkv_core.config import MAX_CHUNK_BYTES

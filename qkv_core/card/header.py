@@ -1,5 +1,6 @@
 """CacheCard header: what a card declares (format version, content id, model, per-layer codecs
-and sizes), the sender's plan that fills it, and the error kinds every card check reports.
+and sizes) and the sender's plan that fills it. Its id is qkv_core.card.naming's, the wire form of
+its model and codecs qkv_core.card.convert's.
 
 A card is a header, then chunks of each layer's blob (K bytes then V bytes, as laid out by
 `qkv_core.codec.quant`), in layer order, each at most MAX_CHUNK_BYTES with a CRC32C, then a
@@ -10,20 +11,15 @@ nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
-import re
-import struct
 from dataclasses import dataclass, field
-from typing import Any
-
-import google_crc32c
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
+from qkv_core.card.convert import codec_to_pb, fingerprint_to_pb
+from qkv_core.card.naming import context_digest, name_card
 from qkv_core.codec.encoding import encode_layers
 from qkv_core.codec.registry import LayerCodec
-from qkv_core.codec.tensor_codec import Granularity, TensorCodec
+from qkv_core.codec.tensor_codec import TensorCodec
 from qkv_core.codec.tools import TOOLS
-from qkv_core.errors import CardError, ErrorKind
 from qkv_core.types import Fingerprint, KVCache
 from qkv_core.wire import pb
 
@@ -35,68 +31,6 @@ from qkv_core.wire import pb
 PLAIN_FORMAT_VERSION = 2
 FORMAT_VERSION = max(PLAIN_FORMAT_VERSION, *(t.version for t in TOOLS))  # the newest this code reads and writes
 READABLE_VERSIONS = tuple(range(PLAIN_FORMAT_VERSION, FORMAT_VERSION + 1))
-CARD_ID = re.compile(r"[0-9a-f]{64}")  # a SHA-256 in lowercase hex (card_id, text_card_id)
-
-
-def crc32c(data: bytes) -> int:
-    return google_crc32c.value(data)
-
-
-# --- header -------------------------------------------------------------------------------
-
-def model_details(sender: Fingerprint, receiver: Fingerprint) -> dict[str, str]:
-    """The ErrorInfo metadata of a model mismatch: both models, by name and weights hash."""
-    return {"sender_model": sender.name, "sender_weights": sender.weights_sha256[:16],
-            "receiver_model": receiver.name, "receiver_weights": receiver.weights_sha256[:16],
-            "differ_in": ",".join(receiver.mismatch(sender))}
-
-
-def fingerprint_to_pb(fp: Fingerprint) -> pb.ModelFingerprint:
-    return pb.ModelFingerprint(**fp.__dict__)
-
-
-def fingerprint_from_pb(msg: pb.ModelFingerprint) -> Fingerprint:
-    return Fingerprint(**{f: getattr(msg, f) for f in Fingerprint.__dataclass_fields__})
-
-
-def codec_to_pb(c: TensorCodec) -> pb.TensorCodec:
-    """The wire form of a tensor codec: its base fields, then each tool's field (qkv_core.codec.tools)."""
-    base: dict[str, Any] = {
-        "bits": c.bits, "granularity": int(c.granularity), "group_size": c.group_size,
-        "sink_tokens": c.sink_tokens, "recent_tokens": c.recent_tokens, "salient_bits": c.salient_bits}
-    return pb.TensorCodec(**base, **{t.proto_field: t.to_wire(getattr(c, t.field)) for t in TOOLS
-                                     if t.proto_field not in base})
-
-
-def codec_from_pb(msg: pb.TensorCodec) -> TensorCodec:
-    try:
-        base: dict[str, Any] = {
-            "bits": msg.bits, "granularity": Granularity(msg.granularity), "group_size": msg.group_size,
-            "sink_tokens": msg.sink_tokens, "recent_tokens": msg.recent_tokens, "salient_bits": msg.salient_bits}
-        return TensorCodec(**base, **{t.field: t.from_wire(getattr(msg, t.proto_field)) for t in TOOLS
-                                      if t.field not in base})
-    except ValueError as e:
-        raise CardError(ErrorKind.INVALID, f"bad tensor codec in card: {e}") from e
-
-
-def content_hash(header: pb.CardHeader) -> hashlib._Hash:
-    """The running hash that names a card: SHA-256 over the header as sent, with card_id and
-    num_chunks cleared, then every layer's data in order. The sender names its card with its
-    digest and the trailer repeats it; the receiver computes it from what arrives, so an id
-    cannot be claimed by other content. The same model, tokens, codec, facts and layer map
-    always give the same id."""
-    bare = pb.CardHeader()
-    bare.CopyFrom(header)
-    bare.card_id, bare.num_chunks = "", 0
-    return hashlib.sha256(b"qkvcomm-card\0" + bare.SerializeToString(deterministic=True))
-
-
-def text_card_id(fp: Fingerprint, context_ids: list[int]) -> str:
-    """Id of a context the receiver prefilled from text (the `text` handoff); never a card's id."""
-    h = hashlib.sha256(b"text\0")
-    h.update(fingerprint_to_pb(fp).SerializeToString(deterministic=True))
-    h.update(struct.pack(f"<{len(context_ids)}i", *context_ids))
-    return h.hexdigest()
 
 
 @dataclass
@@ -133,14 +67,6 @@ def build_card(fp: Fingerprint, context_ids: list[int], kv: KVCache,
     blobs = [k + v for k, v in tensors]
     name_card(header, blobs)
     return header, blobs
-
-
-def name_card(header: pb.CardHeader, blobs: list[bytes]) -> None:
-    """Set header.card_id to the content hash of the header and these layer blobs."""
-    digest = content_hash(header)
-    for blob in blobs:
-        digest.update(blob)
-    header.card_id = digest.hexdigest()
 
 
 def _check_plan(context_ids: list[int], kv: KVCache, plan: CardPlan) -> None:
@@ -184,11 +110,3 @@ def card_header(fp: Fingerprint, context_ids: list[int], kv: KVCache, plan: Card
         parent_card_id=plan.parent_card_id,
         parent_tokens=plan.parent_tokens,
     )
-
-
-def context_digest(ids: list[int]) -> bytes:
-    """SHA-256 of token ids as little-endian uint32: what a card's context_ids_sha256 holds, so that a
-    reader (the vLLM connector) can check that a prompt begins with the card's context."""
-    return hashlib.sha256(struct.pack(f"<{len(ids)}I", *ids)).digest()
-
-

@@ -11,16 +11,9 @@ from typing import Any, Protocol
 import torch
 
 from qkv_core.card.blocks import BLOCK_TOKENS, block_hashes
-from qkv_core.card.header import (
-    CARD_ID,
-    READABLE_VERSIONS,
-    codec_from_pb,
-    content_hash,
-    context_digest,
-    crc32c,
-    fingerprint_from_pb,
-    model_details,
-)
+from qkv_core.card.convert import codec_from_pb, fingerprint_from_pb, model_details
+from qkv_core.card.header import READABLE_VERSIONS
+from qkv_core.card.naming import CARD_ID, content_hash, context_digest, crc32c
 from qkv_core.codec import rope
 from qkv_core.codec.encoding import layer_salient, rope_restored, salient_count
 from qkv_core.codec.quant import dequantize, wire_size_fits

@@ -13,7 +13,8 @@ import dataclasses
 
 import torch
 
-from qkv_core.card.header import codec_from_pb, codec_to_pb, fingerprint_from_pb, name_card
+from qkv_core.card.convert import codec_from_pb, codec_to_pb, fingerprint_from_pb
+from qkv_core.card.naming import name_card
 from qkv_core.codec.encoding import encode_tensors, layer_salient
 from qkv_core.codec.quant import dequantize
 from qkv_core.codec.tensor_codec import Granularity, TensorCodec

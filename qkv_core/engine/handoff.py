@@ -29,8 +29,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from qkv_core.card.blocks import extendable
+from qkv_core.card.convert import fingerprint_from_pb, model_details
 from qkv_core.card.framing import frames
-from qkv_core.card.header import fingerprint_from_pb, model_details, text_card_id
+from qkv_core.card.naming import text_card_id
 from qkv_core.codec.registry import TEXT, Codec
 from qkv_core.config import ServiceConfig
 from qkv_core.engine.selection import SelectionConfig

@@ -18,7 +18,8 @@ import torch
 
 from qkv_core import malloc
 from qkv_core.card.blocks import BLOCK_TOKENS, HASH_BYTES, block_hashes
-from qkv_core.card.header import context_digest, fingerprint_from_pb, fingerprint_to_pb, text_card_id
+from qkv_core.card.convert import fingerprint_from_pb, fingerprint_to_pb
+from qkv_core.card.naming import context_digest, text_card_id
 from qkv_core.card.reader import CardReader
 from qkv_core.codec.registry import TEXT
 from qkv_core.config import Limits, ServiceConfig, StoreConfig

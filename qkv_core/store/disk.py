@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qkv_core.atomic import write_atomic
-from qkv_core.card.header import CARD_ID
+from qkv_core.card.naming import CARD_ID
 from qkv_core.store.cardfile import Sealer, from_bytes, to_bytes
 from qkv_core.store.records import TENANT, CardRecord, Key
 from qkv_core.store.stats import StoreStats

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import cast
 
 from qkv_core.card.framing import frames
-from qkv_core.card.header import CARD_ID
+from qkv_core.card.naming import CARD_ID
 from qkv_core.card.reencode import reencode
 from qkv_core.config import StoreConfig
 from qkv_core.errors import CardError, ErrorKind, RequestError

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from qkv_core.card.header import context_digest, fingerprint_from_pb
+from qkv_core.card.convert import fingerprint_from_pb
+from qkv_core.card.naming import context_digest
 from qkv_core.card.reader import CardReader
 from qkv_core.errors import CardError, ErrorKind
 from qkv_core.store.cardfile import Sealer, from_bytes
