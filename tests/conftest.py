@@ -9,6 +9,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 
+import _triton_mode  # noqa: F401 - before transformers imports triton
 import grpc
 import pytest
 import torch

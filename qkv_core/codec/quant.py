@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from qkv_core.codec import entropy, levels, tools
+from qkv_core.codec import entropy, kernels, levels, tools
 from qkv_core.codec.packing import pack_bits, packed_size, unpack_bits
 from qkv_core.codec.tensor_codec import (
     FLOAT_DTYPES,
@@ -176,7 +176,11 @@ def quantize_many(
 
     `salient` (ascending indices into the quantized middle) picks the tokens coded at
     codec.salient_bits; they form their own part after the ordinary tokens."""
-    blobs = _plain_blobs(xs, codec, salient)
+    # on CUDA, one fused pass per tensor where the kernels cover the codec
+    if salient is None and kernels.handles(codec, xs[0].shape, xs[0].dtype, xs[0].device):
+        blobs = [kernels.encode(x, codec) for x in xs]
+    else:
+        blobs = _plain_blobs(xs, codec, salient)
     return [tools.after_encoding(b, codec) for b in blobs]
 
 
@@ -346,6 +350,8 @@ def dequantize(
     blob = tools.before_decoding(blob, codec, size)
     if blob.numel() != size:
         raise ValueError(f"blob of {blob.numel()} bytes does not match {codec} for shape {tuple(shape)}")
+    if salient is None and kernels.handles(codec, shape, dtype, blob.device):
+        return kernels.decode(blob, codec, torch.empty(shape, dtype=dtype, device=blob.device))
 
     def take(n: int, dtype: torch.dtype) -> torch.Tensor:
         nonlocal blob
