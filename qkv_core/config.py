@@ -103,6 +103,8 @@ class ServiceConfig:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = setting(50061, "gRPC port (0 picks a free one)")
     metrics_port: int = setting(9461, "/metrics HTTP port (0 picks a free one, -1 turns it off)")
+    bulk_port: int = setting(0, "bulk channel for card data beside gRPC (PushCardBulk): its port; 0 off, -1 any free "
+                             "one (TLS as the gRPC port)", "receiver")
     receiver: str = setting("", "HOST:PORT of the receiver", "sender")
     tls_cert: str = setting("",
                             "TLS certificate (PEM); with --tls-key the port speaks TLS only; re-read when it changes")
@@ -121,6 +123,8 @@ class ServiceConfig:
                                       "without this: give --receiver-ca)", "sender")
     receiver_balance: str = setting("pick_first", "pick_first (one receiver per sender) or round_robin (every address "
                                     "of --receiver; needs receivers that share a store tier)", "sender")
+    receiver_bulk: bool = setting(True, "send card data on the receiver's bulk channel when it offers one "
+                                  "(pick_first only)", "sender")
     receiver_server_name: str = setting("", "name the receiver's certificate must carry, when not the host of "
                                         "--receiver", "sender")
     codec: str = setting(DEFAULT_CODEC, "codec of a request that names none", "sender")

@@ -13,6 +13,10 @@ rounds so drift in the machine's speed falls on every path alike:
     pushcard      today's PushCard into a receiver service: every frame parsed, CRC32C and the
                   content hash checked, each layer decoded while the next arrives.
     pushcard+tls  the same to a receiver that serves TLS.
+    bulk          PushCardBulk: the header and a ticket over gRPC, the layers on the receiver's bulk
+                  channel (recv_into per layer, the content hash checked, each layer decoded while
+                  the next arrives; receiver_service/bulk.py).
+    bulk+tls      the same with TLS on both (the bulk port speaks it with the gRPC port's certificate).
 
 Reported per path: the median GB/s of the card's wire bytes (the time from the first byte sent to
 the receiving side's reply), its ratio to the raw socket, and the CPU seconds per GB each side
@@ -50,10 +54,11 @@ from qkv_core.types import KVCache
 from qkv_core.wire import pb, push_requests
 from qkv_eval.bench import machine
 from qkvcomm_cli.launch import spawn
+from sender_service.receiver_port import BulkRoute, send_bulk
 from service_common.certs import DevCerts, make_dev_certs
 from service_common.server import GRPC_OPTIONS
 
-PATHS = ("socket", "socket+tls", "grpc-bytes", "pushcard", "pushcard+tls")
+PATHS = ("socket", "socket+tls", "grpc-bytes", "pushcard", "pushcard+tls", "bulk", "bulk+tls")
 SINK_METHOD = "/qkvcomm.bench.Sink/Push"
 _ACK = struct.Struct("<Q")  # bytes received: the sink's reply once the last byte is in
 
@@ -173,19 +178,26 @@ def _grpc_peer(messages: list[bytes]) -> Peer:
     return Peer(process.pid, send, close)
 
 
-def _receiver_peer(header: pb.CardHeader, blobs: list[bytes], certs: DevCerts | None, stack: ExitStack) -> Peer:
-    """A receiver service sized for the card; each send pushes it whole (it validates and decodes it
-    every time; the store keeps the first copy)."""
+def _receiver_peer(header: pb.CardHeader, blobs: list[bytes], certs: DevCerts | None, stack: ExitStack,
+                   bulk: bool = False) -> Peer:
+    """A receiver service sized for the card (with its bulk channel, for `bulk`); each send pushes
+    it whole (it validates and decodes it every time; the store keeps the first copy)."""
     big = ["--max-card-bytes", str(2 * header.payload_bytes + (64 << 20)), "--hot-bytes", "8Gi",
            "--max-inflight-bytes", "8Gi", "--performance-tokens", "0", "--device", "cpu"]
     tls = ["--tls-cert", str(certs.cert("server")), "--tls-key", str(certs.key("server"))] if certs else []
-    receiver = spawn("receiver", *big, *tls)
+    receiver = spawn("receiver", *big, *tls, *(["--bulk-port", "-1"] if bulk else []))
     stack.callback(receiver.stop)
-    channel = open_channel(receiver.address, ClientTLS(str(certs.ca)) if certs else ClientTLS(), GRPC_OPTIONS)
+    client_tls = ClientTLS(str(certs.ca)) if certs else ClientTLS()
+    channel = open_channel(receiver.address, client_tls, GRPC_OPTIONS)
     stub = services_pb2_grpc.ReceiverServiceStub(channel)
+    route = BulkRoute("127.0.0.1", client_tls)
 
     def send() -> int:
-        return stub.PushCard(push_requests(frames(header, blobs)), timeout=600).wire_bytes
+        if not bulk:
+            return stub.PushCard(push_requests(frames(header, blobs)), timeout=600).wire_bytes
+        call = stub.PushCardBulk(pb.PushCardBulkRequest(header=header), timeout=600)
+        send_bulk(route, next(call).ticket, blobs, 600)
+        return list(call)[-1].done.wire_bytes
 
     return Peer(receiver.process.pid, send, channel.close)
 
@@ -208,8 +220,8 @@ def run(args: argparse.Namespace) -> str:
                 peers[path] = _socket_peer(payload, tls)
             elif path == "grpc-bytes":
                 peers[path] = _grpc_peer(messages)
-            elif path.startswith("pushcard"):
-                peers[path] = _receiver_peer(header, blobs, tls, stack)
+            elif path.startswith(("pushcard", "bulk")):
+                peers[path] = _receiver_peer(header, blobs, tls, stack, bulk=path.startswith("bulk"))
             else:
                 raise SystemExit(f"bench transport: unknown path {path!r}; choose from {', '.join(PATHS)}")
             stack.callback(peers[path].close)
@@ -223,7 +235,11 @@ def run(args: argparse.Namespace) -> str:
                 seconds[path].append(time.perf_counter() - start)
                 cpu_here[path].append(time.process_time() - here)
                 cpu_peer[path].append(cpu_seconds(peer.pid) - there)
-                if got < wire if path.startswith("pushcard") else got != len(payload):
+                if path.startswith("socket"):
+                    short = got != len(payload)
+                else:  # a receiver counts what it took: the frames, or the header and the layers (bulk)
+                    short = got < (wire if path.startswith("pushcard") else header.payload_bytes)
+                if short:
                     raise RuntimeError(f"{path}: the peer took {got} of {wire} bytes")
     return _table(args, wire, paths, seconds, cpu_here, cpu_peer)
 

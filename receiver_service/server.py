@@ -15,8 +15,10 @@ from qkv_core.config import ServiceConfig
 from qkv_core.engine.answering import Generation, answer_engine
 from qkv_core.engine.performance import measure
 from qkv_core.engine.receiver import Intake, ReceiverEngine
+from qkv_core.errors import Unsupported
 from qkv_core.model.loaded import LoadedModel
 from qkv_core.wire import pb
+from receiver_service.bulk import BulkServer, Expected
 from service_common.auth import Auth
 from service_common.errors import IdleTimeout, guarded
 from service_common.info import InfoServicer, build_info
@@ -28,11 +30,13 @@ SERVICE = services_pb2.DESCRIPTOR.services_by_name["ReceiverService"].full_name
 
 
 class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
-    def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
+    def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig, auth: Auth,
+                 bulk: BulkServer | None = None):
         self.engine = engine
         self.metrics = metrics
         self.cfg = cfg
         self.auth = auth
+        self.bulk = bulk
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         """Whose cards a call sees (the interceptor has already refused calls it may not make)."""
@@ -47,9 +51,38 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
                 await self._take_in(aiter(request_iterator), intake)
             finally:
                 self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
-            card = intake.finish(self.engine.lm.num_layers)
-            record = intake.record()
-        await asyncio.to_thread(self.engine.store.put, card, record, tenant)  # writes through to disk and Redis
+            return await self._keep(intake, tenant)
+
+    @guarded
+    async def PushCardBulk(self, request: pb.PushCardBulkRequest,
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PushCardBulkResponse]:
+        if self.bulk is None:
+            raise Unsupported("this receiver has no bulk channel (bulk_port 0): push the card with PushCard")
+        tenant = self._tenant(context)
+        with self.engine.intake(tenant) as intake:
+            try:
+                await asyncio.to_thread(intake.feed, pb.CardFrame(header=request.header))  # admitted before data
+                reader = intake.reader
+                expected = Expected(reader.bulk_layers(), reader.take_layer, reader.digest_layer,
+                                    asyncio.get_running_loop())
+                token = self.bulk.expect(expected)
+                try:
+                    yield pb.PushCardBulkResponse(ticket=pb.BulkTicket(token=token, port=self.bulk.port,
+                                                                       tls=self.bulk.tls is not None))
+                    await self._decode_arrivals(expected.arrived, intake)
+                finally:
+                    self.bulk.forget(token)
+                    expected.abort()
+                intake.reader.finish_bulk()
+            finally:
+                self.metrics.wire_bytes_received.inc(intake.reader.wire_bytes)
+            yield pb.PushCardBulkResponse(done=await self._keep(intake, tenant))
+
+    async def _keep(self, intake: Intake, tenant: str) -> pb.PushCardResponse:
+        """Store a card that arrived whole (writing through to disk and Redis) and count it."""
+        card = intake.finish(self.engine.lm.num_layers)
+        record = intake.record()
+        await asyncio.to_thread(self.engine.store.put, card, record, tenant)
         m = self.metrics
         m.cards_received.inc()
         if card.header.parent_card_id:
@@ -60,6 +93,40 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         return pb.PushCardResponse(
             card_id=card.header.card_id, wire_bytes=intake.reader.wire_bytes, dequantize_s=intake.dequantize_s
         )
+
+    async def _decode_arrivals(self, arrived: asyncio.Queue, intake: Intake) -> None:
+        """Decode each layer the bulk channel completes, in order, while the next arrives; returns
+        once the last is decoded. IdleTimeout when nothing comes for idle_timeout_s, or the card is
+        not complete by intake_timeout_s."""
+        loop = asyncio.get_running_loop()
+        limits = self.cfg.limits
+        deadline = loop.time() + limits.intake_timeout_s
+        decoding: asyncio.Future | None = None
+
+        async def decode_after(previous: asyncio.Future | None, index: int) -> None:
+            if previous is not None:
+                await previous
+            await asyncio.to_thread(intake.decode, index)
+
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(arrived.get(), max(0.0, min(limits.idle_timeout_s,
+                                                                              deadline - loop.time())))
+                except TimeoutError:
+                    raise IdleTimeout(f"the card's bulk data did not come within {limits.idle_timeout_s:g} s "
+                                      f"(idle_timeout_s), or {limits.intake_timeout_s:g} s in all") from None
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                decoding = asyncio.ensure_future(decode_after(decoding, item))
+        finally:
+            if decoding is not None:  # the intake is released only once no thread decodes into it
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(decoding)
+        if decoding is not None:
+            await decoding
 
     async def _take_in(self, requests: AsyncIterator[pb.PushCardRequest], intake: Intake) -> None:
         """Feed a card's frames to its intake as they arrive. Each complete layer is decoded in a
@@ -164,14 +231,15 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
     metrics.intakes.set_function(lambda: engine.admission.intakes)
     metrics.intake_bytes.set_function(lambda: engine.admission.bytes)
     metrics.watch_store(engine.store)
-    servicer = ReceiverServicer(engine, metrics, cfg, auth)
+    bulk = BulkServer(cfg) if cfg.bulk_port else None
+    servicer = ReceiverServicer(engine, metrics, cfg, auth, bulk)
     store = engine.store
     tiers = ["hot", "memory", *(t.name for t in store.tiers)]
     # measured before the port opens: the device is otherwise idle now, and senders read it from the first Info
     measured = cfg.performance_tokens and engine.answers.measures_speed
     speed = await asyncio.to_thread(measure, engine, cfg.performance_tokens) if measured else None
     info = build_info("receiver", lm, cfg, [a.sender for a in engine.alignments.values()], tiers, speed,
-                      whole_cards_only=engine.answers.whole_cards_only)
+                      whole_cards_only=engine.answers.whole_cards_only, bulk_port=bulk.port if bulk else 0)
     if speed:
         log.info("receiver speed: prefill %.0f tokens/s, first token %.0f ms, card decoding %.0f MB/s (fp16 KV)",
                  speed.prefill_tokens_per_s, speed.first_token_s * 1e3, speed.dequantize_bytes_per_s / 1e6)
@@ -185,6 +253,9 @@ async def start_receiver(cfg: ServiceConfig, lm: LoadedModel) -> Running:
         auth, InfoServicer(info, refresh, auth),
     )
     running.closers.append(engine.close)
+    if bulk is not None:
+        running.closers.append(bulk.close)
+        log.info("bulk channel for card data on port %d%s", bulk.port, " (TLS)" if bulk.tls else "")
     await _report_tiers(running, engine)
     return running
 

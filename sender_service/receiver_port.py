@@ -6,16 +6,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 from qkvcomm.v1 import services_pb2_grpc
 from qkvcomm_client import ClientTLS, check_token_transport, error_info
 from qkvcomm_client.channel import retry_config
 
+from qkv_core.card.framing import frames
 from qkv_core.config import ServiceConfig
-from qkv_core.errors import CardError, ErrorKind
+from qkv_core.errors import CardError, ErrorKind, Refusal
 from qkv_core.wire import pb, push_requests
 from service_common.server import GRPC_OPTIONS
 
@@ -45,13 +49,70 @@ def receiver_channel_options(balance: str) -> list[tuple[str, object]]:
     ]
 
 
+class BulkBroken(Refusal):
+    """The bulk connection failed while the receiver's call reported nothing (it was cut off)."""
+
+    status, reason = "UNAVAILABLE", "upstream_unavailable"
+
+
+@dataclass(frozen=True)
+class BulkRoute:
+    """Where the receiver's bulk channel is: on the host the sender dials for gRPC, with its TLS."""
+
+    host: str
+    tls: ClientTLS
+
+
+def bulk_route(cfg: ServiceConfig, tls: ClientTLS) -> BulkRoute | None:
+    """The route for --receiver, or None when the sender may not use a bulk channel: turned off, or
+    possibly several receivers behind the target (a ticket is good only at the receiver that issued
+    it, and the bulk connection must reach that one): round_robin, a list, or a name with several
+    addresses (a headless Service)."""
+    target = cfg.receiver
+    for scheme in ("ipv4:", "ipv6:", "dns:///", "dns:"):
+        target = target.removeprefix(scheme)
+    if not cfg.receiver_bulk or cfg.receiver_balance != "pick_first" or "," in target:
+        return None
+    host = (target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target).strip("[]")
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        addresses = set()
+    if len(addresses) != 1:
+        log.info("not using the receiver's bulk channel: %s resolves to %d addresses", host, len(addresses))
+        return None
+    return BulkRoute(host, tls)
+
+
+def send_bulk(route: BulkRoute, ticket: pb.BulkTicket, blobs: list[bytes], timeout: float) -> None:
+    """The ticket's token, then every layer's bytes, on one connection to the bulk port; then a
+    half-close, and what the receiver sent (TLS session tickets) read until it closes: closing with
+    unread bytes would reset the connection and cut the data still in flight."""
+    sock = socket.create_connection((route.host, ticket.port), timeout=timeout)
+    try:
+        if ticket.tls:
+            context = ssl.create_default_context(cafile=route.tls.ca or None)
+            if route.tls.cert:
+                context.load_cert_chain(route.tls.cert, route.tls.key)
+            sock = context.wrap_socket(sock, server_hostname=route.tls.server_name or route.host)
+        sock.sendall(ticket.token)
+        for blob in blobs:
+            sock.sendall(blob)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(1 << 16):
+            pass
+    finally:
+        sock.close()
+
+
 class GrpcReceiver:
     """The handoff's port to the receiver (qkv_core.engine.handoff.ReceiverPort) over the sender's
     channel, for one request: its deadline (`timeout`, seconds) and metadata (the sender's token,
-    the caller's tenant)."""
+    the caller's tenant); `bulk`: the route to the receiver's bulk channel, if the sender may use one."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout: float, metadata: list[tuple[str, str]]):
-        self.channel, self.timeout, self.metadata = channel, timeout, metadata
+    def __init__(self, channel: grpc.aio.Channel, timeout: float, metadata: list[tuple[str, str]],
+                 bulk: BulkRoute | None = None):
+        self.channel, self.timeout, self.metadata, self.bulk = channel, timeout, metadata, bulk
         self.stub = services_pb2_grpc.ReceiverServiceStub(channel)
         self.meta = services_pb2_grpc.InfoServiceStub(channel)
 
@@ -85,18 +146,58 @@ class GrpcReceiver:
     async def find_prefix(self, hashes: list[bytes], codecs: list[str]) -> pb.FindPrefixResponse:
         return await self.stub.FindPrefix(pb.FindPrefixRequest(block_hashes=hashes, codecs=codecs), **self._call())
 
-    async def push_card(self, card: Callable[[], Iterable[pb.CardFrame]]) -> pb.PushCardResponse:
+    async def push_card(self, header: pb.CardHeader, blobs: list[bytes],
+                        bulk: bool) -> tuple[pb.PushCardResponse, int]:
+        try:
+            if bulk and self.bulk is not None:
+                return await self._push_bulk(header, blobs)
+            return await self._push_frames(header, blobs)
+        except grpc.aio.AioRpcError as e:
+            if _parent_missing(e):
+                raise CardError(ErrorKind.PARENT_MISSING, e.details() or "parent missing") from e
+            raise
+
+    async def _push_frames(self, header: pb.CardHeader, blobs: list[bytes]) -> tuple[pb.PushCardResponse, int]:
+        sent = 0
+
+        def counted() -> Iterator[pb.CardFrame]:
+            nonlocal sent
+            sent = 0
+            for frame in frames(header, blobs):
+                sent += frame.ByteSize()
+                yield frame
+
         t0 = time.perf_counter()
         for attempt in range(PUSH_ATTEMPTS):
             try:
-                return await self.stub.PushCard(push_requests(card()), **self._call(since=t0))
+                return await self.stub.PushCard(push_requests(counted()), **self._call(since=t0)), sent
             except grpc.aio.AioRpcError as e:
-                if _parent_missing(e):
-                    raise CardError(ErrorKind.PARENT_MISSING, e.details() or "parent missing") from e
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == PUSH_ATTEMPTS - 1:
                     raise
                 log.warning("the stream to the receiver broke (%s); pushing the card again", e.details())
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _push_bulk(self, header: pb.CardHeader, blobs: list[bytes]) -> tuple[pb.PushCardResponse, int]:
+        """PushCardBulk: the header and its ticket over gRPC, the layers over the bulk channel."""
+        assert self.bulk is not None
+        t0 = time.perf_counter()
+        call = self.stub.PushCardBulk(pb.PushCardBulkRequest(header=header), **self._call())
+        try:
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("ticket"):
+                raise RuntimeError("the receiver answered PushCardBulk without a ticket")
+            try:
+                await asyncio.to_thread(send_bulk, self.bulk, first.ticket, blobs, self._call(since=t0)["timeout"])
+            except OSError as e:
+                await call.read()  # the receiver's own status says why, when it has one
+                raise BulkBroken(f"the receiver's bulk channel broke: {e}") from e
+            last = await call.read()
+        finally:
+            call.cancel()  # a no-op once the call is done
+        if last is grpc.aio.EOF or not last.HasField("done"):
+            raise RuntimeError("the receiver ended PushCardBulk without the card's reply")
+        sent = pb.PushCardBulkRequest(header=header).ByteSize() + len(first.ticket.token) + sum(len(b) for b in blobs)
+        return last.done, sent
 
     async def push_text(self, request: pb.PushTextRequest) -> pb.PushTextResponse:
         return await self.stub.PushText(request, **self._call())

@@ -19,7 +19,7 @@ from qkv_core.errors import RequestError, Unsupported
 from qkv_core.model.loaded import LoadedModel
 from qkv_core.model.loading import load_model
 from qkv_core.wire import pb
-from sender_service.receiver_port import GrpcReceiver, receiver_channel_options, receiver_tls
+from sender_service.receiver_port import BulkRoute, GrpcReceiver, bulk_route, receiver_channel_options, receiver_tls
 from service_common.auth import Auth
 from service_common.errors import guarded
 from service_common.info import InfoServicer, build_info
@@ -29,8 +29,10 @@ from service_common.server import Running, require_receiver, serve_forever, star
 log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
 class SenderServicer(services_pb2_grpc.SenderServiceServicer):
-    def __init__(self, handoff: Handoff, channel: grpc.aio.Channel, metrics: Metrics, cfg: ServiceConfig, auth: Auth):
+    def __init__(self, handoff: Handoff, channel: grpc.aio.Channel, metrics: Metrics, cfg: ServiceConfig, auth: Auth,
+                 bulk: BulkRoute | None = None):
         self.handoff, self.channel, self.metrics, self.cfg, self.auth = handoff, channel, metrics, cfg, auth
+        self.bulk = bulk  # the route to the receiver's bulk channel, if this sender may use one
         metrics.watch_auto(handoff.auto)
 
     def _port(self, context: grpc.aio.ServicerContext) -> tuple[GrpcReceiver, str]:
@@ -40,7 +42,8 @@ class SenderServicer(services_pb2_grpc.SenderServiceServicer):
         limit = self.cfg.limits.receiver_timeout_s
         timeout = limit if remaining is None else max(0.0, min(limit, remaining))
         tenant = self.auth.tenant(context.invocation_metadata())
-        return GrpcReceiver(self.channel, timeout, call_metadata(self.cfg.receiver_token, tenant)), tenant
+        metadata = call_metadata(self.cfg.receiver_token, tenant)
+        return GrpcReceiver(self.channel, timeout, metadata, self.bulk), tenant
 
     async def _share(self, request: pb.ShareRequest | pb.AskRequest,
                      context: grpc.aio.ServicerContext) -> tuple[pb.HandoffStats, bool, GrpcReceiver]:
@@ -87,11 +90,12 @@ def _path(setting: str) -> Path | None:
 async def start_sender(cfg: ServiceConfig, lm: LoadedModel) -> tuple[Running, grpc.aio.Channel]:
     require_receiver(cfg)
     metrics, auth = Metrics("sender", lm.fingerprint.name), Auth(cfg.auth_tokens)
-    channel = open_channel(cfg.receiver, receiver_tls(cfg), receiver_channel_options(cfg.receiver_balance), aio=True)
+    tls = receiver_tls(cfg)
+    channel = open_channel(cfg.receiver, tls, receiver_channel_options(cfg.receiver_balance), aio=True)
     files = codec_files([cfg.codec, *cfg.codec_files.split(",")])  # the configuration's files, no others
     engine = SenderEngine(lm, _path(cfg.codec_profile), _path(cfg.layer_profile), cfg.limits, files,
                           cfg.context_cache_bytes)
-    servicer = SenderServicer(Handoff(engine, cfg), channel, metrics, cfg, auth)
+    servicer = SenderServicer(Handoff(engine, cfg), channel, metrics, cfg, auth, bulk_route(cfg, tls))
     running = await start(
         "sender", SERVICE, functools.partial(services_pb2_grpc.add_SenderServiceServicer_to_server, servicer),
         cfg, metrics, auth,

@@ -32,7 +32,7 @@ def codecs(fp: Fingerprint) -> list[pb.CodecInfo]:
 
 def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: Sequence[Fingerprint] = (),
                store_tiers: Sequence[str] = (), performance: Performance | None = None,
-               whole_cards_only: bool = False) -> pb.InfoResponse:
+               whole_cards_only: bool = False, bulk_port: int = 0) -> pb.InfoResponse:
     limits = cfg.limits
     speed = pb.ServicePerformance(**vars(performance)) if performance else None
     return pb.InfoResponse(
@@ -43,7 +43,7 @@ def build_info(role: str, lm: LoadedModel, cfg: ServiceConfig, alignments: Seque
         features=pb.ServiceFeatures(
             facts=cfg.facts, layer_selection=not whole_cards_only, sessions=not whole_cards_only,
             alignments=[fingerprint_to_pb(a) for a in alignments], tls=bool(cfg.tls_cert), auth=bool(cfg.auth_tokens),
-            store_tiers=list(store_tiers), engine=cfg.engine if role == "receiver" else ""),
+            store_tiers=list(store_tiers), engine=cfg.engine if role == "receiver" else "", bulk_port=bulk_port),
         performance=speed,
     )
 

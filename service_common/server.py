@@ -131,7 +131,7 @@ def preflight(role: str, cfg: ServiceConfig) -> None:
     for one, other in (("tls_cert", "tls_key"), ("receiver_cert", "receiver_key")):
         if bool(getattr(cfg, one)) != bool(getattr(cfg, other)):
             raise ValueError(f"--{one.replace('_', '-')} and --{other.replace('_', '-')} go together")
-    for what, port in (("gRPC", cfg.port), ("metrics", cfg.metrics_port)):
+    for what, port in (("gRPC", cfg.port), ("metrics", cfg.metrics_port), ("bulk", cfg.bulk_port)):
         if port > 0:
             _free(cfg.host, port, what)
 

@@ -155,9 +155,10 @@ def serve_pair(lm: LoadedModel, receiver_cfg: ServiceConfig, sender_cfg: Service
 
 
 # A short idle timeout, so the test of streams that stall after their header runs in seconds; no start-up
-# speed measurement (the codec auto tests turn it on).
-TEST_CONFIG = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, max_new_tokens=24, performance_tokens=0,
-                            limits=Limits(idle_timeout_s=3.0))
+# speed measurement (the codec auto tests turn it on); the receiver's bulk channel on, so every handoff
+# of the live pairs sends its card data there (the sender's default when a receiver offers one).
+TEST_CONFIG = ServiceConfig(host="127.0.0.1", port=0, metrics_port=0, bulk_port=-1, max_new_tokens=24,
+                            performance_tokens=0, limits=Limits(idle_timeout_s=3.0))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -54,10 +54,12 @@ class LocalReceiver:
         found = self.engine.find_prefix(hashes, self.tenant, codecs)
         return pb.FindPrefixResponse(card_id=found[0], tokens=found[1]) if found else pb.FindPrefixResponse()
 
-    async def push_card(self, card: Callable[[], Iterable[pb.CardFrame]]) -> pb.PushCardResponse:
-        stored = self.engine.accept(card(), tenant=self.tenant)  # CardError(PARENT_MISSING) passes through
+    async def push_card(self, header: pb.CardHeader, blobs: list[bytes],
+                        bulk: bool) -> tuple[pb.PushCardResponse, int]:
+        stream = list(frames(header, blobs))
+        stored = self.engine.accept(stream, tenant=self.tenant)  # CardError(PARENT_MISSING) passes through
         self.pushed.append(stored.header)
-        return pb.PushCardResponse(card_id=stored.header.card_id)
+        return pb.PushCardResponse(card_id=stored.header.card_id), sum(f.ByteSize() for f in stream)
 
     async def push_text(self, request: pb.PushTextRequest) -> pb.PushTextResponse:
         card, prefill_s = self.engine.accept_text(request.context, self.tenant)

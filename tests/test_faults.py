@@ -45,8 +45,13 @@ def _ask_in_background(sender: str) -> dict:
     return outcome
 
 
-def test_receiver_killed_mid_push_then_restarted_and_the_next_ask_succeeds():
-    receiver = spawn("receiver")
+# the card's data in PushCard's frames, or on the receiver's bulk channel (the sender uses it when offered)
+CHANNELS = pytest.mark.parametrize("channel", [(), ("--bulk-port", "-1")], ids=["frames", "bulk"])
+
+
+@CHANNELS
+def test_receiver_killed_mid_push_then_restarted_and_the_next_ask_succeeds(channel):
+    receiver = spawn("receiver", *channel)
     sender = spawn("sender", "--receiver", receiver.address)
     try:
         assert SHORT[2] in ask(sender.address, *SHORT[:2], codec="int8").text
@@ -56,7 +61,7 @@ def test_receiver_killed_mid_push_then_restarted_and_the_next_ask_succeeds():
         receiver.process.wait()
         pushing["thread"].join(60)
         assert pushing.get("error") == grpc.StatusCode.UNAVAILABLE, pushing
-        receiver = spawn("receiver", port=receiver.port)  # same address; the sender is not restarted
+        receiver = spawn("receiver", *channel, port=receiver.port)  # same address; the sender is not restarted
         answer = ask(sender.address, *SHORT[:2], codec="int8")
         assert SHORT[2] in answer.text and not answer.stats.card_reused  # the new receiver holds nothing
     finally:
@@ -64,8 +69,9 @@ def test_receiver_killed_mid_push_then_restarted_and_the_next_ask_succeeds():
         receiver.stop()
 
 
-def test_sender_killed_mid_push_frees_the_receivers_intake():
-    receiver = spawn("receiver")
+@CHANNELS
+def test_sender_killed_mid_push_frees_the_receivers_intake(channel):
+    receiver = spawn("receiver", *channel)
     sender = spawn("sender", "--receiver", receiver.address)
     try:
         pushing = _ask_in_background(sender.address)

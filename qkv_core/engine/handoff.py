@@ -25,12 +25,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from qkv_core.card.blocks import extendable
 from qkv_core.card.convert import fingerprint_from_pb, model_details
-from qkv_core.card.framing import frames
 from qkv_core.card.naming import text_card_id
 from qkv_core.codec.registry import TEXT, Codec
 from qkv_core.config import ServiceConfig
@@ -67,9 +65,11 @@ class ReceiverPort(Protocol):
 
     async def find_prefix(self, hashes: list[bytes], codecs: list[str]) -> pb.FindPrefixResponse: ...
 
-    async def push_card(self, card: Callable[[], Iterable[pb.CardFrame]]) -> pb.PushCardResponse:
-        """Stream the card's frames (`card()` gives them again for a retry); CardError(PARENT_MISSING)
-        when the receiver does not hold a delta's parent."""
+    async def push_card(self, header: pb.CardHeader, blobs: list[bytes],
+                        bulk: bool) -> tuple[pb.PushCardResponse, int]:
+        """Send the card (its layer blobs: qkv_core.card.framing frames them), on the receiver's bulk
+        channel when `bulk` (its Info offers one and the sender's configuration allows it); the reply
+        and the bytes sent. CardError(PARENT_MISSING) when the receiver does not hold a delta's parent."""
 
     async def push_text(self, request: pb.PushTextRequest) -> pb.PushTextResponse: ...
 
@@ -275,18 +275,11 @@ class Handoff:
             raise
 
     async def _push(self, card: PreparedCard, port: ReceiverPort) -> tuple[pb.PushCardResponse, int, float]:
-        """PushCard: the receiver's reply, the bytes sent (the last attempt's) and the time it took."""
-        sent = 0
-
-        def counted() -> Iterator[pb.CardFrame]:
-            nonlocal sent
-            sent = 0
-            for frame in frames(card.header, card.blobs):
-                sent += frame.ByteSize()
-                yield frame
-
+        """The receiver's reply, the bytes sent (the last attempt's) and the time it took."""
+        info = await self.receiver_info(port)
+        bulk = self.cfg.receiver_bulk and info is not None and info.features.bulk_port > 0
         start = time.perf_counter()
-        reply = await port.push_card(counted)
+        reply, sent = await port.push_card(card.header, card.blobs, bulk)
         return reply, sent, time.perf_counter() - start
 
     async def _has_card(self, card_id: str, port: ReceiverPort) -> bool:

@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
     p.add_argument("--tokens", type=int, help="codec: the cache's tokens (default 1024); transport: the fp16 card's "
                    "(default 14000, ~322 MB); gpu: the codec rows' cache (default 8192)")
-    p.add_argument("--paths", default="", help="transport: socket,socket+tls,grpc-bytes,pushcard,pushcard+tls "
-                   "(default: all)")
+    p.add_argument("--paths", default="", help="transport: socket,socket+tls,grpc-bytes,pushcard,pushcard+tls,"
+                   "bulk,bulk+tls (default: all)")
     p.add_argument("--codecs", default="", help="codec: the codecs to measure (default: every family); "
                    "tls: int8,kivi-4,fp16; dialogue: fp16,kivi-4")
     p.add_argument("--repeats", type=int, help="timings are the best of this many runs (codec: 10, ttft: 3); "
