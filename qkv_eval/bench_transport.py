@@ -26,17 +26,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import contextlib
 import os
 import socket
 import ssl
 import statistics
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -70,15 +73,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _socket_sink(port: int, nbytes: int, certs: str, ready: multiprocessing.Event) -> None:
-    """Accept connections forever; read `nbytes` from each into one preallocated buffer, then ack."""
+def socket_sink(host: str, nbytes: int, certs: str) -> None:
+    """Accept connections forever; read `nbytes` from each into one preallocated buffer, then ack.
+    Prints `ready PORT` once it listens (run as a process of its own: _start)."""
     buffer = memoryview(bytearray(nbytes))
     context = None
     if certs:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(Path(certs) / "server.crt", Path(certs) / "server.key")
-    with socket.create_server(("127.0.0.1", port)) as server:
-        ready.set()
+    with socket.create_server((host, 0)) as server:
+        print("ready", server.getsockname()[1], flush=True)
         while True:
             conn, _ = server.accept()
             if context is not None:
@@ -93,8 +97,9 @@ def _socket_sink(port: int, nbytes: int, certs: str, ready: multiprocessing.Even
                 conn.sendall(_ACK.pack(got))
 
 
-def _grpc_sink(port: int, ready: multiprocessing.Event) -> None:
-    """A gRPC server with one client-streaming method that counts the bytes of what it is sent."""
+def grpc_sink(host: str) -> None:
+    """A gRPC server with one client-streaming method that counts the bytes of what it is sent;
+    prints `ready PORT` once it serves."""
 
     async def push(requests, context) -> bytes:  # noqa: ANN001 - generic handler
         got = 0
@@ -107,18 +112,67 @@ def _grpc_sink(port: int, ready: multiprocessing.Event) -> None:
         handler = grpc.method_handlers_generic_handler(
             "qkvcomm.bench.Sink", {"Push": grpc.stream_unary_rpc_method_handler(push)})
         server.add_generic_rpc_handlers((handler,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
+        port = server.add_insecure_port(f"{host}:0")
         await server.start()
-        ready.set()
+        print("ready", port, flush=True)
         await server.wait_for_termination()
 
     asyncio.run(serve())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(frozen=True)
+class Place:
+    """Where the receiving side runs: behind `wrapper` (`ip netns exec NS`), listening on `host`."""
+
+    wrapper: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+
+
+def _start(place: Place, call: str) -> tuple[subprocess.Popen, int]:
+    """`python -c "from qkv_eval.bench_transport import *; CALL"` at `place`, and the port it prints."""
+    code = f"from qkv_eval.bench_transport import *; {call}"
+    process = subprocess.Popen([*place.wrapper, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline().split()
+    if line[:1] != ["ready"]:
+        process.kill()
+        raise RuntimeError(f"a sink at {place} did not start: {line}")
+    return process, int(line[1])
+
+
+@contextlib.contextmanager
+def shaped_link(rate: str) -> Iterator[Place]:
+    """A network namespace for the receiving side behind a veth pair whose end in this namespace is
+    shaped to `rate` (tc syntax: 1gbit) by a token bucket; needs root. Removed afterwards."""
+    ns = "qkvbench-rcv"
+
+    def ip(*args: str, check: bool = True) -> None:
+        subprocess.run(["ip", *args], check=check, capture_output=True)
+
+    ip("netns", "del", ns, check=False)
+    ip("netns", "add", ns)
+    try:
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", "qkvb0", "type", "veth", "peer", "name", "qkvb1", "netns", ns)
+        ip("addr", "add", "10.232.0.1/24", "dev", "qkvb0")
+        ip("-n", ns, "addr", "add", "10.232.0.2/24", "dev", "qkvb1")
+        ip("link", "set", "qkvb0", "up")
+        ip("-n", ns, "link", "set", "qkvb1", "up")
+        burst = max(64 << 10, _bits(rate) // 8 // 200)  # a token bucket of 5 ms at the rate, at least 64 KiB
+        subprocess.run(["tc", "qdisc", "add", "dev", "qkvb0", "root", "tbf", "rate", rate, "burst", str(burst),
+                        "latency", "50ms"], check=True, capture_output=True)
+        yield Place(("ip", "netns", "exec", ns), "10.232.0.2")
+    finally:
+        ip("netns", "del", ns, check=False)  # takes the veth pair with it
+
+
+def _bits(rate: str) -> int:
+    """Bits per second of a tc rate: 1gbit, 500mbit."""
+    units = {"gbit": 10**9, "mbit": 10**6, "kbit": 10**3, "bit": 1}
+    for unit, scale in units.items():
+        if rate.endswith(unit):
+            return int(float(rate[: -len(unit)]) * scale)
+    raise SystemExit(f"bench transport: a link rate is like 1gbit or 500mbit, not {rate!r}")
 
 
 def _card(tokens: int) -> tuple[pb.CardHeader, list[bytes]]:
@@ -140,16 +194,13 @@ class Peer:
         self.pid, self.send, self.close = pid, send, close
 
 
-def _socket_peer(payload: memoryview, certs: DevCerts | None) -> Peer:
-    port, ready = _free_port(), multiprocessing.get_context("spawn").Event()
-    process = multiprocessing.get_context("spawn").Process(
-        target=_socket_sink, args=(port, len(payload), str(certs.directory) if certs else "", ready), daemon=True)
-    process.start()
-    ready.wait(30)
+def _socket_peer(payload: memoryview, certs: DevCerts | None, place: Place) -> Peer:
+    directory = str(certs.directory) if certs else ""
+    process, port = _start(place, f"socket_sink({place.host!r}, {len(payload)}, {directory!r})")
     context = ssl.create_default_context(cafile=str(certs.ca)) if certs else None
 
     def send() -> int:
-        with socket.create_connection(("127.0.0.1", port)) as raw:
+        with socket.create_connection((place.host, port)) as raw:
             conn = context.wrap_socket(raw, server_hostname="localhost") if context else raw
             conn.sendall(payload)
             ack = b""
@@ -160,12 +211,9 @@ def _socket_peer(payload: memoryview, certs: DevCerts | None) -> Peer:
     return Peer(process.pid, send, process.kill)
 
 
-def _grpc_peer(messages: list[bytes]) -> Peer:
-    port, ready = _free_port(), multiprocessing.get_context("spawn").Event()
-    process = multiprocessing.get_context("spawn").Process(target=_grpc_sink, args=(port, ready), daemon=True)
-    process.start()
-    ready.wait(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+def _grpc_peer(messages: list[bytes], place: Place) -> Peer:
+    process, port = _start(place, f"grpc_sink({place.host!r})")
+    channel = grpc.insecure_channel(f"{place.host}:{port}", options=GRPC_OPTIONS)
     push = channel.stream_unary(SINK_METHOD, request_serializer=None, response_deserializer=None)
 
     def send() -> int:
@@ -179,18 +227,19 @@ def _grpc_peer(messages: list[bytes]) -> Peer:
 
 
 def _receiver_peer(header: pb.CardHeader, blobs: list[bytes], certs: DevCerts | None, stack: ExitStack,
-                   bulk: bool = False) -> Peer:
+                   place: Place, bulk: bool = False) -> Peer:
     """A receiver service sized for the card (with its bulk channel, for `bulk`); each send pushes
     it whole (it validates and decodes it every time; the store keeps the first copy)."""
     big = ["--max-card-bytes", str(2 * header.payload_bytes + (64 << 20)), "--hot-bytes", "8Gi",
            "--max-inflight-bytes", "8Gi", "--performance-tokens", "0", "--device", "cpu"]
     tls = ["--tls-cert", str(certs.cert("server")), "--tls-key", str(certs.key("server"))] if certs else []
-    receiver = spawn("receiver", *big, *tls, *(["--bulk-port", "-1"] if bulk else []))
+    receiver = spawn("receiver", *big, *tls, *(["--bulk-port", "-1"] if bulk else []), host=place.host,
+                     wrapper=place.wrapper)
     stack.callback(receiver.stop)
     client_tls = ClientTLS(str(certs.ca)) if certs else ClientTLS()
     channel = open_channel(receiver.address, client_tls, GRPC_OPTIONS)
     stub = services_pb2_grpc.ReceiverServiceStub(channel)
-    route = BulkRoute("127.0.0.1", client_tls)
+    route = BulkRoute(place.host, client_tls)
 
     def send() -> int:
         if not bulk:
@@ -211,17 +260,20 @@ def run(args: argparse.Namespace) -> str:
     seconds: dict[str, list[float]] = defaultdict(list)
     cpu_here: dict[str, list[float]] = defaultdict(list)
     cpu_peer: dict[str, list[float]] = defaultdict(list)
+    if args.link and any(p.endswith("+tls") for p in paths):
+        raise SystemExit("bench transport: --link takes the plaintext paths (the dev certificates name loopback)")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         certs = make_dev_certs(Path(tmp) / "certs")
+        place = stack.enter_context(shaped_link(args.link)) if args.link else Place()
         peers = {}
         for path in paths:
             tls = certs if path.endswith("+tls") else None
             if path.startswith("socket"):
-                peers[path] = _socket_peer(payload, tls)
+                peers[path] = _socket_peer(payload, tls, place)
             elif path == "grpc-bytes":
-                peers[path] = _grpc_peer(messages)
+                peers[path] = _grpc_peer(messages, place)
             elif path.startswith(("pushcard", "bulk")):
-                peers[path] = _receiver_peer(header, blobs, tls, stack, bulk=path.startswith("bulk"))
+                peers[path] = _receiver_peer(header, blobs, tls, stack, place, bulk=path.startswith("bulk"))
             else:
                 raise SystemExit(f"bench transport: unknown path {path!r}; choose from {', '.join(PATHS)}")
             stack.callback(peers[path].close)
@@ -247,8 +299,10 @@ def run(args: argparse.Namespace) -> str:
 def _table(args: argparse.Namespace, wire: int, paths: list[str], seconds: dict, cpu_here: dict, cpu_peer: dict) -> str:
     rate = {p: wire / statistics.median(seconds[p]) / 1e9 for p in paths}
     ceiling = rate.get("socket")
-    lines = [f"`qkvcomm bench transport --tokens {args.tokens} --repeats {args.repeats}`: an fp16 card of "
-             f"{args.tokens:,} tokens ({wire / 1e6:,.1f} MB on the wire), loopback, median of {args.repeats} "
+    where = f"a veth pair shaped to {args.link} (tbf) into a network namespace" if args.link else "loopback"
+    link = f" --link {args.link}" if args.link else ""
+    lines = [f"`qkvcomm bench transport --tokens {args.tokens} --repeats {args.repeats}{link}`: an fp16 card of "
+             f"{args.tokens:,} tokens ({wire / 1e6:,.1f} MB on the wire), {where}, median of {args.repeats} "
              f"interleaved rounds; {machine()}, {os.cpu_count()} cores", "",
              "| path | GB/s | x raw socket | s (median) | CPU s/GB sender | CPU s/GB receiver |",
              "|---|---|---|---|---|---|"]

@@ -29,6 +29,34 @@ log = logging.getLogger(__name__)
 SERVICE = services_pb2.DESCRIPTOR.services_by_name["ReceiverService"].full_name
 
 
+class _Decoding:
+    """A card's layers decoded in worker threads, in order, each after the one before it: the
+    network is never waited on for decoding, nor decoding on the network."""
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+        self.last: asyncio.Future | None = None
+
+    def add(self, index: int) -> None:
+        self.last = asyncio.ensure_future(self._after(self.last, index))
+
+    async def _after(self, previous: asyncio.Future | None, index: int) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.to_thread(self.intake.decode, index)
+
+    async def done(self) -> None:
+        """Every layer added so far is decoded (a decoding fault is raised)."""
+        if self.last is not None:
+            await self.last
+
+    async def settle(self) -> None:
+        """After a failure: wait out the threads (the intake is released only once none decodes into it)."""
+        if self.last is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.last)
+
+
 class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
     def __init__(self, engine: ReceiverEngine, metrics: Metrics, cfg: ServiceConfig, auth: Auth,
                  bulk: BulkServer | None = None):
@@ -101,13 +129,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         loop = asyncio.get_running_loop()
         limits = self.cfg.limits
         deadline = loop.time() + limits.intake_timeout_s
-        decoding: asyncio.Future | None = None
-
-        async def decode_after(previous: asyncio.Future | None, index: int) -> None:
-            if previous is not None:
-                await previous
-            await asyncio.to_thread(intake.decode, index)
-
+        decoding = _Decoding(intake)
         try:
             while True:
                 try:
@@ -120,13 +142,11 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
                     break
                 if isinstance(item, BaseException):
                     raise item
-                decoding = asyncio.ensure_future(decode_after(decoding, item))
-        finally:
-            if decoding is not None:  # the intake is released only once no thread decodes into it
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(decoding)
-        if decoding is not None:
-            await decoding
+                decoding.add(item)
+        except BaseException:
+            await decoding.settle()
+            raise
+        await decoding.done()
 
     async def _take_in(self, requests: AsyncIterator[pb.PushCardRequest], intake: Intake) -> None:
         """Feed a card's frames to its intake as they arrive. Each complete layer is decoded in a
@@ -134,31 +154,22 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
         it, never the network for decoding. Returns once the last layer is decoded."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.limits.intake_timeout_s  # a stream that trickles frames is dropped too
-        decoding: asyncio.Future | None = None
-
-        async def decode_after(previous: asyncio.Future | None, index: int) -> None:
-            if previous is not None:
-                await previous
-            await asyncio.to_thread(intake.decode, index)
-
+        decoding = _Decoding(intake)
         try:
             while (frame := await self._next_frame(requests, deadline)) is not None:
                 kind = frame.WhichOneof("frame")
-                if kind == "trailer" and decoding is not None:  # a layer's fault is reported before the trailer's
-                    await decoding
+                if kind == "trailer":  # a layer's fault is reported before the trailer's
+                    await decoding.done()
                 if kind == "header":  # validating a header can take a while: off the loop
                     ready = await asyncio.to_thread(intake.feed, frame)
                 else:
                     ready = intake.feed(frame)
                 if ready is not None:
-                    decoding = asyncio.ensure_future(decode_after(decoding, ready))
+                    decoding.add(ready)
         except BaseException:
-            if decoding is not None:  # the intake is released only once no thread decodes into it
-                with contextlib.suppress(Exception):
-                    await decoding
+            await decoding.settle()
             raise
-        if decoding is not None:
-            await decoding
+        await decoding.done()
 
     async def _next_frame(self, requests: AsyncIterator[pb.PushCardRequest], deadline: float) -> pb.CardFrame | None:
         """The stream's next frame, None at its end; IdleTimeout when it sends nothing for

@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="QA JSONL: a path, or a file name in QKVCOMM_DATA_DIR (default squad.jsonl)")
     p.add_argument("--tokens", type=int, help="codec: the cache's tokens (default 1024); transport: the fp16 card's "
                    "(default 14000, ~322 MB); gpu: the codec rows' cache (default 8192)")
+    p.add_argument("--link", default="", help="transport: the receiving side in a network namespace behind a veth "
+                   "pair shaped to this rate (tc syntax: 1gbit, 5gbit; root); plaintext paths only")
     p.add_argument("--paths", default="", help="transport: socket,socket+tls,grpc-bytes,pushcard,pushcard+tls,"
                    "bulk,bulk+tls (default: all)")
     p.add_argument("--codecs", default="", help="codec: the codecs to measure (default: every family); "
