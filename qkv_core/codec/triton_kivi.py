@@ -51,7 +51,8 @@ def load_rows(x_ptr, rot_ptr, head, t0, T, stride_h, stride_t, D: tl.constexpr, 
 def store_codes(out_ptr, x, zero, scale, t, ok, head, T, D: tl.constexpr, B: tl.constexpr,
                 BT: tl.constexpr, BP: tl.constexpr):
     """Codes of the [BT, D] tile, packed: token row t of head h at bytes ((h*T + t) * D * B/8)."""
-    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), 0.0)
+    safe = tl.where(scale > 0, scale, 1.0)  # a constant row's scale is 0: its codes are all 0
+    inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), safe), 0.0)
     units = (x - (zero - scale * 0.5)) * inv
     codes = units.to(tl.int32).to(tl.int64)
     words = tl.sum(tl.reshape(codes, (BT, D // 8, 8)) << (tl.arange(0, 8) * B).to(tl.int64)[None, None, :],
