@@ -4,14 +4,19 @@ prints each option's predicted handoff time to first token at each link speed, w
 (within the default quality floor), and the link speed above which each card beats the text.
 
 The formulas are the ones the sender uses (qkv_core.policy.decide). The presets' inputs, and
-where each comes from, are printed with the table. The measured counterpart on this machine is
+where each comes from, are printed with the table; `--measured FILE` takes them from a `bench gpu
+--json` run instead (`make bench-gpu`): the model's shape, its prefill rate and first-token time
+at the length nearest the context, and each measured codec's encode and decode rates (the options
+are then the text and the codecs it measured). The measured counterpart on this machine is
 benchmarks/auto_link.py (`make bench-auto`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from qkv_core.codec import registry
 from qkv_core.codec.registry import TEXT
@@ -35,6 +40,25 @@ class Hardware:
     quantize_gbps: dict[str, float]  # the sender's codec, fp16 KV GB/s
     dequantize_gbps: float  # the receiver's card decoding (kivi-4), fp16 KV GB/s
     source: str
+    quality: dict[str, float] = dataclasses.field(default_factory=lambda: dict(QUALITY))  # nats, per option
+
+
+def measured(path: Path, tokens: int) -> Hardware:
+    """The inputs a `bench gpu --json` run measured (module docstring)."""
+    from qkv_eval.bench_gpu import SHAPES  # noqa: PLC0415 - the shapes it ran
+
+    run = json.loads(path.read_text())
+    shape = SHAPES[run["shape"]]
+    row = min(run["ttft"], key=lambda r: abs(r["tokens"] - tokens))
+    first_s = row["ttft_card_s"] - row["card_decode_s"]  # the question's prefill on the held cache
+    codecs = {r["codec"]: r for r in run["codec"]}
+    decode = codecs.get("kivi-4", next(iter(codecs.values())))["decode_gbps"]
+    return Hardware(f"{run['shape']} ({run['machine']})", shape["num_hidden_layers"], shape["num_key_value_heads"],
+                    shape["head_dim"], row["tokens"] / max(row["ttft_reprefill_s"] - first_s, 1e-9), first_s,
+                    {name: r["encode_gbps"] for name, r in codecs.items()}, decode,
+                    f"measured by bench gpu ({path.name}): prefill and first token at {row['tokens']:,} tokens, "
+                    f"encode GB/s per codec, decode {decode:.2f} GB/s (kivi-4's)",
+                    {name: QUALITY.get(name, 0.0 if name in ("fp16", "fp32") else float("nan")) for name in codecs})
 
 
 # quant+pack GB/s of the codecs on the H100 (docs/results.md codec table, 2026-11-23): launch-bound on a
@@ -51,16 +75,17 @@ PRESETS = {
         "prefill: 8,126 tokens in 24 ms and first token 24 ms, measured on the H100 (docs/results.md, bench ttft); "
         "codec GB/s: measured there (docs/results.md codec table)"),
 }
-OPTIONS = (TEXT, "fp16", "kivi-4", "budget-3", "kivi-3", "kivi-2")
 
 
 def options(hw: Hardware, tokens: int) -> list[Option]:
+    """The text and each codec the hardware has a rate for (a quality loss without a stand-in
+    profile, NaN, is never within the floor: shown, never picked)."""
     out = [Option(TEXT, int(tokens * BYTES_PER_TOKEN_OF_TEXT))]
-    for name in OPTIONS[1:]:
+    for name in hw.quantize_gbps:
         kind = registry.adaptive(name)  # budget-B: B bits per element, at most (no profile of this model here)
         size = (int(kind.bits * 2 * hw.layers * hw.kv_heads * tokens * hw.head_dim / 8) if kind else
                 registry.wire_bytes(registry.resolve(name, hw.layers), hw.kv_heads, tokens, hw.head_dim))
-        out.append(Option(name, size, QUALITY[name], hw.quantize_gbps[name] * 1e9))
+        out.append(Option(name, size, hw.quality.get(name, float("nan")), hw.quantize_gbps[name] * 1e9))
     return out
 
 
@@ -81,7 +106,8 @@ def crossover(card: Option, text: Option, request: Request, receiver: Receiver, 
 
 
 def run(args: argparse.Namespace) -> str:
-    hw, tokens, rtt_s = PRESETS[args.preset], args.context_tokens, args.rtt_ms / 1e3
+    tokens, rtt_s = args.context_tokens, args.rtt_ms / 1e3
+    hw = measured(args.measured, tokens) if args.measured else PRESETS[args.preset]
     if args.codec_gbps:  # what-if: a codec this fast at both ends
         hw = dataclasses.replace(hw, quantize_gbps=dict.fromkeys(hw.quantize_gbps, args.codec_gbps),
                                  dequantize_gbps=args.codec_gbps,

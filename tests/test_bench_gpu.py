@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qkv_eval import bench_gpu
+from qkv_eval import bench_gpu, bench_policy
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +28,15 @@ def test_the_gpu_bench_dry_run_measures_every_row(tmp_path):
     assert [r["tokens"] for r in run["ttft"]] == [64, 192] and all(r["ttft_card_s"] > r["card_decode_s"] > 0
                                                                   for r in run["ttft"])
     assert "| 192 |" in table and "random-weight tiny on cpu" in table
+    # codec auto's model on paper, from what the run measured instead of a preset
+    policy = bench_policy.run(argparse.Namespace(measured=out, preset="h100-8b", context_tokens=200, rtt_ms=0.2,
+                                                 codec_gbps=0.0, links="1,100"))
+    assert "measured by bench gpu (gpu.json): prefill and first token at 192 tokens" in policy
+    assert "| text (ms) | fp16 (ms) | kivi-4 (ms) | kivi-2+rot+prerope (ms) | auto picks |" in policy
+    hw = bench_policy.measured(out, 200)
+    encoded = {r["codec"]: r["encode_gbps"] for r in run["codec"]}
+    assert (hw.layers, hw.kv_heads, hw.head_dim) == (2, 2, 32) and hw.quantize_gbps == encoded
+    assert hw.prefill_tokens_per_s > 0 and hw.quality["kivi-4"] == bench_policy.QUALITY["kivi-4"]
 
 
 def test_the_8b_shape_is_llama_3_1_8b():

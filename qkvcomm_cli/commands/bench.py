@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "gpu: the whole run")
     p.add_argument("--simulate", action="store_true", help="policy: codec auto's model on paper (the measured run "
                    "is `make bench-auto`)")
+    p.add_argument("--measured", type=Path, help="policy: take the model shape and speeds from a `bench gpu --json` "
+                   "file instead of --preset")
     p.add_argument("--preset", default="h100-8b", help="policy: h100-8b or h100-135m (model shape and speeds)")
     p.add_argument("--context-tokens", type=int, default=8192, help="policy: context length")
     p.add_argument("--links", default="1,10,100", help="policy: link speeds in Gbit/s")
