@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,10 +169,14 @@ class ServiceConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", **overrides: Any) -> ServiceConfig:
-        """Defaults (the `role`'s), then QKVCOMM_* variables, then explicit overrides (None means not
-        given). The nested groups (runtime, limits, store) take their fields' names flat: QKVCOMM_DEVICE."""
+    def from_env(cls, env: dict[str, str] | None = None, role: str = "receiver", file: Mapping[str, str] | None = None,
+                 **overrides: Any) -> ServiceConfig:
+        """Defaults (the `role`'s), then a config file's values (`file`: read_config_file's), then
+        QKVCOMM_* variables, then explicit overrides (None means not given). The nested groups
+        (runtime, limits, store) take their fields' names flat: QKVCOMM_DEVICE."""
         source: Mapping[str, str] = os.environ if env is None else env
+        if file:  # a file is read like variables that any variable set overrides
+            source = {**{f"QKVCOMM_{name.upper()}": text for name, text in file.items()}, **source}
         nested: dict[str, Any] = {
             name: _from_env(kind, source, {k: v for k, v in overrides.items() if k in _names(kind)})
             for name, kind in _NESTED.items()}
@@ -189,6 +194,37 @@ def settings(role: str) -> list[tuple[dataclasses.Field, Any]]:
 
 
 _NESTED = {"runtime": RuntimeConfig, "limits": Limits, "store": StoreConfig}
+
+
+def read_config_file(path: str | Path) -> dict[str, str]:
+    """A TOML file of settings, the flags' names as keys (store_bytes or store-bytes = "2G",
+    port = 50061, tls = true...), each value as the text its variable would hold. ValueError naming
+    the file and the key for anything that is not a setting, OSError for a file that cannot be read."""
+    with open(path, "rb") as f:
+        try:
+            table = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not TOML: {e}") from None
+    fields = {f.name: f for kind in (ServiceConfig, *_NESTED.values()) for f in dataclasses.fields(kind)
+              if f.name not in _NESTED}
+    out = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"{path}: {key!r} is not a setting (the names are the flags', as in --help)")
+        if isinstance(value, dict):
+            raise ValueError(f"{path}: {key!r} is a table; settings are flat (key = value)")
+        if isinstance(value, bool):
+            out[name] = "true" if value else "false"
+        elif isinstance(value, list):
+            out[name] = ",".join(map(str, value))
+        else:
+            out[name] = str(value)
+        try:  # checked here, so that a bad value names the file, not a variable
+            parser_for(fields[name], type(fields[name].default))(out[name])
+        except ValueError as e:
+            raise ValueError(f"{path}: {key} = {value!r}: {e}") from None
+    return out
 
 
 def cache_dir() -> Path:

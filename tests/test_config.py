@@ -47,3 +47,38 @@ def test_every_setting_is_a_flag_of_its_service_and_flags_win(monkeypatch):
     assert sender.facts is True and sender.layer_ratio == 0.5 and sender.limits.receiver_timeout_s == 3.0
     assert "--max-intakes" not in parser().format_help()
     assert not hasattr(parser().parse_args(["serve-sender"]), "max_intakes")
+
+
+def test_a_config_file_sits_between_the_defaults_and_the_environment(tmp_path, monkeypatch):
+    from qkv_core.config import read_config_file
+    from qkvcomm_cli.commands.serve import config
+    from qkvcomm_cli.main import parser
+
+    path = tmp_path / "receiver.toml"
+    path.write_text('port = 7100\nstore-bytes = "2Gi"\nfacts = true\ngrace_s = "1m"\n'
+                    'alignments = ["a.json", "b.json"]\nmetrics_port = 9600\n')
+    file = read_config_file(path)
+    cfg = ServiceConfig.from_env({"QKVCOMM_METRICS_PORT": "9700"}, file=file, grace_s=3.0)
+    assert cfg.port == 7100 and cfg.store.store_bytes == 2 << 30 and cfg.facts  # from the file
+    assert cfg.grace_s == 3.0  # a flag wins
+    assert cfg.metrics_port == 9700 and cfg.alignments == "a.json,b.json"  # the environment wins
+    assert ServiceConfig.from_env({}, file=file).codec == ServiceConfig().codec  # unset: the default
+    monkeypatch.delenv("QKVCOMM_PORT", raising=False)
+    cli = config(parser().parse_args(["serve-receiver", "--config", str(path), "--port", "7200"]))
+    assert cli.port == 7200 and cli.store.store_bytes == 2 << 30
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("colour = 'blue'", "'colour' is not a setting"),
+    ("port = 'http'", "port = 'http'"),
+    ("[port]\nnumber = 1", "'port' is a table"),
+    ("port = ", "not TOML"),
+])
+def test_a_bad_config_file_is_named_with_its_key(tmp_path, text, match):
+    from qkv_core.config import read_config_file
+
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=match) as refused:
+        read_config_file(path)
+    assert str(path) in str(refused.value)

@@ -7,12 +7,14 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from qkv_core.config import ServiceConfig, parser_for, settings
+from qkv_core.config import ServiceConfig, parser_for, read_config_file, settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     for role, what in (("receiver", "the ReceiverService"), ("sender", "the SenderService")):
         p = sub.add_parser(f"serve-{role}", help=f"run {what}")
+        p.add_argument("--config", help="a TOML file of settings (the flags' names as keys); flags and QKVCOMM_* "
+                       "variables win over it, it wins over the defaults")
         setting_flags(p, role)
         p.set_defaults(run=run, role=role)
 
@@ -45,7 +47,8 @@ def config(args: argparse.Namespace) -> ServiceConfig:
     given = {f.name: getattr(args, f.name) for f, _ in settings(args.role)}
     if given.get("alignments") is not None:
         given["alignments"] = ",".join(given["alignments"])
-    return ServiceConfig.from_env(role=args.role, **given)
+    file = read_config_file(args.config) if getattr(args, "config", None) else None
+    return ServiceConfig.from_env(role=args.role, file=file, **given)
 
 
 def run(args: argparse.Namespace) -> int:
