@@ -163,6 +163,8 @@ class ServiceConfig:
                              "receiver")
     alignments: str = setting("", "alignment files (`calibrate pair`), comma-separated; cards of other models need one",
                               "receiver", "--alignment")
+    stats_interval_s: float = setting(60.0, "a log line of what the service did since the last one, this often "
+                                      "(0: none; an idle service writes none)")
     grace_s: float = setting(5.0, "graceful shutdown: time for in-flight calls to finish")
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     limits: Limits = field(default_factory=Limits)

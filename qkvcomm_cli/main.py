@@ -10,6 +10,7 @@ from typing import NoReturn
 from qkv_core import malloc, package_version
 from qkv_core.config import qa_file
 from qkvcomm_cli.commands import ask, bench, calibrate, certs, demo, evaluate, health, serve
+from service_common import logs
 
 COMMANDS = (serve, ask, demo, health, certs, calibrate, evaluate, bench)
 
@@ -27,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", default=os.environ.get("QKVCOMM_DEBUG", "") not in ("", "0"),
                     help="show the Python traceback of an error (also QKVCOMM_DEBUG=1)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    ap.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("QKVCOMM_LOG_FORMAT", "text"),
+                    help="log lines as text or one JSON object each (also QKVCOMM_LOG_FORMAT)")
     sub = ap.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
@@ -36,10 +39,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     malloc.tune()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-    )
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, args.log_format)
     if getattr(args, "data", None) is not None:  # every --data: a path, or a file name in QKVCOMM_DATA_DIR
         try:
             args.data = qa_file(args.data)

@@ -74,6 +74,7 @@ class _Served:
     def __init__(self, servicer: Any, method: str, context: grpc.aio.ServicerContext):
         self.metrics, self.auth, self.method, self.status = servicer.metrics, servicer.auth, method, "OK"
         self.context, self.why, self.start = context, "", time.perf_counter()
+        self.refusal: dict[str, str] = {}
 
     def __enter__(self) -> _Served:
         self.metrics.in_flight.labels(self.metrics.model_name, self.method).inc()
@@ -89,6 +90,7 @@ class _Served:
             return
         code, message, reason = status_of(error)
         self.status, self.why = code.name, f" reason={reason} {message!r}"
+        self.refusal = {"reason": reason, "error": message}
         self.metrics.errors.labels(reason=reason).inc()
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error", exc_info=error)
@@ -98,9 +100,10 @@ class _Served:
         m = self.metrics
         m.in_flight.labels(m.model_name, self.method).dec()
         m.requests.labels(m.model_name, self.method, self.status).inc()
-        access.info("%s %s %s %.1f ms tenant=%s%s", m.service, self.method, self.status,
-                    (time.perf_counter() - self.start) * 1e3, tenant_tag(self.auth, self.context.invocation_metadata()),
-                    self.why)
+        ms, tenant = (time.perf_counter() - self.start) * 1e3, tenant_tag(self.auth, self.context.invocation_metadata())
+        access.info("%s %s %s %.1f ms tenant=%s%s", m.service, self.method, self.status, ms, tenant, self.why,
+                    extra={"fields": {"service": m.service, "method": self.method, "status": self.status,
+                                      "ms": round(ms, 1), "tenant": tenant, **self.refusal}})
 
 
 def guarded(method: Callable) -> Callable:

@@ -22,6 +22,7 @@ from qkv_core.config import MAX_CHUNK_BYTES, ServiceConfig
 from qkv_core.engine.answering import answer_engine
 from service_common.auth import Auth, AuthInterceptor
 from service_common.info import InfoServicer
+from service_common.logs import stats_lines
 from service_common.metrics import Metrics
 from service_common.tls import server_credentials
 
@@ -50,9 +51,12 @@ class Running:
     metrics_port: int
     stop_metrics: Callable[[], None]
     closers: list[Callable[[], None]] = field(default_factory=list)  # run last (a vLLM engine's processes)
+    stats: asyncio.Task | None = None  # the periodic stats line
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, let in-flight calls finish for up to grace_s, then close."""
+        if self.stats is not None:
+            self.stats.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.stop_metrics()
@@ -103,9 +107,12 @@ async def start(
     await server.start()
     for service in ("", full_service_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    stats = None
+    if cfg.stats_interval_s > 0:
+        stats = asyncio.create_task(stats_lines(name, metrics.registry, cfg.stats_interval_s))
     if http is None:  # disabled
-        return Running(server, health_servicer, port, -1, lambda: None)
-    return Running(server, health_servicer, port, http.server_port, http.shutdown)
+        return Running(server, health_servicer, port, -1, lambda: None, stats=stats)
+    return Running(server, health_servicer, port, http.server_port, http.shutdown, stats=stats)
 
 
 def _bound(name: str, address: str, add_port: Callable[[str], int]) -> int:
