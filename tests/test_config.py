@@ -82,3 +82,20 @@ def test_a_bad_config_file_is_named_with_its_key(tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as refused:
         read_config_file(path)
     assert str(path) in str(refused.value)
+
+
+def test_the_servers_help_groups_their_flags_by_concern(capsys):
+    from qkvcomm_cli.main import parser
+
+    text = {}
+    for role in ("sender", "receiver"):
+        with pytest.raises(SystemExit):
+            parser().parse_args([f"serve-{role}", "--help"])
+        text[role] = capsys.readouterr().out
+    for heading in ("network and process:", "TLS and tokens:", "the receiver (sender):", "handoff:", "model:"):
+        assert f"\n{heading}\n" in text["sender"], heading
+    receiver = text["receiver"]
+    assert "\nstore:\n" in receiver and "\nstore:\n" not in text["sender"]
+    assert receiver.index("\nstore:\n") < receiver.index("\n  --store-bytes")
+    assert (receiver.index("\nnetwork and process:\n") < receiver.index("\n  --bulk-port")
+            < receiver.index("\nTLS and tokens:\n"))
