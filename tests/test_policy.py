@@ -125,6 +125,26 @@ def test_the_policy_lists_what_applies_and_times_its_own_quantization(profile):
     assert decision.chosen == min(eligible, key=lambda s: s.predicted_s)
 
 
+def test_a_card_is_predicted_as_the_delta_it_would_be_over_a_held_prefix(profile):
+    """With 496 of 512 tokens held, kivi-4 is predicted as a 16-token delta (bytes, encoding and
+    decoding of those alone), while budget-2 cannot be built at 16 tokens and is no option."""
+    policy = AutoPolicy(FP, lambda tools: profile, [TEXT, "fp16", "kivi-4", "budget-2"], max_quality_loss=1.0)
+    policy.link.observe_rtt(0.001)
+    policy.link.observe_transfer(1 << 20, 0.011, force=True)
+    whole = {o.name: o for o in policy.options("a context " * 200, tokens=512)}
+    delta = {o.name: o for o in policy.options("a context " * 200, tokens=512, reused={"kivi-4": 496, "budget-2": 496})}
+    assert whole["kivi-4"].reused_tokens == 0 and delta["kivi-4"].reused_tokens == 496
+    assert delta["kivi-4"].fp16_bytes == FP.kv_bytes(16, 2)
+    assert delta["kivi-4"].wire_bytes < whole["kivi-4"].wire_bytes / 20
+    assert "budget-2" in whole and "budget-2" not in delta  # never predicted where it cannot be built
+    assert delta["fp16"] == whole["fp16"] and delta[TEXT] == whole[TEXT]  # nothing held for them
+    request = Request(512, FP.num_layers, FP.kv_bytes(512, 2))
+    link = Link(1e9 / 8, 0.001)
+    assert predict(delta["kivi-4"], request, link, RECEIVER) < predict(whole["kivi-4"], request, link, RECEIVER)
+    chosen = policy.choose("a context " * 200, 512, RECEIVER, reused={"kivi-4": 496}).chosen.option
+    assert chosen.name == "kivi-4" and chosen.reused_tokens == 496
+
+
 def test_a_budget_with_tools_is_predicted_by_the_profile_of_its_tools(profile):
     """budget-2.5+rot+zstd reads the +rot profile: here it measures a quarter of the plain KL, so at
     the same bytes the candidate is predicted to lose a quarter; +zstd is predicted at its uncoded
@@ -181,7 +201,9 @@ def test_auto_over_live_services_reports_its_choice_and_answers(embedded, servic
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{pair.sender_metrics}/metrics", timeout=5).read().decode()
     for answer in answers:
         s, a = answer.stats, answer.stats.auto
-        assert [o.codec for o in a.options] == ["text", "fp16", "kivi-8", "kivi-4", "kivi-3", "budget-3", "kivi-2"]
+        every = ["text", "fp16", "kivi-8", "kivi-4", "kivi-3", "budget-3", "kivi-2"]
+        listed = [o.codec for o in a.options]  # a budget too small for a short delta is no option
+        assert listed == [c for c in every if c in listed] and set(every) - set(listed) <= {"budget-3"}
         chosen = min((o for o in a.options if o.eligible), key=lambda o: o.predicted_s)
         assert s.codec == chosen.codec and a.predicted_s == chosen.predicted_s
         loss = {o.codec: o.quality_loss for o in a.options}
@@ -189,6 +211,10 @@ def test_auto_over_live_services_reports_its_choice_and_answers(embedded, servic
         assert all(o.eligible == (o.quality_loss <= 0.1) for o in a.options) and a.max_quality_loss == 0.1
         assert a.measured_s > 0 and a.throughput_bytes_per_s > 0 and a.rtt_s > 0 and a.receiver_prefill_tokens_per_s > 0
         assert "600" in answer.text
+    # the second context extends what the first left at the receiver: a card over it is predicted as a delta
+    first, second = answers[0].stats.codec, {o.codec: o for o in answers[1].stats.auto.options}
+    held = [second[first]] if first != "text" else [o for c, o in second.items() if c != "text"]
+    assert held and all(o.reused_tokens >= 16 for o in held) and second["text"].reused_tokens == 0
     assert f'qkvcomm_auto_choices_total{{codec="{answers[0].stats.codec}"}}' in metrics
     gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
               if line.startswith(("qkvcomm_link_", "qkvcomm_receiver_prefill"))}
@@ -214,6 +240,7 @@ def test_the_paper_model_picks_text_below_each_crossover_and_a_card_above():
     assert decide(opts, request, Link(at * 1.05, 2e-4), fast, 0.1).chosen.option.name == "kivi-4"
     measured = Receiver(hw.prefill_tokens_per_s, hw.first_token_s, hw.dequantize_gbps * 1e9)
     assert bench_policy.crossover(opts[1], opts[0], request, measured, 2e-4) is None  # decoding alone > the prefill
-    args = argparse.Namespace(preset="h100-8b", context_tokens=8192, rtt_ms=0.2, links="1,100", codec_gbps=100.0)
+    args = argparse.Namespace(preset="h100-8b", context_tokens=8192, rtt_ms=0.2, links="1,100", codec_gbps=100.0,
+                              measured=None)
     out = bench_policy.run(args)
     assert "| 1 | " in out and "| kivi-4 | 277.0 |" in out and "never" not in out

@@ -101,7 +101,8 @@ class Handoff:
         layers = self._layers(request)
         auto = None
         if name == AUTO:  # text only where the request can take it: no facts asked for, every layer
-            name, auto = await self._choose(context, port, tenant, text_ok=not request.facts and layers.ratio >= 1)
+            text_ok = not request.facts and layers.ratio >= 1
+            name, auto = await self._choose(context, port, tenant, layers, text_ok)
         if name == TEXT:
             if request.facts:
                 raise RequestError("the text handoff carries the whole context; facts go with KV cards only")
@@ -128,8 +129,10 @@ class Handoff:
             return self.layers
         return SelectionConfig(request.layer_ratio or self.layers.ratio, request.layer_method or self.layers.method)
 
-    async def _choose(self, context: str, port: ReceiverPort, tenant: str, text_ok: bool) -> tuple[str, pb.AutoChoice]:
-        """codec auto: the option with the lowest predicted time to first token (qkv_core.policy)."""
+    async def _choose(self, context: str, port: ReceiverPort, tenant: str, layers: SelectionConfig,
+                      text_ok: bool) -> tuple[str, pb.AutoChoice]:
+        """codec auto: the option with the lowest predicted time to first token (qkv_core.policy),
+        a card predicted as the delta it would be when the receiver holds a prefix of the context."""
         info = await self.receiver_info(port)
         speed = info.performance if info is not None else None
         if speed is None or not speed.measured_tokens:
@@ -144,11 +147,16 @@ class Handoff:
         start = time.perf_counter()
         tokens = len(self.engine.context_ids(context, tenant))
         receiver = Receiver(speed.prefill_tokens_per_s, speed.first_token_s, speed.dequantize_bytes_per_s)
-        decision = await asyncio.to_thread(self.auto.choose, context, tokens, receiver, text_ok)
+        cards = [name for name, codec in self.auto.candidates.items() if codec is not None]
+        held = await asyncio.gather(*(self._find_parent(context, self.engine.codec(name), layers, port, tenant)
+                                      for name in cards))  # concurrent: one round trip
+        reused = {name: parent.tokens for name, parent in zip(cards, held) if parent is not None}
+        decision = await asyncio.to_thread(self.auto.choose, context, tokens, receiver, text_ok, reused)
         link = self.auto.link
         choice = pb.AutoChoice(
             options=[pb.AutoOption(codec=s.option.name, predicted_s=s.predicted_s, wire_bytes=s.option.wire_bytes,
-                                   quality_loss=s.option.quality_loss, eligible=s.eligible) for s in decision.scored],
+                                   quality_loss=s.option.quality_loss, eligible=s.eligible,
+                                   reused_tokens=s.option.reused_tokens) for s in decision.scored],
             predicted_s=decision.chosen.predicted_s, throughput_bytes_per_s=link.throughput.value,
             rtt_s=link.rtt_s.value, receiver_prefill_tokens_per_s=speed.prefill_tokens_per_s,
             max_quality_loss=self.auto.max_quality_loss, decide_s=time.perf_counter() - start,

@@ -7,7 +7,7 @@ random cache of PRIOR_TOKENS tokens), the receiver's speeds from its Info; decid
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -68,21 +68,26 @@ class AutoPolicy:
             self._candidates[key] = layers, quality_loss(layers, profiles)
         return self._candidates[key]
 
-    def options(self, context: str, tokens: int, text: bool = True) -> list[Option]:
+    def options(self, context: str, tokens: int, text: bool = True,
+                reused: Mapping[str, int] | None = None) -> list[Option]:
         """Every candidate that applies to this context (a budget below its smallest allocation does not;
-        text does not when the request needs a card: facts asked for, or a layer selection)."""
+        text does not when the request needs a card: facts asked for, or a layer selection).
+        `reused`: per codec, the tokens of a held prefix its card would extend as a delta: its bytes,
+        encoding and decoding are then those of the rest."""
         out = []
         for name, codec in self.candidates.items():
             if codec is None:  # text
                 if text:
                     out.append(Option(TEXT, len(context.encode())))
                 continue
+            held = (reused or {}).get(name, 0)
+            own = tokens - held
             try:
-                layers, loss = self.candidate(codec, tokens)
+                layers, loss = self.candidate(codec, own)
             except RequestError:
                 continue
-            size = registry.wire_bytes(layers, self.fp.num_kv_heads, tokens, self.fp.head_dim)
-            out.append(Option(name, size, loss, self.quantize_rate(name, layers)))
+            size = registry.wire_bytes(layers, self.fp.num_kv_heads, own, self.fp.head_dim)
+            out.append(Option(name, size, loss, self.quantize_rate(name, layers), self.fp.kv_bytes(own, 2), held))
         return out
 
     def quantize_rate(self, name: str, layers: list) -> float:
@@ -95,11 +100,12 @@ class AutoPolicy:
             rate = self.rates.observe(name, kv.nbytes(2), time.perf_counter() - start)
         return rate
 
-    def choose(self, context: str, tokens: int, receiver: Receiver, text: bool = True) -> Decision:
+    def choose(self, context: str, tokens: int, receiver: Receiver, text: bool = True,
+               reused: Mapping[str, int] | None = None) -> Decision:
         self.receiver = receiver
         request = Request(tokens, self.fp.num_layers, self.fp.kv_bytes(tokens, 2))
         throughput, rtt_s = self.link.throughput.value, self.link.rtt_s.value
         if throughput is None or rtt_s is None:
             raise RuntimeError("codec auto decides on a measured link: probe it first")
         link = Link(throughput, rtt_s)
-        return decide(self.options(context, tokens, text), request, link, receiver, self.max_quality_loss)
+        return decide(self.options(context, tokens, text, reused), request, link, receiver, self.max_quality_loss)

@@ -40,6 +40,8 @@ class Option:
     wire_bytes: int
     quality_loss: float = 0.0  # predicted next-token KL (nats)
     quantize_bytes_per_s: float = 0.0  # the sender's rate on this codec (fp16 bytes/s); text: unused
+    fp16_bytes: int = 0  # the KV it encodes at fp16: a delta's own tokens only; 0: the whole context's
+    reused_tokens: int = 0  # a delta: the held prefix it extends
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ def predict(option: Option, request: Request, link: Link, receiver: Receiver) ->
     wire = option.wire_bytes / link.throughput
     if option.name == TEXT:
         return link.rtt_s + wire + request.tokens / receiver.prefill_tokens_per_s + receiver.first_token_s
-    encode = request.fp16_bytes / option.quantize_bytes_per_s
-    decode = request.fp16_bytes / receiver.dequantize_bytes_per_s
+    kv = option.fp16_bytes or request.fp16_bytes
+    encode = kv / option.quantize_bytes_per_s
+    decode = kv / receiver.dequantize_bytes_per_s
     return encode + link.rtt_s + max(wire, decode) + decode / request.layers + receiver.first_token_s
 
 
