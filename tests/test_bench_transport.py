@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 
 def test_bench_transport_moves_the_card_by_every_path():
-    args = argparse.Namespace(tokens=64, repeats=1, paths="socket,socket+tls,grpc-bytes,pushcard")
+    args = argparse.Namespace(tokens=64, repeats=1, paths="socket,socket+tls,grpc-bytes,pushcard,bulk", link="")
     table = bench_transport.run(args)  # raises if a peer took fewer bytes than the card's
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| path")]
     assert [row.split(" | ")[0].strip("| ") for row in rows] == args.paths.split(",")
