@@ -5,8 +5,7 @@ before a byte of its data is buffered, then hands the sender a one-time ticket: 
 good for one connection to this port until the receiver's idle timeout passes. A bulk connection
 sends the token, then every layer's bytes in order, nothing else: each layer is read with
 recv_into straight into a buffer of its declared size, added to the card's digest and handed to
-the call, which decodes it in a worker thread while this one adds it to the card's content hash
-and reads the next. A connection with an
+the call, which decodes it in a worker thread while this one reads the next. A connection with an
 unknown or spent token is closed unread. One that stalls for idle_timeout_s, ends early, or sends
 bytes whose digest is not the card's id fails its card (the call's status says which), and nothing
 is kept. With TLS on the gRPC port the bulk port speaks TLS with the same certificate, and asks
@@ -37,8 +36,7 @@ class Expected:
     """One admitted card waiting for its data: its layers in order, and where each goes."""
 
     layers: list[tuple[int, int]]  # (layer index, bytes)
-    take: Callable[[int, bytearray], None]  # the reader's take_layer: order and size
-    digest: Callable[[int, bytearray], None]  # the reader's digest_layer: the layer into the card's content hash
+    take: Callable[[int, bytearray], None]  # the reader's take_layer: order, size, the card's content hash
     loop: asyncio.AbstractEventLoop
     arrived: asyncio.Queue = field(default_factory=asyncio.Queue)  # layer indices, then None or an exception
     connection: socket.socket | None = None
@@ -115,7 +113,6 @@ class BulkServer:
                 data = _read_exactly(conn, bytearray(size), expected)
                 expected.take(index, data)
                 expected.tell(index)  # decoded by the call's worker while the next layer arrives
-                expected.digest(index, data)  # hashlib lets go of the GIL: beside that decoding
             expected.tell(None)
         except TimeoutError:
             expected.tell(IdleTimeout(f"the bulk stream sent nothing for {self.idle_s:g} s "

@@ -91,8 +91,7 @@ class ReceiverServicer(services_pb2_grpc.ReceiverServiceServicer):
             try:
                 await asyncio.to_thread(intake.feed, pb.CardFrame(header=request.header))  # admitted before data
                 reader = intake.reader
-                expected = Expected(reader.bulk_layers(), reader.take_layer, reader.digest_layer,
-                                    asyncio.get_running_loop())
+                expected = Expected(reader.bulk_layers(), reader.take_layer, asyncio.get_running_loop())
                 token = self.bulk.expect(expected)
                 try:
                     yield pb.PushCardBulkResponse(ticket=pb.BulkTicket(token=token, port=self.bulk.port,

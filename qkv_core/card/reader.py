@@ -40,7 +40,6 @@ class _Layer:
     key: TensorCodec
     value: TensorCodec
     buf: bytearray
-    unhashed: bool = False  # a bulk layer not yet in the card's digest
 
     @property
     def size(self) -> int:
@@ -237,30 +236,21 @@ class CardReader:
         return [(i, layer.size) for i, layer in enumerate(self.layers) if layer.size]
 
     def take_layer(self, index: int, data: bytearray) -> None:
-        """A whole layer's bytes from the bulk channel, in order; it enters the card's digest with
-        `digest_layer` (in layer order, beside its decoding)."""
+        """A whole layer's bytes from the bulk channel, in order, into the card's digest; `decode_layer`
+        may follow (hashlib lets go of the GIL, so the reading thread hashes beside the decoding)."""
         if self.header is None or self._done or index != self._layer or len(data) != self.layers[index].size:
             raise CardError(ErrorKind.INVALID, f"bulk layer {index} of {len(data)} bytes arrived out of its place")
         self.layers[index].buf = data
-        self.layers[index].unhashed = True
+        self._digest.update(data)
         self.wire_bytes += len(data)
         self._layer += 1
         self._skip_empty_layers()
 
-    def digest_layer(self, index: int, data: bytearray) -> None:
-        """Add a bulk layer (the bytes `take_layer` was given: decoding may have dropped the
-        reader's reference by now) to the card's digest; once per layer, in layer order."""
-        layer = self.layers[index]
-        if not layer.unhashed:
-            raise CardError(ErrorKind.INVALID, f"bulk layer {index} hashed out of its order")
-        self._digest.update(data)
-        layer.unhashed = False
-
     def finish_bulk(self) -> None:
         """Every layer arrived on the bulk channel; DATA_LOSS unless they are the content the card's id names."""
         assert self.header is not None
-        if self._layer < len(self.layers) or any(layer.unhashed for layer in self.layers):
-            raise CardError(ErrorKind.DATA_LOSS, f"the bulk stream ended before layer {self._layer} was decoded")
+        if self._layer < len(self.layers):
+            raise CardError(ErrorKind.DATA_LOSS, f"the bulk stream ended before layer {self._layer}")
         if self._digest.hexdigest() != self.header.card_id:
             raise CardError(ErrorKind.DATA_LOSS, "the bulk stream's bytes are not the content the card's id names")
         self._done = True

@@ -147,10 +147,10 @@ class Handoff:
         start = time.perf_counter()
         tokens = len(self.engine.context_ids(context, tenant))
         receiver = Receiver(speed.prefill_tokens_per_s, speed.first_token_s, speed.dequantize_bytes_per_s)
-        cards = [name for name, codec in self.auto.candidates.items() if codec is not None]
-        held = await asyncio.gather(*(self._find_parent(context, self.engine.codec(name), layers, port, tenant)
-                                      for name in cards))  # concurrent: one round trip
-        reused = {name: parent.tokens for name, parent in zip(cards, held) if parent is not None}
+        cards = [codec for codec in self.auto.candidates.values() if codec is not None]  # parsed at start
+        held = await asyncio.gather(*(self._find_parent(context, codec, layers, port, tenant)
+                                      for codec in cards))  # concurrent: one round trip
+        reused = {codec.name: parent.tokens for codec, parent in zip(cards, held) if parent is not None}
         decision = await asyncio.to_thread(self.auto.choose, context, tokens, receiver, text_ok, reused)
         link = self.auto.link
         choice = pb.AutoChoice(
